@@ -1,0 +1,193 @@
+"""Checks of a KServe v2 inference request before it may reach Triton.
+
+Triton itself must not see malformed requests: on the build we run, a JSON header claiming a huge shape
+aborts the whole server, and malformed JSON, shape/data mismatches or strings-as-numbers come back as 500.
+So the gateway parses the JSON inference header (only the header: binary tensor data stays bytes) and checks
+names, datatypes and shapes against the model's metadata and against the bytes actually present.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import orjson
+
+ELEMENT_SIZE = {
+    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8, "BYTES": 0,
+}
+INTEGER_TYPES = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"}
+MAX_RANK = 16
+
+
+class BadRequest(ValueError):
+    """A client error; the message names the problem and goes back to the client as JSON."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 marks a variable dimension
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a model accepts, from Triton's model metadata."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: frozenset[str]
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> ModelSignature:
+        inputs = {
+            t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"]))
+            for t in metadata.get("inputs", [])
+        }
+        return cls(inputs, frozenset(t["name"] for t in metadata.get("outputs", [])))
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The decoded body of a gzip/deflate request, refusing to inflate past `limit` bytes."""
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"unsupported Content-Encoding '{encoding}' (use gzip or deflate)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"body is not valid {encoding} data") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise BadRequest(f"decompressed body exceeds the limit of {limit} bytes")
+    return data
+
+
+def check_infer_request(body: bytes, header_length: int | None, signature: ModelSignature) -> dict:
+    """Validate an infer body (JSON, or JSON header + binary tensors); return the parsed header."""
+    if header_length is None:
+        header_bytes, binary = body, memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+            )
+        header_bytes, binary = body[:header_length], memoryview(body)[header_length:]
+    try:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"inference header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("inference header must be a JSON object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list")
+
+    offset = 0
+    seen: set[str] = set()
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise BadRequest(f"{where} must be an object")
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise BadRequest(f"{where}.name must be a string")
+        where = f"input '{name}'"
+        expected = signature.inputs.get(name)
+        if expected is None:
+            raise BadRequest(f"unknown {where} (the model takes: {', '.join(sorted(signature.inputs))})")
+        if name in seen:
+            raise BadRequest(f"{where} is given twice")
+        seen.add(name)
+        datatype = tensor.get("datatype")
+        if datatype != expected.datatype:
+            raise BadRequest(f"{where} has datatype {datatype!r}, the model expects {expected.datatype!r}")
+        count = _check_shape(where, tensor.get("shape"), expected.shape)
+        parameters = tensor.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"{where}.parameters must be an object")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"{where}.parameters.binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise BadRequest(f"{where} claims {size} bytes of binary data but only "
+                                 f"{len(binary) - offset} are left in the body")
+            _check_binary(where, datatype, count, binary[offset:offset + size])
+            offset += size
+        elif "data" in tensor:
+            _check_json_data(where, datatype, count, tensor["data"])
+        else:
+            raise BadRequest(f"{where} has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
+    # Missing inputs are left to Triton: metadata does not say which are optional, and Triton answers 400.
+    _check_outputs(header.get("outputs"), signature)
+    return header
+
+
+def _check_shape(where: str, shape: object, expected: tuple[int, ...]) -> int:
+    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) for d in shape):
+        raise BadRequest(f"{where}.shape must be a list of integers")
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise BadRequest(f"{where}.shape {shape} is not a valid shape")
+    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected)):
+        raise BadRequest(f"{where} has shape {shape}, the model expects {list(expected)} (-1: any size)")
+    return math.prod(shape)
+
+
+def _check_binary(where: str, datatype: str, count: int, data: memoryview) -> None:
+    element_size = ELEMENT_SIZE[datatype]
+    if element_size:
+        if len(data) != count * element_size:
+            raise BadRequest(f"{where}: shape needs {count * element_size} bytes of {datatype}, "
+                             f"binary_data_size is {len(data)}")
+        return
+    # BYTES: each element is a 4-byte little-endian length followed by that many bytes.
+    position = 0
+    for _ in range(count):
+        if position + 4 > len(data):
+            raise BadRequest(f"{where}: BYTES data ends before its {count} elements")
+        (length,) = struct.unpack_from("<I", data, position)
+        position += 4 + length
+    if position != len(data):
+        raise BadRequest(f"{where}: BYTES data does not match its shape of {count} elements")
+
+
+def _flatten(data: object, out: list) -> None:
+    if isinstance(data, list):
+        for item in data:
+            _flatten(item, out)
+    else:
+        out.append(data)
+
+
+def _check_json_data(where: str, datatype: str, count: int, data: object) -> None:
+    flat: list = []
+    _flatten(data, flat)
+    if len(flat) != count:
+        raise BadRequest(f"{where}: shape holds {count} elements, 'data' has {len(flat)}")
+    if datatype == "BYTES":
+        valid = all(isinstance(v, str) for v in flat)
+    elif datatype == "BOOL":
+        valid = all(isinstance(v, bool) for v in flat)
+    elif datatype in INTEGER_TYPES:
+        valid = all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
+    else:
+        valid = all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+    if not valid:
+        raise BadRequest(f"{where}: 'data' holds values that are not {datatype}")
+
+
+def _check_outputs(outputs: object, signature: ModelSignature) -> None:
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise BadRequest("'outputs' must be a list")
+    for i, tensor in enumerate(outputs):
+        name = tensor.get("name") if isinstance(tensor, dict) else None
+        if not isinstance(name, str):
+            raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
+        if name not in signature.outputs:
+            raise BadRequest(f"unknown output '{name}' (the model gives: {', '.join(sorted(signature.outputs))})")

@@ -1,0 +1,88 @@
+"""One interface for running Triton shards; the gateway only ever sees the live set of endpoints.
+
+A backend (`local`: processes on this machine; later `kubernetes`: Deployments and EndpointSlices) starts
+the shard replicas a spec asks for, keeps them running, and tells subscribers whenever the set of ready
+endpoints changes. Subscribers get the whole set each time (not deltas), so a missed call loses nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One Triton server the gateway may send requests to."""
+
+    name: str  # replica name, e.g. "main-0"
+    host: str
+    port: int
+    models: frozenset[str]
+    standby: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class ShardStatus:
+    """What `status()` reports about one replica."""
+
+    name: str
+    shard: str
+    url: str | None
+    state: str  # starting | ready | unready | restarting | stopped | failed
+    models: list[str]
+    pid: int | None = None
+    restarts: int = 0
+    standby: bool = False
+    last_error: str | None = None
+    metrics_url: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+EndpointListener = Callable[[list[Endpoint]], None]
+
+
+class ShardBackend(abc.ABC):
+    """Starts, supervises and stops the Triton shards of one spec."""
+
+    def __init__(self) -> None:
+        self._listeners: list[EndpointListener] = []
+
+    def subscribe(self, listener: EndpointListener) -> None:
+        """Call `listener(endpoints)` now and after every change of the ready set."""
+        self._listeners.append(listener)
+        listener(self.endpoints())
+
+    def _notify(self) -> None:
+        endpoints = self.endpoints()
+        for listener in self._listeners:
+            listener(endpoints)
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start every replica and return once all are ready (raise if one cannot start)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop every replica; nothing the backend started is left running."""
+
+    @abc.abstractmethod
+    def status(self) -> list[ShardStatus]:
+        """The state of every replica, standby ones included."""
+
+    @abc.abstractmethod
+    def endpoints(self) -> list[Endpoint]:
+        """The replicas that are ready to take requests now."""
+
+    @abc.abstractmethod
+    async def set_standby_active(self, shard: str, count: int) -> None:
+        """Run `count` of a shard's standby replicas (0 releases them all)."""

@@ -1,0 +1,93 @@
+"""How to run the real tritonserver bundled in the PyPI wheel nvidia-pytriton (see shared/design/FACTS.md).
+
+The wheel ships the binary and the Python backend, but three things must be arranged by hand: a backend
+directory holding the Python backend together with the stub for this Python version, LD_LIBRARY_PATH
+pointing at the wheel's bundled libraries (else the stub hangs ~30 s looking for libcudart), and the venv's
+`bin/` first on PATH (the stub finds its site-packages through the `python3` it sees there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TritonNotFound(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+    lib_dir: Path
+
+    @classmethod
+    def find(cls) -> TritonInstall:
+        """Locate the wheel's tritonserver and prepare its backend directory (once per venv)."""
+        try:
+            import pytriton
+        except ImportError:
+            raise TritonNotFound("tritonserver not found: install the wheel with `pip install nvidia-pytriton`") from None
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        binary = root / "bin" / "tritonserver"
+        lib_dir = root.parent.parent / "nvidia_pytriton.libs"
+        if not binary.exists():
+            raise TritonNotFound(f"tritonserver binary missing at {binary}")
+        return cls(binary=binary, backend_dir=_prepare_backend_dir(root), lib_dir=lib_dir)
+
+    def argv(self, model_repository: Path, models: list[str], http_port: int, metrics_port: int) -> list[str]:
+        """A tritonserver command line serving exactly `models` on loopback ports."""
+        argv = [
+            str(self.binary),
+            f"--model-repository={model_repository}",
+            f"--backend-directory={self.backend_dir}",
+            "--http-address=127.0.0.1",
+            f"--http-port={http_port}",
+            "--allow-grpc=false",  # the gateway speaks HTTP; one port less to find free
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--disable-auto-complete-config",  # start-up 0.3 s instead of 2+ s; configs are complete
+            "--pinned-memory-pool-byte-size=0",
+            "--model-control-mode=explicit",
+            "--exit-on-error=true",
+            "--log-verbose=0",
+        ]
+        argv += [f"--load-model={name}" for name in models]
+        return argv
+
+    def env(self, cuda_visible_devices: str | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["LD_LIBRARY_PATH"] = f"{self.lib_dir}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+        if cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+        return env
+
+
+def _prepare_backend_dir(root: Path) -> Path:
+    """A backend directory whose python/ holds the backend library and this Python's stub."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonNotFound(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    backend_dir = Path(sys.prefix) / "var" / "cpctl" / f"triton-backends-{version}"
+    python_dir = backend_dir / "python"
+    sources = [root / "backends" / "python" / "libtriton_python.so",
+               root / "backends" / "python" / "triton_python_backend_utils.py", stub]
+    if all((python_dir / s.name).exists() for s in sources):
+        return backend_dir
+    staging = backend_dir.with_name(backend_dir.name + f".tmp{os.getpid()}")
+    (staging / "python").mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        shutil.copy2(source, staging / "python" / source.name)
+    # rename is atomic: concurrent starters never see a half-copied backend
+    try:
+        staging.rename(backend_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return backend_dir

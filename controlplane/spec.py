@@ -1,0 +1,360 @@
+"""The cluster spec: pydantic models of cluster.yaml, loading and validation.
+
+Every part of the project (gateway, shard runners, MIG planner, Ansible inventory, Pulumi program) reads
+the cluster through `load_spec`, so the same names mean the same things everywhere. Each field is
+documented where it is declared; these models are the reference for cluster.yaml.
+
+Priority polarity: a class's `level` is "higher is more important" (like a Kubernetes PriorityClass
+value). Triton's own `priority` is the opposite (1 is the highest); the gateway converts between them.
+
+Errors from `load_spec` name the file, the line, the field path and what was expected, e.g.
+`cluster.yaml:14: models[1].max_batch: Input should be a valid integer (got 'lots')`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Name = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$",
+        description="Lower-case letters, digits, '-', '_' or '.'; usable as a Kubernetes and Triton name.",
+    ),
+]
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown fields are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuSpec(StrictModel):
+    model: Literal["none", "A100-40GB", "A100-80GB", "H100-80GB", "H100-PCIE-80GB", "H100-94GB-NVL", "H200-141GB"] = (
+        Field("none", description="GPU model of every node in the pool; 'none' for CPU-only nodes.")
+    )
+    per_node: int = Field(0, ge=0, le=16, description="GPUs per node.")
+
+
+class MigSpec(StrictModel):
+    """The MIG layout of every GPU in a pool: a mig-parted named layout, or explicit profiles per GPU."""
+
+    layout: str | None = Field(
+        None, description="A mig-parted named layout (e.g. 'all-disabled', 'all-1g.10gb', 'all-balanced')."
+    )
+    profiles: list[str] | None = Field(
+        None, description="Explicit MIG profiles for each GPU of the pool, e.g. ['4g.40gb', '3g.40gb']."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_layout_or_profiles(self) -> MigSpec:
+        if (self.layout is None) == (self.profiles is None):
+            raise ValueError("give exactly one of 'layout' (a mig-parted name) or 'profiles' (a list)")
+        return self
+
+
+class NodePool(StrictModel):
+    name: Name = Field(description="Pool name, referenced by shards.")
+    provider: Literal["aws", "azure", "existing"] = Field(description="Where the nodes come from.")
+    instance_type: str = Field(
+        description="Cloud instance type (e.g. p5.48xlarge, Standard_ND96isr_H100_v5), or a label for existing hosts."
+    )
+    count: int = Field(1, ge=0, le=1000, description="Number of nodes.")
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPUs of each node.")
+    fabric: Literal["infiniband", "efa", "roce", "none"] = Field("none", description="The RDMA fabric between nodes.")
+    mig: MigSpec | None = Field(None, description="MIG layout; absent means MIG disabled.")
+    hosts: list[str] = Field(
+        default_factory=list, description="Addresses of existing hosts (provider 'existing' only)."
+    )
+
+
+class Model(StrictModel):
+    name: Name = Field(description="Model name as clients call it (the Triton model name).")
+    path: str = Field(description="Directory of the model inside the model repository.")
+    memory_mb: int = Field(ge=1, description="Device memory one instance of the model needs, in MiB.")
+    instance_count: int = Field(1, ge=1, le=64, description="Triton model instances per shard.")
+    max_batch: int = Field(0, ge=0, le=65536, description="Largest batch the model accepts (0: no batching).")
+    cheaper_variant: Name | None = Field(
+        None, description="Another model of this spec that may serve low classes of this model under backlog."
+    )
+
+
+class Shard(StrictModel):
+    """A group of identical Triton servers serving the same models."""
+
+    name: Name = Field(description="Shard name; replicas are named NAME-0, NAME-1, ...")
+    models: list[Name] = Field(min_length=1, description="Models this shard serves (names from `models`).")
+    pool: Name | None = Field(None, description="Node pool to run on; may be omitted with a single pool.")
+    gpu: int | str | None = Field(
+        None,
+        description="GPU index or MIG device UUID for CUDA_VISIBLE_DEVICES; ignored on a machine without GPUs.",
+    )
+    mig_profile: str | None = Field(None, description="MIG profile each replica needs, e.g. '1g.10gb'.")
+    priority_class: Name | None = Field(
+        None, description="The class this shard mainly serves; placement gives dedicated classes their own GPU slices."
+    )
+    replicas: int = Field(1, ge=0, le=256, description="Servers always running.")
+    standby: int = Field(0, ge=0, le=256, description="Extra servers started only under sustained backlog.")
+
+
+class PriorityClass(StrictModel):
+    name: Name = Field(description="Class name, sent by clients in `x-priority`.")
+    level: int = Field(
+        ge=0, le=1000, description="Importance: HIGHER is more important. Levels must be distinct."
+    )
+    default_deadline_ms: int = Field(ge=1, description="Deadline of a request that sends no `x-deadline-ms`.")
+    share: float = Field(
+        gt=0, le=1, description="Guaranteed minimum share of dispatch when every class is backlogged."
+    )
+    dedicated: bool = Field(False, description="Placement gives shards of this class MIG instances of their own.")
+
+
+class Tenant(StrictModel):
+    name: Name = Field(description="Tenant name, shown in logs and metrics.")
+    api_key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="Hex SHA-256 of the tenant's API key; the key itself is never stored. "
+        "Make one with `cpctl hash-key KEY`.",
+    )
+    default_class: Name = Field(description="Class of requests that send no `x-priority`.")
+    allowed_classes: list[Name] = Field(
+        default_factory=list, description="Classes the tenant may ask for; the default class is always allowed."
+    )
+    rate: float = Field(gt=0, description="Sustained requests per second.")
+    burst: int = Field(ge=1, description="Token bucket size: requests allowed at once above the rate.")
+
+
+class GatewayLimits(StrictModel):
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Largest request line plus headers (431 above).")
+    max_connections: int = Field(4096, ge=1, description="Client connections held at once; more are refused.")
+    upstream_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for a shard's response when a request carries no deadline."
+    )
+    idle_timeout_s: float = Field(75.0, gt=0, description="Keep-alive client connections idle this long are closed.")
+    upstream_connections_per_shard: int = Field(
+        256, ge=1, description="Idle keep-alive connections kept open to each shard."
+    )
+
+
+class Gateway(StrictModel):
+    listen: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on; 0 picks a free one.")
+    allow_anonymous: bool = Field(False, description="Serve requests without an API key as `anonymous_tenant`.")
+    anonymous_tenant: Name | None = Field(None, description="Tenant of requests without a key, when allowed.")
+    limits: GatewayLimits = Field(default_factory=GatewayLimits, description="Bounds on what clients may send.")
+
+
+class ClusterSpec(StrictModel):
+    cluster: Name = Field(description="Cluster name.")
+    model_repository: str = Field(
+        description="Triton model repository; a relative path is relative to the spec file."
+    )
+    node_pools: list[NodePool] = Field(min_length=1, description="Groups of identical nodes.")
+    models: list[Model] = Field(min_length=1, description="Models served.")
+    shards: list[Shard] = Field(min_length=1, description="Triton servers and the models each serves.")
+    priority_classes: list[PriorityClass] = Field(min_length=1, description="Request classes.")
+    tenants: list[Tenant] = Field(default_factory=list, description="Who may call the gateway.")
+    gateway: Gateway = Field(default_factory=Gateway, description="The HTTP endpoint clients call.")
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ClusterSpec:
+        problems: list[SpecProblem] = []
+        for section in ("node_pools", "models", "shards", "priority_classes", "tenants"):
+            problems += _duplicate_names(section, getattr(self, section))
+
+        levels: dict[int, str] = {}
+        for i, cls in enumerate(self.priority_classes):
+            if cls.level in levels:
+                problems.append(
+                    SpecProblem(("priority_classes", i, "level"),
+                                f"level {cls.level} is also used by class '{levels[cls.level]}'; levels must differ")
+                )
+            levels[cls.level] = cls.name
+
+        model_names = {m.name for m in self.models}
+        pool_names = {p.name for p in self.node_pools}
+        class_names = {c.name for c in self.priority_classes}
+        tenant_names = {t.name for t in self.tenants}
+        for i, model in enumerate(self.models):
+            if model.cheaper_variant is not None and model.cheaper_variant not in model_names - {model.name}:
+                problems.append(_unknown(("models", i, "cheaper_variant"), "model", model.cheaper_variant, model_names))
+        for i, shard in enumerate(self.shards):
+            for j, name in enumerate(shard.models):
+                if name not in model_names:
+                    problems.append(_unknown(("shards", i, "models", j), "model", name, model_names))
+            if shard.pool is None and len(pool_names) > 1:
+                problems.append(SpecProblem(("shards", i, "pool"), "name a pool: the spec has several"))
+            if shard.pool is not None and shard.pool not in pool_names:
+                problems.append(_unknown(("shards", i, "pool"), "node pool", shard.pool, pool_names))
+            if shard.priority_class is not None and shard.priority_class not in class_names:
+                problems.append(_unknown(("shards", i, "priority_class"), "class", shard.priority_class, class_names))
+        for i, tenant in enumerate(self.tenants):
+            if tenant.default_class not in class_names:
+                problems.append(_unknown(("tenants", i, "default_class"), "class", tenant.default_class, class_names))
+            for j, name in enumerate(tenant.allowed_classes):
+                if name not in class_names:
+                    problems.append(_unknown(("tenants", i, "allowed_classes", j), "class", name, class_names))
+        if self.gateway.allow_anonymous and self.gateway.anonymous_tenant is None:
+            problems.append(SpecProblem(("gateway", "anonymous_tenant"), "required when allow_anonymous is true"))
+        if self.gateway.anonymous_tenant is not None and self.gateway.anonymous_tenant not in tenant_names:
+            problems.append(
+                _unknown(("gateway", "anonymous_tenant"), "tenant", self.gateway.anonymous_tenant, tenant_names)
+            )
+        if problems:
+            raise SpecReferenceError(problems)
+        return self
+
+    # Lookups used across the project.
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    def priority_class(self, name: str) -> PriorityClass:
+        return next(c for c in self.priority_classes if c.name == name)
+
+    def pool_of(self, shard: Shard) -> NodePool:
+        name = shard.pool or self.node_pools[0].name
+        return next(p for p in self.node_pools if p.name == name)
+
+
+class SpecProblem:
+    """One problem found in a spec: where (a field path) and what."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.loc = loc
+        self.message = message
+
+
+class SpecReferenceError(ValueError):
+    """Cross-field problems (dangling references, duplicates), each with its own field path."""
+
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        super().__init__("; ".join(f"{format_loc(p.loc)}: {p.message}" for p in problems))
+        self.problems = problems
+
+
+class SpecError(Exception):
+    """A spec file that cannot be used. `str()` gives one line per problem: file:line: path: message."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _duplicate_names(section: str, items: list[Any]) -> list[SpecProblem]:
+    seen: set[str] = set()
+    problems = []
+    for i, item in enumerate(items):
+        if item.name in seen:
+            problems.append(SpecProblem((section, i, "name"), f"duplicate name '{item.name}'"))
+        seen.add(item.name)
+    return problems
+
+
+def _unknown(loc: tuple[str | int, ...], kind: str, name: str, known: set[str]) -> SpecProblem:
+    return SpecProblem(loc, f"unknown {kind} '{name}' (expected one of: {', '.join(sorted(known)) or 'none'})")
+
+
+def format_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def hash_api_key(key: str) -> str:
+    """The form in which a tenant's API key is stored in the spec."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the YAML node at a field path, or of its closest existing parent."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            child = next((v for k, v in node.value if k.value == part), None)
+            if child is None:  # an unknown or missing key: point at the key itself when present
+                key = next((k for k, _ in node.value if k.value == part), None)
+                child = key
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line
+
+
+def _describe(error: dict[str, Any]) -> str:
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check its spelling; see controlplane/spec.py for the fields allowed here)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    value = error.get("input")
+    if not isinstance(value, dict | list) and value is not None:
+        message += f" (got {value!r})"
+    return message
+
+
+def parse_spec(text: str, source: str = "<spec>") -> ClusterSpec:
+    """Parse and validate spec text; raise SpecError naming source, line, field path and problem."""
+    try:
+        root = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise SpecError([f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}:1: expected a mapping of spec sections at the top level"])
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, SpecReferenceError):
+                problems = [(p.loc, p.message) for p in cause.problems]
+            else:
+                problems = [(tuple(error["loc"]), _describe(error))]
+            for loc, message in problems:
+                line = _line_of(root, loc)
+                where = f"{source}:{line}" if line else source
+                lines.append(f"{where}: {format_loc(loc)}: {message}")
+        raise SpecError(lines) from None
+
+
+def load_spec(path: str | Path) -> ClusterSpec:
+    """Load a cluster.yaml; relative `model_repository` paths are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read the spec: {exc.strerror}"]) from None
+    spec = parse_spec(text, str(path))
+    repo = Path(spec.model_repository)
+    if not repo.is_absolute():
+        repo = (path.parent / repo).resolve()
+    return spec.model_copy(update={"model_repository": str(repo)})

@@ -1,0 +1,113 @@
+"""The local stack of `cpctl up`: the spec's shards (local backend) behind the gateway, in one process.
+
+While it runs, a state file in the run directory says where everything is (`cpctl status` reads it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from controlplane.gateway.app import GatewayApp
+from controlplane.gateway.routing import Router
+from controlplane.gateway.server import GatewayServer
+from controlplane.shards.base import Endpoint
+from controlplane.shards.local import LocalShards
+from controlplane.spec import ClusterSpec
+
+
+class StackAlreadyRunning(RuntimeError):
+    pass
+
+
+def run_dir_for(spec: ClusterSpec) -> Path:
+    """Where a cluster's logs and state live: $CPCTL_RUN_DIR/<cluster>, by default under the temp dir."""
+    base = os.environ.get("CPCTL_RUN_DIR") or Path(tempfile.gettempdir()) / f"cpctl-{os.getuid()}"
+    return Path(base) / spec.cluster
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """The state a running `cpctl up` wrote, or None when none runs for this run dir."""
+    try:
+        state = json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(state["pid"], 0)
+    except (ProcessLookupError, KeyError, TypeError):
+        return None
+    except PermissionError:
+        pass
+    return state
+
+
+class LocalStack:
+    def __init__(self, spec: ClusterSpec, run_dir: Path, port: int | None = None) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.port = spec.gateway.port if port is None else port
+        self.shards = LocalShards(spec, run_dir)
+        self.router = Router(spec.gateway.limits.upstream_connections_per_shard)
+        self.app = GatewayApp(spec, self.router)
+        self.server = GatewayServer(self.app, spec.gateway.limits)
+        self.url = ""
+
+    async def start(self) -> None:
+        if read_state(self.run_dir) is not None:
+            raise StackAlreadyRunning(
+                f"a stack for cluster '{self.spec.cluster}' already runs (state in {self.run_dir}); stop it first"
+            )
+        await self.shards.start()
+        self.shards.subscribe(self._on_endpoints)
+        try:
+            port = await self.server.start(self.spec.gateway.listen, self.port)
+        except OSError as exc:
+            await self.shards.stop()
+            raise OSError(f"gateway cannot listen on {self.spec.gateway.listen}:{self.port}: {exc.strerror}") from None
+        self.url = f"http://{self.spec.gateway.listen}:{port}"
+        self.write_state()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        self.router.close()
+        await self.shards.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / "state.json").unlink()
+
+    def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
+        self.router.update(endpoints)
+        if self.url:
+            self.write_state()
+
+    def snapshot(self) -> dict:
+        counters = self.server.counters
+        return {
+            "cluster": self.spec.cluster,
+            "pid": os.getpid(),
+            "gateway": self.url,
+            "requests": counters.requests,
+            "in_flight": counters.in_flight,
+            "connections": counters.connections,
+            "by_status": dict(sorted(counters.by_status.items())),
+            "shards": [dataclasses.asdict(s) for s in self.shards.status()],
+        }
+
+    def write_state(self) -> None:
+        path = self.run_dir / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1))
+        tmp.replace(path)
+
+
+async def run_until(stack: LocalStack, stop: asyncio.Event) -> None:
+    """Start the stack, wait for `stop`, then stop everything it started."""
+    await stack.start()
+    try:
+        await stop.wait()
+    finally:
+        await stack.stop()
