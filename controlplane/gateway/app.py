@@ -14,7 +14,13 @@ import re
 import orjson
 
 from controlplane import __version__
-from controlplane.gateway.inference import BadRequest, ModelSignature, check_infer_request, decompress
+from controlplane.gateway.inference import (
+    BadRequest,
+    ModelSignature,
+    check_generate_request,
+    check_infer_request,
+    decompress,
+)
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import ClientConnection, Request, json_error
 from controlplane.gateway.upstream import UpstreamConnection, UpstreamError, exchange
@@ -143,7 +149,7 @@ class GatewayApp:
             if action == "infer":
                 await self.check_infer(model, request)
             else:
-                self.check_generate(request)
+                check_generate_request(body, await self.signature(model))
         else:
             if request.method not in (b"GET", b"HEAD"):
                 raise HttpError(405, f"{request.path} takes GET")
@@ -163,15 +169,6 @@ class GatewayApp:
         if encoding is not None and encoding != b"identity":
             body = decompress(body, encoding.decode("latin-1").strip().lower(), self.limits.max_body_bytes)
         check_infer_request(body, header_length, await self.signature(model))
-
-    @staticmethod
-    def check_generate(request: Request) -> None:
-        try:
-            payload = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise BadRequest("body must be a JSON object of input names to values")
 
     async def signature(self, model: str) -> ModelSignature:
         """The model's inputs and outputs, asked of a shard once and then cached."""

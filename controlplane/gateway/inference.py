@@ -108,6 +108,8 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
         if not isinstance(parameters, dict):
             raise BadRequest(f"{where}.parameters must be an object")
         size = parameters.get("binary_data_size")
+        if size is not None and "data" in tensor:
+            raise BadRequest(f"{where} may give only one of 'data' and parameters.binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise BadRequest(f"{where}.parameters.binary_data_size must be a non-negative integer")
@@ -127,12 +129,35 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
     return header
 
 
+def check_generate_request(body: bytes, signature: ModelSignature) -> dict:
+    """Validate a /generate body: a JSON object whose model-input keys hold a scalar or a flat list.
+
+    Triton's generate extension maps each key to the input of that name; others are request parameters.
+    It answers nested lists and wrong types with 500, so they are refused here with 400.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("body must be a JSON object of input names to values")
+    for name, value in payload.items():
+        expected = signature.inputs.get(name)
+        if expected is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, list | dict) for v in values):
+            raise BadRequest(f"input '{name}' must be a scalar or a flat list of {expected.datatype}")
+        _check_json_data(f"input '{name}'", expected.datatype, len(values), values)
+    return payload
+
+
 def _check_shape(where: str, shape: object, expected: tuple[int, ...]) -> int:
     if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) for d in shape):
         raise BadRequest(f"{where}.shape must be a list of integers")
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise BadRequest(f"{where}.shape {shape} is not a valid shape")
-    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected)):
+    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected, strict=True)):
         raise BadRequest(f"{where} has shape {shape}, the model expects {list(expected)} (-1: any size)")
     return math.prod(shape)
 

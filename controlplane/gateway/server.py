@@ -25,6 +25,7 @@ from controlplane.spec import GatewayLimits
 log = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8  # requests queued on one connection before reading pauses
+LINGER_S = 2.0  # how long a refused connection drains the client's input before closing
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -92,7 +93,6 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_bytes = 0
-        self.refusal: Rejection | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -153,27 +153,27 @@ class ClientConnection(asyncio.Protocol):
             self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        # Refuse at once, before reading a body that will not be used.
         if self.header_bytes > self.limits.max_header_bytes:
-            self.refusal = Rejection(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+            self._refuse_connection(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
             return
         length = self.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
-            self.refusal = Rejection(413, f"body of {int(length)} bytes exceeds the limit of "
-                                          f"{self.limits.max_body_bytes} bytes")
+            self._refuse_connection(413, f"body of {int(length)} bytes exceeds the limit of "
+                                         f"{self.limits.max_body_bytes} bytes")
 
     def on_body(self, body: bytes) -> None:
-        if self.refusal is not None:
+        if self.rejected:
             return
         self.body_bytes += len(body)
         if self.body_bytes > self.limits.max_body_bytes:
-            self.refusal = Rejection(413, f"body exceeds the limit of {self.limits.max_body_bytes} bytes")
             self.body_parts = []
+            self._refuse_connection(413, f"body exceeds the limit of {self.limits.max_body_bytes} bytes")
         else:
             self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
-        if self.refusal is not None:
-            self._refuse_connection(self.refusal.status, self.refusal.message)
+        if self.rejected:
             return
         url = httptools.parse_url(self.url)
         try:
@@ -203,6 +203,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(item, Rejection):
             self.close_after_response = True
             self.send_json(item.status, json_error(item.message))
+            self._linger()
             return
         if self.reading_paused and len(self.pending) < MAX_PIPELINED // 2:
             self.reading_paused = False
@@ -276,7 +277,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()
 
     def _finish_response(self) -> None:
-        if self.close_after_response:
+        if self.close_after_response and not self.rejected:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after a refusal without losing the answer: closing a socket with unread input sends a TCP
+        reset that can overtake the response, so half-close, drain what the client still sends, then close."""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+        else:
             self.transport.close()
 
 

@@ -70,10 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         if self.done is not None and not self.done.done():
-            try:
+            with contextlib.suppress(httptools.HttpParserError):
                 self.parser.feed_eof()  # a response delimited by close ends here
-            except httptools.HttpParserError:
-                pass
             self._fail("shard closed the connection")
 
     def pause_writing(self) -> None:  # the shard reads slower than the client sends: fine, bodies are bounded
@@ -166,7 +164,7 @@ class UpstreamPool:
                 loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
                 self.connect_timeout_s,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise UpstreamError(f"cannot connect to shard {self.host}:{self.port}: {exc or 'timeout'}",
                                 before_response=True) from None
         return conn

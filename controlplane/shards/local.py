@@ -39,6 +39,25 @@ def has_gpu() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
+def link_model_repository(spec: ClusterSpec, target: Path) -> Path:
+    """A repository of links named as the spec names the models, each to its `path` in the real one.
+
+    Triton knows a model by its directory name; the links let the spec choose names and check that every
+    model exists before a server is started.
+    """
+    source = Path(spec.model_repository)
+    served = [m for m in spec.models if any(m.name in shard.models for shard in spec.shards)]
+    missing = [f"{m.name} ({source / m.path})" for m in served if not (source / m.path / "config.pbtxt").is_file()]
+    if missing:
+        raise ShardStartError(f"model directories without a config.pbtxt: {', '.join(missing)}")
+    target.mkdir(parents=True, exist_ok=True)
+    for link in target.iterdir():
+        link.unlink()
+    for model in served:
+        (target / model.name).symlink_to((source / model.path).resolve(), target_is_directory=True)
+    return target
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +72,7 @@ async def probe_ready(port: int, timeout_s: float = 1.0) -> bool:
         writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
         status_line = await asyncio.wait_for(reader.readline(), timeout_s)
         return status_line.split(b" ", 2)[1:2] == [b"200"]
-    except (OSError, asyncio.TimeoutError, IndexError):
+    except (TimeoutError, OSError, IndexError):
         return False
     finally:
         if writer is not None:
@@ -197,9 +216,9 @@ class LocalShards(ShardBackend):
                  probe_interval_s: float = 1.0, stop_grace_s: float = 5.0) -> None:
         super().__init__()
         self.spec = spec
-        self.model_repository = Path(spec.model_repository)
         self.log_dir = run_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.model_repository = link_model_repository(spec, run_dir / "model-repository")
         self.ready_timeout_s = ready_timeout_s
         self.probe_interval_s = probe_interval_s
         self.stop_grace_s = stop_grace_s
@@ -226,7 +245,7 @@ class LocalShards(ShardBackend):
             await replica.start()
         try:
             await asyncio.wait_for(asyncio.gather(*(r.ready_event.wait() for r in active)), self.ready_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             failed = [f"{r.name}: {r.last_error or r.state}" for r in active if r.state != "ready"]
             await self.stop()
             raise ShardStartError("shards did not become ready: " + "; ".join(failed)) from None

@@ -31,7 +31,7 @@ class TritonInstall:
         try:
             import pytriton
         except ImportError:
-            raise TritonNotFound("tritonserver not found: install the wheel with `pip install nvidia-pytriton`") from None
+            raise TritonNotFound("tritonserver not found: `pip install nvidia-pytriton` (or run `make up`)") from None
         root = Path(pytriton.__file__).parent / "tritonserver"
         binary = root / "bin" / "tritonserver"
         lib_dir = root.parent.parent / "nvidia_pytriton.libs"
