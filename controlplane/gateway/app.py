@@ -213,7 +213,7 @@ class GatewayApp:
 
     async def forward(self, model: str, data: list[bytes], conn: ClientConnection) -> None:
         """Send to the least-loaded ready shard; on a failure before any response byte, once to another."""
-        failed = None
+        failed, failure = None, ""
         for attempt in range(2):
             target = self.router.pick(model, exclude=failed)
             if target is None:
@@ -233,7 +233,7 @@ class GatewayApp:
                     raise HttpError(504, f"shard {target.name} did not answer in time: {exc}") from None
                 if not exc.before_response or attempt == 1:
                     raise HttpError(502, f"shard {target.name} failed: {exc}") from None
-                failed = target
+                failed, failure = target, f" ({target.name} failed: {exc})"
             finally:
                 target.outstanding -= 1
-        raise HttpError(503, f"no ready shard serves model '{model}'", RETRY_AFTER_NO_SHARD)
+        raise HttpError(503, f"no ready shard serves model '{model}'{failure}", RETRY_AFTER_NO_SHARD)
