@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from controlplane.gpu.cli import gpu, mig_app, plan
 from controlplane.spec import ClusterSpec, SpecError, hash_api_key, load_spec
 
 DEFAULT_SPEC = Path("examples/local/cluster.yaml")
@@ -145,7 +146,9 @@ def _ready(url: str) -> bool:
 
 
 @app.command()
-def status(spec_file: Path = SpecOption, as_json: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
+def status(
+    spec_file: Path = SpecOption, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
+) -> None:
     """Show the running stack of a spec: gateway address, shards, their models and live health.
 
     Example: cpctl status -f examples/local/cluster.yaml --json
@@ -234,6 +237,11 @@ def infer(
         table.add_row(output["name"], output["datatype"], str(list(values.shape)),
                       np.array2string(values.reshape(-1)[:8], precision=4))
     console.print(table)
+
+
+app.command("plan")(plan)
+app.command("gpu")(gpu)
+app.add_typer(mig_app, name="mig", help="MIG layouts: the config to apply, the steps, and the diff to a node.")
 
 
 def main() -> None:

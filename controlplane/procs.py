@@ -9,6 +9,7 @@ does not leave servers running.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -59,10 +60,8 @@ class ManagedProcess:
         return bool(group_members(self.pgid))
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the group, wait up to grace_s for all of it to exit, then SIGKILL what is left."""
@@ -80,10 +79,8 @@ class ManagedProcess:
         deadline = time.monotonic() + 5.0
         while self.group_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            pass
 
     def log_tail(self, max_bytes: int = 2000) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -46,7 +46,9 @@ class MigSpec(StrictModel):
     """The MIG layout of every GPU in a pool: a mig-parted named layout, or explicit profiles per GPU."""
 
     layout: str | None = Field(
-        None, description="A mig-parted named layout (e.g. 'all-disabled', 'all-1g.10gb', 'all-balanced')."
+        None,
+        description="A mig-parted named layout (e.g. 'all-disabled', 'all-1g.10gb', 'all-balanced'), or 'auto': "
+        "the planner (`cpctl plan`) chooses each GPU's layout from the shards' demand.",
     )
     profiles: list[str] | None = Field(
         None, description="Explicit MIG profiles for each GPU of the pool, e.g. ['4g.40gb', '3g.40gb']."

@@ -26,7 +26,7 @@ def train() -> dict[str, np.ndarray]:
     x, y = synthetic_transactions(20000)
     sizes = [FEATURES, 32, 16, 1]
     params = {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
         params[f"w{i}"] = (rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
         params[f"b{i}"] = np.zeros(b, np.float32)
     lr = 0.05

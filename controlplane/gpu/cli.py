@@ -1,0 +1,229 @@
+"""`cpctl plan`, `cpctl gpu` and `cpctl mig ...`: the GPU room's commands, registered by controlplane/cli.py.
+
+Thin: each command parses, calls catalog/plan/render/discover and renders with Rich (or JSON with --json).
+Bad input (an unreadable or invalid spec, a plan that does not fit, an unknown node, a bad --current file)
+prints one line and exits 2; a machine without a GPU prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controlplane.gpu.discover import GpuInfo, Inventory, NoGpuError, discover, parse_lgi
+from controlplane.gpu.plan import Plan, PlanError, plan_cluster
+from controlplane.gpu.render import (
+    diff_node,
+    extended_resources,
+    mig_parted_config,
+    node_labels,
+    nvidia_smi_steps,
+    replica_resources,
+)
+from controlplane.spec import SpecError, load_spec
+
+console = Console()
+errors = Console(stderr=True)
+
+mig_app = typer.Typer(help="MIG layouts of the plan: mig-parted config, nvidia-smi steps, current vs desired.",
+                      no_args_is_help=True)
+
+SPEC_OPTION = typer.Option(..., "-f", "--file", help="The cluster spec (cluster.yaml).")
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load_plan(spec_file: Path) -> Plan:
+    try:
+        return plan_cluster(load_spec(spec_file))
+    except SpecError as exc:
+        _fail("; ".join(exc.lines))
+    except PlanError as exc:
+        _fail(f"{spec_file}: {exc}")
+
+
+def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Show where every shard replica runs: node, GPU, MIG slot and profile, shard, models, class.
+
+    Example: cpctl plan -f examples/gpu/cluster.yaml
+    """
+    result = _load_plan(spec_file)
+    if as_json:
+        data = result.to_dict()
+        data["node_labels"] = node_labels(result)
+        data["extended_resources"] = extended_resources(result)
+        data["replica_resources"] = [
+            {"replica": r.replica.name, "node": r.node, "gpu": r.gpu, "resource": r.resource,
+             "shared_with": list(r.shared_with)}
+            for r in replica_resources(result)
+        ]
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"MIG plan of {result.cluster}")
+    for column in ("pool", "node", "GPU", "slot", "profile", "shard", "models", "class"):
+        table.add_column(column)
+    previous = None
+    for row in result.rows():
+        key = (row.pool, row.node, row.gpu)
+        if previous is not None and key != previous:
+            table.add_section()
+        previous = key
+        shard = row.shard if not row.shard.startswith("(") else f"[dim]{row.shard}[/dim]"
+        table.add_row(row.pool, row.node, row.gpu, row.slot, row.profile, shard, row.models, row.priority_class)
+    console.print(table)
+    for pool in result.pools:
+        if pool.gpu_model is None:
+            console.print(f"pool {pool.pool}: no GPUs; {len(pool.cpu_replicas)} replica(s) on the CPU")
+        else:
+            console.print(
+                f"pool {pool.pool}: {pool.gpus_used} of {len(pool.gpus)} {pool.gpu_model} GPUs used "
+                f"(MIG layout: {pool.layout_name or 'disabled'})"
+            )
+
+
+def gpu(as_json: bool = JSON_OPTION) -> None:
+    """List this machine's GPUs (read-only): memory, utilization, MIG mode, profiles, existing instances.
+
+    Reads NVML (nvidia-ml-py), else nvidia-smi output. Example: cpctl gpu --json
+    """
+    try:
+        inventory = discover()
+    except NoGpuError as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        console.print_json(json.dumps(inventory.to_dict()))
+        return
+    table = Table(title=f"GPUs (via {inventory.source}, driver {inventory.driver_version or '?'})")
+    for column in ("GPU", "name", "catalog", "memory used/total MiB", "util", "MIG", "instances"):
+        table.add_column(column)
+    for g in inventory.gpus:
+        mig = {None: "n/a", True: "Enabled", False: "Disabled"}
+        mode = mig[g.mig_current] + (f" (pending {mig[g.mig_pending]})" if g.mig_pending != g.mig_current else "")
+        instances = ", ".join(f"{gi.profile}@{gi.start}" for gi in g.gpu_instances) or "-"
+        util = "n/a" if g.utilization_pct is None else f"{g.utilization_pct}%"
+        table.add_row(str(g.index), g.name, g.catalog_model or "-", f"{g.memory_used_mib}/{g.memory_total_mib}",
+                      util, mode, instances)
+    console.print(table)
+    for g in inventory.gpus:
+        if not g.profiles:
+            continue
+        profiles = Table(title=f"GPU {g.index} MIG profiles")
+        for column in ("profile", "ID", "free/total", "memory MiB", "SMs", "placements"):
+            profiles.add_column(column)
+        for p in g.profiles:
+            starts = ",".join(str(s) for s, _ in p.placements)
+            size = p.placements[0][1] if p.placements else "?"
+            profiles.add_row(p.name, str(p.profile_id), f"{'?' if p.free is None else p.free}/{p.total}",
+                             str(p.memory_mib), str(p.sms), f"{{{starts}}}:{size}")
+        console.print(profiles)
+
+
+def _current_from_file(path: Path, indexes: list[int]) -> list[GpuInfo]:
+    """GPUs from a `cpctl gpu --json` file, or from `nvidia-smi mig -lgi` output (GPUs it does not list are
+    taken as MIG disabled)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        _fail(f"{path}: cannot read: {exc.strerror}")
+    if text.lstrip().startswith("{"):
+        try:
+            return Inventory.from_dict(json.loads(text)).gpus
+        except (ValueError, KeyError, TypeError) as exc:
+            _fail(f"{path}: not a `cpctl gpu --json` inventory ({exc})")
+    if "GPU instances:" not in text and "No MIG-enabled devices found" not in text:
+        _fail(f"{path}: expected `cpctl gpu --json` output or `nvidia-smi mig -lgi` output")
+    listed = parse_lgi(text)
+    return [
+        GpuInfo(i, "?", "?", 0, 0, None, i in listed, i in listed, None, gpu_instances=listed.get(i, []))
+        for i in indexes
+    ]
+
+
+@mig_app.command("diff")
+def diff(
+    spec_file: Path = SPEC_OPTION,
+    node: str | None = typer.Option(None, "--node", help="Planned node to compare (default: the first GPU node)."),
+    current: str = typer.Option(
+        "live", "--current",
+        help="'live' (discover this machine) or a saved file: `cpctl gpu --json` or `nvidia-smi mig -lgi` output.",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Compare a node's current MIG state with the plan: MIG mode, instances to keep, destroy and create.
+
+    Example: cpctl mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
+    """
+    result = _load_plan(spec_file)
+    gpu_nodes = [n for p in result.pools if p.gpu_model for n in p.nodes]
+    if not gpu_nodes:
+        _fail(f"{spec_file}: the plan has no GPU nodes")
+    name = node or gpu_nodes[0]
+    try:
+        _, desired = result.node(name)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    if not desired:
+        _fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
+    if current == "live":
+        try:
+            have = discover().gpus
+        except NoGpuError as exc:
+            _fail(f"{exc}; pass --current FILE to compare a saved state", code=1)
+    else:
+        have = _current_from_file(Path(current), [g.index for g in desired])
+    changes = diff_node(desired, have)
+    if as_json:
+        console.print_json(json.dumps([
+            {"gpu": c.gpu, "mig_mode": c.mig_mode, "keep": c.keep, "destroy": c.destroy, "create": c.create,
+             "note": c.note}
+            for c in changes
+        ]))
+        return
+    table = Table(title=f"MIG diff of {name} (current: {current})")
+    for column in ("GPU", "MIG mode", "keep", "destroy", "create", "note"):
+        table.add_column(column)
+    for c in changes:
+        mode = c.mig_mode if c.mig_mode == "keep" else f"[yellow]{c.mig_mode}[/yellow]"
+        table.add_row(str(c.gpu), mode, ", ".join(c.keep) or "-", ", ".join(c.destroy) or "-",
+                      ", ".join(c.create) or "-", c.note)
+    console.print(table)
+    changed = sum(c.changes for c in changes)
+    console.print(f"{name}: {changed} of {len(changes)} GPU(s) to change" if changed else f"{name}: up to date")
+
+
+@mig_app.command("config")
+def config(spec_file: Path = SPEC_OPTION) -> None:
+    """Print the mig-parted config (`version: v1`, `mig-configs`) of the plan, and the node labels choosing it.
+
+    Example: cpctl mig config -f examples/gpu/cluster.yaml > mig-parted.yaml
+    """
+    result = _load_plan(spec_file)
+    labels = "\n".join(f"#   {n}: {k}={v}" for n, lbls in node_labels(result).items() for k, v in lbls.items())
+    print(f"# Node labels:\n{labels}" if labels else "# No GPU nodes.")
+    print(mig_parted_config(result), end="")
+
+
+@mig_app.command("steps")
+def steps(
+    spec_file: Path = SPEC_OPTION,
+    node: str = typer.Option(..., "--node", help="Planned node whose commands to print."),
+) -> None:
+    """Print the nvidia-smi commands that give a node its planned MIG layout (for Ansible); runs nothing.
+
+    Example: cpctl mig steps -f examples/gpu/cluster.yaml --node gpu-a
+    """
+    result = _load_plan(spec_file)
+    try:
+        commands = nvidia_smi_steps(result, node)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    print("\n".join(commands))

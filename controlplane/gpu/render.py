@@ -1,0 +1,194 @@
+"""Renderers of one MIG plan: mig-parted config, nvidia-smi steps, Kubernetes names, and current-vs-desired.
+
+- `mig_parted_config`: the `version: v1` / `mig-configs` file the GPU Operator's MIG manager (or
+  `nvidia-mig-parted apply`) reads; one named config per distinct node layout.
+- `node_labels`: `nvidia.com/mig.config` per node, naming that node's config.
+- `extended_resources` / `replica_resources`: the resource names the device plugin advertises under the
+  `mixed` MIG strategy (`nvidia.com/mig-1g.10gb`), per node and per shard replica.
+- `nvidia_smi_steps`: the same layout as `nvidia-smi` commands for one node (the Ansible MIG role).
+  Placements are given explicitly (`-cgi 9:4`): creating instances without them lets the driver pick the
+  first free slot, which can strand a later, larger profile.
+- `diff_node`: what changes on a node's GPUs between what it has (discovery) and what the plan wants,
+  keeping instances that already sit where the plan puts them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import yaml
+
+from controlplane.gpu.discover import GpuInfo
+from controlplane.gpu.plan import GpuPlan, Plan, Replica
+
+MIG_CONFIG_LABEL = "nvidia.com/mig.config"
+
+
+def _node_layout(gpus: list[GpuPlan]) -> tuple[tuple[str, ...] | None, ...]:
+    return tuple(g.layout for g in gpus)
+
+
+def config_names(plan: Plan) -> dict[str, str]:
+    """Node -> mig-parted config name. Nodes with identical layouts share one config. A pool with a named
+    layout keeps its mig-parted name (`all-balanced`); otherwise configs are called POOL-1, POOL-2, ..."""
+    names: dict[str, str] = {}
+    for pool in plan.pools:
+        if pool.gpu_model is None:
+            continue
+        seen: dict[tuple[tuple[str, ...] | None, ...], str] = {}
+        for node in pool.nodes:
+            layout = _node_layout(pool.gpus_of(node))
+            if layout not in seen:
+                if all(g is None for g in layout):
+                    seen[layout] = "all-disabled"
+                elif pool.layout_name not in (None, "auto", "custom"):
+                    seen[layout] = str(pool.layout_name)
+                else:
+                    seen[layout] = f"{pool.pool}-{len(seen) + 1}"
+            names[node] = seen[layout]
+    return names
+
+
+def _device_entries(gpus: list[GpuPlan]) -> list[dict[str, object]]:
+    """mig-parted entries for one node: GPUs with the same layout grouped under one `devices` list."""
+    groups: dict[tuple[str, ...] | None, list[int]] = {}
+    for gpu in gpus:
+        key = tuple(sorted(gpu.layout)) if gpu.layout is not None else None
+        groups.setdefault(key, []).append(gpu.index)
+    entries: list[dict[str, object]] = []
+    for layout, indexes in groups.items():
+        devices: object = "all" if len(groups) == 1 else indexes
+        if layout is None:
+            entries.append({"devices": devices, "mig-enabled": False})
+            continue
+        counts = Counter(layout)
+        model = gpus[0].model
+        # Largest first, for people reading it: mig-parted picks placements itself (it retries creation
+        # orders until the layout fits), while `nvidia_smi_steps` pins them.
+        ordered = sorted(counts, key=lambda name: (-model.profile(name).size, name))
+        entries.append({"devices": devices, "mig-enabled": True, "mig-devices": {p: counts[p] for p in ordered}})
+    return entries
+
+
+def mig_parted_config(plan: Plan) -> str:
+    """The mig-parted config YAML for every GPU node of the plan (plus `all-disabled`, to switch back)."""
+    configs: dict[str, object] = {"all-disabled": [{"devices": "all", "mig-enabled": False}]}
+    names = config_names(plan)
+    for pool in plan.pools:
+        for node in pool.nodes:
+            if node in names and names[node] not in configs:
+                configs[names[node]] = _device_entries(pool.gpus_of(node))
+    return yaml.safe_dump({"version": "v1", "mig-configs": configs}, sort_keys=False)
+
+
+def node_labels(plan: Plan) -> dict[str, dict[str, str]]:
+    """Node -> labels for the Kubernetes layer: the MIG manager applies the config the label names."""
+    return {node: {MIG_CONFIG_LABEL: name} for node, name in config_names(plan).items()}
+
+
+def resource_name(gpu: GpuPlan, profile: str | None) -> str:
+    """The device plugin's resource for an instance under the `mixed` strategy; whole GPUs are nvidia.com/gpu."""
+    return f"nvidia.com/mig-{profile}" if profile is not None and gpu.layout is not None else "nvidia.com/gpu"
+
+
+def extended_resources(plan: Plan) -> dict[str, dict[str, int]]:
+    """Node -> extended resource -> count, as the device plugin will advertise them."""
+    out: dict[str, dict[str, int]] = {}
+    for pool in plan.pools:
+        for node in pool.nodes:
+            counts: Counter[str] = Counter()
+            for gpu in pool.gpus_of(node):
+                if gpu.layout is None:
+                    counts["nvidia.com/gpu"] += 1
+                else:
+                    counts.update(resource_name(gpu, p) for p in gpu.layout)
+            if counts:
+                out[node] = dict(sorted(counts.items()))
+    return out
+
+
+@dataclass(frozen=True)
+class ReplicaResource:
+    """Where a replica runs and the resource its pod requests. `shared_with` lists the other replicas on the
+    same instance: Kubernetes hands a device to one pod, so those need device-plugin time-slicing."""
+
+    replica: Replica
+    node: str
+    gpu: int
+    resource: str
+    shared_with: tuple[str, ...]
+
+
+def replica_resources(plan: Plan) -> list[ReplicaResource]:
+    out = []
+    for pool in plan.pools:
+        for gpu in pool.gpus:
+            for inst in gpu.instances:
+                names = tuple(r.name for r in inst.replicas)
+                for replica in inst.replicas:
+                    resource = resource_name(gpu, inst.profile.name if inst.profile else None)
+                    others = tuple(n for n in names if n != replica.name)
+                    out.append(ReplicaResource(replica, gpu.node, gpu.index, resource, others))
+    return out
+
+
+def nvidia_smi_steps(plan: Plan, node: str) -> list[str]:
+    """The commands that give `node` its planned layout, GPU by GPU. They tear down existing instances first;
+    enabling MIG mode may need the GPU idle (and, on some systems, a reset), which is the caller's to arrange."""
+    _, gpus = plan.node(node)
+    steps: list[str] = []
+    for gpu in gpus:
+        i = gpu.index
+        if gpu.layout is None:
+            steps.append(f"nvidia-smi -i {i} -mig 0")
+            continue
+        steps += [f"nvidia-smi -i {i} -mig 1", f"nvidia-smi mig -i {i} -dci", f"nvidia-smi mig -i {i} -dgi"]
+        placements = sorted((p for p in (inst.placement for inst in gpu.instances) if p is not None),
+                            key=lambda p: (-p.profile.size, p.start))
+        if placements:
+            tuples = ",".join(f"{p.profile.profile_id}:{p.start}" for p in placements)
+            steps.append(f"nvidia-smi mig -i {i} -cgi {tuples} -C")
+    return steps
+
+
+@dataclass(frozen=True)
+class GpuChange:
+    """What one GPU needs to go from its current state to the plan's."""
+
+    gpu: int
+    mig_mode: str  # "keep", "enable", "disable", or "-" for a GPU the node does not have
+    keep: tuple[str, ...]  # instances as PROFILE@START
+    destroy: tuple[str, ...]
+    create: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def changes(self) -> bool:
+        return self.mig_mode != "keep" or bool(self.destroy or self.create) or bool(self.note)
+
+
+def diff_node(desired: list[GpuPlan], current: list[GpuInfo]) -> list[GpuChange]:
+    """Per GPU index, the change from `current` (discovered) to `desired` (planned)."""
+    by_index = {g.index: g for g in current}
+    changes = []
+    for gpu in desired:
+        want_mig = gpu.layout is not None
+        want = {f"{inst.profile.name}@{inst.start}" for inst in gpu.instances if inst.profile is not None}
+        if not want_mig:
+            want = set()
+        have_gpu = by_index.get(gpu.index)
+        if have_gpu is None:
+            changes.append(GpuChange(gpu.index, "-", (), (), (), "GPU not found on the node"))
+            continue
+        have = {f"{gi.profile}@{gi.start}" for gi in have_gpu.gpu_instances}
+        have_mig = bool(have_gpu.mig_current) or bool(have_gpu.mig_pending)
+        mode = "keep" if have_mig == want_mig else ("enable" if want_mig else "disable")
+        note = ""
+        if have_gpu.catalog_model is not None and have_gpu.catalog_model != gpu.model.name:
+            note = f"node has {have_gpu.name}, the plan expects {gpu.model.name}"
+        changes.append(
+            GpuChange(gpu.index, mode, tuple(sorted(have & want)), tuple(sorted(have - want)),
+                      tuple(sorted(want - have)), note)
+        )
+    return changes
