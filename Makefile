@@ -1,24 +1,36 @@
 # `make up`: set up and run the local stack (examples/local/cluster.yaml) until Ctrl-C.
-# `make test`: set up and run the test suite. Both create the virtual environment they need.
+# `make test`: set up (venv, Python and Debian packages) and run the test suite.
 VENV ?= .venv
 PYTHON ?= python3
-STAMP := $(VENV)/.installed-stamp
 SPEC ?= examples/local/cluster.yaml
+# Extras of pyproject.toml the test suite needs (each issue's tools come in their own extra).
+TEST_EXTRAS ?= test
 
-.PHONY: up test lint clean
+.PHONY: up test lint system-deps clean
 
-$(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 
-up: $(STAMP)
+# The serving stack only: what `make up` needs.
+$(VENV)/.stamp-core: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+# Everything the tests use.
+$(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[$(TEST_EXTRAS)]'
+	touch $@ $(VENV)/.stamp-core
+
+system-deps:
+	./scripts/system-deps
+
+up: $(VENV)/.stamp-core
 	$(VENV)/bin/cpctl up -f $(SPEC)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check controlplane tests examples
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check controlplane tests examples bench
 
-test: $(STAMP) lint
+test: $(VENV)/.stamp-test system-deps lint
 	$(VENV)/bin/python -m pytest -q
 
 clean:
