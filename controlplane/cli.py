@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -114,7 +115,8 @@ async def _serve(stack) -> None:  # noqa: ANN001 - LocalStack, imported lazily
                     live.update(_status_table(stack.snapshot()))
         else:
             while not stop.is_set():
-                await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=2.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=2.0)
                 stack.write_state()
     finally:
         console.print("stopping ...")

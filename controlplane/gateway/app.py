@@ -33,6 +33,7 @@ MODEL_ROUTE = re.compile(
 # Client request headers that mean something to Triton; all others stay at the gateway.
 FORWARDED_REQUEST_HEADERS = (b"content-type", b"inference-header-content-length", b"content-encoding",
                              b"accept-encoding", b"accept")
+SEPARATE_BODY_BYTES = 64 * 1024  # larger bodies are written as they are, not copied behind the headers
 RETRY_AFTER_NO_SHARD = [(b"retry-after", b"1")]
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data", "parameters", "statistics",
               "generate"]
@@ -209,6 +210,9 @@ class GatewayApp:
             if value is not None:
                 lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
+        if len(body) < SEPARATE_BODY_BYTES:
+            lines.append(body)  # one send() instead of two
+            return [b"".join(lines)]
         return [b"".join(lines), body]
 
     async def forward(self, model: str, data: list[bytes], conn: ClientConnection) -> None:
