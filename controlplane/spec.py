@@ -115,14 +115,18 @@ class PriorityClass(StrictModel):
         gt=0, le=1, description="Guaranteed minimum share of dispatch when every class is backlogged."
     )
     dedicated: bool = Field(False, description="Placement gives shards of this class MIG instances of their own.")
+    max_queue: int = Field(1024, ge=0, description="Requests of this class waiting in the gateway at most.")
+    max_queue_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Bytes of request bodies of this class "
+                                 "waiting in the gateway at most.")
 
 
 class Tenant(StrictModel):
     name: Name = Field(description="Tenant name, shown in logs and metrics.")
-    api_key_sha256: str = Field(
+    api_key_sha256: str | None = Field(
+        None,
         pattern=r"^[0-9a-f]{64}$",
         description="Hex SHA-256 of the tenant's API key; the key itself is never stored. "
-        "Make one with `cpctl hash-key KEY`.",
+        "Make one with `cpctl hash-key KEY`. None: the tenant has no key (only useful as the anonymous tenant).",
     )
     default_class: Name = Field(description="Class of requests that send no `x-priority`.")
     allowed_classes: list[Name] = Field(
@@ -143,6 +147,42 @@ class GatewayLimits(StrictModel):
     upstream_connections_per_shard: int = Field(
         256, ge=1, description="Idle keep-alive connections kept open to each shard."
     )
+    max_queued_requests: int = Field(
+        4096, ge=0, description="Requests waiting in the gateway, all classes together; when full, an arriving "
+        "request displaces a queued one of a lower class, or is shed."
+    )
+    max_queued_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Body bytes waiting, all classes together.")
+    max_deadline_ms: int = Field(600_000, ge=1, description="Largest `x-deadline-ms` a client may ask for.")
+
+
+class Concurrency(StrictModel):
+    """Adaptive concurrency per shard: AIMD on latency against the shard's unloaded latency."""
+
+    initial: int = Field(8, ge=1, description="Requests in flight a new or returning shard starts with.")
+    min: int = Field(1, ge=1, description="The limit never goes below this.")
+    max: int = Field(256, ge=1, description="The limit never goes above this.")
+    tolerance: float = Field(
+        2.0, gt=1, description="Latency above this multiple of the unloaded latency (plus `slack_ms`) is overload."
+    )
+    slack_ms: float = Field(2.0, ge=0, description="Absolute latency allowance added to the tolerance.")
+    backoff: float = Field(0.9, gt=0, lt=1, description="Multiplicative decrease on overload.")
+
+
+class Ejection(StrictModel):
+    """A shard that fails or stalls repeatedly leaves the pool for a back-off, then is probed before returning."""
+
+    consecutive_failures: int = Field(3, ge=1, description="Failures in a row that eject a shard.")
+    base_s: float = Field(1.0, gt=0, description="First ejection time; doubles on each ejection in a row.")
+    max_s: float = Field(30.0, gt=0, description="Longest ejection.")
+
+
+class Ladder(StrictModel):
+    """The degradation ladder: 1) wake standby shards, 2) send the lowest class to cheaper model variants."""
+
+    backlog_high: int = Field(32, ge=1, description="Queued requests of a class that count as sustained backlog.")
+    backlog_low: int = Field(4, ge=0, description="Every class at or below this counts as cleared.")
+    up_after_s: float = Field(2.0, gt=0, description="Backlog this long climbs one step.")
+    down_after_s: float = Field(10.0, gt=0, description="Cleared this long steps one down.")
 
 
 class Gateway(StrictModel):
@@ -151,6 +191,16 @@ class Gateway(StrictModel):
     allow_anonymous: bool = Field(False, description="Serve requests without an API key as `anonymous_tenant`.")
     anonymous_tenant: Name | None = Field(None, description="Tenant of requests without a key, when allowed.")
     limits: GatewayLimits = Field(default_factory=GatewayLimits, description="Bounds on what clients may send.")
+    admin_token_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the token `/admin/...` requires; none: no admin."
+    )
+    concurrency: Concurrency = Field(default_factory=Concurrency, description="Per-shard adaptive concurrency.")
+    ejection: Ejection = Field(default_factory=Ejection, description="Taking failing shards out of the pool.")
+    retry_budget: float = Field(
+        0.1, ge=0, le=1, description="Retries allowed, as a fraction of requests (a failed request is retried "
+        "once, on another shard, only before any response byte)."
+    )
+    ladder: Ladder = Field(default_factory=Ladder, description="Automatic, reversible degradation under backlog.")
 
 
 class ClusterSpec(StrictModel):
@@ -170,6 +220,12 @@ class ClusterSpec(StrictModel):
         problems: list[SpecProblem] = []
         for section in ("node_pools", "models", "shards", "priority_classes", "tenants"):
             problems += _duplicate_names(section, getattr(self, section))
+        keys: dict[str, str] = {}
+        for i, tenant in enumerate(self.tenants):
+            if tenant.api_key_sha256 is not None and tenant.api_key_sha256 in keys:
+                problems.append(SpecProblem(("tenants", i, "api_key_sha256"),
+                                            f"the same key as tenant '{keys[tenant.api_key_sha256]}'"))
+            keys.setdefault(tenant.api_key_sha256 or "", tenant.name)
 
         levels: dict[int, str] = {}
         for i, cls in enumerate(self.priority_classes):

@@ -52,10 +52,13 @@ class LocalStack:
         self.run_dir = run_dir
         self.port = spec.gateway.port if port is None else port
         self.shards = LocalShards(spec, run_dir)
-        self.router = Router(spec.gateway.limits.upstream_connections_per_shard)
-        self.app = GatewayApp(spec, self.router)
-        self.server = GatewayServer(self.app, spec.gateway.limits)
+        gateway = spec.gateway
+        self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
+                             gateway.limits.upstream_connections_per_shard)
+        self.app = GatewayApp(spec, self.router, set_standby=self._set_standby)
+        self.server = GatewayServer(self.app, gateway.limits)
         self.url = ""
+        self._standby_changes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if read_state(self.run_dir) is not None:
@@ -70,14 +73,27 @@ class LocalStack:
             await self.shards.stop()
             raise OSError(f"gateway cannot listen on {self.spec.gateway.listen}:{self.port}: {exc.strerror}") from None
         self.url = f"http://{self.spec.gateway.listen}:{port}"
+        self.app.start()
         self.write_state()
 
     async def stop(self) -> None:
+        await self.app.stop()
         await self.server.stop()
+        for change in list(self._standby_changes):
+            change.cancel()
         self.router.close()
         await self.shards.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / "state.json").unlink()
+
+    def _set_standby(self, active: bool) -> None:
+        """The ladder's step 1: run (or release) every shard's standby replicas."""
+        for shard in self.spec.shards:
+            if shard.standby:
+                change = asyncio.get_running_loop().create_task(
+                    self.shards.set_standby_active(shard.name, shard.standby if active else 0))
+                self._standby_changes.add(change)
+                change.add_done_callback(self._standby_changes.discard)
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
         self.router.update(endpoints)
@@ -94,6 +110,8 @@ class LocalStack:
             "in_flight": counters.in_flight,
             "connections": counters.connections,
             "by_status": dict(sorted(counters.by_status.items())),
+            "queued": {b.name: b.count for b in self.app.scheduler.bands},
+            "ladder_step": self.app.ladder.step,
             "shards": [dataclasses.asdict(s) for s in self.shards.status()],
         }
 

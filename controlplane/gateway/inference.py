@@ -36,18 +36,43 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a model accepts, from Triton's model metadata."""
+    """What a model accepts, from Triton's model metadata and configuration."""
 
     inputs: dict[str, TensorSpec]
     outputs: frozenset[str]
+    batching: bool = False  # the first dimension is the batch
+    priority_levels: int = 0  # Triton dynamic-batching priority levels (0: the model ignores priority)
+    timeout_override: bool = False  # the queue policy lets a request shorten its timeout
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> ModelSignature:
+    def from_triton(cls, metadata: dict, config: dict) -> ModelSignature:
         inputs = {
             t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"]))
             for t in metadata.get("inputs", [])
         }
-        return cls(inputs, frozenset(t["name"] for t in metadata.get("outputs", [])))
+        batcher = config.get("dynamic_batching") or {}
+        policy = batcher.get("default_queue_policy") or {}
+        return cls(inputs, frozenset(t["name"] for t in metadata.get("outputs", [])),
+                   batching=int(config.get("max_batch_size") or 0) > 0,
+                   priority_levels=int(batcher.get("priority_levels") or 0),
+                   timeout_override=bool(policy.get("allow_timeout_override")))
+
+
+@dataclass
+class InferHeader:
+    """A checked inference request: its parsed JSON header and where the binary tensor data starts."""
+
+    header: dict
+    binary_offset: int | None  # None: a JSON-only body
+    cost: float  # batch size (1 for a model without batching)
+
+    def with_parameters(self, body: bytes, parameters: dict) -> tuple[bytes, int | None]:
+        """The body with request parameters added to its header; binary data is reused, not re-encoded."""
+        merged = {**(self.header.get("parameters") or {}), **parameters}
+        header_bytes = orjson.dumps({**self.header, "parameters": merged})
+        if self.binary_offset is None:
+            return header_bytes, None
+        return header_bytes + memoryview(body)[self.binary_offset:], len(header_bytes)
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -64,7 +89,7 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def check_infer_request(body: bytes, header_length: int | None, signature: ModelSignature) -> dict:
+def check_infer_request(body: bytes, header_length: int | None, signature: ModelSignature) -> InferHeader:
     """Validate an infer body (JSON, or JSON header + binary tensors); return the parsed header."""
     if header_length is None:
         header_bytes, binary = body, memoryview(b"")
@@ -85,6 +110,7 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
         raise BadRequest("'inputs' must be a non-empty list")
 
     offset = 0
+    cost = 1.0
     seen: set[str] = set()
     for i, tensor in enumerate(inputs):
         where = f"inputs[{i}]"
@@ -104,6 +130,8 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
         if datatype != expected.datatype:
             raise BadRequest(f"{where} has datatype {datatype!r}, the model expects {expected.datatype!r}")
         count = _check_shape(where, tensor.get("shape"), expected.shape)
+        if signature.batching and i == 0:
+            cost = float(max(1, tensor["shape"][0]))
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise BadRequest(f"{where}.parameters must be an object")
@@ -126,7 +154,9 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
         raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     # Missing inputs are left to Triton: metadata does not say which are optional, and Triton answers 400.
     _check_outputs(header.get("outputs"), signature)
-    return header
+    if "parameters" in header and not isinstance(header["parameters"], dict):
+        raise BadRequest("'parameters' must be an object")
+    return InferHeader(header, header_length, cost)
 
 
 def check_generate_request(body: bytes, signature: ModelSignature) -> dict:

@@ -1,52 +1,87 @@
-"""Which shard takes a request: the live endpoint set, per-model candidates, least outstanding requests.
+"""Which shard takes a request: the live endpoint set, free slots under adaptive limits, ejection.
 
-The shard backend pushes the full set of ready endpoints on every change (`update`). Between those pushes
-the gateway also learns from its own traffic: a shard that refused a connection or dropped one before
-answering is avoided for `SUSPECT_S` while other candidates exist.
+- The shard backend pushes the full set of ready endpoints on every change (`update`).
+- Each shard has an adaptive concurrency limit (AIMD): a response faster than `tolerance` x the shard's
+  unloaded latency (+ `slack_ms`) adds 1/limit (about +1 per round trip); a slower one, or a failure,
+  multiplies the limit by `backoff`, at most once per round trip. The unloaded latency is the lowest latency
+  seen, slowly forgotten so it follows a shard whose real speed changes.
+- A request is dispatched only into a free slot (in flight < limit): the least loaded shard relative to its
+  limit wins (`acquire`).
+- `consecutive_failures` failures in a row eject a shard for a back-off that doubles up to `max_s`; when it
+  runs out, the shard is probed (GET /v2/health/ready) before it gets traffic again, starting from the
+  initial limit (slow start).
+- A retry budget keeps retries under `retry_budget` of the requests.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.gateway.upstream import UpstreamPool
 from controlplane.shards.base import Endpoint
+from controlplane.spec import Concurrency, Ejection
 
-SUSPECT_S = 1.0
+BASELINE_FORGET = 1.0005  # the unloaded latency estimate drifts up 0.05% per sample unless seen again
+RETRY_BUDGET_CAP = 20.0  # retries that may be saved up for a burst of failures
 
 
 @dataclass(eq=False)
 class Target:
-    """A ready endpoint as the gateway tracks it."""
+    """A shard as the gateway tracks it."""
 
     endpoint: Endpoint
     pool: UpstreamPool
+    limit: float
     outstanding: int = 0
-    suspect_until: float = 0.0
+    baseline_s: float = 0.0  # unloaded latency estimate
+    last_decrease: float = 0.0
+    consecutive_failures: int = 0
+    ejections_in_a_row: int = 0
+    ejected_until: float = 0.0
+    probing: bool = False
+    draining: bool = False
     served: int = 0
     failures: int = 0
+    ejections: int = 0
 
     @property
     def name(self) -> str:
         return self.endpoint.name
 
+    @property
+    def available(self) -> bool:
+        return not self.draining and not self.probing and self.ejected_until == 0.0
+
+    def has_free_slot(self) -> bool:
+        return self.available and self.outstanding < int(self.limit)
+
 
 class Router:
-    def __init__(self, max_idle_per_shard: int = 256) -> None:
+    def __init__(self, concurrency: Concurrency | None = None, ejection: Ejection | None = None,
+                 retry_budget: float = 0.1, max_idle_per_shard: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.concurrency = concurrency or Concurrency()
+        self.ejection = ejection or Ejection()
+        self.retry_budget = retry_budget
+        self.retry_tokens = RETRY_BUDGET_CAP / 2
         self.max_idle_per_shard = max_idle_per_shard
+        self.clock = clock
         self.targets: dict[tuple[str, int], Target] = {}
         self.by_model: dict[str, list[Target]] = {}
-        self._turn = 0
+        self.on_capacity: Callable[[], None] = lambda: None  # told when slots may have freed
 
+    # --- the endpoint set ---------------------------------------------------------------------------------
     def update(self, endpoints: list[Endpoint]) -> None:
-        """Replace the endpoint set; connections to endpoints that stay are kept."""
+        """Replace the endpoint set; shards that stay keep their connections, limits and history."""
         fresh: dict[tuple[str, int], Target] = {}
         for endpoint in endpoints:
             key = (endpoint.host, endpoint.port)
             target = self.targets.pop(key, None)
-            if target is None or target.endpoint.models != endpoint.models:
-                target = Target(endpoint, UpstreamPool(endpoint.host, endpoint.port, self.max_idle_per_shard))
+            if target is None:
+                target = Target(endpoint, UpstreamPool(endpoint.host, endpoint.port, self.max_idle_per_shard),
+                                limit=float(self.concurrency.initial))
             target.endpoint = endpoint
             fresh[key] = target
         for gone in self.targets.values():
@@ -57,32 +92,113 @@ class Router:
             for model in target.endpoint.models:
                 by_model.setdefault(model, []).append(target)
         self.by_model = by_model
+        self.on_capacity()
 
     def has_ready(self, model: str) -> bool:
-        return bool(self.by_model.get(model))
+        return any(t.available for t in self.by_model.get(model, ()))
 
-    def pick(self, model: str, exclude: Target | None = None) -> Target | None:
-        """The candidate with the fewest requests in flight, healthy ones first; ties rotate."""
-        candidates = [t for t in self.by_model.get(model, ()) if t is not exclude]
-        if not candidates:
-            return None
-        now = time.monotonic()
-        healthy = [t for t in candidates if t.suspect_until <= now] or candidates
-        self._turn += 1
-        start = self._turn % len(healthy)
-        best = None
-        for i in range(len(healthy)):
-            target = healthy[(start + i) % len(healthy)]
-            if best is None or target.outstanding < best.outstanding:
-                best = target
+    def any_target(self, model: str) -> Target | None:
+        """Some available shard of the model, full or not (for metadata lookups that bypass the queue)."""
+        candidates = [t for t in self.by_model.get(model, ()) if t.available]
+        return min(candidates, key=lambda t: t.outstanding / t.limit, default=None)
+
+    # --- slots (the scheduler's Capacity) -------------------------------------------------------------------
+    def can_serve(self, model: str, exclude: object | None = None) -> bool:
+        return any(t.has_free_slot() and t is not exclude for t in self.by_model.get(model, ()))
+
+    def acquire(self, model: str, exclude: object | None = None) -> Target | None:
+        """Reserve a slot on the least loaded shard (in flight relative to its limit) with one free."""
+        best, best_load = None, 2.0
+        for target in self.by_model.get(model, ()):
+            if target is exclude or not target.has_free_slot():
+                continue
+            load = target.outstanding / target.limit
+            if load < best_load:
+                best, best_load = target, load
+        if best is not None:
+            best.outstanding += 1
+            self.retry_tokens = min(RETRY_BUDGET_CAP, self.retry_tokens + self.retry_budget)
         return best
 
-    def mark_failed(self, target: Target) -> None:
-        target.failures += 1
-        target.suspect_until = time.monotonic() + SUSPECT_S
+    def release(self, target: Target, latency_s: float, ok: bool) -> None:
+        """A request left `target`: adapt its limit, count failures, eject it if it keeps failing."""
+        target.outstanding -= 1
+        now = self.clock()
+        if ok:
+            target.served += 1
+            target.consecutive_failures = 0
+            target.ejections_in_a_row = 0
+            self._adapt(target, latency_s, now)
+        else:
+            target.failures += 1
+            target.consecutive_failures += 1
+            self._decrease(target, now)
+            if target.consecutive_failures >= self.ejection.consecutive_failures and target.available:
+                self.eject(target, now)
+        self.on_capacity()
+
+    def _adapt(self, target: Target, latency_s: float, now: float) -> None:
+        c = self.concurrency
+        if target.baseline_s == 0.0 or latency_s < target.baseline_s:
+            target.baseline_s = latency_s
+        else:
+            target.baseline_s *= BASELINE_FORGET
+        if latency_s <= target.baseline_s * c.tolerance + c.slack_ms / 1000:
+            target.limit = min(float(c.max), target.limit + 1.0 / target.limit)
+        else:
+            self._decrease(target, now)
+
+    def _decrease(self, target: Target, now: float) -> None:
+        # once per round trip: the responses of one overloaded window should count as one signal
+        if now - target.last_decrease >= max(target.baseline_s, 0.001):
+            target.limit = max(float(self.concurrency.min), target.limit * self.concurrency.backoff)
+            target.last_decrease = now
+
+    # --- ejection and probing ---------------------------------------------------------------------------------
+    def eject(self, target: Target, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        backoff = min(self.ejection.max_s, self.ejection.base_s * 2 ** target.ejections_in_a_row)
+        target.ejections_in_a_row += 1
+        target.ejections += 1
+        target.ejected_until = now + backoff
+        target.consecutive_failures = 0
+
+    def due_for_probe(self) -> list[Target]:
+        """Ejected shards whose back-off ran out: the caller probes them and reports `probed`."""
+        now = self.clock()
+        due = [t for t in self.targets.values() if t.ejected_until and t.ejected_until <= now and not t.probing]
+        for target in due:
+            target.probing = True
+        return due
+
+    def probed(self, target: Target, healthy: bool) -> None:
+        target.probing = False
+        if healthy:
+            target.ejected_until = 0.0
+            target.limit = float(self.concurrency.initial)
+            self.on_capacity()
+        else:
+            self.eject(target)
+
+    def take_retry_token(self) -> bool:
+        if self.retry_tokens >= 1.0:
+            self.retry_tokens -= 1.0
+            return True
+        return False
+
+    def target_named(self, name: str) -> Target | None:
+        return next((t for t in self.targets.values() if t.name == name), None)
 
     def close(self) -> None:
         for target in self.targets.values():
             target.pool.close()
         self.targets = {}
         self.by_model = {}
+
+    def snapshot(self) -> list[dict]:
+        now = self.clock()
+        return [{"name": t.name, "url": t.endpoint.url, "in_flight": t.outstanding, "limit": round(t.limit, 2),
+                 "baseline_ms": round(t.baseline_s * 1000, 3), "served": t.served, "failures": t.failures,
+                 "ejections": t.ejections, "draining": t.draining, "probing": t.probing,
+                 "ejected_for_s": round(max(0.0, t.ejected_until - now), 2) if t.ejected_until else 0.0}
+                for t in self.targets.values()]

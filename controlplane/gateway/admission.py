@@ -1,0 +1,131 @@
+"""Admission before a request may queue: who is calling, in which class, within its rate, by when.
+
+- Identity: the API key (`Authorization: Bearer KEY` or `x-api-key: KEY`) is hashed (SHA-256) and looked
+  up among the spec's tenants; keys are never stored. No key: 401, unless the spec allows anonymous traffic
+  (then the anonymous tenant). An unknown key is always 401.
+- Class: the tenant's default, or `x-priority: NAME` when NAME is one the tenant may use. Asking for a class
+  the tenant may not use is refused with 403 (never silently downgraded: the caller must know that its
+  request would not be treated as asked). An unknown class name is 400.
+- Rate: one token bucket per tenant (rate, burst); an empty bucket is 429 with Retry-After = the time until
+  a token is back.
+- Deadline: `x-deadline-ms` (1..max_deadline_ms), or the class default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controlplane.spec import ClusterSpec, PriorityClass, Tenant
+
+KEY_CACHE_SIZE = 1024  # recently seen keys -> tenant, so a hot key is hashed once
+
+
+class Refused(Exception):
+    """A request refused at admission: status, message and optional Retry-After seconds."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.updated = clock()
+
+    def take(self) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is back."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass(frozen=True)
+class Admitted:
+    tenant: Tenant
+    priority_class: PriorityClass
+    deadline_s: float  # relative: seconds from now
+
+
+class Admission:
+    def __init__(self, spec: ClusterSpec, clock: Callable[[], float]) -> None:
+        self.by_hash = {t.api_key_sha256: t for t in spec.tenants if t.api_key_sha256}
+        self.tenants = {t.name: t for t in spec.tenants}
+        self.classes = {c.name: c for c in spec.priority_classes}
+        self.anonymous = self.tenants.get(spec.gateway.anonymous_tenant or "") if spec.gateway.allow_anonymous \
+            else None
+        self.max_deadline_ms = spec.gateway.limits.max_deadline_ms
+        self.buckets = {t.name: TokenBucket(t.rate, t.burst, clock) for t in spec.tenants}
+        self.allowed = {t.name: {t.default_class, *t.allowed_classes} for t in spec.tenants}
+        self._key_cache: dict[bytes, Tenant] = {}
+
+    def identify(self, headers: dict[bytes, bytes]) -> Tenant:
+        key = headers.get(b"x-api-key")
+        if key is None:
+            authorization = headers.get(b"authorization")
+            if authorization is not None:
+                scheme, _, value = authorization.partition(b" ")
+                if scheme.lower() != b"bearer" or not value.strip():
+                    raise Refused(401, "Authorization must be 'Bearer <API key>'")
+                key = value.strip()
+        if key is None:
+            if self.anonymous is not None:
+                return self.anonymous
+            raise Refused(401, "an API key is required (Authorization: Bearer KEY, or x-api-key: KEY)")
+        tenant = self._key_cache.get(key)
+        if tenant is None:
+            tenant = self.by_hash.get(hashlib.sha256(key).hexdigest())
+            if tenant is None:
+                raise Refused(401, "unknown API key")
+            if len(self._key_cache) >= KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            self._key_cache[key] = tenant
+        return tenant
+
+    def admit(self, headers: dict[bytes, bytes]) -> Admitted:
+        """Identity, class, rate and deadline of a request, or Refused."""
+        tenant = self.identify(headers)
+        asked = headers.get(b"x-priority")
+        if asked is None:
+            priority_class = self.classes[tenant.default_class]
+        else:
+            name = asked.decode("latin-1").strip().lower()
+            priority_class = self.classes.get(name)
+            if priority_class is None:
+                raise Refused(400, f"unknown priority class '{name}' (classes: {', '.join(self.classes)})")
+            if name not in self.allowed[tenant.name]:
+                raise Refused(403, f"tenant '{tenant.name}' may not use class '{name}' "
+                                   f"(allowed: {', '.join(sorted(self.allowed[tenant.name]))})")
+        deadline_ms = priority_class.default_deadline_ms
+        asked_deadline = headers.get(b"x-deadline-ms")
+        if asked_deadline is not None:
+            if not asked_deadline.isdigit() or not 1 <= int(asked_deadline) <= self.max_deadline_ms:
+                raise Refused(400, f"x-deadline-ms must be an integer from 1 to {self.max_deadline_ms}")
+            deadline_ms = int(asked_deadline)
+        wait = self.buckets[tenant.name].take()
+        if wait > 0.0:
+            raise Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
+                          retry_after_s=max(1.0, math.ceil(wait)))
+        return Admitted(tenant, priority_class, deadline_ms / 1000)
+
+    def admin_ok(self, headers: dict[bytes, bytes], token_sha256: str | None) -> None:
+        """Raise Refused unless the request carries the admin token."""
+        if token_sha256 is None:
+            raise Refused(404, "admin endpoints are disabled (set gateway.admin_token_sha256 in the spec)")
+        authorization = headers.get(b"authorization", b"")
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            raise Refused(401, "admin endpoints need Authorization: Bearer <admin token>")
+        if hashlib.sha256(token.strip()).hexdigest() != token_sha256:
+            raise Refused(403, "wrong admin token")

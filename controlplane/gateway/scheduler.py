@@ -1,0 +1,333 @@
+"""The gateway's scheduler: which admitted request goes to a shard next, and which ones are shed.
+
+Model (vocabulary after Kubernetes API Priority and Fairness):
+- A *band* holds the queued requests of one priority class; a band has one FIFO *flow* per tenant.
+- *Capacity* is the set of free shard slots (each shard's adaptive concurrency limit minus its requests in
+  flight). A request is dispatched only into a free slot (late binding): it waits here, not in Triton.
+- Between bands: strict priority (higher `level` first), except that every *backlogged* band is guaranteed
+  its `share` of dispatches. Shares are normalised over the backlogged bands, so an idle band lends its share
+  to the others. Mechanism: on each dispatch every backlogged band earns `share / sum(backlogged shares)`
+  credit; a band with credit >= 1 is *owed* and goes before non-owed bands (the highest owed band first);
+  the dispatched band pays 1. Credit is bounded to [-1, 2] and reset when a band empties (no hoarding).
+- Inside a band: deficit round robin over tenant flows by request *cost* (batch size), so a tenant sending
+  big batches does not crowd out one sending small ones.
+- Admission sheds at once (never after a wasted wait) when: the band is full (requests or bytes); the whole
+  queue is full and no lower band has a request to displace; or the deadline cannot be met. The wait is
+  estimated as the requests queued in this band and higher bands over the measured completion rate.
+- When the whole queue is full, a request of a higher band displaces the newest request of the lowest
+  backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
+- A queued request whose deadline passes is removed and answered without reaching a shard.
+
+Invariants (tested in tests/test_scheduler.py):
+- queued requests <= max_queued_requests and queued bytes <= max_queued_bytes; per band likewise;
+- a dispatch goes to the highest non-empty band unless a lower band is owed its share;
+- every submitted ticket ends exactly once: dispatched, or shed with a reason.
+
+Time comes from an injected clock; nothing here sleeps or touches asyncio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controlplane.spec import GatewayLimits, PriorityClass
+
+QUANTUM = 8.0  # cost units a flow earns per round-robin turn
+RATE_WINDOW_S = 1.0  # completions counted over this window give the service rate
+CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
+
+
+class Shed(Exception):
+    """A request refused by flow control: answered 429 with Retry-After."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Capacity(Protocol):
+    """Free shard slots, as the router keeps them."""
+
+    def can_serve(self, model: str, exclude: object | None) -> bool: ...
+    def acquire(self, model: str, exclude: object | None) -> object | None: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request while the scheduler holds it."""
+
+    model: str
+    tenant: str
+    band: str
+    cost: float
+    size: int
+    deadline: float  # absolute, scheduler clock
+    on_dispatch: Callable[[object], None] = lambda target: None
+    on_shed: Callable[[Shed], None] = lambda shed: None
+    exclude: object | None = None  # a shard this request must not go to (it failed there)
+    enqueued_at: float = 0.0
+    state: str = "new"  # new | queued | dispatched | shed
+
+    def dispatch(self, target: object) -> None:
+        self.state = "dispatched"
+        self.on_dispatch(target)
+
+    def shed(self, shed: Shed) -> None:
+        self.state = "shed"
+        self.on_shed(shed)
+
+
+@dataclass(eq=False)
+class Band:
+    """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""
+
+    name: str
+    level: int
+    share: float
+    max_requests: int
+    max_bytes: int
+    flows: dict[str, deque[Ticket]] = field(default_factory=dict)
+    rotation: deque[str] = field(default_factory=deque)  # tenants with queued tickets, in turn order
+    deficit: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    bytes: int = 0
+    cost: float = 0.0
+    credit: float = 0.0
+    dead: int = 0  # shed tickets still sitting in flows
+
+    def push(self, ticket: Ticket, front: bool = False) -> None:
+        flow = self.flows.get(ticket.tenant)
+        if flow is None:
+            flow = self.flows[ticket.tenant] = deque()
+        if not flow:
+            self.rotation.append(ticket.tenant)
+            self.deficit[ticket.tenant] = 0.0
+        if front:
+            flow.appendleft(ticket)
+        else:
+            flow.append(ticket)
+        self._account(ticket, +1)
+
+    def _account(self, ticket: Ticket, sign: int) -> None:
+        self.count += sign
+        self.bytes += sign * ticket.size
+        self.cost += sign * ticket.cost
+
+    def forget(self, ticket: Ticket) -> None:
+        """Take a ticket out of the counts; it stays in its flow and is skipped when reached (lazy removal).
+        Dead tickets are compacted away once they outnumber the live ones, so memory stays bounded."""
+        self._account(ticket, -1)
+        self.dead += 1
+        if self.dead > max(64, self.count):
+            for tenant, flow in self.flows.items():
+                self.flows[tenant] = deque(t for t in flow if t.state == "queued" and t is not ticket)
+            self.dead = 0
+
+    def newest(self) -> Ticket | None:
+        """The most recently queued live ticket (the one displacement takes)."""
+        best = None
+        for flow in self.flows.values():
+            for ticket in reversed(flow):
+                if ticket.state == "queued":
+                    if best is None or ticket.enqueued_at > best.enqueued_at:
+                        best = ticket
+                    break
+        return best
+
+    def pop_next(self, capacity: Capacity) -> tuple[Ticket | None, object | None]:
+        """The next ticket by deficit round robin whose model has a free slot, with that slot."""
+        blocked: set[str] = set()
+        while self.rotation and len(blocked) < len(self.rotation):
+            tenant = self.rotation[0]
+            flow = self.flows[tenant]
+            while flow and flow[0].state != "queued":  # drop tickets already shed while queued
+                flow.popleft()
+            if not flow:
+                self.rotation.popleft()
+                self.deficit.pop(tenant, None)
+                blocked.discard(tenant)
+                continue
+            head = flow[0]
+            if not capacity.can_serve(head.model, head.exclude):
+                blocked.add(tenant)
+                self.rotation.rotate(-1)
+                continue
+            if self.deficit[tenant] < head.cost:
+                self.deficit[tenant] += QUANTUM
+                self.rotation.rotate(-1)
+                continue
+            target = capacity.acquire(head.model, head.exclude)
+            if target is None:
+                blocked.add(tenant)
+                self.rotation.rotate(-1)
+                continue
+            flow.popleft()
+            self.deficit[tenant] -= head.cost
+            self._account(head, -1)
+            if not any(t.state == "queued" for t in flow):
+                flow.clear()
+                self.rotation.popleft()
+                self.deficit.pop(tenant, None)
+            return head, target
+        return None, None
+
+
+class Scheduler:
+    def __init__(self, classes: list[PriorityClass], limits: GatewayLimits, capacity: Capacity,
+                 clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.clock = clock
+        self.max_requests = limits.max_queued_requests
+        self.max_bytes = limits.max_queued_bytes
+        ordered = sorted(classes, key=lambda c: c.level, reverse=True)
+        self.bands = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes) for c in ordered]
+        self.band = {b.name: b for b in self.bands}
+        self.count = 0
+        self.bytes = 0
+        self.completions: deque[float] = deque()
+        self.service_time_s = 0.0  # EWMA of the time a dispatched request holds its slot
+
+    # --- admission ---------------------------------------------------------------------------------------
+    def submit(self, ticket: Ticket) -> None:
+        """Admit, queue or shed a ticket; it is dispatched or shed through its callbacks, maybe at once."""
+        now = self.clock()
+        band = self.band[ticket.band]
+        if ticket.deadline <= now:
+            ticket.shed(Shed("deadline", "the deadline has already passed", 0.0))
+            return
+        if self.count == 0:  # nothing waits: take a free slot now (the common, unloaded case)
+            target = self.capacity.acquire(ticket.model, ticket.exclude)
+            if target is not None:
+                ticket.dispatch(target)
+                return
+        wait = self.estimated_wait(band)
+        if now + wait + self.service_time_s > ticket.deadline:
+            ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
+                                         f"class '{band.name}' and above is queued", wait))
+            return
+        if band.count + 1 > band.max_requests or band.bytes + ticket.size > band.max_bytes:
+            ticket.shed(Shed("queue_full", f"the queue of class '{band.name}' is full", self._retry_after(band)))
+            return
+        while self.count + 1 > self.max_requests or self.bytes + ticket.size > self.max_bytes:
+            if not self._displace_below(band):
+                ticket.shed(Shed("queue_full", "the gateway queue is full", self._retry_after(band)))
+                return
+        self._enqueue(ticket, band, now)
+        self.pump()
+
+    def requeue(self, ticket: Ticket, exclude: object) -> None:
+        """Put back a dispatched ticket whose shard failed before answering: first in its flow, other shard."""
+        ticket.exclude = exclude
+        band = self.band[ticket.band]
+        if ticket.deadline <= self.clock():
+            ticket.shed(Shed("deadline", "the deadline passed while retrying", 0.0))
+            return
+        ticket.state = "queued"
+        band.push(ticket, front=True)
+        self.count += 1
+        self.bytes += ticket.size
+        self.pump()
+
+    def _enqueue(self, ticket: Ticket, band: Band, now: float) -> None:
+        ticket.state = "queued"
+        ticket.enqueued_at = now
+        band.push(ticket)
+        self.count += 1
+        self.bytes += ticket.size
+
+    def _displace_below(self, band: Band) -> bool:
+        for lower in reversed(self.bands):
+            if lower.level >= band.level:
+                return False
+            victim = lower.newest()
+            if victim is not None:
+                self._remove(victim)
+                victim.shed(Shed("displaced", f"displaced by a request of a higher class than '{lower.name}'",
+                                 self._retry_after(lower)))
+                return True
+        return False
+
+    def _remove(self, ticket: Ticket) -> None:
+        band = self.band[ticket.band]
+        band.forget(ticket)
+        self.count -= 1
+        self.bytes -= ticket.size
+        if band.count == 0:
+            band.credit = 0.0
+
+    def expire(self, ticket: Ticket) -> None:
+        """Called when a queued ticket's deadline passes: answer it without sending it anywhere."""
+        if ticket.state == "queued":
+            self._remove(ticket)
+            ticket.shed(Shed("deadline", "the deadline passed while queued", 0.0))
+
+    # --- dispatch ----------------------------------------------------------------------------------------
+    def pump(self) -> int:
+        """Dispatch queued tickets into free slots until none fits; return how many went."""
+        dispatched = 0
+        while self.count:
+            ticket, target = self._next()
+            if ticket is None:
+                break
+            self.count -= 1
+            self.bytes -= ticket.size
+            ticket.dispatch(target)
+            dispatched += 1
+        return dispatched
+
+    def _next(self) -> tuple[Ticket | None, object | None]:
+        backlogged = [b for b in self.bands if b.count]
+        total_share = sum(b.share for b in backlogged)
+        owed = [b for b in backlogged if b.credit >= 1.0]
+        for band in owed + [b for b in backlogged if b.credit < 1.0]:
+            ticket, target = band.pop_next(self.capacity)
+            if ticket is not None:
+                for other in backlogged:
+                    other.credit = min(CREDIT_MAX, other.credit + other.share / total_share)
+                band.credit = max(CREDIT_MIN, band.credit - 1.0)
+                if band.count == 0:
+                    band.credit = 0.0
+                return ticket, target
+        return None, None
+
+    # --- measurements ------------------------------------------------------------------------------------
+    def completed(self, service_time_s: float) -> None:
+        """A dispatched request finished after holding its slot for service_time_s."""
+        now = self.clock()
+        self.completions.append(now)
+        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
+            self.completions.popleft()
+        self.service_time_s += 0.1 * (service_time_s - self.service_time_s)
+
+    def completion_rate(self) -> float:
+        """Requests completed per second over the last window (0 when unknown)."""
+        now = self.clock()
+        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
+            self.completions.popleft()
+        return len(self.completions) / RATE_WINDOW_S
+
+    def estimated_wait(self, band: Band) -> float:
+        """Seconds until a request joining `band` now would be dispatched: requests queued at its level
+        and above, over the measured rate. Unknown rate (nothing completed lately) estimates no wait."""
+        ahead = sum(b.count for b in self.bands if b.level >= band.level)
+        if ahead == 0:
+            return 0.0
+        rate = self.completion_rate()
+        return ahead / rate if rate > 0 else 0.0
+
+    def _retry_after(self, band: Band) -> float:
+        return max(self.estimated_wait(band), 1.0)
+
+    def snapshot(self) -> list[dict]:
+        return [{"class": b.name, "level": b.level, "queued": b.count, "bytes": b.bytes,
+                 "tenants": {t: sum(1 for x in f if x.state == "queued") for t, f in b.flows.items() if f},
+                 "credit": round(b.credit, 2)} for b in self.bands]
+
+
+def retry_after_header(seconds: float) -> bytes:
+    return str(max(1, math.ceil(seconds))).encode()

@@ -1,0 +1,226 @@
+"""The scheduler's invariants, with a fake clock and fake shard slots: nothing sleeps."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.gateway.scheduler import Scheduler, Shed, Ticket
+from controlplane.spec import GatewayLimits, PriorityClass
+
+CLASSES = [
+    PriorityClass(name="critical", level=300, default_deadline_ms=250, share=0.5, max_queue=100),
+    PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3, max_queue=100),
+    PriorityClass(name="sheddable", level=100, default_deadline_ms=2000, share=0.2, max_queue=100),
+]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Slots:
+    """N free slots shared by every model; `blocked` models have none."""
+
+    def __init__(self, free: int = 0) -> None:
+        self.free = free
+        self.blocked: set[str] = set()
+
+    def can_serve(self, model: str, exclude: object | None) -> bool:
+        return self.free > 0 and model not in self.blocked
+
+    def acquire(self, model: str, exclude: object | None) -> object | None:
+        if not self.can_serve(model, exclude):
+            return None
+        self.free -= 1
+        return "slot"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.dispatched: list[Ticket] = []
+        self.shed: list[tuple[Ticket, Shed]] = []
+
+    def ticket(self, band: str, tenant: str = "t", cost: float = 1, size: int = 100, deadline: float = 1e9,
+               model: str = "m") -> Ticket:
+        ticket = Ticket(model=model, tenant=tenant, band=band, cost=cost, size=size, deadline=deadline)
+        ticket.on_dispatch = lambda target, t=ticket: self.dispatched.append(t)
+        ticket.on_shed = lambda shed, t=ticket: self.shed.append((t, shed))
+        return ticket
+
+
+def make(free: int = 0, **limits) -> tuple[Scheduler, Slots, FakeClock, Recorder]:
+    slots, clock = Slots(free), FakeClock()
+    return Scheduler(CLASSES, GatewayLimits(**limits), slots, clock), slots, clock, Recorder()
+
+
+def release(scheduler: Scheduler, slots: Slots, n: int = 1) -> None:
+    slots.free += n
+    scheduler.pump()
+
+
+def test_free_slot_dispatches_at_once() -> None:
+    scheduler, slots, _, rec = make(free=1)
+    ticket = rec.ticket("standard")
+    scheduler.submit(ticket)
+    assert rec.dispatched == [ticket] and scheduler.count == 0
+
+
+def test_higher_class_goes_first_and_fifo_inside_a_tenant() -> None:
+    scheduler, slots, _, rec = make()
+    order = [rec.ticket("sheddable"), rec.ticket("standard"), rec.ticket("critical"), rec.ticket("critical")]
+    for ticket in order:
+        scheduler.submit(ticket)
+    release(scheduler, slots, 1)
+    assert rec.dispatched == [order[2]]
+    release(scheduler, slots, 1)
+    assert rec.dispatched[-1] is order[3]
+
+
+def test_backlogged_lower_classes_get_their_guaranteed_share() -> None:
+    scheduler, slots, _, rec = make()
+    for band in ("critical", "standard", "sheddable"):
+        for _ in range(60):
+            scheduler.submit(rec.ticket(band))
+    for _ in range(100):
+        release(scheduler, slots, 1)
+    served = Counter(t.band for t in rec.dispatched)
+    assert served["sheddable"] == pytest.approx(20, abs=2)
+    assert served["standard"] == pytest.approx(30, abs=2)
+    assert served["critical"] == pytest.approx(50, abs=2)
+
+
+def test_idle_class_lends_its_share() -> None:
+    scheduler, slots, _, rec = make()
+    for band in ("standard", "sheddable"):
+        for _ in range(80):
+            scheduler.submit(rec.ticket(band))
+    for _ in range(100):
+        release(scheduler, slots, 1)
+    served = Counter(t.band for t in rec.dispatched)
+    # critical is idle: its 0.5 is lent; sheddable's guarantee becomes 0.2 / (0.3 + 0.2) = 0.4
+    assert served["sheddable"] == pytest.approx(40, abs=2) and served["standard"] == pytest.approx(60, abs=2)
+
+
+def test_tenants_in_a_band_share_fairly_by_cost() -> None:
+    scheduler, slots, _, rec = make()
+    for _ in range(40):
+        scheduler.submit(rec.ticket("standard", tenant="big", cost=8))
+    for _ in range(40):
+        scheduler.submit(rec.ticket("standard", tenant="small", cost=1))
+    for _ in range(36):
+        release(scheduler, slots, 1)
+    cost = Counter()
+    for ticket in rec.dispatched:
+        cost[ticket.tenant] += ticket.cost
+    # equal cost served to each (within one quantum), so the small tenant gets ~8x the requests
+    assert abs(cost["big"] - cost["small"]) <= 16
+    assert Counter(t.tenant for t in rec.dispatched)["small"] > 3 * Counter(t.tenant for t in rec.dispatched)["big"]
+
+
+def test_full_system_displaces_the_lowest_class_first() -> None:
+    scheduler, slots, _, rec = make(max_queued_requests=4)
+    sheddable = [rec.ticket("sheddable") for _ in range(2)]
+    standard = [rec.ticket("standard") for _ in range(2)]
+    for ticket in sheddable + standard:
+        scheduler.submit(ticket)
+    critical = rec.ticket("critical")
+    scheduler.submit(critical)
+    [(victim, shed)] = rec.shed
+    assert victim is sheddable[-1] and shed.reason == "displaced"
+    more_standard = rec.ticket("standard")
+    scheduler.submit(more_standard)
+    assert rec.shed[-1][0] is sheddable[0]
+    # standard never displaces its own class or a higher one
+    scheduler.submit(rec.ticket("standard"))
+    assert rec.shed[-1][1].reason == "queue_full" and scheduler.count == 4
+
+
+def test_band_bounds_in_requests_and_bytes() -> None:
+    scheduler, _, _, rec = make(max_queued_bytes=1000)
+    scheduler.submit(rec.ticket("standard", size=600))
+    scheduler.submit(rec.ticket("standard", size=600))
+    assert rec.shed[-1][1].reason == "queue_full" and scheduler.bytes == 600
+
+
+def test_request_that_cannot_meet_its_deadline_is_shed_at_admission() -> None:
+    scheduler, slots, clock, rec = make()
+    for _ in range(50):  # 50 completions in the last second: the service rate is 50/s
+        scheduler.completed(0.02)
+    for _ in range(10):
+        scheduler.submit(rec.ticket("standard", deadline=clock.now + 10))
+    # 10 queued ahead at 50/s: 200 ms of waiting; a 100 ms deadline cannot be met
+    hopeless = rec.ticket("standard", deadline=clock.now + 0.1)
+    scheduler.submit(hopeless)
+    assert rec.shed[-1][0] is hopeless and rec.shed[-1][1].reason == "deadline"
+    assert rec.shed[-1][1].retry_after_s == pytest.approx(0.2)
+    # a critical request does not wait behind standard work: admitted
+    urgent = rec.ticket("critical", deadline=clock.now + 0.1)
+    scheduler.submit(urgent)
+    assert urgent.state == "queued"
+
+
+def test_deadline_passing_in_queue_sheds_without_dispatch() -> None:
+    scheduler, slots, clock, rec = make()
+    ticket = rec.ticket("standard", deadline=clock.now + 0.5)
+    scheduler.submit(ticket)
+    clock.now += 0.6
+    scheduler.expire(ticket)
+    release(scheduler, slots, 1)
+    assert rec.dispatched == [] and rec.shed[0][1].reason == "deadline" and scheduler.count == 0
+
+
+def test_blocked_model_does_not_hold_up_others() -> None:
+    scheduler, slots, _, rec = make()
+    slots.blocked.add("busy")
+    stuck = rec.ticket("critical", model="busy")
+    other = rec.ticket("sheddable", model="free")
+    scheduler.submit(stuck)
+    scheduler.submit(other)
+    release(scheduler, slots, 1)
+    assert rec.dispatched == [other] and stuck.state == "queued"
+
+
+def test_requeued_ticket_goes_first_and_avoids_the_failed_shard() -> None:
+    scheduler, slots, _, rec = make()
+    waiting = rec.ticket("standard")
+    scheduler.submit(waiting)
+    retried = rec.ticket("standard")
+    scheduler.requeue(retried, exclude="bad-shard")
+    release(scheduler, slots, 1)
+    assert rec.dispatched == [retried] and retried.exclude == "bad-shard"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["submit", "release", "expire", "tick"]),
+                          st.sampled_from(["critical", "standard", "sheddable"]),
+                          st.integers(1, 3), st.integers(0, 900)), max_size=300))
+def test_every_ticket_ends_exactly_once_and_bounds_hold(ops) -> None:
+    scheduler, slots, clock, rec = make(max_queued_requests=20, max_queued_bytes=5000)
+    tickets = []
+    for op, band, tenant, size in ops:
+        if op == "submit":
+            ticket = rec.ticket(band, tenant=f"t{tenant}", size=size, deadline=clock.now + 1)
+            tickets.append(ticket)
+            scheduler.submit(ticket)
+        elif op == "release":
+            release(scheduler, slots, tenant)
+        elif op == "expire":
+            clock.now += 0.3
+            for ticket in tickets:
+                if ticket.deadline <= clock.now:
+                    scheduler.expire(ticket)
+        else:
+            scheduler.completed(0.01)
+        assert scheduler.count <= 20 and scheduler.bytes <= 5000
+        assert scheduler.count == sum(b.count for b in scheduler.bands) == sum(t.state == "queued" for t in tickets)
+    ended = [t for t in rec.dispatched] + [t for t, _ in rec.shed]
+    assert len(ended) == len(set(map(id, ended)))  # nothing ends twice
+    assert all(t.state in ("dispatched", "shed") or t.state == "queued" for t in tickets)
