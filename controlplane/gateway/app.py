@@ -405,24 +405,31 @@ class GatewayApp:
         return await asyncio.shield(lookup)
 
     async def _fetch_signature(self, model: str) -> ModelSignature:
-        target = self.router.any_target(model)
-        if target is None:
+        """Ask the shards of the model in turn (least loaded first) until one describes it."""
+        candidates = sorted((t for t in self.router.by_model.get(model, ()) if t.available),
+                            key=lambda t: t.outstanding / t.limit)
+        if not candidates:
             raise HttpError(503, f"no ready shard serves model '{model}'", RETRY_AFTER_NO_SHARD)
-        documents = []
-        for path in (f"/v2/models/{model}", f"/v2/models/{model}/config"):
-            sink = CollectingSink()
-            request = b"GET %s HTTP/1.1\r\nhost: shard\r\ncontent-length: 0\r\n\r\n" % path.encode()
+        failures = []
+        for target in candidates:
             try:
-                await exchange(target.pool, [request], sink, self.limits.upstream_timeout_s)
-            except UpstreamError as exc:
-                raise HttpError(502, f"shard {target.name} failed to describe model '{model}': {exc}") from None
-            if sink.status != 200:
-                raise HttpError(503, f"shard {target.name} cannot describe model '{model}' (status {sink.status})",
-                                RETRY_AFTER_NO_SHARD)
-            documents.append(orjson.loads(b"".join(sink.parts)))
-        signature = ModelSignature.from_triton(*documents)
-        self.signatures[model] = signature
-        return signature
+                documents = [await self._get_json(target, f"/v2/models/{model}"),
+                             await self._get_json(target, f"/v2/models/{model}/config")]
+            except (UpstreamError, ValueError) as exc:
+                failures.append(f"{target.name}: {exc}")
+                continue
+            signature = ModelSignature.from_triton(*documents)
+            self.signatures[model] = signature
+            return signature
+        raise HttpError(502, f"no shard could describe model '{model}' ({'; '.join(failures)})")
+
+    async def _get_json(self, target: Target, path: str) -> dict:
+        sink = CollectingSink()
+        request = b"GET %s HTTP/1.1\r\nhost: shard\r\ncontent-length: 0\r\n\r\n" % path.encode()
+        await exchange(target.pool, [request], sink, self.limits.upstream_timeout_s)
+        if sink.status != 200:
+            raise ValueError(f"status {sink.status} for {path}")
+        return orjson.loads(b"".join(sink.parts))
 
     @staticmethod
     def upstream_request(method: bytes, path: str, headers: dict[bytes, bytes], body: bytes) -> list[bytes]:
