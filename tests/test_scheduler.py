@@ -33,6 +33,12 @@ class Slots:
         self.free = free
         self.blocked: set[str] = set()
 
+    def total_slots(self) -> float:
+        return 4.0
+
+    def unreserve(self, target: object) -> None:
+        self.free += 1
+
     def can_serve(self, model: str, exclude: object | None) -> bool:
         return self.free > 0 and model not in self.blocked
 
@@ -152,11 +158,10 @@ def test_band_bounds_in_requests_and_bytes() -> None:
 
 def test_request_that_cannot_meet_its_deadline_is_shed_at_admission() -> None:
     scheduler, slots, clock, rec = make()
-    for _ in range(50):  # 50 completions in the last second: the service rate is 50/s
-        scheduler.completed(0.02)
-    for _ in range(10):
+    scheduler.completed(0.02)  # 4 slots, 20 ms each: the service rate is 200/s
+    for _ in range(40):
         scheduler.submit(rec.ticket("standard", deadline=clock.now + 10))
-    # 10 queued ahead at 50/s: 200 ms of waiting; a 100 ms deadline cannot be met
+    # 40 queued ahead at 200/s: 200 ms of waiting; a 100 ms deadline cannot be met
     hopeless = rec.ticket("standard", deadline=clock.now + 0.1)
     scheduler.submit(hopeless)
     assert rec.shed[-1][0] is hopeless and rec.shed[-1][1].reason == "deadline"

@@ -209,7 +209,7 @@ class GatewayApp:
         if request.path == "/admin/queues" and request.method == b"GET":
             conn.send_json(200, orjson.dumps({"classes": self.scheduler.snapshot(), "shards": self.router.snapshot(),
                                               "ladder": self.ladder.snapshot(),
-                                              "completion_rate": self.scheduler.completion_rate()}))
+                                              "service_rate": round(self.scheduler.service_rate(), 1)}))
             return
         match = ADMIN_SHARD_ROUTE.match(request.path)
         if match is None or request.method != b"POST":
@@ -268,15 +268,15 @@ class GatewayApp:
         self.metrics.count(self.metrics.requests, class_name, tenant, "admitted")
         retry_from = None
         for attempt in range(2):
+            relay = Relay(conn)
             try:
                 target = await self._dispatched(ticket, retry_from)
+                if attempt == 0:
+                    self.metrics.observe(self.metrics.queue_wait, class_name, self.clock() - arrived)
+                outcome = await self._exchange(request, model, action, checked, signature, ticket, target, relay)
             except Shed as shed:
                 self._count_shed(class_name, tenant, shed.reason)
                 raise Refused(429, str(shed), shed.retry_after_s) from None
-            if attempt == 0:
-                self.metrics.observe(self.metrics.queue_wait, class_name, self.clock() - arrived)
-            relay = Relay(conn)
-            outcome = await self._exchange(request, model, action, checked, signature, ticket, target, relay)
             if outcome is None:
                 self.metrics.count(self.metrics.requests, class_name, tenant,
                                    "completed" if relay.status < 500 else "failed")
@@ -328,7 +328,7 @@ class GatewayApp:
             if ticket.state == "queued":
                 self.scheduler.expire(ticket)
             elif ticket.state == "dispatched" and waiter.done() and not waiter.cancelled():
-                self.router.release(waiter.result(), 0.0, ok=True)
+                self.router.unreserve(waiter.result())
             raise
         finally:
             expiry.cancel()
@@ -338,9 +338,9 @@ class GatewayApp:
                         ) -> UpstreamError | None:
         """Forward to `target` and release its slot; the failure if there was one."""
         remaining = ticket.deadline - self.clock()
-        if remaining <= 0:
-            self.router.release(target, 0.0, ok=True)
-            raise Shed("deadline", "the deadline passed while queued", 0.0)
+        if remaining <= 0:  # the scheduler checked at dispatch; the event loop may have been slow since
+            self.router.unreserve(target)
+            raise Shed("deadline", "the deadline passed before the request could be sent", 0.0)
         body, headers = request.body, request.headers
         if checked is not None and b"content-encoding" not in headers:
             body, headers = self._with_triton_parameters(body, headers, checked, signature, ticket.band, remaining)

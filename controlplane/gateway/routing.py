@@ -106,6 +106,10 @@ class Router:
     def can_serve(self, model: str, exclude: object | None = None) -> bool:
         return any(t.has_free_slot() and t is not exclude for t in self.by_model.get(model, ()))
 
+    def total_slots(self) -> float:
+        """Requests all available shards may have in flight together, by their current limits."""
+        return float(sum(int(t.limit) for t in self.targets.values() if t.available))
+
     def acquire(self, model: str, exclude: object | None = None) -> Target | None:
         """Reserve a slot on the least loaded shard (in flight relative to its limit) with one free."""
         best, best_load = None, 2.0
@@ -119,6 +123,11 @@ class Router:
             best.outstanding += 1
             self.retry_tokens = min(RETRY_BUDGET_CAP, self.retry_tokens + self.retry_budget)
         return best
+
+    def unreserve(self, target: Target) -> None:
+        """Give back a slot that was never used (the request was not sent)."""
+        target.outstanding -= 1
+        self.on_capacity()
 
     def release(self, target: Target, latency_s: float, ok: bool) -> None:
         """A request left `target`: adapt its limit, count failures, eject it if it keeps failing."""

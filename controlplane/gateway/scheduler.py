@@ -13,10 +13,12 @@ Model (vocabulary after Kubernetes API Priority and Fairness):
   big batches does not crowd out one sending small ones.
 - Admission sheds at once (never after a wasted wait) when: the band is full (requests or bytes); the whole
   queue is full and no lower band has a request to displace; or the deadline cannot be met. The wait is
-  estimated as the requests queued in this band and higher bands over the measured completion rate.
+  estimated as the requests queued in this band and higher bands over the service rate (slots of the shards
+  over the mean time a request holds a slot).
 - When the whole queue is full, a request of a higher band displaces the newest request of the lowest
   backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
-- A queued request whose deadline passes is removed and answered without reaching a shard.
+- A queued request whose deadline passes is removed and answered without reaching a shard; so is one that
+  reaches the front with less deadline left than `time_needed_s` (it would likely time out in flight).
 
 Invariants (tested in tests/test_scheduler.py):
 - queued requests <= max_queued_requests and queued bytes <= max_queued_bytes; per band likewise;
@@ -37,7 +39,8 @@ from typing import Protocol
 from controlplane.spec import GatewayLimits, PriorityClass
 
 QUANTUM = 8.0  # cost units a flow earns per round-robin turn
-RATE_WINDOW_S = 1.0  # completions counted over this window give the service rate
+SERVICE_TIME_WEIGHT = 0.05  # EWMA weight of each completed request's service time
+LOOP_ALLOWANCE_S = 0.005  # event-loop delay allowed for between dispatch and the request leaving
 CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
 
 
@@ -55,6 +58,8 @@ class Capacity(Protocol):
 
     def can_serve(self, model: str, exclude: object | None) -> bool: ...
     def acquire(self, model: str, exclude: object | None) -> object | None: ...
+    def unreserve(self, target: object) -> None: ...
+    def total_slots(self) -> float: ...
 
 
 @dataclass(eq=False)
@@ -189,8 +194,8 @@ class Scheduler:
         self.band = {b.name: b for b in self.bands}
         self.count = 0
         self.bytes = 0
-        self.completions: deque[float] = deque()
         self.service_time_s = 0.0  # EWMA of the time a dispatched request holds its slot
+        self.service_dev_s = 0.0  # EWMA of its deviation
 
     # --- admission ---------------------------------------------------------------------------------------
     def submit(self, ticket: Ticket) -> None:
@@ -206,7 +211,7 @@ class Scheduler:
                 ticket.dispatch(target)
                 return
         wait = self.estimated_wait(band)
-        if now + wait + self.service_time_s > ticket.deadline:
+        if now + wait + self.time_needed_s() > ticket.deadline:
             ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
                                          f"class '{band.name}' and above is queued", wait))
             return
@@ -276,6 +281,11 @@ class Scheduler:
                 break
             self.count -= 1
             self.bytes -= ticket.size
+            if ticket.deadline - self.clock() < self.time_needed_s():
+                # it would time out in flight (a 504 and a wasted slot): answer it now instead
+                self.capacity.unreserve(target)
+                ticket.shed(Shed("deadline", "the deadline would pass before a shard could answer", 0.0))
+                continue
             ticket.dispatch(target)
             dispatched += 1
         return dispatched
@@ -297,27 +307,33 @@ class Scheduler:
 
     # --- measurements ------------------------------------------------------------------------------------
     def completed(self, service_time_s: float) -> None:
-        """A dispatched request finished after holding its slot for service_time_s."""
-        now = self.clock()
-        self.completions.append(now)
-        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
-            self.completions.popleft()
-        self.service_time_s += 0.1 * (service_time_s - self.service_time_s)
+        """A dispatched request finished after holding its slot for service_time_s (mean and mean deviation
+        kept as TCP keeps round-trip times, RFC 6298)."""
+        if self.service_time_s == 0.0:
+            self.service_time_s, self.service_dev_s = service_time_s, service_time_s / 2
+        error = service_time_s - self.service_time_s
+        self.service_time_s += SERVICE_TIME_WEIGHT * error
+        self.service_dev_s += SERVICE_TIME_WEIGHT * (abs(error) - self.service_dev_s)
 
-    def completion_rate(self) -> float:
-        """Requests completed per second over the last window (0 when unknown)."""
-        now = self.clock()
-        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
-            self.completions.popleft()
-        return len(self.completions) / RATE_WINDOW_S
+    def time_needed_s(self) -> float:
+        """Deadline a request needs left when sent so that it rarely times out in flight: twice the mean
+        service time plus four deviations, plus an allowance for the gateway's own event-loop delay."""
+        return 2 * self.service_time_s + 4 * self.service_dev_s + LOOP_ALLOWANCE_S
+
+    def service_rate(self) -> float:
+        """Requests per second the shards can take now (Little's law: slots / time a request holds one);
+        0 while unknown. Measured from capacity, not from recent completions, which undercount after a lull."""
+        if self.service_time_s <= 0.0:
+            return 0.0
+        return self.capacity.total_slots() / self.service_time_s
 
     def estimated_wait(self, band: Band) -> float:
         """Seconds until a request joining `band` now would be dispatched: requests queued at its level
-        and above, over the measured rate. Unknown rate (nothing completed lately) estimates no wait."""
+        and above, over the service rate. An unknown rate estimates no wait (admission stays open)."""
         ahead = sum(b.count for b in self.bands if b.level >= band.level)
         if ahead == 0:
             return 0.0
-        rate = self.completion_rate()
+        rate = self.service_rate()
         return ahead / rate if rate > 0 else 0.0
 
     def _retry_after(self, band: Band) -> float:

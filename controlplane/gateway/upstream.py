@@ -69,10 +69,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.done is not None and not self.done.done():
-            with contextlib.suppress(httptools.HttpParserError):
-                self.parser.feed_eof()  # a response delimited by close ends here
-            self._fail("shard closed the connection")
+        # Triton frames every response (Content-Length or chunked): a close before the end is a failure.
+        self._fail("shard closed the connection")
 
     def pause_writing(self) -> None:  # the shard reads slower than the client sends: fine, bodies are bounded
         pass

@@ -142,9 +142,11 @@ class LocalReplica:
             if became_ready:
                 await self._watch()
             new_ports = not became_ready  # a server that never came up may have lost its ports
+            # Out of the endpoint set first: until the group is gone, stubs still hold the listening socket,
+            # where new connections would be accepted by the kernel and never answered.
+            self._set_state("restarting")
             await asyncio.to_thread(self.process.kill)
             self.restarts += 1
-            self._set_state("restarting")
             if time.monotonic() - started > STABLE_AFTER_S:
                 backoff = BACKOFF_FIRST_S
             log.warning("shard %s: restarting in %.1f s (%s)", self.name, backoff, self.last_error)
