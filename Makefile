@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 SPEC ?= examples/local/cluster.yaml
 # Extras of pyproject.toml the test suite needs (each issue's tools come in their own extra).
-TEST_EXTRAS ?= test
+TEST_EXTRAS ?= test,infra
 
 .PHONY: up test lint system-deps clean
 
@@ -28,7 +28,7 @@ up: $(VENV)/.stamp-core
 	$(VENV)/bin/cpctl up -f $(SPEC)
 
 lint: $(VENV)/.stamp-test
-	$(VENV)/bin/ruff check controlplane tests examples bench
+	$(VENV)/bin/ruff check controlplane tests examples bench infra
 
 test: $(VENV)/.stamp-test system-deps lint
 	$(VENV)/bin/python -m pytest -q

@@ -20,10 +20,12 @@ from rich.live import Live
 from rich.table import Table
 
 from controlplane.gpu.cli import gpu, mig_app, plan
+from controlplane.infra.cli import infra_app
 from controlplane.spec import ClusterSpec, SpecError, hash_api_key, load_spec
 
 DEFAULT_SPEC = Path("examples/local/cluster.yaml")
 SpecOption = typer.Option(DEFAULT_SPEC, "-f", "--file", help="The cluster spec (cluster.yaml).")
+EndpointsOption = typer.Option(..., "--endpoints", help="JSON list of shards: name, host, port, models.")
 
 app = typer.Typer(help="Serve AI models on GPU clusters with priority flow control.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -94,6 +96,35 @@ def up(
     try:
         asyncio.run(_serve(stack))
     except (ShardStartError, StackAlreadyRunning, OSError) as exc:
+        raise fail(str(exc), 1) from None
+
+
+@app.command()
+def gateway(
+    spec_file: Path = SpecOption,
+    endpoints: Path = EndpointsOption,
+    port: int = typer.Option(None, help="Gateway port (default: the spec's)."),
+) -> None:
+    """Run only the gateway, in front of Triton shards that something else runs (Kubernetes Services,
+    existing hosts). The endpoints file is probed and re-read when it changes.
+
+    Example: cpctl gateway -f cluster.yaml --endpoints endpoints.json
+    """
+    from controlplane.shards.static import EndpointsFileError, StaticShards
+    from controlplane.stack import LocalStack, StackAlreadyRunning, run_dir_for
+
+    spec = load(spec_file)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        shards = StaticShards(endpoints)
+    except EndpointsFileError as exc:
+        raise fail(str(exc)) from None
+    with contextlib.suppress(ImportError):
+        import uvloop
+        uvloop.install()
+    try:
+        asyncio.run(_serve(LocalStack(spec, run_dir_for(spec), port, shards=shards)))
+    except (StackAlreadyRunning, OSError) as exc:
         raise fail(str(exc), 1) from None
 
 
@@ -244,6 +275,7 @@ def infer(
 app.command("plan")(plan)
 app.command("gpu")(gpu)
 app.add_typer(mig_app, name="mig", help="MIG layouts: the config to apply, the steps, and the diff to a node.")
+app.add_typer(infra_app, name="infra", help="The Pulumi program of infra/: offline preview of what it creates.")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The local stack of `cpctl up`: the spec's shards (local backend) behind the gateway, in one process.
+"""The stack of `cpctl up` / `cpctl gateway`: the spec's shards behind the gateway, in one process.
 
 While it runs, a state file in the run directory says where everything is (`cpctl status` reads it).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from controlplane.gateway.app import GatewayApp
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import GatewayServer
-from controlplane.shards.base import Endpoint
+from controlplane.shards.base import Endpoint, ShardBackend
 from controlplane.shards.local import LocalShards
 from controlplane.spec import ClusterSpec
 
@@ -47,11 +47,15 @@ def read_state(run_dir: Path) -> dict | None:
 
 
 class LocalStack:
-    def __init__(self, spec: ClusterSpec, run_dir: Path, port: int | None = None) -> None:
+    """The gateway in front of a shard backend: local processes by default, or any other (e.g. static)."""
+
+    def __init__(self, spec: ClusterSpec, run_dir: Path, port: int | None = None,
+                 shards: ShardBackend | None = None) -> None:
         self.spec = spec
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.port = spec.gateway.port if port is None else port
-        self.shards = LocalShards(spec, run_dir)
+        self.shards = shards if shards is not None else LocalShards(spec, run_dir)
         gateway = spec.gateway
         self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
                              gateway.limits.upstream_connections_per_shard)

@@ -67,11 +67,13 @@ class RunningStack:
         return pids
 
 
-def start_stack(spec: Path, run_dir: Path, cluster: str, timeout_s: float = 60.0) -> RunningStack:
-    """Run `cpctl up --port 0` as a real subprocess and wait until its gateway serves."""
+def start_stack(spec: Path, run_dir: Path, cluster: str, timeout_s: float = 60.0,
+                command: list[str] | None = None) -> RunningStack:
+    """Run `cpctl up --port 0` (or another cpctl command) as a real subprocess; wait until its gateway serves."""
     state_file = run_dir / cluster / "state.json"
     log = run_dir / f"{cluster}-cpctl.log"
-    process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec), "--port", "0"],
+    command = command or ["up", "-f", str(spec), "--port", "0"]
+    process = ManagedProcess([sys.executable, "-m", "controlplane.cli", *command],
                              env=dict(os.environ), log_path=log, cwd=ROOT)
     deadline = time.monotonic() + timeout_s
     while not state_file.exists():

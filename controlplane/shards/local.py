@@ -64,11 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def probe_ready(port: int, timeout_s: float = 1.0) -> bool:
-    """True when Triton on `port` answers 200 to /v2/health/ready within the timeout."""
+async def probe_ready(port: int, timeout_s: float = 1.0, host: str = "127.0.0.1") -> bool:
+    """True when Triton at host:port answers 200 to /v2/health/ready within the timeout."""
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout_s)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
         writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
         status_line = await asyncio.wait_for(reader.readline(), timeout_s)
         return status_line.split(b" ", 2)[1:2] == [b"200"]

@@ -1,0 +1,66 @@
+"""What every node pool component has in common, and the choice of component by `provider`.
+
+A pool component creates (or, for `existing`, only names) the nodes of one spec pool and exposes:
+- `node_names`: the Kubernetes node names, known before anything exists (the serving layer labels them);
+- `addresses`: an Output of the addresses Ansible reaches them at, in the same order.
+Node i of a pool is the planner's node i (`controlplane.gpu.plan.node_names`).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import pulumi
+
+from controlplane.spec import NodePool
+from infra.settings import StackSettings
+
+POOL_LABEL = "controlplane.io/pool"
+
+
+@dataclass(frozen=True)
+class NodePoolArgs:
+    """Typed args of every pool component."""
+
+    pool: NodePool
+    plan_nodes: list[str]  # the planner's node names, in order
+    settings: StackSettings
+    cluster: str
+
+
+class GpuNodePool(pulumi.ComponentResource):
+    """Base of the pool components: registers the node outputs once, the same way for every provider."""
+
+    node_names: list[str]
+    addresses: pulumi.Output[list[str]]
+    pool_name: str
+
+    def _finish(self, args: NodePoolArgs, node_names: list[str], addresses: pulumi.Input[list[str]]) -> None:
+        self.pool_name = args.pool.name
+        self.node_names = node_names
+        self.addresses = pulumi.Output.from_input(addresses)
+        self.register_outputs({"nodeNames": node_names, "addresses": self.addresses})
+
+
+def cloud_init(args: NodePoolArgs, hostname_command: str) -> str:
+    """User data shared by the cloud pools: a stable host name (the Kubernetes node name) and the pool
+    facts the Ansible playbooks and the kubelet read. Driver, MOFED and MIG are Ansible's job, not boot's."""
+    pool = args.pool
+    return "\n".join([
+        "#!/bin/bash",
+        "set -euo pipefail",
+        hostname_command,
+        "mkdir -p /etc/controlplane",
+        "cat > /etc/controlplane/node.env <<'NODE'",
+        f"CONTROLPLANE_CLUSTER={args.cluster}",
+        f"CONTROLPLANE_POOL={pool.name}",
+        f"CONTROLPLANE_GPU_MODEL={pool.gpu.model}",
+        f"CONTROLPLANE_FABRIC={pool.fabric}",
+        "NODE",
+        "",
+    ])
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -1,0 +1,154 @@
+"""Stack settings: what a Pulumi stack adds to cluster.yaml (regions, credentials references, images, scaling).
+
+cluster.yaml says WHAT runs (pools, shards, classes); a stack says WHERE and WITH WHAT (cloud region, the
+AWS profile or Azure subscription to use, image references, the gateway's replica bounds). Secrets (the
+registry password, a kubeconfig) are read with `require_secret`/`get_secret`, so they stay Pulumi secrets in
+state and in every resource that uses them.
+
+Every key lives in the `controlplane:` namespace of the stack file (infra/stacks/Pulumi.STACK.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+
+CONFIG_NAMESPACE = "controlplane"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Where and as whom AWS pools are created (`controlplane:aws`)."""
+
+    region: str = "us-east-1"
+    # EFA traffic cannot cross availability zones, and a cluster placement group lives in one: one zone.
+    availability_zone: str = "us-east-1a"
+    # A named profile of the AWS shared credentials file: a reference, never keys in the stack.
+    profile: str | None = None
+    vpc_cidr: str = "10.42.0.0/16"
+    ssh_key_name: str | None = None
+    # Overrides the Deep Learning AMI lookup (pin an AMI for reproducible nodes).
+    ami_id: str | None = None
+    # For instance types missing from infra.aws.EFA_INTERFACES.
+    efa_interfaces: int | None = None
+    root_volume_gib: int = 500
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    """Where and as whom Azure pools are created (`controlplane:azure`)."""
+
+    location: str = "eastus"
+    # The subscription to bill; credentials come from `az login`, a managed identity or OIDC, not the stack.
+    subscription_id: str | None = None
+    admin_username: str = "azureuser"
+    ssh_public_key: str = ""
+    vnet_cidr: str = "10.43.0.0/16"
+    os_disk_gib: int = 256
+
+
+@dataclass(frozen=True)
+class GatewayScaling:
+    """The gateway's Deployment, Service and HPA (`controlplane:gateway`); the spec has no such fields yet."""
+
+    replicas: int = 2
+    min_replicas: int = 2
+    max_replicas: int = 8
+    target_cpu_utilization: int = 70
+    service_type: str = "ClusterIP"
+    cpu: str = "2"
+    memory: str = "512Mi"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """The serving layer (`controlplane:kubernetes`)."""
+
+    # Off for the first `pulumi up` of a cloud stack: the nodes must have joined the cluster (Ansible)
+    # before node labels can be patched onto them.
+    enabled: bool = True
+    namespace: str = "serving"
+    shard_image: str = "ghcr.io/example/controlplane-triton-shard:0.1.0"
+    controlplane_image: str = "ghcr.io/example/controlplane:0.1.0"
+    # A PersistentVolumeClaim holding the model repository; without one, the repository baked into the shard
+    # image is copied into the pod's volume at start.
+    model_repository_claim: str | None = None
+    gpu_operator_version: str = "v26.3.3"
+    network_operator_version: str = "26.4.0"
+    # Driver, container toolkit and MOFED are installed on the hosts by the Ansible playbooks (or come with
+    # the cloud image), so the operators must not install their own.
+    preinstalled_driver: bool = True
+    gateway: GatewayScaling = field(default_factory=GatewayScaling)
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """An image pull secret for the shard and control-plane images; the password is a Pulumi secret."""
+
+    server: str
+    username: str
+    password: pulumi.Output[str]
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    spec_path: Path
+    aws: AwsSettings
+    azure: AzureSettings
+    kubernetes: KubernetesSettings
+    # An Ansible inventory (YAML) naming the hosts of `existing` pools, instead of the spec's `hosts`.
+    inventory_path: Path | None = None
+    kubeconfig: pulumi.Output[str] | None = None
+    registry: RegistryCredentials | None = None
+
+
+def _from_mapping(cls: type, data: dict[str, Any] | None, key: str) -> Any:
+    """Build a settings dataclass from a camelCase config object; unknown keys are errors, not typos ignored."""
+    data = dict(data or {})
+    fields = {name: name for name in cls.__dataclass_fields__}
+    camel = {_camel(name): name for name in fields}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        name = camel.get(raw_key) or fields.get(raw_key)
+        if name is None:
+            raise ValueError(
+                f"{CONFIG_NAMESPACE}:{key}: unknown key '{raw_key}' (expected one of: {', '.join(sorted(camel))})"
+            )
+        kwargs[name] = value
+    if cls is KubernetesSettings and "gateway" in kwargs:
+        kwargs["gateway"] = _from_mapping(GatewayScaling, kwargs["gateway"], f"{key}.gateway")
+    return cls(**kwargs)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _resolve(path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else PROJECT_ROOT / candidate
+
+
+def read_settings(config: pulumi.Config | None = None) -> StackSettings:
+    """The stack's settings from `controlplane:*` config keys."""
+    config = config or pulumi.Config(CONFIG_NAMESPACE)
+    registry = None
+    server = config.get("registryServer")
+    if server:
+        registry = RegistryCredentials(server, config.require("registryUsername"),
+                                       config.require_secret("registryPassword"))
+    inventory = config.get("inventory")
+    return StackSettings(
+        spec_path=_resolve(config.require("spec")),
+        aws=_from_mapping(AwsSettings, config.get_object("aws"), "aws"),
+        azure=_from_mapping(AzureSettings, config.get_object("azure"), "azure"),
+        kubernetes=_from_mapping(KubernetesSettings, config.get_object("kubernetes"), "kubernetes"),
+        inventory_path=_resolve(inventory) if inventory else None,
+        kubeconfig=config.get_secret("kubeconfig"),
+        registry=registry,
+    )

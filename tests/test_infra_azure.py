@@ -1,0 +1,81 @@
+"""The Azure node pool under Pulumi mocks: ND H100 v5 scale set, HPC image, placement and networking."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.azure import scale_set_hostname
+from tests.test_infra_support import inventory_addresses, k8s, only, required, run_stack, run_with
+
+VMSS = "azure-native:compute:VirtualMachineScaleSet"
+
+
+def test_scale_set_is_nd_h100_v5_with_the_pool_count() -> None:
+    vmss = only(run_stack("azure"), VMSS).inputs
+    assert required(vmss, "sku", "name") == "Standard_ND96isr_H100_v5"
+    assert required(vmss, "sku", "capacity") == 2
+
+
+def test_scale_set_uses_the_infiniband_ready_hpc_image() -> None:
+    image = required(only(run_stack("azure"), VMSS).inputs, "virtualMachineProfile", "storageProfile",
+                     "imageReference")
+    assert (image["publisher"], image["offer"], image["sku"]) == ("microsoft-dsvm", "ubuntu-hpc", "2204")
+
+
+def test_scale_set_keeps_one_infiniband_fabric_and_predictable_instances() -> None:
+    vmss = only(run_stack("azure"), VMSS).inputs
+    # IB is shared only inside one placement group; overprovisioning would add (and bill) surplus GPU VMs
+    # and break the instance ids the host names are derived from.
+    assert required(vmss, "singlePlacementGroup") is True
+    assert required(vmss, "overprovision") is False
+    assert required(vmss, "orchestrationMode") == "Uniform"
+
+
+def test_scale_set_sits_in_the_proximity_placement_group() -> None:
+    run = run_stack("azure")
+    group = only(run, "azure-native:compute:ProximityPlacementGroup")
+    assert required(group.inputs, "intent", "vmSizes") == ["Standard_ND96isr_H100_v5"]
+    assert required(only(run, VMSS).inputs, "proximityPlacementGroup", "id") == f"{group.name}-offline-id"
+
+
+def test_nic_has_accelerated_networking_on_the_pool_subnet() -> None:
+    run = run_stack("azure")
+    nic = required(only(run, VMSS).inputs, "virtualMachineProfile", "networkProfile",
+                   "networkInterfaceConfigurations", 0)
+    assert required(nic, "enableAcceleratedNetworking") is True
+    subnet = only(run, "azure-native:network:Subnet")
+    assert required(nic, "ipConfigurations", 0, "subnet", "id") == f"{subnet.name}-offline-id"
+
+
+def test_ssh_keys_only() -> None:
+    linux = required(only(run_stack("azure"), VMSS).inputs, "virtualMachineProfile", "osProfile",
+                     "linuxConfiguration")
+    assert required(linux, "disablePasswordAuthentication") is True
+    assert required(linux, "ssh", "publicKeys", 0, "keyData").startswith("ssh-ed25519 ")
+
+
+def test_a_stack_without_an_ssh_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="sshPublicKey"):
+        run_with("azure", azure='{"location": "eastus"}')
+
+
+def test_inventory_reaches_nodes_by_their_scale_set_host_names() -> None:
+    assert inventory_addresses(run_stack("azure")) == {"ndh100-0": "ndh100000000", "ndh100-1": "ndh100000001"}
+    assert scale_set_hostname("pool", 37) == "pool000011"
+
+
+def test_node_labels_go_to_the_scale_set_host_names() -> None:
+    patch = k8s(run_stack("azure"), "Node", "ndh100000001")
+    assert required(patch, "metadata", "labels", "controlplane.io/pool") == "ndh100"
+
+
+def test_infiniband_pools_get_the_network_operator_and_rdma_shared_device_plugin() -> None:
+    import json
+
+    run = run_stack("azure")
+    policy = k8s(run, "NicClusterPolicy", "nic-cluster-policy")
+    config = json.loads(required(policy, "spec", "rdmaSharedDevicePlugin", "config"))
+    assert config["configList"][0]["resourceName"] == "rdma_shared_device_a"
+    assert config["configList"][0]["selectors"]["linkTypes"] == ["infiniband"]
+    charts = {r.inputs["chart"] for r in run.of_type("kubernetes:helm.sh/v3:Release")}
+    assert charts == {"gpu-operator", "network-operator"}

@@ -1,0 +1,54 @@
+"""The existing-hosts pool under Pulumi mocks: no cloud resources, hosts from an Ansible inventory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_infra_support import inventory_addresses, k8s, required, run_stack, run_with
+
+
+def test_existing_hosts_create_no_cloud_resources() -> None:
+    types = {r.type for r in run_stack("existing").resources}
+    cloud = {t for t in types if not t.startswith(("kubernetes:", "controlplane:", "pulumi:providers:kubernetes"))}
+    assert cloud == set()
+    assert types & {"kubernetes:apps/v1:Deployment"}  # the run did register the serving layer
+
+
+def test_addresses_come_from_the_inventory() -> None:
+    assert inventory_addresses(run_stack("existing")) == {"dgx-a": "192.0.2.11", "dgx-b": "192.0.2.12"}
+
+
+def test_without_an_inventory_the_spec_hosts_are_the_addresses() -> None:
+    run = run_with("existing", inventory="")
+    assert inventory_addresses(run) == {"dgx-a": "dgx-a", "dgx-b": "dgx-b"}
+
+
+def test_an_inventory_missing_a_planned_node_is_refused(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all:\n  children:\n    dgx:\n      hosts:\n        dgx-a: {ansible_host: 192.0.2.11}\n")
+    with pytest.raises(ValueError, match="lacks host.*dgx-b"):
+        run_with("existing", inventory=str(inventory))
+
+
+def test_mig_config_labels_name_the_existing_hosts() -> None:
+    run = run_stack("existing")
+    for host in ("dgx-a", "dgx-b"):
+        labels = required(k8s(run, "Node", host), "metadata", "labels")
+        assert labels["nvidia.com/mig.config"].startswith("dgx-")
+
+
+def test_model_repository_claim_is_mounted_read_only() -> None:
+    pod = required(k8s(run_stack("existing"), "Deployment", "main"), "spec", "template", "spec")
+    source = next(v for v in required(pod, "volumes") if v["name"] == "model-source")
+    assert source["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+
+def test_hosts_are_also_read_from_the_cpctl_inventory_format(tmp_path: Path) -> None:
+    # `cpctl inventory` (the Ansible side) nests pools as gpu_nodes -> pool_<name>, hosts keyed by address.
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all:\n  children:\n    gpu_nodes:\n      children:\n        pool_dgx:\n"
+                         "          hosts:\n            dgx-a: {ansible_host: 192.0.2.21}\n            dgx-b:\n")
+    assert inventory_addresses(run_with("existing", inventory=str(inventory))) == {"dgx-a": "192.0.2.21",
+                                                                                  "dgx-b": "dgx-b"}
