@@ -158,13 +158,16 @@ class GatewayLimits(StrictModel):
 class Concurrency(StrictModel):
     """Adaptive concurrency per shard: AIMD on latency against the shard's unloaded latency."""
 
-    initial: int = Field(8, ge=1, description="Requests in flight a new or returning shard starts with.")
+    initial: int = Field(16, ge=1, description="Requests in flight a new or returning shard starts with.")
     min: int = Field(1, ge=1, description="The limit never goes below this.")
     max: int = Field(256, ge=1, description="The limit never goes above this.")
     tolerance: float = Field(
         2.0, gt=1, description="Latency above this multiple of the unloaded latency (plus `slack_ms`) is overload."
     )
-    slack_ms: float = Field(2.0, ge=0, description="Absolute latency allowance added to the tolerance.")
+    slack_ms: float = Field(
+        20.0, ge=0, description="Absolute latency allowance added to the tolerance: the queueing a shard may add "
+        "so that dynamic batching can fill batches. Triton's own priority queue lets higher classes skip it."
+    )
     backoff: float = Field(0.9, gt=0, lt=1, description="Multiplicative decrease on overload.")
 
 

@@ -203,6 +203,25 @@ def test_requeued_ticket_goes_first_and_avoids_the_failed_shard() -> None:
     assert rec.dispatched == [retried] and retried.exclude == "bad-shard"
 
 
+def test_flows_emptied_by_compaction_keep_one_place_in_the_rotation() -> None:
+    scheduler, slots, clock, rec = make(max_queued_requests=1000)
+    slots.blocked.add("m")
+    expiring = [rec.ticket("standard", tenant="a", deadline=clock.now + 0.1) for _ in range(100)]
+    for ticket in expiring:
+        scheduler.submit(ticket)
+    clock.now += 0.2
+    for ticket in expiring:  # > 64 dead tickets: the band compacts its flows, emptying tenant a's
+        scheduler.expire(ticket)
+    waiting = rec.ticket("standard", tenant="a")
+    scheduler.submit(waiting)
+    band = scheduler.band["standard"]
+    assert list(band.rotation) == ["a"]
+    release(scheduler, slots, 1)  # model still blocked: must return, not spin
+    slots.blocked.clear()
+    scheduler.pump()
+    assert rec.dispatched == [waiting]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["submit", "release", "expire", "tick"]),
                           st.sampled_from(["critical", "standard", "sheddable"]),

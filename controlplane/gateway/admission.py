@@ -26,10 +26,12 @@ KEY_CACHE_SIZE = 1024  # recently seen keys -> tenant, so a hot key is hashed on
 class Refused(Exception):
     """A request refused at admission: status, message and optional Retry-After seconds."""
 
-    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None, reason: str | None = None
+                 ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.reason = reason  # for 429: rate, queue_full, displaced, deadline
 
 
 class TokenBucket:
@@ -116,7 +118,7 @@ class Admission:
         wait = self.buckets[tenant.name].take()
         if wait > 0.0:
             raise Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
-                          retry_after_s=max(1.0, math.ceil(wait)))
+                          retry_after_s=max(1.0, math.ceil(wait)), reason="rate")
         return Admitted(tenant, priority_class, deadline_ms / 1000)
 
     def admin_ok(self, headers: dict[bytes, bytes], token_sha256: str | None) -> None:

@@ -178,8 +178,9 @@ class GatewayApp:
         except BadRequest as exc:
             conn.send_json(400, json_error(str(exc)))
         except Refused as exc:
-            headers = [(b"retry-after", retry_after_header(exc.retry_after_s))] if exc.retry_after_s else []
-            conn.send_json(exc.status, json_error(str(exc)), headers)
+            headers = [(b"retry-after", retry_after_header(exc.retry_after_s))] if exc.retry_after_s is not None \
+                else []
+            conn.send_json(exc.status, json_error(str(exc), exc.reason), headers)
 
     async def route(self, request: Request, conn: ClientConnection) -> None:
         path = request.path
@@ -276,7 +277,7 @@ class GatewayApp:
                 outcome = await self._exchange(request, model, action, checked, signature, ticket, target, relay)
             except Shed as shed:
                 self._count_shed(class_name, tenant, shed.reason)
-                raise Refused(429, str(shed), shed.retry_after_s) from None
+                raise Refused(429, str(shed), shed.retry_after_s, shed.reason) from None
             if outcome is None:
                 self.metrics.count(self.metrics.requests, class_name, tenant,
                                    "completed" if relay.status < 500 else "failed")

@@ -109,7 +109,7 @@ class Band:
         flow = self.flows.get(ticket.tenant)
         if flow is None:
             flow = self.flows[ticket.tenant] = deque()
-        if not flow:
+        if ticket.tenant not in self.deficit:  # a tenant is in the rotation exactly when it has a deficit entry
             self.rotation.append(ticket.tenant)
             self.deficit[ticket.tenant] = 0.0
         if front:
@@ -147,7 +147,11 @@ class Band:
     def pop_next(self, capacity: Capacity) -> tuple[Ticket | None, object | None]:
         """The next ticket by deficit round robin whose model has a free slot, with that slot."""
         blocked: set[str] = set()
-        while self.rotation and len(blocked) < len(self.rotation):
+        # Bounded: each visit either serves, drops a tenant, marks one blocked, or adds QUANTUM to a deficit.
+        visits = len(self.rotation) * (2 + int(max((f[0].cost for f in self.flows.values() if f), default=0)
+                                              // QUANTUM))
+        while self.rotation and len(blocked) < len(self.rotation) and visits > 0:
+            visits -= 1
             tenant = self.rotation[0]
             flow = self.flows[tenant]
             while flow and flow[0].state != "queued":  # drop tickets already shed while queued
@@ -346,4 +350,5 @@ class Scheduler:
 
 
 def retry_after_header(seconds: float) -> bytes:
+    """Retry-After in whole seconds, at least 1 (0 would invite an immediate retry storm)."""
     return str(max(1, math.ceil(seconds))).encode()

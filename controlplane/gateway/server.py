@@ -61,8 +61,9 @@ class Counters:
         self.by_status[status] = self.by_status.get(status, 0) + 1
 
 
-def json_error(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+def json_error(message: str, reason: str | None = None) -> bytes:
+    """The JSON body of an error: what went wrong, and for a shed request the machine-readable reason."""
+    return orjson.dumps({"error": message, "reason": reason} if reason else {"error": message})
 
 
 class ClientConnection(asyncio.Protocol):

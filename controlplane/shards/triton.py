@@ -55,6 +55,7 @@ class TritonInstall:
             "--pinned-memory-pool-byte-size=0",
             "--model-control-mode=explicit",
             "--exit-on-error=true",
+            "--exit-timeout-secs=3",  # on SIGTERM, wait at most 3 s for requests in flight
             "--log-verbose=0",
         ]
         argv += [f"--load-model={name}" for name in models]
