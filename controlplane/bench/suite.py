@@ -6,7 +6,7 @@ alternating between setups:
 1. peak: closed-loop wrk, `work` at 5 ms and at 0 ms a batch (throughput ceiling of each setup);
 2. overhead: open loop at half of direct's 5 ms peak, one class;
 3. capacity: the highest open-loop rate each setup serves with P99 under the SLO, on the GPU-like workload
-   (5 ms a batch + 0.5 ms a row);
+   (10 ms a batch + 4 ms a row);
 4. overload: the class mix (10% critical, 30% standard, 60% sheddable) at 0.5x, 1x, 2x, 3x of direct's capacity;
 5. fault: the mix at 1x while one shard is SIGKILLed and another SIGSTOPped for 3 s.
 Writes bench/results/overload-<date>.{json,md,png} and overload-latest.json, with `targets`.
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = ROOT / "bench" / "overload.yaml"
 RESULTS = ROOT / "bench" / "results"
 API_KEY = "cp-bench-key"
-GPU_LIKE = {"work_ms": 5, "per_item_ms": 0.5}
+GPU_LIKE = {"work_ms": 10, "per_item_ms": 4}
 SLO_MS = 250.0  # the critical class's deadline
 MIX = (("critical", 0.1, 250), ("standard", 0.3, 1000), ("sheddable", 0.6, 2000))
 SETUPS = ("direct", "nginx", "gateway")

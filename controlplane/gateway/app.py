@@ -266,34 +266,33 @@ class GatewayApp:
             model = self.variants[model]
         ticket = Ticket(model=model, tenant=tenant, band=class_name, cost=checked.cost if checked else 1.0,
                         size=len(request.body), deadline=arrived + admitted.deadline_s)
-        self.metrics.count(self.metrics.requests, class_name, tenant, "admitted")
+        self.metrics.requests[class_name, tenant, "admitted"] += 1
         retry_from = None
         for attempt in range(2):
             relay = Relay(conn)
             try:
                 target = await self._dispatched(ticket, retry_from)
                 if attempt == 0:
-                    self.metrics.observe(self.metrics.queue_wait, class_name, self.clock() - arrived)
+                    self.metrics.queue_wait[class_name].observe(self.clock() - arrived)
                 outcome = await self._exchange(request, model, action, checked, signature, ticket, target, relay)
             except Shed as shed:
                 self._count_shed(class_name, tenant, shed.reason)
                 raise Refused(429, str(shed), shed.retry_after_s, shed.reason) from None
             if outcome is None:
-                self.metrics.count(self.metrics.requests, class_name, tenant,
-                                   "completed" if relay.status < 500 else "failed")
-                self.metrics.observe(self.metrics.latency, class_name, self.clock() - arrived)
+                self.metrics.requests[class_name, tenant, "completed" if relay.status < 500 else "failed"] += 1
+                self.metrics.latency[class_name].observe(self.clock() - arrived)
                 return
             if relay.started:
                 conn.abort()
                 return
             if outcome.timed_out:
-                self.metrics.count(self.metrics.requests, class_name, tenant, "failed")
+                self.metrics.requests[class_name, tenant, "failed"] += 1
                 raise HttpError(504, f"the deadline passed in flight: {outcome}")
             if attempt == 0 and outcome.before_response and self.router.take_retry_token():
-                self.metrics.retries.inc()
+                self.metrics.retries += 1
                 retry_from = target
                 continue
-            self.metrics.count(self.metrics.requests, class_name, tenant, "failed")
+            self.metrics.requests[class_name, tenant, "failed"] += 1
             raise HttpError(502, f"shard {target.name} failed: {outcome}")
         raise HttpError(502, "the request failed on two shards")
 
@@ -306,8 +305,8 @@ class GatewayApp:
             raise
 
     def _count_shed(self, class_name: str, tenant: str, reason: str) -> None:
-        self.metrics.count(self.metrics.shed, class_name, tenant, reason)
-        self.metrics.count(self.metrics.requests, class_name, tenant, "shed")
+        self.metrics.shed[class_name, tenant, reason] += 1
+        self.metrics.requests[class_name, tenant, "shed"] += 1
 
     async def _dispatched(self, ticket: Ticket, retry_from: Target | None) -> Target:
         """Wait until the scheduler gives the ticket a slot (on another shard than `retry_from` when retrying);

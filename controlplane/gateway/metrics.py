@@ -2,65 +2,91 @@
 
 Per class and tenant: requests by outcome, sheds by reason; per class: queue depth, queue wait and
 end-to-end latency; per shard: in flight, concurrency limit, ejections; the degradation ladder's step.
-Each gateway has its own registry (several can run in one process, e.g. in tests). Gauges that mirror
-scheduler or router state are set when scraped, so the request path pays only for counters and histograms.
+
+The request path only bumps plain integers (prometheus-client's own Counter and Histogram take a lock per
+call, a measurable share of the gateway's time per request); a collector turns them into metric families
+when /metrics is scraped. Each gateway has its own registry, so several can run in one process.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class Histogram:
+    """Bucket counts and a sum, updated without locks (the gateway runs on one event loop)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            out.append((bound, cumulative))
+        return out
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (class, tenant, outcome)
+        self.shed: dict[tuple[str, str, str], int] = defaultdict(int)  # (class, tenant, reason)
+        self.queue_wait: dict[str, Histogram] = defaultdict(Histogram)  # by class
+        self.latency: dict[str, Histogram] = defaultdict(Histogram)  # by class
+        self.retries = 0
+        self._state: tuple[list[dict], list[dict], int] = ([], [], 0)
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("cp_requests", "Requests by class, tenant and outcome "
-                                "(admitted, completed, failed, shed).", ["class", "tenant", "outcome"], registry=r)
-        self.shed = Counter("cp_shed", "Requests shed by flow control, by reason "
-                            "(rate, queue_full, displaced, deadline, no_shard).", ["class", "tenant", "reason"],
-                            registry=r)
-        self.queue_wait = Histogram("cp_queue_wait_seconds", "Time admitted requests waited in the gateway queue.",
-                                    ["class"], buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("cp_latency_seconds", "End-to-end latency of completed requests.", ["class"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.retries = Counter("cp_retries", "Requests retried on another shard after a failure.", registry=r)
-        self.queue_depth = Gauge("cp_queue_depth", "Requests waiting, by class.", ["class"], registry=r)
-        self.shard_in_flight = Gauge("cp_shard_in_flight", "Requests in flight per shard.", ["shard"], registry=r)
-        self.shard_limit = Gauge("cp_shard_concurrency_limit", "Adaptive concurrency limit per shard.", ["shard"],
-                                 registry=r)
-        self.shard_ejections = Gauge("cp_shard_ejections", "Times a shard was ejected since it joined.", ["shard"],
-                                     registry=r)
-        self.ladder_step = Gauge("cp_ladder_step", "Degradation ladder step: 0 normal, 1 standby shards awake, "
-                                 "2 lowest class on cheaper variants.", registry=r)
-        self._children: dict[tuple, object] = {}
-
-    def count(self, metric: Counter, *labels: str) -> None:
-        """Increment a labelled counter through a cached child (labels() costs more than inc())."""
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        child.inc()
-
-    def observe(self, metric: Histogram, label: str, value: float) -> None:
-        key = (id(metric), label)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(label)
-        child.observe(value)
+        self.registry.register(self)
 
     def render(self, bands: list[dict], shards: list[dict], ladder_step: int) -> bytes:
-        for band in bands:
-            self.queue_depth.labels(band["class"]).set(band["queued"])
-        self.shard_in_flight.clear()
-        self.shard_limit.clear()
-        self.shard_ejections.clear()
-        for shard in shards:
-            self.shard_in_flight.labels(shard["name"]).set(shard["in_flight"])
-            self.shard_limit.labels(shard["name"]).set(shard["limit"])
-            self.shard_ejections.labels(shard["name"]).set(shard["ejections"])
-        self.ladder_step.set(ladder_step)
+        self._state = (bands, shards, ladder_step)
         return generate_latest(self.registry)
+
+    def collect(self):  # noqa: ANN201 - the prometheus-client collector protocol
+        bands, shards, ladder_step = self._state
+        requests = CounterMetricFamily("cp_requests", "Requests by class, tenant and outcome (admitted, completed, "
+                                       "failed, shed).", labels=["class", "tenant", "outcome"])
+        for labels, value in self.requests.items():
+            requests.add_metric(labels, value)
+        yield requests
+        shed = CounterMetricFamily("cp_shed", "Requests shed by flow control, by reason (rate, queue_full, "
+                                   "displaced, deadline).", labels=["class", "tenant", "reason"])
+        for labels, value in self.shed.items():
+            shed.add_metric(labels, value)
+        yield shed
+        for name, documentation, histograms in (
+            ("cp_queue_wait_seconds", "Time admitted requests waited in the gateway queue.", self.queue_wait),
+            ("cp_latency_seconds", "End-to-end latency of completed requests.", self.latency),
+        ):
+            family = HistogramMetricFamily(name, documentation, labels=["class"])
+            for label, histogram in histograms.items():
+                family.add_metric([label], histogram.buckets(), histogram.total)
+            yield family
+        yield CounterMetricFamily("cp_retries", "Requests retried on another shard after a failure.",
+                                  value=self.retries)
+        depth = GaugeMetricFamily("cp_queue_depth", "Requests waiting, by class.", labels=["class"])
+        for band in bands:
+            depth.add_metric([band["class"]], band["queued"])
+        yield depth
+        for name, key, documentation in (
+            ("cp_shard_in_flight", "in_flight", "Requests in flight per shard."),
+            ("cp_shard_concurrency_limit", "limit", "Adaptive concurrency limit per shard."),
+            ("cp_shard_ejections", "ejections", "Times a shard was ejected since it joined."),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=["shard"])
+            for shard in shards:
+                family.add_metric([shard["name"]], shard[key])
+            yield family
+        yield GaugeMetricFamily("cp_ladder_step", "Degradation ladder step: 0 normal, 1 standby shards awake, "
+                                "2 lowest class on cheaper variants.", value=ladder_step)

@@ -111,7 +111,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.responded = False
         self.done = asyncio.get_running_loop().create_future()
         sink.attach(self)
-        self.transport.writelines(data)
+        if len(data) == 1:
+            self.transport.write(data[0])  # uvloop's writelines() costs far more than write() for one buffer
+        else:
+            self.transport.writelines(data)
         return self.done
 
     def _fail(self, message: str) -> None:
