@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -208,6 +207,7 @@ def status(
 
 def _example_inputs(metadata: dict, config: dict) -> list:
     """Inputs filled from a model's metadata: batch of 1, variable dims of 4, deterministic values."""
+    import numpy as np
     import tritonclient.http as httpclient
     from tritonclient.utils import triton_to_np_dtype
 
@@ -238,6 +238,7 @@ def infer(
 
     Example: cpctl infer risk
     """
+    import numpy as np
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 

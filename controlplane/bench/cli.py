@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import typer
+import uvloop
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -44,7 +44,7 @@ def run_command(
     with Progress(TextColumn("sending"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("send", total=int(scenario.rate * scenario.duration_s))
-        report = asyncio.run(run(scenario, url, lambda done, total: progress.update(task, completed=done)))
+        report = uvloop.run(run(scenario, url, lambda done, total: progress.update(task, completed=done)))
     summary = report.summary()
     table = Table(title=f"{scenario.rate:g} req/s offered for {scenario.duration_s:g} s "
                         f"(achieved {summary['achieved_rate']:.0f}/s, generator lag P99 "

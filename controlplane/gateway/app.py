@@ -51,6 +51,8 @@ FORWARDED_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-enco
 SEPARATE_BODY_BYTES = 64 * 1024  # larger bodies are written as they are, not copied behind the headers
 RETRY_AFTER_NO_SHARD = [(b"retry-after", b"1")]
 TICK_S = 0.1  # background upkeep: probes of ejected shards, the ladder
+STALL_FACTOR = 3.0  # no answer after this many `time_needed_s` (and STALL_MIN_S): the shard is stalled
+STALL_MIN_S = 0.1
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data", "parameters", "statistics",
               "generate"]
 
@@ -285,7 +287,8 @@ class GatewayApp:
             if relay.started:
                 conn.abort()
                 return
-            if outcome.timed_out:
+            deadline_left = ticket.deadline - self.clock()
+            if outcome.timed_out and (deadline_left <= 0 or attempt == 1 or not outcome.before_response):
                 self.metrics.requests[class_name, tenant, "failed"] += 1
                 raise HttpError(504, f"the deadline passed in flight: {outcome}")
             if attempt == 0 and outcome.before_response and self.router.take_retry_token():
@@ -347,9 +350,13 @@ class GatewayApp:
         path = request.path if model == ticket.model and request.path.startswith(f"/v2/models/{model}/") \
             else f"/v2/models/{model}/{action}"
         started = self.clock()
+        # A shard that has not answered after several typical service times is treated as stalled (frozen,
+        # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
+        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.time_needed_s())
+        timeout = min(remaining, self.limits.upstream_timeout_s,
+                      stall_s if action == "infer" and ticket.exclude is None else remaining)
         try:
-            await exchange(target.pool, self.upstream_request(b"POST", path, headers, body), relay,
-                           min(remaining, self.limits.upstream_timeout_s))
+            await exchange(target.pool, self.upstream_request(b"POST", path, headers, body), relay, timeout)
         except UpstreamError as exc:
             self.router.release(target, self.clock() - started, ok=False)
             return exc

@@ -39,6 +39,7 @@ from typing import Protocol
 from controlplane.spec import GatewayLimits, PriorityClass
 
 QUANTUM = 8.0  # cost units a flow earns per round-robin turn
+RATE_WINDOW_S = 1.0  # completions counted over this window when the shards are saturated
 SERVICE_TIME_WEIGHT = 0.05  # EWMA weight of each completed request's service time
 LOOP_ALLOWANCE_S = 0.005  # event-loop delay allowed for between dispatch and the request leaving
 CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
@@ -198,6 +199,8 @@ class Scheduler:
         self.band = {b.name: b for b in self.bands}
         self.count = 0
         self.bytes = 0
+        self.completions: deque[float] = deque()  # completion times of the last RATE_WINDOW_S
+        self.saturated_since = math.inf  # since when requests have been queued without a break
         self.service_time_s = 0.0  # EWMA of the time a dispatched request holds its slot
         self.service_dev_s = 0.0  # EWMA of its deviation
 
@@ -243,6 +246,8 @@ class Scheduler:
         self.pump()
 
     def _enqueue(self, ticket: Ticket, band: Band, now: float) -> None:
+        if self.count == 0:
+            self.saturated_since = now
         ticket.state = "queued"
         ticket.enqueued_at = now
         band.push(ticket)
@@ -313,6 +318,7 @@ class Scheduler:
     def completed(self, service_time_s: float) -> None:
         """A dispatched request finished after holding its slot for service_time_s (mean and mean deviation
         kept as TCP keeps round-trip times, RFC 6298)."""
+        self.completions.append(self.clock())
         if self.service_time_s == 0.0:
             self.service_time_s, self.service_dev_s = service_time_s, service_time_s / 2
         error = service_time_s - self.service_time_s
@@ -325,11 +331,19 @@ class Scheduler:
         return 2 * self.service_time_s + 4 * self.service_dev_s + LOOP_ALLOWANCE_S
 
     def service_rate(self) -> float:
-        """Requests per second the shards can take now (Little's law: slots / time a request holds one);
-        0 while unknown. Measured from capacity, not from recent completions, which undercount after a lull."""
+        """Requests per second the shards take now; 0 while unknown. From capacity (Little's law: slots over
+        the time a request holds one), lowered to the completions of the last second while requests queue:
+        then the shards are saturated and completions are the truth (the gateway's own CPU may be the limit).
+        Completions alone would undercount after a lull."""
         if self.service_time_s <= 0.0:
             return 0.0
-        return self.capacity.total_slots() / self.service_time_s
+        rate = self.capacity.total_slots() / self.service_time_s
+        now = self.clock()
+        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
+            self.completions.popleft()
+        if self.count and self.saturated_since <= now - RATE_WINDOW_S and self.completions:
+            rate = min(rate, len(self.completions) / RATE_WINDOW_S)
+        return rate
 
     def estimated_wait(self, band: Band) -> float:
         """Seconds until a request joining `band` now would be dispatched: requests queued at its level
@@ -338,7 +352,12 @@ class Scheduler:
         if ahead == 0:
             return 0.0
         rate = self.service_rate()
-        return ahead / rate if rate > 0 else 0.0
+        if rate <= 0:
+            return 0.0
+        # While higher bands are backlogged this band drains only at its guaranteed share of the rate.
+        backlogged = [b for b in self.bands if b.count or b is band]
+        share = band.share / sum(b.share for b in backlogged)
+        return max(ahead / rate, (band.count + 1) / (rate * share))
 
     def _retry_after(self, band: Band) -> float:
         return max(self.estimated_wait(band), 1.0)
