@@ -165,7 +165,7 @@ class Concurrency(StrictModel):
         2.0, gt=1, description="Latency above this multiple of the unloaded latency (plus `slack_ms`) is overload."
     )
     slack_ms: float = Field(
-        20.0, ge=0, description="Absolute latency allowance added to the tolerance: the queueing a shard may add "
+        50.0, ge=0, description="Absolute latency allowance added to the tolerance: the queueing a shard may add "
         "so that dynamic batching can fill batches. Triton's own priority queue lets higher classes skip it."
     )
     backoff: float = Field(0.9, gt=0, lt=1, description="Multiplicative decrease on overload.")

@@ -33,9 +33,10 @@ model_repository: {ROOT / 'examples' / 'models'}
 node_pools: [{{name: local, provider: existing, instance_type: this-machine}}]
 models:
   - {{name: work, path: work, memory_mb: 32, instance_count: 2, max_batch: 64}}
-  - {{name: risk, path: risk, memory_mb: 64, instance_count: 1, max_batch: 64}}
+  - {{name: risk, path: risk, memory_mb: 64, instance_count: 1, max_batch: 64, cheaper_variant: risk_lite}}
+  - {{name: risk_lite, path: risk_lite, memory_mb: 16, instance_count: 1, max_batch: 64}}
 shards:
-  - {{name: main, models: [work, risk], replicas: 2, standby: 1}}
+  - {{name: main, models: [work, risk, risk_lite], replicas: 2, standby: 1}}
 priority_classes:
   - {{name: critical, level: 300, default_deadline_ms: 3000, share: 0.5}}
   - {{name: standard, level: 200, default_deadline_ms: 1500, share: 0.3}}
@@ -215,6 +216,38 @@ def test_standby_shard_wakes_under_sustained_backlog_and_retires_after(flow_stac
     while standby_state() != "stopped":  # backlog gone: after down_after_s the ladder steps down
         assert time.monotonic() < deadline, "the standby shard was not released"
         time.sleep(0.2)
+
+
+RISK_BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
+                                    "data": [0.5] * 16}]}).encode()
+
+
+def test_sheddable_traffic_moves_to_the_cheaper_variant_under_sustained_backlog(flow_stack: RunningStack) -> None:
+    async def scenario(client: HttpClient):
+        stop = time.monotonic() + 10
+        answered_by: dict[str, set[str]] = {"sheddable": set(), "critical": set()}
+
+        async def flood():
+            while time.monotonic() < stop and "risk_lite" not in answered_by["sheddable"]:
+                await infer(client, {**DEMO, "x-priority": "sheddable"}, work_body([1.0], 50))
+
+        async def probe():
+            while time.monotonic() < stop and "risk_lite" not in answered_by["sheddable"]:
+                for cls in ("sheddable", "critical"):
+                    response = await client.request("POST", "/v2/models/risk/infer", RISK_BODY,
+                                                    {**DEMO, "x-priority": cls, "x-deadline-ms": "5000"})
+                    if response.status == 200:
+                        answered_by[cls].add(json.loads(response.body)["model_name"])
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(probe(), *(flood() for _ in range(60)))
+        ladder = json.loads((await client.request("GET", "/admin/queues", b"", ADMIN)).body)["ladder"]
+        return answered_by, ladder
+
+    answered_by, ladder = call(flow_stack, scenario)
+    assert "risk_lite" in answered_by["sheddable"], f"no sheddable request went to the variant: {ladder}"
+    assert answered_by["critical"] == {"risk"}  # only the lowest class is degraded
+    assert any(step["step"] == 2 for step in ladder["history"])
 
 
 def test_shard_killed_mid_load_is_ejected_and_no_request_fails(flow_stack: RunningStack) -> None:

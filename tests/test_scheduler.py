@@ -172,6 +172,20 @@ def test_request_that_cannot_meet_its_deadline_is_shed_at_admission() -> None:
     assert urgent.state == "queued"
 
 
+def test_measured_drain_rate_of_a_band_overrides_an_optimistic_model() -> None:
+    scheduler, slots, clock, rec = make()
+    scheduler.completed(0.001)  # the model says: 4 slots at 1 ms, 4000/s, no wait worth mentioning
+    for _ in range(20):
+        scheduler.submit(rec.ticket("sheddable", deadline=clock.now + 100))
+    for _ in range(5):  # but over a whole second the band really drained 5 requests
+        clock.now += 0.2
+        release(scheduler, slots, 1)
+    late = rec.ticket("sheddable", deadline=clock.now + 2.0)
+    scheduler.submit(late)
+    assert late.state == "shed" and rec.shed[-1][1].reason == "deadline"  # ~16 queued at 5/s: over 3 s
+    assert rec.shed[-1][1].retry_after_s == pytest.approx(16 / 5 + 0.2, abs=0.3)
+
+
 def test_deadline_passing_in_queue_sheds_without_dispatch() -> None:
     scheduler, slots, clock, rec = make()
     ticket = rec.ticket("standard", deadline=clock.now + 0.5)

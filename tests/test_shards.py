@@ -39,7 +39,7 @@ def test_start_notify_stop_leaves_no_process(tmp_path: Path) -> None:
         try:
             assert sorted(e.name for e in backend.endpoints()) == ["main-0", "main-1"]
             for endpoint in backend.endpoints():
-                assert endpoint.models == {"risk", "work", "textgen"}
+                assert endpoint.models == {"risk", "risk_lite", "work", "textgen"}
                 assert await probe_ready(endpoint.port)
             groups = [r.process.pgid for r in backend.replicas if r.process]
             # each server runs one Python-backend stub per model instance, in its own process group

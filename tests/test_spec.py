@@ -47,16 +47,16 @@ def test_wrong_type_says_what_was_expected() -> None:
 
 
 def test_dangling_model_reference_names_the_shard_entry() -> None:
-    text = VALID.replace("models: [risk, work, textgen]", "models: [risk, wrok, textgen]")
+    text = VALID.replace("models: [risk, risk_lite, work, textgen]", "models: [risk, risk_lite, wrok, textgen]")
     [error] = errors_of(text)
-    assert error.startswith(f"cluster.yaml:{line_of('wrok', text)}: shards[0].models[1]: unknown model 'wrok'")
-    assert "risk, textgen, work" in error
+    assert error.startswith(f"cluster.yaml:{line_of('wrok', text)}: shards[0].models[2]: unknown model 'wrok'")
+    assert "risk, risk_lite, textgen, work" in error
 
 
 def test_duplicate_model_names_are_refused() -> None:
     text = VALID.replace("- name: textgen", "- name: work", 1)
     errors = errors_of(text)
-    assert any("models[2].name: duplicate name 'work'" in e for e in errors)
+    assert any("models[3].name: duplicate name 'work'" in e for e in errors)
 
 
 def test_duplicate_yaml_keys_are_refused_not_silently_overwritten() -> None:

@@ -35,7 +35,7 @@ def test_status_json_describes_the_running_stack(stack: RunningStack) -> None:
     assert status["gateway"] == stack.gateway
     ready = [s for s in status["shards"] if s["ready"]]
     assert [s["name"] for s in ready] == ["main-0", "main-1"]
-    assert all(s["url"].startswith("http://127.0.0.1:") and set(s["models"]) == {"risk", "work", "textgen"}
+    assert all(s["url"].startswith("http://127.0.0.1:") and set(s["models"]) == {"risk", "risk_lite", "work", "textgen"}
                for s in ready)
     standby = [s for s in status["shards"] if s["standby"]]
     assert [(s["name"], s["ready"], s["url"]) for s in standby] == [("main-2", False, None)]

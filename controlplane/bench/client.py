@@ -91,7 +91,7 @@ class HttpClient:
         conn = None
         while self.idle:
             candidate = self.idle.pop()
-            if not candidate.closed:
+            if not candidate.closed and not candidate.transport.is_closing():
                 conn = candidate
                 break
         loop = asyncio.get_running_loop()
@@ -106,7 +106,11 @@ class HttpClient:
         head += [f"{name}: {value}\r\n" for name, value in (headers or {}).items()]
         head.append("\r\n")
         conn.waiter = loop.create_future()
-        conn.transport.write("".join(head).encode() + body)
+        try:
+            conn.transport.write("".join(head).encode() + body)
+        except RuntimeError as exc:  # closed by the server between the check and the write
+            self.all.discard(conn)
+            raise ClientError(f"connection closed: {exc}") from None
         try:
             response = await asyncio.wait_for(conn.waiter, self.timeout_s)
         except (TimeoutError, asyncio.CancelledError):

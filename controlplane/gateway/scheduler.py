@@ -14,7 +14,8 @@ Model (vocabulary after Kubernetes API Priority and Fairness):
 - Admission sheds at once (never after a wasted wait) when: the band is full (requests or bytes); the whole
   queue is full and no lower band has a request to displace; or the deadline cannot be met. The wait is
   estimated as the requests queued in this band and higher bands over the service rate (slots of the shards
-  over the mean time a request holds a slot).
+  over the mean time a request holds a slot), at least the band's own queue over its guaranteed share of
+  that rate, and at least its queue over the rate at which it really drained during the last second.
 - When the whole queue is full, a request of a higher band displaces the newest request of the lowest
   backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
 - A queued request whose deadline passes is removed and answered without reaching a shard; so is one that
@@ -105,6 +106,8 @@ class Band:
     cost: float = 0.0
     credit: float = 0.0
     dead: int = 0  # shed tickets still sitting in flows
+    backlogged_since: float = math.inf  # since when this band has had requests queued without a break
+    dispatched_at: deque[float] = field(default_factory=deque)  # dispatch times of the last RATE_WINDOW_S
 
     def push(self, ticket: Ticket, front: bool = False) -> None:
         flow = self.flows.get(ticket.tenant)
@@ -248,6 +251,8 @@ class Scheduler:
     def _enqueue(self, ticket: Ticket, band: Band, now: float) -> None:
         if self.count == 0:
             self.saturated_since = now
+        if band.count == 0:
+            band.backlogged_since = now
         ticket.state = "queued"
         ticket.enqueued_at = now
         band.push(ticket)
@@ -273,6 +278,7 @@ class Scheduler:
         self.bytes -= ticket.size
         if band.count == 0:
             band.credit = 0.0
+            band.backlogged_since = math.inf
 
     def expire(self, ticket: Ticket) -> None:
         """Called when a queued ticket's deadline passes: answer it without sending it anywhere."""
@@ -295,6 +301,7 @@ class Scheduler:
                 self.capacity.unreserve(target)
                 ticket.shed(Shed("deadline", "the deadline would pass before a shard could answer", 0.0))
                 continue
+            self.band[ticket.band].dispatched_at.append(self.clock())
             ticket.dispatch(target)
             dispatched += 1
         return dispatched
@@ -311,6 +318,7 @@ class Scheduler:
                 band.credit = max(CREDIT_MIN, band.credit - 1.0)
                 if band.count == 0:
                     band.credit = 0.0
+                    band.backlogged_since = math.inf
                 return ticket, target
         return None, None
 
@@ -357,7 +365,16 @@ class Scheduler:
         # While higher bands are backlogged this band drains only at its guaranteed share of the rate.
         backlogged = [b for b in self.bands if b.count or b is band]
         share = band.share / sum(b.share for b in backlogged)
-        return max(ahead / rate, (band.count + 1) / (rate * share))
+        wait = max(ahead / rate, (band.count + 1) / (rate * share))
+        # Once the band has been backlogged for a whole window, how fast it really drains is known: trust it
+        # over the model above (which cannot see, e.g., the gateway's own CPU running out).
+        now = self.clock()
+        while band.dispatched_at and band.dispatched_at[0] < now - RATE_WINDOW_S:
+            band.dispatched_at.popleft()
+        if band.count and band.backlogged_since <= now - RATE_WINDOW_S:
+            drained = len(band.dispatched_at) / RATE_WINDOW_S
+            wait = max(wait, (band.count + 1) / drained if drained else math.inf)
+        return wait
 
     def _retry_after(self, band: Band) -> float:
         return max(self.estimated_wait(band), 1.0)
