@@ -352,7 +352,7 @@ class GatewayApp:
         started = self.clock()
         # A shard that has not answered after several typical service times is treated as stalled (frozen,
         # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
-        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.time_needed_s())
+        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.time_needed_s(self.scheduler.band[ticket.band]))
         timeout = min(remaining, self.limits.upstream_timeout_s,
                       stall_s if action == "infer" and ticket.exclude is None else remaining)
         try:
@@ -366,7 +366,7 @@ class GatewayApp:
         service_time = self.clock() - started
         # 5xx from Triton (its queue full, a timeout, a crash in the model) is an overload or failure signal
         self.router.release(target, service_time, ok=relay.status < 500)
-        self.scheduler.completed(service_time)
+        self.scheduler.completed(service_time, ticket.band)
         return None
 
     def _with_triton_parameters(self, body: bytes, headers: dict[bytes, bytes], checked: InferHeader,

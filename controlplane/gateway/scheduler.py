@@ -89,6 +89,25 @@ class Ticket:
         self.on_shed(shed)
 
 
+class ServiceTime:
+    """Mean and mean deviation of the time requests hold a slot, kept as TCP keeps round-trip times
+    (RFC 6298); what a request needs left when sent so that it rarely times out in flight."""
+
+    def __init__(self) -> None:
+        self.mean_s = 0.0
+        self.dev_s = 0.0
+
+    def update(self, sample_s: float) -> None:
+        if self.mean_s == 0.0:
+            self.mean_s, self.dev_s = sample_s, sample_s / 2
+        error = sample_s - self.mean_s
+        self.mean_s += SERVICE_TIME_WEIGHT * error
+        self.dev_s += SERVICE_TIME_WEIGHT * (abs(error) - self.dev_s)
+
+    def needed_s(self) -> float:
+        return self.mean_s + 4 * self.dev_s + LOOP_ALLOWANCE_S
+
+
 @dataclass(eq=False)
 class Band:
     """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""
@@ -107,6 +126,7 @@ class Band:
     credit: float = 0.0
     dead: int = 0  # shed tickets still sitting in flows
     backlogged_since: float = math.inf  # since when this band has had requests queued without a break
+    service: ServiceTime = field(default_factory=ServiceTime)  # this class's own (Triton serves classes apart)
     dispatched_at: deque[float] = field(default_factory=deque)  # dispatch times of the last RATE_WINDOW_S
 
     def push(self, ticket: Ticket, front: bool = False) -> None:
@@ -204,8 +224,7 @@ class Scheduler:
         self.bytes = 0
         self.completions: deque[float] = deque()  # completion times of the last RATE_WINDOW_S
         self.saturated_since = math.inf  # since when requests have been queued without a break
-        self.service_time_s = 0.0  # EWMA of the time a dispatched request holds its slot
-        self.service_dev_s = 0.0  # EWMA of its deviation
+        self.service = ServiceTime()  # all classes together: the shards' service rate
 
     # --- admission ---------------------------------------------------------------------------------------
     def submit(self, ticket: Ticket) -> None:
@@ -221,7 +240,7 @@ class Scheduler:
                 ticket.dispatch(target)
                 return
         wait = self.estimated_wait(band)
-        if now + wait + self.time_needed_s() > ticket.deadline:
+        if now + wait + self.time_needed_s(band) > ticket.deadline:
             ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
                                          f"class '{band.name}' and above is queued", wait))
             return
@@ -296,7 +315,7 @@ class Scheduler:
                 break
             self.count -= 1
             self.bytes -= ticket.size
-            if ticket.deadline - self.clock() < self.time_needed_s():
+            if ticket.deadline - self.clock() < self.time_needed_s(self.band[ticket.band]):
                 # it would time out in flight (a 504 and a wasted slot): answer it now instead
                 self.capacity.unreserve(target)
                 ticket.shed(Shed("deadline", "the deadline would pass before a shard could answer", 0.0))
@@ -323,29 +342,28 @@ class Scheduler:
         return None, None
 
     # --- measurements ------------------------------------------------------------------------------------
-    def completed(self, service_time_s: float) -> None:
-        """A dispatched request finished after holding its slot for service_time_s (mean and mean deviation
-        kept as TCP keeps round-trip times, RFC 6298)."""
+    def completed(self, service_time_s: float, band: str | None = None) -> None:
+        """A dispatched request (of class `band`) finished after holding its slot for service_time_s."""
         self.completions.append(self.clock())
-        if self.service_time_s == 0.0:
-            self.service_time_s, self.service_dev_s = service_time_s, service_time_s / 2
-        error = service_time_s - self.service_time_s
-        self.service_time_s += SERVICE_TIME_WEIGHT * error
-        self.service_dev_s += SERVICE_TIME_WEIGHT * (abs(error) - self.service_dev_s)
+        self.service.update(service_time_s)
+        if band is not None:
+            self.band[band].service.update(service_time_s)
 
-    def time_needed_s(self) -> float:
-        """Deadline a request needs left when sent so that it rarely times out in flight: twice the mean
-        service time plus four deviations, plus an allowance for the gateway's own event-loop delay."""
-        return 2 * self.service_time_s + 4 * self.service_dev_s + LOOP_ALLOWANCE_S
+    def time_needed_s(self, band: Band | None = None) -> float:
+        """Deadline a request needs left when sent: from its own class's service times once known (Triton's
+        priority queue serves higher classes faster than the average), else from all classes'."""
+        if band is not None and band.service.mean_s > 0.0:
+            return band.service.needed_s()
+        return self.service.needed_s()
 
     def service_rate(self) -> float:
         """Requests per second the shards take now; 0 while unknown. From capacity (Little's law: slots over
         the time a request holds one), lowered to the completions of the last second while requests queue:
         then the shards are saturated and completions are the truth (the gateway's own CPU may be the limit).
         Completions alone would undercount after a lull."""
-        if self.service_time_s <= 0.0:
+        if self.service.mean_s <= 0.0:
             return 0.0
-        rate = self.capacity.total_slots() / self.service_time_s
+        rate = self.capacity.total_slots() / self.service.mean_s
         now = self.clock()
         while self.completions and self.completions[0] < now - RATE_WINDOW_S:
             self.completions.popleft()
