@@ -51,7 +51,7 @@ FORWARDED_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-enco
 SEPARATE_BODY_BYTES = 64 * 1024  # larger bodies are written as they are, not copied behind the headers
 RETRY_AFTER_NO_SHARD = [(b"retry-after", b"1")]
 TICK_S = 0.1  # background upkeep: probes of ejected shards, the ladder
-STALL_FACTOR = 3.0  # no answer after this many `time_needed_s` (and STALL_MIN_S): the shard is stalled
+STALL_FACTOR = 2.0  # no answer after this many of the class's stall times (and STALL_MIN_S): stalled
 STALL_MIN_S = 0.1
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data", "parameters", "statistics",
               "generate"]
@@ -352,7 +352,7 @@ class GatewayApp:
         started = self.clock()
         # A shard that has not answered after several typical service times is treated as stalled (frozen,
         # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
-        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.time_needed_s(self.scheduler.band[ticket.band]))
+        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.band[ticket.band].service.stall_s())
         timeout = min(remaining, self.limits.upstream_timeout_s,
                       stall_s if action == "infer" and ticket.exclude is None else remaining)
         try:

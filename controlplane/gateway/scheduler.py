@@ -91,7 +91,7 @@ class Ticket:
 
 class ServiceTime:
     """Mean and mean deviation of the time requests hold a slot, kept as TCP keeps round-trip times
-    (RFC 6298); what a request needs left when sent so that it rarely times out in flight."""
+    (RFC 6298)."""
 
     def __init__(self) -> None:
         self.mean_s = 0.0
@@ -105,6 +105,12 @@ class ServiceTime:
         self.dev_s += SERVICE_TIME_WEIGHT * (abs(error) - self.dev_s)
 
     def needed_s(self) -> float:
+        """Deadline worth sending with: about the 84th percentile (mean + one deviation). More would shed
+        requests that usually finish; less would turn sheds into timeouts in flight."""
+        return self.mean_s + self.dev_s + LOOP_ALLOWANCE_S
+
+    def stall_s(self) -> float:
+        """No answer after this long (mean + 4 deviations, RFC 6298's timeout) is unusual."""
         return self.mean_s + 4 * self.dev_s + LOOP_ALLOWANCE_S
 
 
