@@ -11,6 +11,7 @@ serialised and one run must finish before the next starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import runpy
 import sys
@@ -174,6 +175,12 @@ def run_program(config: dict[str, str], stack: str = "offline",
         sys.path.insert(0, str(PROJECT_ROOT))
 
     with _LOCK:
+        # Pulumi's runtime uses the thread's current event loop; an earlier asyncio.run() in this process
+        # (the gateway, the bench) leaves none set.
+        try:
+            asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            asyncio.set_event_loop(asyncio.new_event_loop())
         mocks = _make_mocks(address_of)
         runtime_settings.ROOT.set(None)  # a fresh Stack per run, so no exports of an earlier run linger
         pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
