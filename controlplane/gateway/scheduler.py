@@ -42,6 +42,7 @@ from controlplane.spec import GatewayLimits, PriorityClass
 QUANTUM = 8.0  # cost units a flow earns per round-robin turn
 RATE_WINDOW_S = 1.0  # completions counted over this window when the shards are saturated
 SERVICE_TIME_WEIGHT = 0.05  # EWMA weight of each completed request's service time
+WAIT_MARGIN = 1.25  # admission pads the wait estimate: a request admitted and then expiring is a wasted wait
 LOOP_ALLOWANCE_S = 0.005  # event-loop delay allowed for between dispatch and the request leaving
 CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
 
@@ -246,7 +247,7 @@ class Scheduler:
                 ticket.dispatch(target)
                 return
         wait = self.estimated_wait(band)
-        if now + wait + self.time_needed_s(band) > ticket.deadline:
+        if now + wait * WAIT_MARGIN + self.time_needed_s(band) > ticket.deadline:
             ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
                                          f"class '{band.name}' and above is queued", wait))
             return
