@@ -186,6 +186,15 @@ def test_measured_drain_rate_of_a_band_overrides_an_optimistic_model() -> None:
     assert rec.shed[-1][1].retry_after_s == pytest.approx(16 / 5 + 0.2, abs=0.3)
 
 
+def test_rate_windows_stay_bounded_without_backlog() -> None:
+    scheduler, slots, clock, rec = make(free=10**6)
+    for _ in range(20000):  # 20 s of traffic that never queues: nobody reads the windows
+        clock.now += 0.001
+        scheduler.submit(rec.ticket("standard"))
+        scheduler.completed(0.001, "standard")
+    assert len(scheduler.completions) <= 1001  # one second's worth, not everything ever completed
+
+
 def test_deadline_passing_in_queue_sheds_without_dispatch() -> None:
     scheduler, slots, clock, rec = make()
     ticket = rec.ticket("standard", deadline=clock.now + 0.5)

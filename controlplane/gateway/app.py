@@ -347,8 +347,8 @@ class GatewayApp:
         body, headers = request.body, request.headers
         if checked is not None and b"content-encoding" not in headers:
             body, headers = self._with_triton_parameters(body, headers, checked, signature, ticket.band, remaining)
-        path = request.path if model == ticket.model and request.path.startswith(f"/v2/models/{model}/") \
-            else f"/v2/models/{model}/{action}"
+        # the client's path, unless the ladder sent the request to the model's cheaper variant
+        path = request.path if request.path.startswith(f"/v2/models/{model}/") else f"/v2/models/{model}/{action}"
         started = self.clock()
         # A shard that has not answered after several typical service times is treated as stalled (frozen,
         # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.

@@ -90,6 +90,19 @@ class Ticket:
         self.on_shed(shed)
 
 
+def count_in_window(times: deque[float], now: float) -> int:
+    """Drop event times older than RATE_WINDOW_S; how many remain."""
+    while times and times[0] < now - RATE_WINDOW_S:
+        times.popleft()
+    return len(times)
+
+
+def record_in_window(times: deque[float], now: float) -> None:
+    """Add an event time. Trimming on every add keeps the window bounded even when nobody reads it."""
+    times.append(now)
+    count_in_window(times, now)
+
+
 class ServiceTime:
     """Mean and mean deviation of the time requests hold a slot, kept as TCP keeps round-trip times
     (RFC 6298)."""
@@ -129,7 +142,6 @@ class Band:
     deficit: dict[str, float] = field(default_factory=dict)
     count: int = 0
     bytes: int = 0
-    cost: float = 0.0
     credit: float = 0.0
     dead: int = 0  # shed tickets still sitting in flows
     backlogged_since: float = math.inf  # since when this band has had requests queued without a break
@@ -152,7 +164,6 @@ class Band:
     def _account(self, ticket: Ticket, sign: int) -> None:
         self.count += sign
         self.bytes += sign * ticket.size
-        self.cost += sign * ticket.cost
 
     def forget(self, ticket: Ticket) -> None:
         """Take a ticket out of the counts; it stays in its flow and is skipped when reached (lazy removal).
@@ -327,7 +338,7 @@ class Scheduler:
                 self.capacity.unreserve(target)
                 ticket.shed(Shed("deadline", "the deadline would pass before a shard could answer", 0.0))
                 continue
-            self.band[ticket.band].dispatched_at.append(self.clock())
+            record_in_window(self.band[ticket.band].dispatched_at, self.clock())
             ticket.dispatch(target)
             dispatched += 1
         return dispatched
@@ -351,7 +362,7 @@ class Scheduler:
     # --- measurements ------------------------------------------------------------------------------------
     def completed(self, service_time_s: float, band: str | None = None) -> None:
         """A dispatched request (of class `band`) finished after holding its slot for service_time_s."""
-        self.completions.append(self.clock())
+        record_in_window(self.completions, self.clock())
         self.service.update(service_time_s)
         if band is not None:
             self.band[band].service.update(service_time_s)
@@ -372,10 +383,9 @@ class Scheduler:
             return 0.0
         rate = self.capacity.total_slots() / self.service.mean_s
         now = self.clock()
-        while self.completions and self.completions[0] < now - RATE_WINDOW_S:
-            self.completions.popleft()
-        if self.count and self.saturated_since <= now - RATE_WINDOW_S and self.completions:
-            rate = min(rate, len(self.completions) / RATE_WINDOW_S)
+        completed = count_in_window(self.completions, now)
+        if self.count and self.saturated_since <= now - RATE_WINDOW_S and completed:
+            rate = min(rate, completed / RATE_WINDOW_S)
         return rate
 
     def estimated_wait(self, band: Band) -> float:
@@ -394,10 +404,8 @@ class Scheduler:
         # Once the band has been backlogged for a whole window, how fast it really drains is known: trust it
         # over the model above (which cannot see, e.g., the gateway's own CPU running out).
         now = self.clock()
-        while band.dispatched_at and band.dispatched_at[0] < now - RATE_WINDOW_S:
-            band.dispatched_at.popleft()
         if band.count and band.backlogged_since <= now - RATE_WINDOW_S:
-            drained = len(band.dispatched_at) / RATE_WINDOW_S
+            drained = count_in_window(band.dispatched_at, now) / RATE_WINDOW_S
             wait = max(wait, (band.count + 1) / drained if drained else math.inf)
         return wait
 
