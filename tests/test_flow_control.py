@@ -250,7 +250,7 @@ def test_sheddable_traffic_moves_to_the_cheaper_variant_under_sustained_backlog(
     assert any(step["step"] == 2 for step in ladder["history"])
 
 
-def test_shard_killed_mid_load_is_ejected_and_no_request_fails(flow_stack: RunningStack) -> None:
+def test_shard_killed_mid_load_leaves_the_pool_and_no_request_fails(flow_stack: RunningStack) -> None:
     victim = flow_stack.shard_pids()["main-1"]
 
     async def scenario(client: HttpClient):

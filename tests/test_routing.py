@@ -1,0 +1,78 @@
+"""The router's rules with a fake clock: adaptive limits, least-loaded choice, ejection and probing, retry budget."""
+
+from __future__ import annotations
+
+from controlplane.gateway.routing import Router
+from controlplane.shards.base import Endpoint
+from controlplane.spec import Concurrency, Ejection
+
+MODELS = frozenset({"m"})
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def router(**concurrency) -> tuple[Router, FakeClock]:
+    clock = FakeClock()
+    r = Router(Concurrency(**{"initial": 4, "max": 64, "slack_ms": 0, **concurrency}),
+               Ejection(consecutive_failures=3, base_s=1.0, max_s=8.0), retry_budget=0.1, clock=clock)
+    r.update([Endpoint("a", "127.0.0.1", 1, MODELS), Endpoint("b", "127.0.0.1", 2, MODELS)])
+    return r, clock
+
+
+def test_requests_go_only_into_free_slots_least_loaded_first() -> None:
+    r, _ = router()
+    taken = [r.acquire("m") for _ in range(8)]
+    assert sorted(t.name for t in taken) == ["a"] * 4 + ["b"] * 4  # alternates, each up to its limit of 4
+    assert r.acquire("m") is None and not r.can_serve("m")
+    r.unreserve(taken[0])
+    assert r.acquire("m") is taken[0]
+
+
+def test_limit_grows_on_fast_answers_and_shrinks_on_slow_ones() -> None:
+    r, clock = router()
+    a = r.target_named("a")
+    for _ in range(40):  # unloaded latency 10 ms
+        r.acquire("m", exclude=r.target_named("b"))
+        clock.now += 0.01
+        r.release(a, 0.010, ok=True)
+    grown = a.limit
+    assert grown > 6
+    r.acquire("m", exclude=r.target_named("b"))
+    clock.now += 0.05
+    r.release(a, 0.050, ok=True)  # 5x the unloaded latency: overload
+    assert a.limit < grown and a.limit == grown * 0.9
+
+
+def test_failing_shard_is_ejected_then_probed_before_it_returns() -> None:
+    r, clock = router()
+    a = r.target_named("a")
+    for _ in range(3):
+        r.acquire("m", exclude=r.target_named("b"))
+        r.release(a, 0.0, ok=False)
+    assert not a.available and all(r.acquire("m") is not a for _ in range(3))
+    assert r.due_for_probe() == []  # still within its 1 s back-off
+    clock.now += 1.0
+    assert r.due_for_probe() == [a] and not a.available  # probing: no traffic meanwhile
+    r.probed(a, healthy=False)
+    clock.now += 1.5
+    assert r.due_for_probe() == []  # the back-off doubled to 2 s
+    clock.now += 0.5
+    assert r.due_for_probe() == [a]
+    r.probed(a, healthy=True)
+    assert a.available and a.limit == 4  # back at the initial limit (slow start)
+
+
+def test_retries_stay_within_the_budget() -> None:
+    r, _ = router()
+    granted = 0
+    for _ in range(1000):
+        slot = r.acquire("m")
+        r.unreserve(slot)
+        granted += r.take_retry_token()
+    assert granted <= 0.1 * 1000 + 10  # 10% of requests, plus the saved-up start
