@@ -188,6 +188,35 @@ class Ladder(StrictModel):
     down_after_s: float = Field(10.0, gt=0, description="Cleared this long steps one down.")
 
 
+class Overload(StrictModel):
+    """The gateway's protection of itself when it, not a shard, is the bottleneck
+    (controlplane/gateway/overload.py has the model). Pressures are 0..1; the highest monitor counts."""
+
+    enabled: bool = Field(True, description="Watch the gateway's own saturation and act by class.")
+    refresh_s: float = Field(0.25, gt=0, description="How often CPU, memory and connections are read.")
+    lag_saturated_ms: float = Field(
+        10.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
+        "looks at it."
+    )
+    max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
+    shed_lowest_at: float = Field(
+        0.80, gt=0, le=1, description="Pressure from which the lowest class is refused right after its headers."
+    )
+    shed_all_but_top_at: float = Field(
+        0.95, gt=0, le=1, description="Pressure from which every class but the highest is refused, with keep-alive "
+        "withdrawn, and new connections past `connection_budget` are refused."
+    )
+    hysteresis: float = Field(0.1, ge=0, lt=1, description="A level is left only this far below its threshold...")
+    cool_down_s: float = Field(2.0, ge=0, description="...and after the pressure stayed there this long.")
+    protect_window_s: float = Field(
+        5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
+        "would protect nothing)."
+    )
+    hold_max_s: float = Field(10.0, gt=0, description="A connection not read for overload this long is closed.")
+    connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
+                                   "are refused at the highest overload level.")
+
+
 class Gateway(StrictModel):
     listen: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on; 0 picks a free one.")
@@ -204,6 +233,7 @@ class Gateway(StrictModel):
         "once, on another shard, only before any response byte)."
     )
     ladder: Ladder = Field(default_factory=Ladder, description="Automatic, reversible degradation under backlog.")
+    overload: Overload = Field(default_factory=Overload, description="The gateway's protection of itself.")
 
 
 class ClusterSpec(StrictModel):

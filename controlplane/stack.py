@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import tempfile
@@ -61,6 +62,7 @@ class LocalStack:
                              gateway.limits.upstream_connections_per_shard)
         self.app = GatewayApp(spec, self.router, set_standby=self._set_standby)
         self.server = GatewayServer(self.app, gateway.limits)
+        self.app.serve_on(self.server)
         self.url = ""
         self._standby_changes: set[asyncio.Task[None]] = set()
 
@@ -77,8 +79,12 @@ class LocalStack:
             await self.shards.stop()
             raise OSError(f"gateway cannot listen on {self.spec.gateway.listen}:{self.port}: {exc.strerror}") from None
         self.url = f"http://{self.spec.gateway.listen}:{port}"
-        self.app.start()
         self.write_state()
+        # What exists now lives as long as the process: keep it out of the collector's full passes, which
+        # would otherwise walk every imported module's objects over and over under load.
+        gc.collect()
+        gc.freeze()
+        self.app.start()
 
     async def stop(self) -> None:
         await self.app.stop()

@@ -53,7 +53,7 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admitted:
     tenant: Tenant
     priority_class: PriorityClass
@@ -97,6 +97,12 @@ class Admission:
 
     def admit(self, headers: dict[bytes, bytes]) -> Admitted:
         """Identity, class, rate and deadline of a request, or Refused."""
+        admitted = self.classify(headers)
+        self.charge(admitted)
+        return admitted
+
+    def classify(self, headers: dict[bytes, bytes]) -> Admitted:
+        """Identity, class and deadline of a request (no token taken yet), or Refused."""
         tenant = self.identify(headers)
         asked = headers.get(b"x-priority")
         if asked is None:
@@ -115,11 +121,15 @@ class Admission:
             if not asked_deadline.isdigit() or not 1 <= int(asked_deadline) <= self.max_deadline_ms:
                 raise Refused(400, f"x-deadline-ms must be an integer from 1 to {self.max_deadline_ms}")
             deadline_ms = int(asked_deadline)
+        return Admitted(tenant, priority_class, deadline_ms / 1000)
+
+    def charge(self, admitted: Admitted) -> None:
+        """Take a token from the tenant's bucket, or Refused (429 with Retry-After)."""
+        tenant = admitted.tenant
         wait = self.buckets[tenant.name].take()
         if wait > 0.0:
             raise Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
                           retry_after_s=max(1.0, math.ceil(wait)), reason="rate")
-        return Admitted(tenant, priority_class, deadline_ms / 1000)
 
     def admin_ok(self, headers: dict[bytes, bytes], token_sha256: str | None) -> None:
         """Raise Refused unless the request carries the admin token."""

@@ -1,13 +1,13 @@
-"""KServe v2 / Triton HTTP routes of the gateway, and the one straight path of an inference request.
+"""KServe v2 / Triton HTTP routes of the gateway.
 
-client -> route -> admission (API key -> tenant, class, token bucket, deadline) -> check (only the JSON
-inference header is parsed) -> scheduler (class queues; shed at once when the deadline cannot be met) ->
-a free slot on the least loaded shard -> Triton `priority` and `timeout` set from the class and the remaining
-deadline -> body forwarded as bytes on a pooled keep-alive connection -> response relayed, chunk by chunk when
-the shard streams -> latency fed to the shard's limiter and the scheduler's rate.
+An inference request is screened right after its headers (`screen`: admission, then the overload manager),
+then walks its path as one `Exchange` (controlplane/gateway/exchange.py): check -> queue -> forward -> relay
+-> release. The other routes are answered here: health, server metadata, model metadata and configuration
+(passed through from a shard), /metrics, and the admin endpoints.
 
-Overload contract: 429 + Retry-After when shed (rate, queue full, displaced, deadline); 503 + Retry-After when
-no shard can serve the model; 504 when the deadline passes in flight; 4xx JSON for bad input.
+Overload contract: 429 + Retry-After when shed (rate, queue full, displaced, deadline, gateway overload);
+503 + Retry-After when no shard can serve the model; 504 when the deadline passes in flight; 4xx JSON for bad
+input.
 """
 
 from __future__ import annotations
@@ -23,20 +23,16 @@ import orjson
 
 from controlplane import __version__
 from controlplane.gateway.admission import Admission, Admitted, Refused
-from controlplane.gateway.inference import (
-    BadRequest,
-    InferHeader,
-    ModelSignature,
-    check_generate_request,
-    check_infer_request,
-    decompress,
-)
+from controlplane.gateway.errors import ANSWERED, RETRY_AFTER_NO_SHARD, HttpError, refusal_headers, send_error
+from controlplane.gateway.exchange import Exchange
+from controlplane.gateway.inference import BadRequest, InferHeader, ModelSignature, check_infer_request, decompress
 from controlplane.gateway.ladder import DegradationLadder
 from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.gateway.overload import OverloadManager
 from controlplane.gateway.routing import Router, Target
-from controlplane.gateway.scheduler import Scheduler, Shed, Ticket, retry_after_header
-from controlplane.gateway.server import ClientConnection, Request, json_error
-from controlplane.gateway.upstream import UpstreamConnection, UpstreamError, exchange
+from controlplane.gateway.scheduler import Scheduler
+from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
+from controlplane.gateway.upstream import UpstreamError, fetch, probe_ready, request_bytes
 from controlplane.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -45,82 +41,16 @@ MODEL_ROUTE = re.compile(
     r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
     r"(?:/(?P<action>infer|ready|config|generate|generate_stream|stats))?$"
 )
+INFERENCE_ACTIONS = (b"/infer", b"/generate", b"/generate_stream")
 ADMIN_SHARD_ROUTE = re.compile(r"^/admin/shards/(?P<shard>[^/]+)/(?P<action>drain|undrain)$")
-# Client request headers that mean something to Triton; all others stay at the gateway.
-FORWARDED_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-encoding", b"accept")
-SEPARATE_BODY_BYTES = 64 * 1024  # larger bodies are written as they are, not copied behind the headers
-RETRY_AFTER_NO_SHARD = [(b"retry-after", b"1")]
+PASSED_THROUGH_HEADERS = (b"accept",)  # what a metadata request may carry to the shard
 TICK_S = 0.1  # background upkeep: probes of ejected shards, the ladder
-STALL_FACTOR = 2.0  # no answer after this many of the class's stall times (and STALL_MIN_S): stalled
-STALL_MIN_S = 0.1
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data", "parameters", "statistics",
               "generate"]
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = list(headers)
-
-
-class Relay:
-    """Passes one shard response to the client: whole when it has a length, chunk by chunk when streamed."""
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self.conn = conn
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunked = False
-        self.parts: list[bytes] = []
-        self.started = False  # bytes reached the client: no retry, no error response any more
-
-    def attach(self, upstream: UpstreamConnection) -> None:
-        # A slow client pauses the shard's side of a streamed response instead of buffering it here.
-        self.conn.write_listener = lambda writable: upstream.resume_reading() if writable else upstream.pause_reading()
-
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> None:
-        self.status, self.headers, self.chunked = status, headers, chunked
-        if chunked:
-            self.started = True
-            self.conn.start_stream(status, headers)
-
-    def on_body(self, data: bytes) -> None:
-        if self.chunked:
-            self.conn.send_chunk(data)
-        else:
-            self.parts.append(data)
-
-    def on_end(self) -> None:
-        if self.chunked:
-            self.conn.end_stream()
-        else:
-            self.started = True
-            self.conn.send(self.status, b"".join(self.parts), self.headers)
-
-
-class CollectingSink:
-    """Keeps a whole shard response in memory (for the gateway's own metadata lookups)."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.parts: list[bytes] = []
-
-    def attach(self, upstream: UpstreamConnection) -> None:
-        pass
-
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> None:
-        self.status = status
-
-    def on_body(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def on_end(self) -> None:
-        pass
-
-
 class GatewayApp:
-    """The request handler: routes, admission, scheduling and forwarding."""
+    """The request handler: routes, the screen after the headers, and what the exchanges share."""
 
     def __init__(self, spec: ClusterSpec, router: Router, clock: Callable[[], float] = time.monotonic,
                  set_standby: Callable[[bool], None] | None = None) -> None:
@@ -134,6 +64,7 @@ class GatewayApp:
         router.on_capacity = self.scheduler.pump
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
+        self.overload: OverloadManager | None = None  # set by `serve_on`
         ranked = sorted(spec.priority_classes, key=lambda c: c.level, reverse=True)
         self.triton_priority = {c.name: rank for rank, c in enumerate(ranked, start=1)}  # Triton: 1 is highest
         self.lowest_class = ranked[-1].name
@@ -141,55 +72,102 @@ class GatewayApp:
         self.signatures: dict[str, ModelSignature] = {}
         self._signature_lookups: dict[str, asyncio.Future[ModelSignature]] = {}
         self._upkeep: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def serve_on(self, server: GatewayServer) -> None:
+        """Screen the server's requests after their headers and protect it from overload."""
+        server.screen = self
+        self.overload = OverloadManager(self.spec.gateway.overload, self.spec.priority_classes, server)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_loop(), name="gateway-upkeep")
+        if self.overload is not None:
+            self.overload.start()
 
     async def stop(self) -> None:
-        if self._upkeep is not None:
-            self._upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep
+        if self.overload is not None:
+            self.overload.stop()
+        for task in [self._upkeep, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _upkeep_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
             for target in self.router.due_for_probe():
-                asyncio.get_running_loop().create_task(self._probe(target))
+                self._spawn(self._probe(target))
             self.ladder.tick({b.name: b.count for b in self.scheduler.bands})
             self.scheduler.pump()
 
     async def _probe(self, target: Target) -> None:
-        sink = CollectingSink()
-        request = [b"GET /v2/health/ready HTTP/1.1\r\nhost: shard\r\ncontent-length: 0\r\n\r\n"]
-        try:
-            await exchange(target.pool, request, sink, 1.0)
-            healthy = sink.status == 200
-        except UpstreamError:
-            healthy = False
+        healthy = await probe_ready(target.pool)
         log.info("shard %s probed after ejection: %s", target.name, "healthy" if healthy else "still failing")
         self.router.probed(target, healthy)
 
-    # --- routes ------------------------------------------------------------------------------------------
-    async def __call__(self, request: Request, conn: ClientConnection) -> None:
-        try:
-            await self.route(request, conn)
-        except HttpError as exc:
-            conn.send_json(exc.status, json_error(str(exc)), exc.headers)
-        except BadRequest as exc:
-            conn.send_json(400, json_error(str(exc)))
-        except Refused as exc:
-            headers = [(b"retry-after", retry_after_header(exc.retry_after_s))] if exc.retry_after_s is not None \
-                else []
-            conn.send_json(exc.status, json_error(str(exc), exc.reason), headers)
+    def _spawn(self, coroutine) -> asyncio.Task[None]:  # noqa: ANN001 - any coroutine
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
-    async def route(self, request: Request, conn: ClientConnection) -> None:
+    # --- right after the headers ---------------------------------------------------------------------------
+    def screen(self, conn: ClientConnection, method: bytes, url: bytes, headers: dict[bytes, bytes]
+               ) -> Rejection | Admitted | None:
+        """Admit an inference request (identity, class, bucket, deadline) before its body is read; refuse it
+        there when admission or the overload manager says so."""
+        if method != b"POST" or not url.endswith(INFERENCE_ACTIONS):
+            return None
+        try:
+            admitted = self.admission.classify(headers)
+            priority_class = admitted.priority_class
+            if priority_class.level > conn.top_level:
+                conn.top_level = priority_class.level
+            overload = self.overload
+            if overload is not None and overload.refuses(priority_class):
+                self.count_shed(priority_class.name, admitted.tenant.name, "overload")
+                overload.refused(conn, priority_class)
+                return Rejection(429, f"the gateway is overloaded: class '{priority_class.name}' is refused for now",
+                                 [(b"retry-after", b"1")], "overload", close=overload.withdraws_keep_alive())
+            self.admission.charge(admitted)
+        except Refused as refused:
+            if refused.status == 429:
+                self.count_shed("-", "-", refused.reason)
+            return Rejection(refused.status, str(refused), refusal_headers(refused), refused.reason, close=False)
+        return admitted
+
+    def count_shed(self, class_name: str, tenant: str, reason: str) -> None:
+        self.metrics.shed[class_name, tenant, reason] += 1
+        self.metrics.requests[class_name, tenant, "shed"] += 1
+
+    # --- routes ------------------------------------------------------------------------------------------
+    def __call__(self, request: Request, conn: ClientConnection) -> Exchange | asyncio.Task[None] | None:
         path = request.path
         match = MODEL_ROUTE.match(path)
-        if match is not None:
-            await self.model_route(request, conn, match["model"], match["action"])
-        elif path == "/v2/health/live":
+        try:
+            if match is None:
+                self.server_route(request, conn)
+                return None
+            model, action = match["model"], match["action"]
+            if model not in self.models:
+                raise HttpError(404, f"unknown model '{model}' (served: {', '.join(sorted(self.models))})")
+            if action in ("infer", "generate", "generate_stream"):
+                if request.method != b"POST":
+                    raise HttpError(405, f"{action} takes POST")
+                admitted = request.admitted or self.admission.admit(request.headers)  # unscreened: admit now
+                return Exchange(self, request, conn, model, action, admitted).start()
+            return self._spawn(self.model_metadata(request, conn, model, action))
+        except ANSWERED as error:
+            if isinstance(error, Refused) and error.status == 429:
+                self.count_shed("-", "-", error.reason)
+            send_error(conn, error)
+            return None
+
+    def server_route(self, request: Request, conn: ClientConnection) -> None:
+        path = request.path
+        if path == "/v2/health/live":
             conn.send_json(200, b"{}")
         elif path == "/v2/health/ready":
             not_ready = sorted(m for m in self.models if not self.router.has_ready(m))
@@ -200,7 +178,8 @@ class GatewayApp:
             conn.send_json(200, orjson.dumps({"name": "controlplane-gateway", "version": __version__,
                                               "extensions": EXTENSIONS}))
         elif path == "/metrics":
-            body = self.metrics.render(self.scheduler.snapshot(), self.router.snapshot(), self.ladder.step)
+            body = self.metrics.render(self.scheduler.snapshot(), self.router.snapshot(), self.ladder.step,
+                                       self.overload.snapshot() if self.overload else None)
             conn.send(200, body, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
         elif path.startswith("/admin/"):
             self.admin(request, conn)
@@ -212,6 +191,7 @@ class GatewayApp:
         if request.path == "/admin/queues" and request.method == b"GET":
             conn.send_json(200, orjson.dumps({"classes": self.scheduler.snapshot(), "shards": self.router.snapshot(),
                                               "ladder": self.ladder.snapshot(),
+                                              "overload": self.overload.snapshot() if self.overload else None,
                                               "service_rate": round(self.scheduler.service_rate(), 1)}))
             return
         match = ADMIN_SHARD_ROUTE.match(request.path)
@@ -227,164 +207,30 @@ class GatewayApp:
         conn.send_json(200, orjson.dumps({"shard": target.name, "draining": target.draining,
                                           "in_flight": target.outstanding}))
 
-    async def model_route(self, request: Request, conn: ClientConnection, model: str, action: str | None) -> None:
-        if model not in self.models:
-            raise HttpError(404, f"unknown model '{model}' (served: {', '.join(sorted(self.models))})")
-        if action in ("infer", "generate", "generate_stream"):
-            if request.method != b"POST":
-                raise HttpError(405, f"{action} takes POST")
-            await self.inference(request, conn, model, action)
-            return
-        self.admission.identify(request.headers)
-        if action == "stats":
-            raise HttpError(501, "per-model statistics are per shard: read each shard's metrics")
-        if request.method not in (b"GET", b"HEAD"):
-            raise HttpError(405, f"{request.path} takes GET")
-        target = self.router.any_target(model)
-        if target is None:
-            raise HttpError(503, f"no ready shard serves model '{model}'", RETRY_AFTER_NO_SHARD)
-        relay = Relay(conn)
+    async def model_metadata(self, request: Request, conn: ClientConnection, model: str, action: str | None
+                             ) -> None:
+        """Model metadata, readiness and configuration, asked of a shard (they bypass the queue)."""
         try:
-            await exchange(target.pool, self.upstream_request(request.method, request.path, request.headers, b""),
-                           relay, self.limits.upstream_timeout_s)
-        except UpstreamError as exc:
-            if relay.started:
-                conn.abort()
-                return
-            raise HttpError(504 if exc.timed_out else 502, f"shard {target.name} failed: {exc}") from None
-
-    # --- the inference path --------------------------------------------------------------------------------
-    async def inference(self, request: Request, conn: ClientConnection, model: str, action: str) -> None:
-        arrived = self.clock()
-        admitted = self._admit(request)
-        signature = await self.signature(model)
-        checked = None
-        if action == "infer":
-            checked = self.check_infer(request, signature)
-        else:
-            check_generate_request(request.body, signature)
-        class_name, tenant = admitted.priority_class.name, admitted.tenant.name
-        if class_name == self.lowest_class and self.ladder.use_variants and model in self.variants:
-            model = self.variants[model]
-        ticket = Ticket(model=model, tenant=tenant, band=class_name, cost=checked.cost if checked else 1.0,
-                        size=len(request.body), deadline=arrived + admitted.deadline_s)
-        self.metrics.requests[class_name, tenant, "admitted"] += 1
-        retry_from = None
-        for attempt in range(2):
-            relay = Relay(conn)
+            self.admission.identify(request.headers)
+            if action == "stats":
+                raise HttpError(501, "per-model statistics are per shard: read each shard's metrics")
+            if request.method not in (b"GET", b"HEAD"):
+                raise HttpError(405, f"{request.path} takes GET")
+            target = self.router.any_target(model)
+            if target is None:
+                raise HttpError(503, f"no ready shard serves model '{model}'", RETRY_AFTER_NO_SHARD)
+            lines = [b"%s: %s\r\n" % (n, request.headers[n]) for n in PASSED_THROUGH_HEADERS if n in request.headers]
             try:
-                target = await self._dispatched(ticket, retry_from)
-                if attempt == 0:
-                    self.metrics.queue_wait[class_name].observe(self.clock() - arrived)
-                outcome = await self._exchange(request, model, action, checked, signature, ticket, target, relay)
-            except Shed as shed:
-                self._count_shed(class_name, tenant, shed.reason)
-                raise Refused(429, str(shed), shed.retry_after_s, shed.reason) from None
-            if outcome is None:
-                self.metrics.requests[class_name, tenant, "completed" if relay.status < 500 else "failed"] += 1
-                self.metrics.latency[class_name].observe(self.clock() - arrived)
-                return
-            if relay.started:
-                conn.abort()
-                return
-            deadline_left = ticket.deadline - self.clock()
-            if outcome.timed_out and (deadline_left <= 0 or attempt == 1 or not outcome.before_response):
-                self.metrics.requests[class_name, tenant, "failed"] += 1
-                raise HttpError(504, f"the deadline passed in flight: {outcome}")
-            if attempt == 0 and outcome.before_response and self.router.take_retry_token():
-                self.metrics.retries += 1
-                retry_from = target
-                continue
-            self.metrics.requests[class_name, tenant, "failed"] += 1
-            raise HttpError(502, f"shard {target.name} failed: {outcome}")
-        raise HttpError(502, "the request failed on two shards")
-
-    def _admit(self, request: Request) -> Admitted:
-        try:
-            return self.admission.admit(request.headers)
-        except Refused as refused:
-            if refused.status == 429:
-                self._count_shed("-", "-", "rate")
-            raise
-
-    def _count_shed(self, class_name: str, tenant: str, reason: str) -> None:
-        self.metrics.shed[class_name, tenant, reason] += 1
-        self.metrics.requests[class_name, tenant, "shed"] += 1
-
-    async def _dispatched(self, ticket: Ticket, retry_from: Target | None) -> Target:
-        """Wait until the scheduler gives the ticket a slot (on another shard than `retry_from` when retrying);
-        raise Shed when it refuses or the deadline passes first."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Target] = loop.create_future()
-        ticket.on_dispatch = lambda target: waiter.done() or waiter.set_result(target)
-        ticket.on_shed = lambda shed: waiter.done() or waiter.set_exception(shed)
-        if retry_from is None:
-            self.scheduler.submit(ticket)
-        else:
-            self.scheduler.requeue(ticket, exclude=retry_from)
-        if waiter.done():
-            return waiter.result()
-        expiry = loop.call_later(max(0.0, ticket.deadline - self.clock()), self.scheduler.expire, ticket)
-        try:
-            return await waiter
-        except asyncio.CancelledError:  # the client went away
-            if ticket.state == "queued":
-                self.scheduler.expire(ticket)
-            elif ticket.state == "dispatched" and waiter.done() and not waiter.cancelled():
-                self.router.unreserve(waiter.result())
-            raise
-        finally:
-            expiry.cancel()
-
-    async def _exchange(self, request: Request, model: str, action: str, checked: InferHeader | None,
-                        signature: ModelSignature, ticket: Ticket, target: Target, relay: Relay
-                        ) -> UpstreamError | None:
-        """Forward to `target` and release its slot; the failure if there was one."""
-        remaining = ticket.deadline - self.clock()
-        if remaining <= 0:  # the scheduler checked at dispatch; the event loop may have been slow since
-            self.router.unreserve(target)
-            raise Shed("deadline", "the deadline passed before the request could be sent", 0.0)
-        body, headers = request.body, request.headers
-        if checked is not None and b"content-encoding" not in headers:
-            body, headers = self._with_triton_parameters(body, headers, checked, signature, ticket.band, remaining)
-        # the client's path, unless the ladder sent the request to the model's cheaper variant
-        path = request.path if request.path.startswith(f"/v2/models/{model}/") else f"/v2/models/{model}/{action}"
-        started = self.clock()
-        # A shard that has not answered after several typical service times is treated as stalled (frozen,
-        # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
-        stall_s = max(STALL_MIN_S, STALL_FACTOR * self.scheduler.band[ticket.band].service.stall_s())
-        timeout = min(remaining, self.limits.upstream_timeout_s,
-                      stall_s if action == "infer" and ticket.exclude is None else remaining)
-        try:
-            await exchange(target.pool, self.upstream_request(b"POST", path, headers, body), relay, timeout)
-        except UpstreamError as exc:
-            self.router.release(target, self.clock() - started, ok=False)
-            return exc
-        except asyncio.CancelledError:
-            self.router.release(target, self.clock() - started, ok=False)
-            raise
-        service_time = self.clock() - started
-        # 5xx from Triton (its queue full, a timeout, a crash in the model) is an overload or failure signal
-        self.router.release(target, service_time, ok=relay.status < 500)
-        self.scheduler.completed(service_time, ticket.band)
-        return None
-
-    def _with_triton_parameters(self, body: bytes, headers: dict[bytes, bytes], checked: InferHeader,
-                                signature: ModelSignature, band: str, remaining_s: float
-                                ) -> tuple[bytes, dict[bytes, bytes]]:
-        """Carry the class and the remaining deadline into Triton's own queue (`priority`, `timeout` in us)."""
-        parameters: dict[str, int] = {}
-        if signature.priority_levels:
-            parameters["priority"] = min(self.triton_priority[band], signature.priority_levels)
-        if signature.timeout_override:
-            parameters["timeout"] = max(1, int(remaining_s * 1_000_000))
-        if not parameters:
-            return body, headers
-        body, header_length = checked.with_parameters(body, parameters)
-        headers = dict(headers)
-        if header_length is not None:
-            headers[b"inference-header-content-length"] = str(header_length).encode()
-        return body, headers
+                answer = await fetch(target.pool, request_bytes(request.method, request.path, lines, b""),
+                                     self.limits.upstream_timeout_s)
+            except UpstreamError as exc:
+                raise HttpError(504 if exc.timed_out else 502, f"shard {target.name} failed: {exc}") from None
+            conn.send(answer.status, b"".join(answer.parts), answer.headers)
+        except ANSWERED as error:
+            send_error(conn, error)
+        except Exception:
+            log.exception("model metadata route failed")
+            conn.fail()
 
     # --- checks and model facts -----------------------------------------------------------------------------
     def check_infer(self, request: Request, signature: ModelSignature) -> InferHeader:
@@ -431,25 +277,7 @@ class GatewayApp:
         raise HttpError(502, f"no shard could describe model '{model}' ({'; '.join(failures)})")
 
     async def _get_json(self, target: Target, path: str) -> dict:
-        sink = CollectingSink()
-        request = b"GET %s HTTP/1.1\r\nhost: shard\r\ncontent-length: 0\r\n\r\n" % path.encode()
-        await exchange(target.pool, [request], sink, self.limits.upstream_timeout_s)
-        if sink.status != 200:
-            raise ValueError(f"status {sink.status} for {path}")
-        return orjson.loads(b"".join(sink.parts))
-
-    @staticmethod
-    def upstream_request(method: bytes, path: str, headers: dict[bytes, bytes], body: bytes) -> list[bytes]:
-        lines = [b"%s %s HTTP/1.1\r\nhost: shard\r\ncontent-length: %d\r\n" % (method, path.encode(), len(body))]
-        for name in FORWARDED_REQUEST_HEADERS:
-            value = headers.get(name)
-            if value is not None:
-                lines.append(b"%s: %s\r\n" % (name, value))
-        header_length = headers.get(b"inference-header-content-length")
-        if header_length is not None:
-            lines.append(b"inference-header-content-length: %s\r\n" % header_length)
-        lines.append(b"\r\n")
-        if len(body) < SEPARATE_BODY_BYTES:
-            lines.append(body)  # one send() instead of two
-            return [b"".join(lines)]
-        return [b"".join(lines), body]
+        answer = await fetch(target.pool, request_bytes(b"GET", path, [], b""), self.limits.upstream_timeout_s)
+        if answer.status != 200:
+            raise ValueError(f"status {answer.status} for {path}")
+        return orjson.loads(b"".join(answer.parts))

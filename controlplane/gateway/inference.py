@@ -8,7 +8,6 @@ names, datatypes and shapes against the model's metadata and against the bytes a
 
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ class ModelSignature:
                    timeout_override=bool(policy.get("allow_timeout_override")))
 
 
-@dataclass
+@dataclass(slots=True)
 class InferHeader:
     """A checked inference request: its parsed JSON header and where the binary tensor data starts."""
 
@@ -113,43 +112,45 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
     cost = 1.0
     seen: set[str] = set()
     for i, tensor in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(tensor, dict):
-            raise BadRequest(f"{where} must be an object")
+        # Messages are built only on failure: this loop runs for every request.
+        if type(tensor) is not dict:
+            raise BadRequest(f"inputs[{i}] must be an object")
         name = tensor.get("name")
-        if not isinstance(name, str):
-            raise BadRequest(f"{where}.name must be a string")
-        where = f"input '{name}'"
+        if type(name) is not str:
+            raise BadRequest(f"inputs[{i}].name must be a string")
         expected = signature.inputs.get(name)
         if expected is None:
-            raise BadRequest(f"unknown {where} (the model takes: {', '.join(sorted(signature.inputs))})")
+            raise BadRequest(f"unknown input '{name}' (the model takes: {', '.join(sorted(signature.inputs))})")
         if name in seen:
-            raise BadRequest(f"{where} is given twice")
+            raise BadRequest(f"input '{name}' is given twice")
         seen.add(name)
         datatype = tensor.get("datatype")
         if datatype != expected.datatype:
-            raise BadRequest(f"{where} has datatype {datatype!r}, the model expects {expected.datatype!r}")
-        count = _check_shape(where, tensor.get("shape"), expected.shape)
+            raise BadRequest(f"input '{name}' has datatype {datatype!r}, the model expects {expected.datatype!r}")
+        shape = tensor.get("shape")
+        count = _check_shape(name, shape, expected.shape)
         if signature.batching and i == 0:
-            cost = float(max(1, tensor["shape"][0]))
-        parameters = tensor.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise BadRequest(f"{where}.parameters must be an object")
-        size = parameters.get("binary_data_size")
-        if size is not None and "data" in tensor:
-            raise BadRequest(f"{where} may give only one of 'data' and parameters.binary_data_size")
+            cost = float(max(1, shape[0]))
+        parameters = tensor.get("parameters")
+        size = None
+        if parameters is not None:
+            if type(parameters) is not dict:
+                raise BadRequest(f"input '{name}'.parameters must be an object")
+            size = parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise BadRequest(f"{where}.parameters.binary_data_size must be a non-negative integer")
+            if "data" in tensor:
+                raise BadRequest(f"input '{name}' may give only one of 'data' and parameters.binary_data_size")
+            if type(size) is not int or size < 0:
+                raise BadRequest(f"input '{name}'.parameters.binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise BadRequest(f"{where} claims {size} bytes of binary data but only "
+                raise BadRequest(f"input '{name}' claims {size} bytes of binary data but only "
                                  f"{len(binary) - offset} are left in the body")
-            _check_binary(where, datatype, count, binary[offset:offset + size])
+            _check_binary(f"input '{name}'", datatype, count, binary[offset:offset + size])
             offset += size
         elif "data" in tensor:
-            _check_json_data(where, datatype, count, tensor["data"])
+            _check_json_data(name, datatype, count, tensor["data"])
         else:
-            raise BadRequest(f"{where} has neither 'data' nor parameters.binary_data_size")
+            raise BadRequest(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
         raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     # Missing inputs are left to Triton: metadata does not say which are optional, and Triton answers 400.
@@ -178,18 +179,28 @@ def check_generate_request(body: bytes, signature: ModelSignature) -> dict:
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, list | dict) for v in values):
             raise BadRequest(f"input '{name}' must be a scalar or a flat list of {expected.datatype}")
-        _check_json_data(f"input '{name}'", expected.datatype, len(values), values)
+        _check_json_data(name, expected.datatype, len(values), values)
     return payload
 
 
-def _check_shape(where: str, shape: object, expected: tuple[int, ...]) -> int:
+def _check_shape(name: str, shape: object, expected: tuple[int, ...]) -> int:
+    if type(shape) is not list or len(shape) > MAX_RANK or len(shape) != len(expected):
+        _shape_error(name, shape, expected)
+    count = 1
+    for dimension, wanted in zip(shape, expected):  # noqa: B905 - lengths checked above
+        if type(dimension) is not int or dimension < 0 or (wanted != -1 and dimension != wanted):
+            _shape_error(name, shape, expected)
+        count *= dimension
+    return count
+
+
+def _shape_error(name: str, shape: object, expected: tuple[int, ...]) -> None:
+    where = f"input '{name}'"
     if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) for d in shape):
         raise BadRequest(f"{where}.shape must be a list of integers")
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise BadRequest(f"{where}.shape {shape} is not a valid shape")
-    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected, strict=True)):
-        raise BadRequest(f"{where} has shape {shape}, the model expects {list(expected)} (-1: any size)")
-    return math.prod(shape)
+    raise BadRequest(f"{where} has shape {shape}, the model expects {list(expected)} (-1: any size)")
 
 
 def _check_binary(where: str, datatype: str, count: int, data: memoryview) -> None:
@@ -218,21 +229,30 @@ def _flatten(data: object, out: list) -> None:
         out.append(data)
 
 
-def _check_json_data(where: str, datatype: str, count: int, data: object) -> None:
-    flat: list = []
-    _flatten(data, flat)
-    if len(flat) != count:
-        raise BadRequest(f"{where}: shape holds {count} elements, 'data' has {len(flat)}")
-    if datatype == "BYTES":
-        valid = all(isinstance(v, str) for v in flat)
-    elif datatype == "BOOL":
-        valid = all(isinstance(v, bool) for v in flat)
-    elif datatype in INTEGER_TYPES:
-        valid = all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
+NUMBER_TYPES = {int, float}  # exact types: bool, a subclass of int, is not a number here
+
+
+def _check_json_data(name: str, datatype: str, count: int, data: object) -> None:
+    """The values of a JSON tensor: as many as the shape holds, of the datatype (a flat list is the common,
+    fast case; nested lists are flattened)."""
+    if type(data) is list and not any(type(v) is list for v in data):
+        flat = data
     else:
-        valid = all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+        flat = []
+        _flatten(data, flat)
+    if len(flat) != count:
+        raise BadRequest(f"input '{name}': shape holds {count} elements, 'data' has {len(flat)}")
+    types = set(map(type, flat))
+    if datatype == "BYTES":
+        valid = types <= {str}
+    elif datatype == "BOOL":
+        valid = types <= {bool}
+    elif datatype in INTEGER_TYPES:
+        valid = types <= {int}
+    else:
+        valid = types <= NUMBER_TYPES
     if not valid:
-        raise BadRequest(f"{where}: 'data' holds values that are not {datatype}")
+        raise BadRequest(f"input '{name}': 'data' holds values that are not {datatype}")
 
 
 def _check_outputs(outputs: object, signature: ModelSignature) -> None:

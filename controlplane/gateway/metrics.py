@@ -45,23 +45,23 @@ class GatewayMetrics:
         self.queue_wait: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.latency: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.retries = 0
-        self._state: tuple[list[dict], list[dict], int] = ([], [], 0)
+        self._state: tuple[list[dict], list[dict], int, dict | None] = ([], [], 0, None)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
-    def render(self, bands: list[dict], shards: list[dict], ladder_step: int) -> bytes:
-        self._state = (bands, shards, ladder_step)
+    def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None) -> bytes:
+        self._state = (bands, shards, ladder_step, overload)
         return generate_latest(self.registry)
 
     def collect(self):  # noqa: ANN201 - the prometheus-client collector protocol
-        bands, shards, ladder_step = self._state
+        bands, shards, ladder_step, overload = self._state
         requests = CounterMetricFamily("cp_requests", "Requests by class, tenant and outcome (admitted, completed, "
                                        "failed, shed).", labels=["class", "tenant", "outcome"])
         for labels, value in self.requests.items():
             requests.add_metric(labels, value)
         yield requests
-        shed = CounterMetricFamily("cp_shed", "Requests shed by flow control, by reason (rate, queue_full, "
-                                   "displaced, deadline).", labels=["class", "tenant", "reason"])
+        shed = CounterMetricFamily("cp_shed", "Requests shed, by reason (rate, queue_full, displaced, deadline, "
+                                   "overload).", labels=["class", "tenant", "reason"])
         for labels, value in self.shed.items():
             shed.add_metric(labels, value)
         yield shed
@@ -90,3 +90,23 @@ class GatewayMetrics:
             yield family
         yield GaugeMetricFamily("cp_ladder_step", "Degradation ladder step: 0 normal, 1 standby shards awake, "
                                 "2 lowest class on cheaper variants.", value=ladder_step)
+        if overload is not None:
+            yield from overload_families(overload)
+
+
+def overload_families(overload: dict):  # noqa: ANN201 - metric families
+    """The overload manager's state and every action it took (controlplane/gateway/overload.py)."""
+    yield GaugeMetricFamily("cp_overload_level", "Gateway overload level: 0 normal, 1 lowest class refused, 2 all "
+                            "classes but the highest refused.", value=overload["level"])
+    pressure = GaugeMetricFamily("cp_overload_pressure", "Gateway saturation by monitor (0..1).", labels=["monitor"])
+    for monitor, value in overload["pressure"].items():
+        pressure.add_metric([monitor], value)
+    yield pressure
+    yield GaugeMetricFamily("cp_overload_held_connections", "Client connections not read while overloaded.",
+                            value=overload["held_connections"])
+    actions = CounterMetricFamily("cp_overload_actions", "Overload actions: refused_after_headers, "
+                                  "connection_held, connection_released, keepalive_withdrawn, connection_refused, "
+                                  "held_connection_closed.", labels=["action", "class"])
+    for action in overload["actions"]:
+        actions.add_metric([action["action"], action["class"]], action["count"])
+    yield actions

@@ -35,6 +35,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from controlplane.spec import GatewayLimits, PriorityClass
@@ -65,7 +66,14 @@ class Capacity(Protocol):
     def total_slots(self) -> float: ...
 
 
-@dataclass(eq=False)
+class TicketState(StrEnum):
+    NEW = "new"
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    SHED = "shed"
+
+
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One admitted request while the scheduler holds it."""
 
@@ -79,14 +87,14 @@ class Ticket:
     on_shed: Callable[[Shed], None] = lambda shed: None
     exclude: object | None = None  # a shard this request must not go to (it failed there)
     enqueued_at: float = 0.0
-    state: str = "new"  # new | queued | dispatched | shed
+    state: TicketState = TicketState.NEW
 
     def dispatch(self, target: object) -> None:
-        self.state = "dispatched"
+        self.state = TicketState.DISPATCHED
         self.on_dispatch(target)
 
     def shed(self, shed: Shed) -> None:
-        self.state = "shed"
+        self.state = TicketState.SHED
         self.on_shed(shed)
 
 
@@ -172,7 +180,7 @@ class Band:
         self.dead += 1
         if self.dead > max(64, self.count):
             for tenant, flow in self.flows.items():
-                self.flows[tenant] = deque(t for t in flow if t.state == "queued" and t is not ticket)
+                self.flows[tenant] = deque(t for t in flow if t.state is TicketState.QUEUED and t is not ticket)
             self.dead = 0
 
     def newest(self) -> Ticket | None:
@@ -180,7 +188,7 @@ class Band:
         best = None
         for flow in self.flows.values():
             for ticket in reversed(flow):
-                if ticket.state == "queued":
+                if ticket.state is TicketState.QUEUED:
                     if best is None or ticket.enqueued_at > best.enqueued_at:
                         best = ticket
                     break
@@ -196,7 +204,7 @@ class Band:
             visits -= 1
             tenant = self.rotation[0]
             flow = self.flows[tenant]
-            while flow and flow[0].state != "queued":  # drop tickets already shed while queued
+            while flow and flow[0].state is not TicketState.QUEUED:  # drop tickets already shed while queued
                 flow.popleft()
             if not flow:
                 self.rotation.popleft()
@@ -220,7 +228,7 @@ class Band:
             flow.popleft()
             self.deficit[tenant] -= head.cost
             self._account(head, -1)
-            if not any(t.state == "queued" for t in flow):
+            if not any(t.state is TicketState.QUEUED for t in flow):
                 flow.clear()
                 self.rotation.popleft()
                 self.deficit.pop(tenant, None)
@@ -279,7 +287,7 @@ class Scheduler:
         if ticket.deadline <= self.clock():
             ticket.shed(Shed("deadline", "the deadline passed while retrying", 0.0))
             return
-        ticket.state = "queued"
+        ticket.state = TicketState.QUEUED
         band.push(ticket, front=True)
         self.count += 1
         self.bytes += ticket.size
@@ -290,7 +298,7 @@ class Scheduler:
             self.saturated_since = now
         if band.count == 0:
             band.backlogged_since = now
-        ticket.state = "queued"
+        ticket.state = TicketState.QUEUED
         ticket.enqueued_at = now
         band.push(ticket)
         self.count += 1
@@ -319,7 +327,7 @@ class Scheduler:
 
     def expire(self, ticket: Ticket) -> None:
         """Called when a queued ticket's deadline passes: answer it without sending it anywhere."""
-        if ticket.state == "queued":
+        if ticket.state is TicketState.QUEUED:
             self._remove(ticket)
             ticket.shed(Shed("deadline", "the deadline passed while queued", 0.0))
 
@@ -414,10 +422,6 @@ class Scheduler:
 
     def snapshot(self) -> list[dict]:
         return [{"class": b.name, "level": b.level, "queued": b.count, "bytes": b.bytes,
-                 "tenants": {t: sum(1 for x in f if x.state == "queued") for t, f in b.flows.items() if f},
+                 "tenants": {t: sum(1 for x in f if x.state is TicketState.QUEUED) for t, f in b.flows.items() if f},
                  "credit": round(b.credit, 2)} for b in self.bands]
 
-
-def retry_after_header(seconds: float) -> bytes:
-    """Retry-After in whole seconds, at least 1 (0 would invite an immediate retry storm)."""
-    return str(max(1, math.ceil(seconds))).encode()

@@ -5,6 +5,10 @@ State is grouped as in uvicorn's httptools protocol: per server (limits, counter
 Requests on a connection are answered strictly in order; reading pauses while a few are queued, and a
 streamed response pauses its upstream when the client reads slowly. Every bound is checked while parsing:
 oversized headers get 431, oversized bodies 413, garbage 400, each as JSON, before any work is done.
+
+A request is screened right after its headers (`Screen`): admission and the overload manager can refuse it
+there, before its body is buffered or parsed. The handler answers through the connection, at once or later
+(it returns what to cancel if the client leaves first); no task is created per request.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 
 import httptools
 import orjson
@@ -26,28 +31,45 @@ log = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8  # requests queued on one connection before reading pauses
 LINGER_S = 2.0  # how long a refused connection drains the client's input before closing
+SWEEP_S = 1.0  # idle connections are looked for this often
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     method: bytes
     path: str
     headers: dict[bytes, bytes]  # names lower-cased; a repeated header keeps its last value
     body: bytes
     keep_alive: bool
+    admitted: object = None  # what the screen said about the request after its headers
 
 
 @dataclass
 class Rejection:
-    """A request refused while parsing; answered in its turn, then the connection closes."""
+    """A request refused while parsing or screening; answered in its turn. `close`: then the connection closes
+    (a framing error, or keep-alive withdrawn); else the connection goes on with its next request."""
 
     status: int
     message: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reason: str | None = None
+    close: bool = True
 
 
-Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
+class Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+# handler(request, connection): answers through the connection, now or later; returns what to cancel when
+# the client leaves before the answer (None when it answered already).
+Handler = Callable[[Request, "ClientConnection"], Cancellable | None]
+
+
+class Screen(Protocol):
+    def screen(self, conn: ClientConnection, method: bytes, url: bytes, headers: dict[bytes, bytes]
+               ) -> Rejection | object: ...
 
 
 class Counters:
@@ -70,17 +92,21 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: GatewayServer) -> None:
         # per server
         self.server = server
+        self.loop = server.loop
         self.handler = server.handler
+        self.screen = server.screen
         self.limits = server.limits
         self.counters = server.counters
         # per connection
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending: deque[Request | Rejection] = deque()
-        self.active: asyncio.Task[None] | None = None
+        self.responding = False  # a response is being produced for the request at the head of the line
+        self.active: Cancellable | None = None
         self.rejected = False  # stop parsing: the connection closes after the queued answers
-        self.reading_paused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.paused_for: set[str] = set()  # why reading is paused: "pipeline", "overload"
+        self.last_seen = server.now
+        self.top_level = -1  # highest class level of the requests this connection carried (screen's business)
         self.write_listener: Callable[[bool], None] | None = None  # told when the client stops/resumes reading
         # per response
         self.response_started = False
@@ -94,6 +120,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.body_parts: list[bytes] = []
         self.body_bytes = 0
+        self.admitted: object = None
+        self.skip_body = False  # answered at its headers: the body is parsed past, never kept
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -103,28 +131,26 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.counters.connections > self.limits.max_connections:
-            self.rejected = True
-            self.pending.append(Rejection(503, "too many connections to the gateway; retry later"))
-            self._next()
-            return
-        self._arm_idle_timer()
+        refusal = self.server.refuse_connection()
+        if refusal is not None:
+            self._refuse_connection(503, refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.held.pop(self, None)
         self.counters.connections -= 1
         self.pending.clear()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        if self.responding:
+            self.responding = False
+            self.counters.in_flight -= 1
         if self.active is not None:
-            self.active.cancel()  # the client is gone: stop waiting on its shard
+            active, self.active = self.active, None
+            active.cancel()  # the client is gone: stop waiting on its shard
 
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.last_seen = self.server.now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -140,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         if self.write_listener is not None:
             self.write_listener(True)
 
-    # --- httptools callbacks ---------------------------------------------------------------------------
+    # --- httptools callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._reset_request()
 
@@ -162,9 +188,18 @@ class ClientConnection(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
             self._refuse_connection(413, f"body of {int(length)} bytes exceeds the limit of "
                                          f"{self.limits.max_body_bytes} bytes")
+            return
+        if self.screen is not None:
+            verdict = self.screen.screen(self, self.parser.get_method(), self.url, self.headers)
+            if isinstance(verdict, Rejection):
+                self.skip_body = True
+                self.pending.append(verdict)
+                self._next()
+            else:
+                self.admitted = verdict
 
     def on_body(self, body: bytes) -> None:
-        if self.rejected:
+        if self.rejected or self.skip_body:
             return
         self.body_bytes += len(body)
         if self.body_bytes > self.limits.max_body_bytes:
@@ -174,20 +209,22 @@ class ClientConnection(asyncio.Protocol):
             self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
-        if self.rejected:
+        if self.rejected or self.skip_body:
             return
-        url = httptools.parse_url(self.url)
+        url = self.url
+        if not url.startswith(b"/") or b"?" in url or b"#" in url:  # origin-form without a query is the rule
+            url = httptools.parse_url(url).path
         try:
-            path = url.path.decode("ascii")
+            path = url.decode("ascii")
         except UnicodeDecodeError:
             self._refuse_connection(400, "request path must be ASCII")
             return
-        body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
+        parts = self.body_parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pending.append(Request(self.parser.get_method(), path, self.headers, body,
-                                    self.parser.should_keep_alive()))
-        if len(self.pending) >= MAX_PIPELINED and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+                                    self.parser.should_keep_alive(), self.admitted))
+        if len(self.pending) >= MAX_PIPELINED:
+            self.pause("pipeline")
         self._next()
 
     # --- request queue -----------------------------------------------------------------------------------
@@ -197,49 +234,69 @@ class ClientConnection(asyncio.Protocol):
         self._next()
 
     def _next(self) -> None:
-        if self.active is not None or not self.pending or self.transport.is_closing():
+        if self.responding or not self.pending or self.transport.is_closing():
             return
         item = self.pending.popleft()
+        if "pipeline" in self.paused_for and len(self.pending) < MAX_PIPELINED // 2:
+            self.resume("pipeline")
         self.response_started = False
+        self.responding = True
+        self.counters.in_flight += 1
         if isinstance(item, Rejection):
-            self.close_after_response = True
-            self.send_json(item.status, json_error(item.message))
-            self._linger()
+            self.close_after_response = item.close
+            self.rejected = self.rejected or item.close  # read nothing more; `_linger` closes
+            self.send_json(item.status, json_error(item.message, item.reason), item.headers)
+            if item.close:
+                self._linger()
             return
-        if self.reading_paused and len(self.pending) < MAX_PIPELINED // 2:
-            self.reading_paused = False
-            self.transport.resume_reading()
         self.close_after_response = not item.keep_alive
         self.counters.requests += 1
-        self.counters.in_flight += 1
-        self.active = asyncio.get_running_loop().create_task(self.handler(item, self))
-        self.active.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        self.active = None
-        self.counters.in_flight -= 1
-        self.write_listener = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handler failed", exc_info=task.exception())
-            if not self.response_started:
-                self.close_after_response = True
-                self.send_json(500, json_error("internal gateway error; the gateway log has the details"))
-            else:
-                self.transport.close()
+        try:
+            pending = self.handler(item, self)
+        except Exception:
+            log.exception("request handler failed")
+            self.fail()
             return
-        if self.transport.is_closing():
+        if self.responding:
+            self.active = pending
+
+    def fail(self) -> None:
+        """The handler broke: a 500 if nothing was sent yet, else the connection is dropped."""
+        if not self.responding:
             return
-        if not self.pending and not self.rejected:
-            self._arm_idle_timer()
-        self._next()
-
-    def _arm_idle_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.idle_timer = loop.call_later(self.limits.idle_timeout_s, self._close_if_idle)
-
-    def _close_if_idle(self) -> None:
-        if self.active is None and not self.pending:
+        if not self.response_started:
+            self.close_after_response = True
+            self.send_json(500, json_error("internal gateway error; the gateway log has the details"))
+        else:
             self.transport.close()
+
+    def _response_done(self) -> None:
+        self.responding = False
+        self.active = None
+        self.write_listener = None
+        self.counters.in_flight -= 1
+        self.last_seen = self.server.now
+        if self.close_after_response:
+            if not self.rejected:
+                self.transport.close()
+        elif self.pending:
+            self.loop.call_soon(self._next)  # not recursively: a pipelined burst must not deepen the stack
+
+    # --- reading control ---------------------------------------------------------------------------------
+    def pause(self, why: str) -> None:
+        if not self.paused_for and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused_for.add(why)
+
+    def resume(self, why: str) -> None:
+        self.paused_for.discard(why)
+        if not self.paused_for and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def hold(self) -> None:
+        """Stop reading this connection until the overload passes (TCP back-pressure on its client)."""
+        self.pause("overload")
+        self.server.held[self] = None
 
     # --- writing responses -------------------------------------------------------------------------------
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
@@ -256,7 +313,7 @@ class ClientConnection(asyncio.Protocol):
     def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A whole response in one write. `headers` must include the content type."""
         self.transport.write(self._head(status, headers, b"content-length: %d\r\n" % len(body)) + body)
-        self._finish_response()
+        self._response_done()
 
     def send_json(self, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:
         self.send(status, body, [(b"content-type", b"application/json"), *extra])
@@ -271,46 +328,83 @@ class ClientConnection(asyncio.Protocol):
 
     def end_stream(self) -> None:
         self.transport.write(b"0\r\n\r\n")
-        self._finish_response()
+        self._response_done()
 
     def abort(self) -> None:
         """Drop the connection mid-response (the shard failed after the response began)."""
         self.transport.close()
 
-    def _finish_response(self) -> None:
-        if self.close_after_response and not self.rejected:
-            self.transport.close()
+    def withdraw_keep_alive(self) -> None:
+        """The response being produced closes the connection after it."""
+        self.close_after_response = True
 
     def _linger(self) -> None:
         """Close after a refusal without losing the answer: closing a socket with unread input sends a TCP
         reset that can overtake the response, so half-close, drain what the client still sends, then close."""
+        self.rejected = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
-            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+            self.loop.call_later(LINGER_S, self.transport.close)
         else:
             self.transport.close()
 
 
 class GatewayServer:
-    """Listens and hands each parsed request to `handler`."""
+    """Listens and hands each parsed request to `handler`, after `screen` saw its headers."""
 
-    def __init__(self, handler: Handler, limits: GatewayLimits) -> None:
+    def __init__(self, handler: Handler, limits: GatewayLimits, screen: Screen | None = None) -> None:
         self.handler = handler
+        self.screen = screen
         self.limits = limits
         self.counters = Counters()
         self.connections: set[ClientConnection] = set()
+        self.held: dict[ClientConnection, None] = {}  # connections not read while overloaded, oldest first
+        self.max_connections = limits.max_connections
+        self.connection_gate: Callable[[int], str | None] = lambda count: None
         self.server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.now = 0.0  # coarse clock for idle checks, set by the sweep
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    def refuse_connection(self) -> str | None:
+        """Why a new connection is refused at once, or None."""
+        if self.counters.connections > self.max_connections:
+            return "too many connections to the gateway; retry later"
+        return self.connection_gate(self.counters.connections)
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Start listening; return the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: ClientConnection(self), host, port, backlog=4096,
-            reuse_address=True,
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.server = await self.loop.create_server(
+            lambda: ClientConnection(self), host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port,
         )
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
         return self.server.sockets[0].getsockname()[1]
 
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle past the limit (one pass a second instead of a timer per request)."""
+        self.now = self.loop.time()
+        idle_after = self.limits.idle_timeout_s
+        for connection in list(self.connections):
+            if (not connection.responding and not connection.pending and not connection.rejected
+                    and connection not in self.held and self.now - connection.last_seen >= idle_after):
+                connection.transport.close()
+        self._sweeper = self.loop.call_later(min(SWEEP_S, idle_after / 4), self._sweep)
+
+    def release_held(self, count: int | None = None) -> int:
+        """Read again up to `count` held connections (all by default), oldest first; how many."""
+        released = 0
+        while self.held and (count is None or released < count):
+            connection = next(iter(self.held))
+            del self.held[connection]
+            connection.resume("overload")
+            released += 1
+        return released
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
             for connection in list(self.connections):

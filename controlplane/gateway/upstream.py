@@ -1,8 +1,9 @@
 """Pooled keep-alive HTTP/1.1 connections to one Triton server, relaying responses as they arrive.
 
-A response is handed to a `ResponseSink` event by event (head, body pieces, end), so a streamed
+A response is handed to a `ResponseSink` event by event (head, body pieces, end, or error), so a streamed
 (chunked, server-sent events) response reaches the client chunk by chunk and an ordinary one is written
-in one piece. Nothing here parses or copies tensor data.
+in one piece. Nothing here parses or copies tensor data, and the request path needs no task or future: the
+sink's callbacks carry it on (`exchange()` wraps them in a future for the gateway's own lookups and probes).
 """
 
 from __future__ import annotations
@@ -29,10 +30,23 @@ class UpstreamError(Exception):
 
 
 class ResponseSink(Protocol):
-    def attach(self, upstream: UpstreamConnection) -> None: ...
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> None: ...
     def on_body(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
+    def on_error(self, error: UpstreamError) -> None: ...
+
+
+def request_bytes(method: bytes, path: str, headers: list[bytes], body: bytes) -> list[bytes]:
+    """An HTTP/1.1 request to a shard: `headers` are complete `name: value\\r\\n` lines. A small body travels
+    in the same buffer as the head (one send); a large one is written as it is, not copied."""
+    head = b"%s %s HTTP/1.1\r\nhost: shard\r\ncontent-length: %d\r\n%s\r\n" % (
+        method, path.encode(), len(body), b"".join(headers))
+    if len(body) < SEPARATE_BODY_BYTES:
+        return [head + body]
+    return [head, body]
+
+
+SEPARATE_BODY_BYTES = 64 * 1024
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -43,11 +57,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
-        self.done: asyncio.Future[None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.responded = False
         self.closed = False
         self.reusable = True
+        self.reused = False  # it carried a request before: a close before any answer may be the shard's idle close
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -57,20 +71,19 @@ class UpstreamConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self.done is None:  # bytes while idle: the server is confused; drop the connection
+        if self.sink is None:  # bytes while idle: the server is confused; drop the connection
             self.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(f"invalid HTTP from shard: {exc}")
-            self.close()
+            self.fail(UpstreamError(f"invalid HTTP from shard: {exc}", before_response=not self.responded))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         # Triton frames every response (Content-Length or chunked): a close before the end is a failure.
-        self._fail("shard closed the connection")
+        self.fail(UpstreamError("shard closed the connection", before_response=not self.responded))
 
     def pause_writing(self) -> None:  # the shard reads slower than the client sends: fine, bodies are bounded
         pass
@@ -96,45 +109,37 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink.on_body(body)
 
     def on_message_complete(self) -> None:
-        sink, done = self.sink, self.done
-        self.sink = self.done = None
-        sink.on_end()
-        done.set_result(None)
+        sink, self.sink = self.sink, None
         if self.reusable and not self.closed:
+            self.reused = True
             self.pool.release(self)
         else:
             self.close()
+        sink.on_end()
 
-    # --- used by the pool ------------------------------------------------------------------------------
-    def send(self, data: list[bytes], sink: ResponseSink) -> asyncio.Future[None]:
+    # --- used by the sink's owner --------------------------------------------------------------------
+    def send(self, data: list[bytes], sink: ResponseSink) -> None:
+        """Write a request; its response goes to `sink`."""
         self.sink = sink
         self.responded = False
-        self.done = asyncio.get_running_loop().create_future()
-        sink.attach(self)
         if len(data) == 1:
             self.transport.write(data[0])  # uvloop's writelines() costs far more than write() for one buffer
         else:
             self.transport.writelines(data)
-        return self.done
 
-    def _fail(self, message: str) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(UpstreamError(message, before_response=not self.responded))
-        self.sink = self.done = None
-
-    def time_out(self, timeout_s: float) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(UpstreamError(f"no complete response within {timeout_s:.3g} s",
-                                                  before_response=not self.responded, timed_out=True))
-        self.sink = self.done = None
+    def fail(self, error: UpstreamError) -> None:
+        """End the exchange in flight with `error` (if any) and drop the connection: it is never reused."""
+        sink, self.sink = self.sink, None
         self.close()
+        if sink is not None:
+            sink.on_error(error)
 
     def pause_reading(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -154,11 +159,16 @@ class UpstreamPool:
         self.idle: deque[UpstreamConnection] = deque()
         self.closed = False
 
-    async def acquire(self) -> UpstreamConnection:
-        while self.idle:
-            conn = self.idle.pop()
+    def take_idle(self) -> UpstreamConnection | None:
+        """An open idle connection, or None (then `connect`)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
             if not conn.closed:
                 return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -169,6 +179,9 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to shard {self.host}:{self.port}: {exc or 'timeout'}",
                                 before_response=True) from None
         return conn
+
+    async def acquire(self) -> UpstreamConnection:
+        return self.take_idle() or await self.connect()
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= self.max_idle:
@@ -186,19 +199,55 @@ class UpstreamPool:
             self.idle.pop().close()
 
 
-async def exchange(pool: UpstreamPool, request: list[bytes], sink: ResponseSink, timeout_s: float) -> None:
-    """Send one request on a pooled connection and relay the response into `sink`.
+class CollectingSink:
+    """Keeps a whole shard response in memory and completes a future (the gateway's own lookups, probes)."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.parts: list[bytes] = []
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> None:
+        self.status = status
+        self.headers = headers
+
+    def on_body(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def on_end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_error(self, error: UpstreamError) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+async def fetch(pool: UpstreamPool, request: list[bytes], timeout_s: float) -> CollectingSink:
+    """Send one request on a pooled connection and collect the whole response.
 
     Raises UpstreamError on failure, a timeout included. A connection whose exchange did not finish is
     closed, never reused.
     """
     conn = await pool.acquire()
-    done = conn.send(request, sink)
-    timer = asyncio.get_running_loop().call_later(timeout_s, conn.time_out, timeout_s)
+    sink = CollectingSink(asyncio.get_running_loop().create_future())
+    conn.send(request, sink)
     try:
-        await done
-    except asyncio.CancelledError:  # the client went away mid-exchange
-        conn.close()
-        raise
+        await asyncio.wait_for(sink.done, timeout_s)
+    except TimeoutError:
+        raise UpstreamError(f"no complete response within {timeout_s:.3g} s", before_response=not conn.responded,
+                            timed_out=True) from None
     finally:
-        timer.cancel()
+        if not sink.done.done() or sink.done.cancelled():
+            conn.close()  # unfinished: never reused
+    return sink
+
+
+async def probe_ready(pool: UpstreamPool, timeout_s: float = 1.0) -> bool:
+    """Whether the shard answers GET /v2/health/ready with 200."""
+    try:
+        sink = await fetch(pool, request_bytes(b"GET", "/v2/health/ready", [], b""), timeout_s)
+    except UpstreamError:
+        return False
+    return sink.status == 200

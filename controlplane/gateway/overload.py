@@ -1,0 +1,189 @@
+"""The gateway's protection of itself: when the gateway, not a shard, is the bottleneck.
+
+Requests that wait in sockets and in the event loop have no class yet, so the scheduler cannot protect
+critical traffic there. Like Envoy's overload manager, monitors are refreshed every `refresh_s` (0.25 s) and
+scaled into a pressure of 0..1; unlike it, the gateway also watches its event-loop lag and acts by class.
+
+Monitors (the pressure is the highest of them):
+- event-loop lag: how late a timer due every LAG_PROBE_S fires (the median over the window): how long any new
+  request waits before the gateway even looks at it; `lag_saturated_ms` is pressure 1;
+- CPU: the process's CPU time over wall time in the window (a worker is one thread: 1.0 is a full core);
+- memory: resident set over `max_rss_mb`;
+- connections: open client connections over the connection limit.
+
+Levels, entered at once when the pressure reaches them, left only after the pressure stayed `hysteresis`
+below for `cool_down_s`:
+- 1 (`shed_lowest_at`, 0.80): the lowest class is refused right after its headers (429, reason "overload",
+  the body never buffered); a connection that has carried nothing but refused classes is then no longer read
+  (held: its client meets TCP back-pressure, which costs the gateway nothing);
+- 2 (`shed_all_but_top_at`, 0.95): every class but the highest is refused so, their answers withdraw
+  keep-alive, and new connections past `connection_budget` are refused at accept.
+A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
+to protect, shedding would only lose work. The highest class is never refused here and its connections are
+always read. Leaving a level, held connections are read again a few per probe, oldest first, so the backlog
+they hold does not return at once; a connection held longer than `hold_max_s` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+from controlplane.gateway.server import ClientConnection, GatewayServer
+from controlplane.spec import Overload, PriorityClass
+
+log = logging.getLogger(__name__)
+
+LAG_PROBE_S = 0.05
+RELEASE_FRACTION = 0.1  # of the held connections read again per probe once a level is left
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE / 2**20
+
+
+class OverloadManager:
+    def __init__(self, config: Overload, classes: list[PriorityClass], server: GatewayServer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.server = server
+        self.clock = clock
+        self.levels = sorted({c.level for c in classes})  # ascending: levels[0] is the lowest class
+        self.top = self.levels[-1]
+        self.level = 0
+        self.refused_below = self.levels[0]  # classes below this level are refused (none at level 0)
+        self.pressure: dict[str, float] = {"lag": 0.0, "cpu": 0.0, "memory": 0.0, "connections": 0.0}
+        self.lags_s: list[float] = []  # how late each lag probe of this window fired
+        self.calm_since: float | None = None
+        self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
+        self.now = clock()
+        self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
+        self.held_since: dict[ClientConnection, float] = {}
+        self._expected = 0.0
+        self._window_start = (clock(), time.process_time())
+        self._timer: asyncio.TimerHandle | None = None
+        server.connection_gate = self.refuse_connection
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.config.enabled:
+            self._expected = self.clock() + LAG_PROBE_S
+            self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _probe(self) -> None:
+        now = self.now = self.clock()
+        self.lags_s.append(max(0.0, now - self._expected))
+        started, cpu_started = self._window_start
+        if now - started >= self.config.refresh_s:
+            self._refresh(now, now - started, time.process_time() - cpu_started)
+            self._window_start = (now, time.process_time())
+        if self.level == 0 and self.server.held:
+            self._release(max(1, int(len(self.server.held) * RELEASE_FRACTION)))
+        self._close_long_held(now)
+        self._expected = self.clock() + LAG_PROBE_S
+        self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
+
+    # --- monitors ------------------------------------------------------------------------------------
+    def _refresh(self, now: float, wall_s: float, cpu_s: float) -> None:
+        config = self.config
+        self.pressure = {
+            # the median, not the worst: one pause (a collection, a big write) is not saturation
+            "lag": min(1.0, statistics.median(self.lags_s or [0.0]) * 1000 / config.lag_saturated_ms),
+            "cpu": min(1.0, cpu_s / wall_s) if wall_s > 0 else 0.0,
+            "memory": min(1.0, resident_mb() / config.max_rss_mb),
+            "connections": min(1.0, self.server.counters.connections / self.server.max_connections),
+        }
+        self.lags_s = []
+        pressure = max(self.pressure.values())
+        wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
+        if wanted >= self.level:
+            self.calm_since = None
+            self._set_level(wanted)
+            return
+        threshold = config.shed_all_but_top_at if self.level == 2 else config.shed_lowest_at
+        if pressure > threshold - config.hysteresis:
+            self.calm_since = None
+        elif self.calm_since is None:
+            self.calm_since = now
+        elif now - self.calm_since >= config.cool_down_s:
+            self.calm_since = now
+            self._set_level(self.level - 1)
+
+    def _set_level(self, level: int) -> None:
+        if level != self.level:
+            log.warning("gateway overload level %d -> %d (pressure %s)", self.level, level,
+                        ", ".join(f"{k} {v:.2f}" for k, v in self.pressure.items()))
+        self.level = level
+        if level == 0:
+            self.refused_below = self.levels[0]
+        elif level == 1:
+            self.refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
+        else:
+            self.refused_below = self.top
+
+    # --- actions -------------------------------------------------------------------------------------
+    def refuses(self, priority_class: PriorityClass) -> bool:
+        """Whether a request of this class is refused right after its headers (and notes that it came)."""
+        level = priority_class.level
+        self.last_seen[level] = self.now
+        if level >= self.refused_below:
+            return False
+        window = self.config.protect_window_s
+        return any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items())
+
+    def refused(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
+        """After refusing a request: hold its connection if it carried only refused classes, and at level 2
+        withdraw its keep-alive."""
+        self._count("refused_after_headers", priority_class.name)
+        if conn.top_level >= self.refused_below:
+            return
+        if self.level >= 2:
+            self._count("keepalive_withdrawn", priority_class.name)
+        else:
+            self._count("connection_held", priority_class.name)
+            self.held_since[conn] = self.now
+            conn.hold()
+
+    def withdraws_keep_alive(self) -> bool:
+        return self.level >= 2
+
+    def refuse_connection(self, count: int) -> str | None:
+        if self.level >= 2 and count > self.config.connection_budget:
+            self._count("connection_refused", "-")
+            return "the gateway is overloaded and takes no new connections; retry later"
+        return None
+
+    def _release(self, count: int) -> None:
+        released = self.server.release_held(count)
+        self.actions["connection_released", "-"] = self.actions.get(("connection_released", "-"), 0) + released
+
+    def _close_long_held(self, now: float) -> None:
+        if not self.held_since:
+            return
+        for conn, since in list(self.held_since.items()):
+            if conn not in self.server.held:
+                del self.held_since[conn]
+            elif now - since > self.config.hold_max_s:
+                del self.held_since[conn]
+                self._count("held_connection_closed", "-")
+                conn.transport.close()
+
+    def _count(self, action: str, class_name: str) -> None:
+        key = (action, class_name)
+        self.actions[key] = self.actions.get(key, 0) + 1
+
+    def snapshot(self) -> dict:
+        return {"level": self.level, "refused_below_level": self.refused_below if self.level else None,
+                "pressure": {k: round(v, 3) for k, v in self.pressure.items()},
+                "held_connections": len(self.server.held), "connections": self.server.counters.connections,
+                "actions": [{"action": a, "class": c, "count": n} for (a, c), n in sorted(self.actions.items())]}
