@@ -195,7 +195,7 @@ class Overload(StrictModel):
     enabled: bool = Field(True, description="Watch the gateway's own saturation and act by class.")
     refresh_s: float = Field(0.25, gt=0, description="How often CPU, memory and connections are read.")
     lag_saturated_ms: float = Field(
-        10.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
+        5.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
         "looks at it."
     )
     max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
@@ -207,7 +207,7 @@ class Overload(StrictModel):
         "withdrawn, and new connections past `connection_budget` are refused."
     )
     hysteresis: float = Field(0.1, ge=0, lt=1, description="A level is left only this far below its threshold...")
-    cool_down_s: float = Field(2.0, ge=0, description="...and after the pressure stayed there this long.")
+    cool_down_s: float = Field(1.0, ge=0, description="...and after the pressure stayed there this long.")
     protect_window_s: float = Field(
         5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
         "would protect nothing)."

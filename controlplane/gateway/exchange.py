@@ -302,6 +302,7 @@ class Exchange:
             self._queue(exclude=target)
             return
         self._count("failed")
+        log.warning("shard %s failed a request of class %s: %s", target.name, self.ticket.band, error)
         self._answer(HttpError(502, f"shard {target.name} failed: {error}"))
 
     @guarded

@@ -11,17 +11,23 @@ Monitors (the pressure is the highest of them):
 - memory: resident set over `max_rss_mb`;
 - connections: open client connections over the connection limit.
 
-Levels, entered at once when the pressure reaches them, left only after the pressure stayed `hysteresis`
-below for `cool_down_s`:
-- 1 (`shed_lowest_at`, 0.80): the lowest class is refused right after its headers (429, reason "overload",
-  the body never buffered); a connection that has carried nothing but refused classes is then no longer read
-  (held: its client meets TCP back-pressure, which costs the gateway nothing);
-- 2 (`shed_all_but_top_at`, 0.95): every class but the highest is refused so, their answers withdraw
-  keep-alive, and new connections past `connection_budget` are refused at accept.
+Levels say which classes may be refused; entered at once when the pressure reaches them, left only after the
+pressure stayed `hysteresis` below for `cool_down_s`:
+- 1 (`shed_lowest_at`, 0.80): requests of the lowest class are refused right after their headers (429,
+  reason "overload", the body never buffered); a connection that has carried nothing but refused classes is
+  then no longer read (held: its client meets TCP back-pressure, which costs the gateway nothing), or, when
+  connections or memory are the pressure, its keep-alive is withdrawn (closed after the answer). How many:
+  while the pressure stays at level 1, each refresh refuses as many requests as half the low-class
+  connections still read (multiplicative decrease); below it, none, and held connections are read again one
+  per probe while the lag is low (additive increase). So the gateway reads less, not nothing, and settles
+  where the lag stays under the threshold;
+- 2 (`shed_all_but_top_at`, 0.95): every request of a class but the highest is refused so, and new
+  connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. The highest class is never refused here and its connections are
-always read. Leaving a level, held connections are read again a few per probe, oldest first, so the backlog
-they hold does not return at once; a connection held longer than `hold_max_s` is closed.
+always read. Once the levels are left, held connections are read again a few per probe, oldest first, and
+only while the lag stays low, so the backlog they hold does not return at once; a connection held longer than
+`hold_max_s` is closed.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from controlplane.spec import Overload, PriorityClass
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
-RELEASE_FRACTION = 0.1  # of the held connections read again per probe once a level is left
+RELEASE_BELOW_LAG = 0.25  # a held connection is read again per probe while its lag is under this share of saturation
+UNLIMITED = 1 << 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -61,6 +68,7 @@ class OverloadManager:
         self.pressure: dict[str, float] = {"lag": 0.0, "cpu": 0.0, "memory": 0.0, "connections": 0.0}
         self.lags_s: list[float] = []  # how late each lag probe of this window fired
         self.calm_since: float | None = None
+        self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
@@ -82,13 +90,15 @@ class OverloadManager:
 
     def _probe(self) -> None:
         now = self.now = self.clock()
-        self.lags_s.append(max(0.0, now - self._expected))
+        lag_s = max(0.0, now - self._expected)
+        self.lags_s.append(lag_s)
         started, cpu_started = self._window_start
         if now - started >= self.config.refresh_s:
             self._refresh(now, now - started, time.process_time() - cpu_started)
             self._window_start = (now, time.process_time())
-        if self.level == 0 and self.server.held:
-            self._release(max(1, int(len(self.server.held) * RELEASE_FRACTION)))
+        calm = lag_s * 1000 < self.config.lag_saturated_ms * RELEASE_BELOW_LAG
+        if self.hold_quota == 0 and self.server.held and calm:
+            self._release(1)  # additive increase: one more low-class connection is read again
         self._close_long_held(now)
         self._expected = self.clock() + LAG_PROBE_S
         self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
@@ -106,6 +116,7 @@ class OverloadManager:
         self.lags_s = []
         pressure = max(self.pressure.values())
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
+        self.hold_quota = self._quota(wanted)
         if wanted >= self.level:
             self.calm_since = None
             self._set_level(wanted)
@@ -118,6 +129,18 @@ class OverloadManager:
         elif now - self.calm_since >= config.cool_down_s:
             self.calm_since = now
             self._set_level(self.level - 1)
+
+    def _quota(self, wanted: int) -> int:
+        """How many more requests of refused classes to refuse (and hold their connections) until the next
+        refresh: half of the low-class connections still read while the pressure is at level 1 (multiplicative
+        decrease), all at level 2, none once it is below (then held ones return one per probe)."""
+        if wanted == 0:
+            return 0
+        if wanted == 2:
+            return UNLIMITED
+        refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
+        read = sum(1 for c in self.server.connections if c.top_level < refused_below and not c.paused_for)
+        return max(1, read // 2)
 
     def _set_level(self, level: int) -> None:
         if level != self.level:
@@ -136,18 +159,21 @@ class OverloadManager:
         """Whether a request of this class is refused right after its headers (and notes that it came)."""
         level = priority_class.level
         self.last_seen[level] = self.now
-        if level >= self.refused_below:
+        if level >= self.refused_below or self.hold_quota == 0:
             return False
         window = self.config.protect_window_s
-        return any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items())
+        if any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
+            self.hold_quota -= 1
+            return True
+        return False
 
     def refused(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
-        """After refusing a request: hold its connection if it carried only refused classes, and at level 2
-        withdraw its keep-alive."""
+        """After refusing a request: a connection that carried only refused classes is held (not read), or,
+        when connections or memory are what runs out, its keep-alive is withdrawn."""
         self._count("refused_after_headers", priority_class.name)
         if conn.top_level >= self.refused_below:
             return
-        if self.level >= 2:
+        if self.withdraws_keep_alive():
             self._count("keepalive_withdrawn", priority_class.name)
         else:
             self._count("connection_held", priority_class.name)
@@ -155,7 +181,10 @@ class OverloadManager:
             conn.hold()
 
     def withdraws_keep_alive(self) -> bool:
-        return self.level >= 2
+        """Closing costs the client a new connection and the gateway an accept: worth it only when open
+        connections themselves (their count, their memory) are the pressure."""
+        threshold = self.config.shed_lowest_at
+        return self.level >= 1 and (self.pressure["connections"] >= threshold or self.pressure["memory"] >= threshold)
 
     def refuse_connection(self, count: int) -> str | None:
         if self.level >= 2 and count > self.config.connection_budget:
@@ -185,5 +214,6 @@ class OverloadManager:
     def snapshot(self) -> dict:
         return {"level": self.level, "refused_below_level": self.refused_below if self.level else None,
                 "pressure": {k: round(v, 3) for k, v in self.pressure.items()},
-                "held_connections": len(self.server.held), "connections": self.server.counters.connections,
+                "held_connections": len(self.server.held), "refusals_left": min(self.hold_quota, UNLIMITED),
+                "connections": self.server.counters.connections,
                 "actions": [{"action": a, "class": c, "count": n} for (a, c), n in sorted(self.actions.items())]}

@@ -1,0 +1,208 @@
+"""The gateway's protection of itself (controlplane/gateway/overload.py).
+
+The controller is tested with an injected clock against a real GatewayServer's connection bookkeeping; the
+actions are tested end to end on a real gateway in front of real Triton shards, with the memory monitor's
+saturation point set below what any Python process uses, so the gateway is overloaded from its first refresh
+and every outcome is deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from controlplane.gateway.overload import UNLIMITED, OverloadManager
+from controlplane.gateway.server import GatewayServer
+from controlplane.spec import GatewayLimits, Overload, PriorityClass, hash_api_key
+
+from .conftest import ROOT, RunningStack, start_stack, stop_stack
+
+CLASSES = [PriorityClass(name="critical", level=300, default_deadline_ms=250, share=0.5),
+           PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3),
+           PriorityClass(name="sheddable", level=100, default_deadline_ms=2000, share=0.2)]
+CRITICAL, STANDARD, SHEDDABLE = CLASSES
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def manager(**config) -> tuple[OverloadManager, Clock]:
+    clock = Clock()
+    server = GatewayServer(lambda request, conn: None, GatewayLimits(max_connections=100))
+    return OverloadManager(Overload(**config), CLASSES, server, clock), clock
+
+
+def refresh(overload: OverloadManager, clock: Clock, lag_ms: float, seconds: float = 0.25) -> None:
+    clock.now += seconds
+    overload.now = clock.now
+    overload.lags_s = [lag_ms / 1000] * 5
+    overload._refresh(clock.now, seconds, 0.0)
+
+
+def test_nothing_is_refused_without_a_higher_class_to_protect() -> None:
+    overload, clock = manager(lag_saturated_ms=5)
+    refresh(overload, clock, lag_ms=10)  # saturated: level 2
+    assert overload.level == 2
+    assert not overload.refuses(SHEDDABLE)  # only sheddable traffic: shedding it would protect nobody
+    overload.refuses(CRITICAL)  # a critical request arrives...
+    assert overload.refuses(SHEDDABLE) and overload.refuses(STANDARD)  # ...now the lower classes make way
+    assert not overload.refuses(CRITICAL)  # the highest class is never refused here
+
+
+def test_levels_climb_at_once_and_step_down_after_the_cool_down() -> None:
+    overload, clock = manager(lag_saturated_ms=5, shed_lowest_at=0.8, shed_all_but_top_at=0.95, hysteresis=0.1,
+                              cool_down_s=1.0)
+    overload.refuses(CRITICAL)
+    refresh(overload, clock, lag_ms=4.2)  # pressure 0.84
+    assert (overload.level, overload.refused_below) == (1, STANDARD.level)
+    assert overload.refuses(SHEDDABLE) and not overload.refuses(STANDARD)
+    refresh(overload, clock, lag_ms=3.8)  # 0.76: under the threshold but within the hysteresis: stays
+    assert overload.level == 1
+    for _ in range(3):
+        refresh(overload, clock, lag_ms=1)  # calm, but not yet for the cool-down
+    assert overload.level == 1
+    for _ in range(3):
+        refresh(overload, clock, lag_ms=1)
+    assert overload.level == 0 and not overload.refuses(SHEDDABLE)
+
+
+def test_level_one_refuses_half_the_low_connections_per_refresh_and_level_two_all() -> None:
+    overload, clock = manager(lag_saturated_ms=5)
+    overload.refuses(CRITICAL)
+    refresh(overload, clock, lag_ms=4.5)  # level 1, no low-class connection known yet: one refusal
+    assert overload.hold_quota == 1
+    assert overload.refuses(SHEDDABLE) and not overload.refuses(SHEDDABLE)  # quota spent: the next one passes
+    refresh(overload, clock, lag_ms=10)
+    assert overload.hold_quota == UNLIMITED
+
+
+def test_memory_pressure_withdraws_keep_alive_instead_of_holding() -> None:
+    overload, clock = manager(max_rss_mb=1)  # any process is over 1 MB: memory pressure 1
+    refresh(overload, clock, lag_ms=0)
+    assert overload.level == 2 and overload.pressure["memory"] == 1.0 and overload.withdraws_keep_alive()
+
+
+# --- end to end --------------------------------------------------------------------------------------------
+SPEC = f"""
+cluster: overload-test
+model_repository: {ROOT / 'examples' / 'models'}
+node_pools: [{{name: local, provider: existing, instance_type: this-machine}}]
+models:
+  - {{name: work, path: work, memory_mb: 32, instance_count: 1, max_batch: 64}}
+shards:
+  - {{name: main, models: [work], replicas: 1}}
+priority_classes:
+  - {{name: critical, level: 300, default_deadline_ms: 3000, share: 0.5}}
+  - {{name: sheddable, level: 100, default_deadline_ms: 3000, share: 0.5}}
+tenants:
+  - {{name: demo, api_key_sha256: {hash_api_key('cp-demo-key')}, default_class: sheddable,
+      allowed_classes: [critical], rate: 100000, burst: 100000}}
+gateway:
+  admin_token_sha256: {hash_api_key('cp-admin-key')}
+  overload: {{max_rss_mb: 1, hold_max_s: 60}}
+"""
+BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}],
+                   "parameters": {"work_ms": 0}}).encode()
+
+
+@pytest.fixture(scope="module")
+def overloaded(run_dir: Path):
+    spec = run_dir / "overload.yaml"
+    spec.write_text(SPEC)
+    running = start_stack(spec, run_dir, "overload-test")
+    time.sleep(0.6)  # the first refresh (0.25 s) sees the memory pressure
+    yield running
+    leftovers = stop_stack(running)
+    assert not leftovers, f"processes left: {sorted(leftovers)}"
+
+
+async def exchange(address: tuple[str, int], head: bytes, body: bytes = b"") -> tuple[bytes, asyncio.StreamReader,
+                                                                                      asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(head + body)
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    return answer + await asyncio.wait_for(reader.readexactly(length), 5), reader, writer
+
+
+def head(priority: str, length: int) -> bytes:
+    return (b"POST /v2/models/work/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
+            b"x-priority: %s\r\nContent-Length: %d\r\n\r\n" % (priority.encode(), length))
+
+
+def test_overloaded_gateway_serves_critical_and_refuses_the_rest_before_their_body(overloaded: RunningStack
+                                                                                    ) -> None:
+    host, port = overloaded.gateway.removeprefix("http://").split(":")
+    address = (host, int(port))
+
+    async def scenario():
+        critical, _, writer = await exchange(address, head("critical", len(BODY)), BODY)
+        writer.close()
+        # A sheddable request announcing a 1 MB body is answered from its headers alone: it never sends the body.
+        refused, reader, writer = await exchange(address, head("sheddable", 1 << 20))
+        closed = await asyncio.wait_for(reader.read(), 5) == b""  # keep-alive withdrawn (memory pressure)
+        writer.close()
+        return critical, refused, closed
+
+    critical, refused, closed = asyncio.run(scenario())
+    assert critical.startswith(b"HTTP/1.1 200") and b'"outputs"' in critical
+    assert refused.startswith(b"HTTP/1.1 429") and b"retry-after: 1" in refused.lower()
+    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["reason"] == "overload"
+    assert b"connection: close" in refused.lower() and closed
+
+    metrics = urllib.request.urlopen(f"{overloaded.gateway}/metrics", timeout=5).read().decode()
+    assert "cp_overload_level 2.0" in metrics
+    assert 'cp_overload_pressure{monitor="memory"} 1.0' in metrics
+    assert 'cp_overload_actions_total{action="refused_after_headers",class="sheddable"} 1.0' in metrics
+    assert 'cp_overload_actions_total{action="keepalive_withdrawn",class="sheddable"} 1.0' in metrics
+    assert 'cp_shed_total{class="sheddable",reason="overload",tenant="demo"} 1.0' in metrics
+    queues = urllib.request.Request(f"{overloaded.gateway}/admin/queues",
+                                    headers={"Authorization": "Bearer cp-admin-key"})
+    overload = json.loads(urllib.request.urlopen(queues, timeout=5).read())["overload"]
+    assert overload["level"] == 2 and {"action": "refused_after_headers", "class": "sheddable", "count": 1} \
+        in overload["actions"]
+
+
+def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_released(tmp_path: Path) -> None:
+    from controlplane.gateway.app import GatewayApp
+    from controlplane.gateway.routing import Router
+    from controlplane.spec import load_spec
+
+    async def scenario(spec_file: Path):
+        spec = load_spec(spec_file)
+        app = GatewayApp(spec, Router())
+        server = GatewayServer(app, spec.gateway.limits)
+        app.serve_on(server)
+        port = await server.start("127.0.0.1", 0)
+        overload = app.overload
+        overload.refuses(CRITICAL)  # a critical request was seen: there is something to protect
+        overload._set_level(1)
+        overload.hold_quota = 1
+        refused, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+        writer.write(head("sheddable", len(BODY)) + BODY)  # the next request waits in the socket, unread
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        held = len(server.held)
+        overload._set_level(0)
+        server.release_held()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # read again: answered (no shard here)
+        writer.close()
+        await server.stop()
+        return refused, held, answer
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC)
+    refused, held, answer = asyncio.run(scenario(spec_file))
+    assert refused.startswith(b"HTTP/1.1 429") and b"connection: close" not in refused.lower()
+    assert held == 1
+    assert answer.startswith(b"HTTP/1.1 503")
