@@ -131,7 +131,8 @@ async def exchange(address: tuple[str, int], head: bytes, body: bytes = b"") -> 
     reader, writer = await asyncio.open_connection(*address)
     writer.write(head + body)
     answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = int(next(line.split(b":")[1] for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = next(int(line.split(b":")[1]) for line in answer.lower().split(b"\r\n")
+                  if line.startswith(b"content-length"))
     return answer + await asyncio.wait_for(reader.readexactly(length), 5), reader, writer
 
 
