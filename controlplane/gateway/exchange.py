@@ -64,7 +64,7 @@ def guarded(step: Callable) -> Callable:
 class Exchange:
     __slots__ = ("gateway", "request", "conn", "model", "action", "admitted", "arrived", "checked", "signature",
                  "ticket", "target", "upstream", "sent_at", "timer", "expiry", "task", "attempt", "fresh_retry",
-                 "status", "headers", "chunked", "parts", "started", "finished")
+                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at")
 
     def __init__(self, gateway: GatewayApp, request: Request, conn: ClientConnection, model: str, action: str,
                  admitted: Admitted) -> None:
@@ -81,6 +81,7 @@ class Exchange:
         self.target: Target | None = None  # the shard whose slot this request holds
         self.upstream: UpstreamConnection | None = None
         self.sent_at = 0.0
+        self.give_up_at = 0.0  # when the request in flight is abandoned (deadline or upstream timeout)
         self.timer: asyncio.TimerHandle | None = None  # the in-flight timeout
         self.expiry: asyncio.TimerHandle | None = None  # the deadline while queued
         self.task: asyncio.Task[None] | None = None  # a signature lookup or a new upstream connection
@@ -178,6 +179,7 @@ class Exchange:
         # A shard that has not answered after several typical service times is treated as stalled (frozen,
         # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
         timeout = min(remaining, gateway.limits.upstream_timeout_s)
+        self.give_up_at = now + timeout
         if self.action == "infer" and self.attempt == 0:
             stall_s = STALL_FACTOR * gateway.scheduler.band[self.ticket.band].service.stall_s()
             timeout = min(timeout, max(STALL_MIN_S, stall_s))
@@ -308,6 +310,12 @@ class Exchange:
     @guarded
     def _timed_out(self, timeout_s: float) -> None:
         self.timer = None
+        left = self.give_up_at - self.gateway.clock()
+        if left > 0 and not self._may_retry_elsewhere():
+            # Stalled, but with nowhere to retry a slow answer beats none (and under a flood the "stall" is
+            # often the gateway's own event loop): wait on until the deadline or the upstream timeout.
+            self.timer = self.conn.loop.call_later(left, self._timed_out, timeout_s + left)
+            return
         error = UpstreamError(f"no complete response within {timeout_s:.3g} s",
                               before_response=self.upstream is None or not self.upstream.responded, timed_out=True)
         if self.upstream is not None:
@@ -317,6 +325,12 @@ class Exchange:
                 self.task.cancel()
                 self.task = None
             self.on_error(error)
+
+    def _may_retry_elsewhere(self) -> bool:
+        router, target = self.gateway.router, self.target
+        return (self.attempt == 0 and (self.upstream is None or not self.upstream.responded)
+                and router.retry_tokens >= 1.0
+                and any(t is not target and t.available for t in router.by_model.get(self.model, ())))
 
     # --- release and ending ----------------------------------------------------------------------------
     def _release(self, ok: bool) -> None:
