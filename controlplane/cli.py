@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -168,6 +169,11 @@ def _status_table(snapshot: dict) -> Table:
         table.add_row(name, f"[{colour}]{shard['state']}[/{colour}]", shard.get("url") or "-",
                       str(shard.get("pid") or "-"), str(shard.get("restarts", 0)), ",".join(shard["models"]),
                       shard.get("last_error") or "")
+    workers = snapshot.get("workers", [])
+    if workers:
+        table.caption = "gateway workers: " + ", ".join(
+            f"{w['index']} pid {w['pid'] or '-'} {'alive' if w['alive'] else '[red]down[/red]'}"
+            + (f" ({w['restarts']} restarts)" if w.get("restarts") else "") for w in workers)
     return table
 
 
@@ -179,11 +185,24 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 @app.command()
 def status(
     spec_file: Path = SpecOption, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
 ) -> None:
-    """Show the running stack of a spec: gateway address, shards, their models and live health.
+    """Show the running stack of a spec: gateway address and worker processes, shards, their models and
+    live health.
 
     Example: cpctl status -f examples/local/cluster.yaml --json
     """
@@ -198,9 +217,12 @@ def status(
          "pid": s["pid"], "state": s["state"], "restarts": s["restarts"], "standby": s["standby"]}
         for s in state["shards"]
     ]
+    workers = [{**w, "alive": w["alive"] and _pid_alive(w["pid"])} for w in state.get("workers", [])]
     if as_json:
-        print(json.dumps({"gateway": state["gateway"], "gateway_pid": state["pid"], "shards": shards}))
+        print(json.dumps({"gateway": state["gateway"], "gateway_pid": state["pid"], "workers": workers,
+                          "shards": shards}))
         return
+    state["workers"] = workers
     state["shards"] = [{**s, "state": s["state"] if s["ready"] or not s["url"] else "unready"} for s in shards]
     console.print(_status_table(state))
 

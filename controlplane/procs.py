@@ -30,16 +30,20 @@ class ManagedProcess:
     """A started process and its process group."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log_path: Path | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, pass_fds: Sequence[int] = (), inherit_output: bool = False) -> None:
+        """Output goes to `log_path`, else to this process's own stdout/stderr with `inherit_output` (a
+        container's log), else nowhere. `pass_fds` stay open in the child under the same numbers."""
         self.argv = list(argv)
-        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        quiet = None if inherit_output else subprocess.DEVNULL
+        log = open(log_path, "ab") if log_path else quiet  # noqa: SIM115 - closed below
         try:
             self.popen = subprocess.Popen(
                 self.argv, env=dict(env) if env is not None else None, cwd=cwd, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                stdout=log, stderr=subprocess.STDOUT if log is not None else None, start_new_session=True,
+                preexec_fn=_die_with_parent, pass_fds=tuple(pass_fds),
             )
         finally:
-            if log is not subprocess.DEVNULL:
+            if log_path:
                 log.close()
         self.pid = self.popen.pid
         self.pgid = self.pid  # a session leader's group id is its own PID

@@ -14,6 +14,7 @@ Errors from `load_spec` name the file, the line, the field path and what was exp
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -234,6 +235,17 @@ class Gateway(StrictModel):
     )
     ladder: Ladder = Field(default_factory=Ladder, description="Automatic, reversible degradation under backlog.")
     overload: Overload = Field(default_factory=Overload, description="The gateway's protection of itself.")
+    workers: int | None = Field(
+        None, ge=1, le=256, description="Gateway processes sharing the port (SO_REUSEPORT), each with its own event "
+        "loop. None: one per core this process may run on (its CPU affinity; a container's CPU quota is not "
+        "seen, so set it there). 1: the gateway runs inside the supervising process. Above 1, tenant buckets "
+        "are shared exactly; queue bounds and shard concurrency are split between the workers (README, "
+        "'The gateway on many cores')."
+    )
+
+    def worker_count(self) -> int:
+        """How many gateway processes to run: `workers`, or the cores this process may use."""
+        return self.workers if self.workers is not None else len(os.sched_getaffinity(0))
 
 
 class ClusterSpec(StrictModel):

@@ -1,6 +1,8 @@
-"""The stack of `cpctl up` / `cpctl gateway`: the spec's shards behind the gateway, in one process.
+"""The stack of `cpctl up` / `cpctl gateway`: the spec's shards behind the gateway.
 
-While it runs, a state file in the run directory says where everything is (`cpctl status` reads it).
+The gateway runs in this process (`gateway.workers: 1`), or as worker processes on one port that this
+process supervises (`gateway/workers.py`). While it runs, a state file in the run directory says where
+everything is (`cpctl status` reads it).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import gc
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from controlplane.gateway.app import GatewayApp
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import GatewayServer
+from controlplane.gateway.workers import WorkerPool
 from controlplane.shards.base import Endpoint, ShardBackend
 from controlplane.shards.local import LocalShards
 from controlplane.spec import ClusterSpec
@@ -47,6 +51,51 @@ def read_state(run_dir: Path) -> dict | None:
     return state
 
 
+def freeze_what_exists() -> None:
+    """What exists once a gateway serves lives as long as the process: keep it out of the collector's full
+    passes, which would otherwise walk every imported module's objects over and over under load."""
+    gc.collect()
+    gc.freeze()
+
+
+class InProcessGateway:
+    """The gateway on this process's event loop (one worker): the same interface as WorkerPool."""
+
+    def __init__(self, spec: ClusterSpec, set_standby: Callable[[bool], None]) -> None:
+        gateway = spec.gateway
+        self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
+                             gateway.limits.upstream_connections_per_shard)
+        self.app = GatewayApp(spec, self.router, set_standby=set_standby)
+        self.server = GatewayServer(self.app, gateway.limits)
+        self.app.serve_on(self.server)
+
+    async def start(self, host: str, port: int) -> int:
+        port = await self.server.start(host, port)
+        freeze_what_exists()
+        self.app.start()
+        return port
+
+    async def stop(self) -> None:
+        await self.app.stop()
+        await self.server.stop()
+        self.router.close()
+
+    def update(self, endpoints: list[Endpoint]) -> None:
+        self.router.update(endpoints)
+
+    def snapshot(self) -> dict:
+        counters = self.server.counters
+        return {
+            "requests": counters.requests,
+            "in_flight": counters.in_flight,
+            "connections": counters.connections,
+            "by_status": dict(counters.by_status),
+            "queued": {b.name: b.count for b in self.app.scheduler.bands},
+            "ladder_step": self.app.ladder.step,
+            "workers": [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0}],
+        }
+
+
 class LocalStack:
     """The gateway in front of a shard backend: local processes by default, or any other (e.g. static)."""
 
@@ -56,13 +105,13 @@ class LocalStack:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.port = spec.gateway.port if port is None else port
+        local = shards is None
         self.shards = shards if shards is not None else LocalShards(spec, run_dir)
-        gateway = spec.gateway
-        self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
-                             gateway.limits.upstream_connections_per_shard)
-        self.app = GatewayApp(spec, self.router, set_standby=self._set_standby)
-        self.server = GatewayServer(self.app, gateway.limits)
-        self.app.serve_on(self.server)
+        workers = spec.gateway.worker_count()
+        # Workers of `cpctl up` log into the run directory; in-cluster (`cpctl gateway`) they log to stderr.
+        self.gateway: InProcessGateway | WorkerPool = (
+            InProcessGateway(spec, self._set_standby) if workers == 1 else
+            WorkerPool(spec, workers, self._set_standby, log_dir=run_dir / "logs" if local else None))
         self.url = ""
         self._standby_changes: set[asyncio.Task[None]] = set()
 
@@ -74,24 +123,18 @@ class LocalStack:
         await self.shards.start()
         self.shards.subscribe(self._on_endpoints)
         try:
-            port = await self.server.start(self.spec.gateway.listen, self.port)
+            port = await self.gateway.start(self.spec.gateway.listen, self.port)
         except OSError as exc:
             await self.shards.stop()
-            raise OSError(f"gateway cannot listen on {self.spec.gateway.listen}:{self.port}: {exc.strerror}") from None
+            raise OSError(f"gateway cannot listen on {self.spec.gateway.listen}:{self.port}: "
+                          f"{exc.strerror or exc}") from None
         self.url = f"http://{self.spec.gateway.listen}:{port}"
         self.write_state()
-        # What exists now lives as long as the process: keep it out of the collector's full passes, which
-        # would otherwise walk every imported module's objects over and over under load.
-        gc.collect()
-        gc.freeze()
-        self.app.start()
 
     async def stop(self) -> None:
-        await self.app.stop()
-        await self.server.stop()
+        await self.gateway.stop()
         for change in list(self._standby_changes):
             change.cancel()
-        self.router.close()
         await self.shards.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / "state.json").unlink()
@@ -106,22 +149,18 @@ class LocalStack:
                 change.add_done_callback(self._standby_changes.discard)
 
     def _on_endpoints(self, endpoints: list[Endpoint]) -> None:
-        self.router.update(endpoints)
+        self.gateway.update(endpoints)
         if self.url:
             self.write_state()
 
     def snapshot(self) -> dict:
-        counters = self.server.counters
+        gateway = self.gateway.snapshot()
+        gateway["by_status"] = dict(sorted(gateway["by_status"].items()))
         return {
             "cluster": self.spec.cluster,
             "pid": os.getpid(),
             "gateway": self.url,
-            "requests": counters.requests,
-            "in_flight": counters.in_flight,
-            "connections": counters.connections,
-            "by_status": dict(sorted(counters.by_status.items())),
-            "queued": {b.name: b.count for b in self.app.scheduler.bands},
-            "ladder_step": self.app.ladder.step,
+            **gateway,
             "shards": [dataclasses.asdict(s) for s in self.shards.status()],
         }
 

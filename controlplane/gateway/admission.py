@@ -7,7 +7,8 @@
   the tenant may not use is refused with 403 (never silently downgraded: the caller must know that its
   request would not be treated as asked). An unknown class name is 400.
 - Rate: one token bucket per tenant (rate, burst); an empty bucket is 429 with Retry-After = the time until
-  a token is back.
+  a token is back. The buckets live in a store: in this process (`LocalBuckets`, one gateway process), or in
+  memory shared by every gateway worker (`shared_buckets.SharedBuckets`), so a tenant's rate is global.
 - Deadline: `x-deadline-ms` (1..max_deadline_ms), or the class default.
 """
 
@@ -17,6 +18,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from controlplane.spec import ClusterSpec, PriorityClass, Tenant
 
@@ -53,6 +55,24 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
+class BucketStore(Protocol):
+    """The tenants' token buckets, wherever they are kept."""
+
+    def take(self, tenant: str) -> float:
+        """Take one token of `tenant`: 0.0 when granted, else the seconds until one is back."""
+        ...
+
+
+class LocalBuckets:
+    """The buckets of one gateway process."""
+
+    def __init__(self, tenants: list[Tenant], clock: Callable[[], float]) -> None:
+        self.buckets = {t.name: TokenBucket(t.rate, t.burst, clock) for t in tenants}
+
+    def take(self, tenant: str) -> float:
+        return self.buckets[tenant].take()
+
+
 @dataclass(slots=True)
 class Admitted:
     tenant: Tenant
@@ -61,14 +81,14 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, spec: ClusterSpec, clock: Callable[[], float]) -> None:
+    def __init__(self, spec: ClusterSpec, clock: Callable[[], float], buckets: BucketStore | None = None) -> None:
         self.by_hash = {t.api_key_sha256: t for t in spec.tenants if t.api_key_sha256}
         self.tenants = {t.name: t for t in spec.tenants}
         self.classes = {c.name: c for c in spec.priority_classes}
         self.anonymous = self.tenants.get(spec.gateway.anonymous_tenant or "") if spec.gateway.allow_anonymous \
             else None
         self.max_deadline_ms = spec.gateway.limits.max_deadline_ms
-        self.buckets = {t.name: TokenBucket(t.rate, t.burst, clock) for t in spec.tenants}
+        self.buckets: BucketStore = buckets if buckets is not None else LocalBuckets(spec.tenants, clock)
         self.allowed = {t.name: {t.default_class, *t.allowed_classes} for t in spec.tenants}
         self._key_cache: dict[bytes, Tenant] = {}
 
@@ -126,7 +146,7 @@ class Admission:
     def charge(self, admitted: Admitted) -> None:
         """Take a token from the tenant's bucket, or Refused (429 with Retry-After)."""
         tenant = admitted.tenant
-        wait = self.buckets[tenant.name].take()
+        wait = self.buckets.take(tenant.name)
         if wait > 0.0:
             raise Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
                           retry_after_s=max(1.0, math.ceil(wait)), reason="rate")

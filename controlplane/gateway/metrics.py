@@ -6,12 +6,17 @@ end-to-end latency; per shard: in flight, concurrency limit, ejections; the degr
 The request path only bumps plain integers (prometheus-client's own Counter and Histogram take a lock per
 call, a measurable share of the gateway's time per request); a collector turns them into metric families
 when /metrics is scraped. Each gateway has its own registry, so several can run in one process.
+
+Several worker processes: each exports its numbers (`state`, plain JSON) when /metrics is asked for, and the
+worker that answers adds them up (`absorb`): counters add, histograms add bucket by bucket, queue depths and
+shards' in-flight requests and limits add; per-worker facts carry a `worker` label.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -45,16 +50,39 @@ class GatewayMetrics:
         self.queue_wait: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.latency: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.retries = 0
-        self._state: tuple[list[dict], list[dict], int, dict | None] = ([], [], 0, None)
+        self._state: tuple[list[dict], list[dict], int, dict | None, list[dict]] = ([], [], 0, None, [])
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
-    def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None) -> bytes:
-        self._state = (bands, shards, ladder_step, overload)
+    def state(self) -> dict:
+        """The counters and histograms as JSON-able data, for another process to `absorb`."""
+        return {"requests": [[*labels, value] for labels, value in self.requests.items()],
+                "shed": [[*labels, value] for labels, value in self.shed.items()],
+                "queue_wait": {label: [h.counts, h.total] for label, h in self.queue_wait.items()},
+                "latency": {label: [h.counts, h.total] for label, h in self.latency.items()},
+                "retries": self.retries}
+
+    def absorb(self, state: dict) -> None:
+        """Add another gateway's `state` to these numbers."""
+        for *labels, value in state["requests"]:
+            self.requests[tuple(labels)] += value
+        for *labels, value in state["shed"]:
+            self.shed[tuple(labels)] += value
+        for mine, theirs in ((self.queue_wait, state["queue_wait"]), (self.latency, state["latency"])):
+            for label, (counts, total) in theirs.items():
+                histogram = mine[label]
+                histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
+                histogram.total += total
+        self.retries += state["retries"]
+
+    def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None,
+               workers: Sequence[dict] = ()) -> bytes:
+        """The exposition text; `workers` (several processes): [{"worker", "requests", "connections"}]."""
+        self._state = (bands, shards, ladder_step, overload, list(workers))
         return generate_latest(self.registry)
 
     def collect(self):  # noqa: ANN201 - the prometheus-client collector protocol
-        bands, shards, ladder_step, overload = self._state
+        bands, shards, ladder_step, overload, workers = self._state
         requests = CounterMetricFamily("cp_requests", "Requests by class, tenant and outcome (admitted, completed, "
                                        "failed, shed).", labels=["class", "tenant", "outcome"])
         for labels, value in self.requests.items():
@@ -92,6 +120,18 @@ class GatewayMetrics:
                                 "2 lowest class on cheaper variants.", value=ladder_step)
         if overload is not None:
             yield from overload_families(overload)
+        if workers:
+            yield GaugeMetricFamily("cp_gateway_workers", "Gateway worker processes that answered this scrape.",
+                                    value=len(workers))
+            served = CounterMetricFamily("cp_worker_http_requests", "HTTP requests each gateway worker answered.",
+                                         labels=["worker"])
+            connections = GaugeMetricFamily("cp_worker_connections", "Client connections open per gateway worker.",
+                                            labels=["worker"])
+            for worker in workers:
+                served.add_metric([str(worker["worker"])], worker["requests"])
+                connections.add_metric([str(worker["worker"])], worker["connections"])
+            yield served
+            yield connections
 
 
 def overload_families(overload: dict):  # noqa: ANN201 - metric families
