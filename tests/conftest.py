@@ -59,10 +59,14 @@ class RunningStack:
     def shard_pids(self) -> dict[str, int]:
         return {s["name"]: s["pid"] for s in self.state()["shards"] if s["pid"]}
 
+    def worker_pids(self) -> dict[int, int]:
+        """Gateway worker processes by index (none when the gateway runs inside cpctl: `workers: 1`)."""
+        return {w["index"]: w["pid"] for w in self.state().get("workers", []) if w["pid"] != self.process.pid}
+
     def every_pid(self) -> set[int]:
-        """The cpctl process and every process of every shard's group, as of now."""
+        """The cpctl process and every process of every shard's and gateway worker's group, as of now."""
         pids = {self.process.pid}
-        for pid in self.shard_pids().values():
+        for pid in [*self.shard_pids().values(), *self.worker_pids().values()]:
             pids.update(group_members(pid))
         return pids
 

@@ -48,6 +48,7 @@ tenants:
       rate: 100000, burst: 100000}}
   - {{name: slow, api_key_sha256: {hash_api_key('cp-slow-key')}, default_class: sheddable, rate: 2, burst: 2}}
 gateway:
+  workers: 1  # the bursts, limits and ladder timings below are sized for one gateway process
   admin_token_sha256: {hash_api_key('cp-admin-key')}
   concurrency: {{initial: 4, max: 4}}
   ladder: {{backlog_high: 8, backlog_low: 0, up_after_s: 0.5, down_after_s: 1.0}}

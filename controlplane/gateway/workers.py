@@ -11,7 +11,7 @@ What is global, and how (N = the number of workers):
 - Tenant token buckets: GLOBAL and exact. One shared memory region (memfd + mmap, passed to every worker)
   holds each tenant's (tokens, updated) under a per-tenant fcntl record lock (`shared_buckets.py`): a
   tenant gets at most burst + rate x t requests in t seconds across all workers, like nginx's limit_req
-  shared zone. Cost about 2.5 us a take (two system calls).
+  shared zone. Cost 1.4 us a take (3.7 us contended) against 0.3 us in one process.
 - Queue bounds: PARTITIONED, so they hold in total. Worker i gets its share of `max_queued_requests`,
   `max_queued_bytes` and every class's `max_queue` / `max_queue_bytes` (total // N, the remainder to the first
   workers): the shares add up to the spec's bounds exactly, so the sum of the queues can never exceed them.
