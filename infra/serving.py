@@ -136,7 +136,7 @@ class ServingCluster(pulumi.ComponentResource):
         self._apply(f"{name}-shards-policy", workloads.shards_network_policy(spec, ns), in_ns)
 
         # The gateway.
-        config = self._apply(f"{name}-gateway-config", workloads.gateway_config(spec, ns), in_ns)
+        config = self._apply(f"{name}-gateway-config", workloads.gateway_config(spec, ns, settings.gateway.cpu), in_ns)
         self._apply(f"{name}-gateway", workloads.gateway_deployment(spec, settings, pull_secret),
                     pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(depends_on=[serving_ns, config])))
         service = self._apply(f"{name}-gateway-svc", workloads.gateway_service(spec, settings), in_ns)

@@ -13,6 +13,7 @@ plan, and the degradation ladder scales them up. One Service and one PodDisrupti
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from collections import defaultdict
 from dataclasses import dataclass
@@ -249,9 +250,18 @@ def disruption_budget(spec: ClusterSpec, name: str, ns: str, selector: dict[str,
     }
 
 
-def gateway_spec_yaml(spec: ClusterSpec) -> str:
-    """The spec as the gateway pod reads it: listening on every interface, the repository at /models."""
-    gateway = spec.gateway.model_copy(update={"listen": "0.0.0.0"})
+def cpu_cores(quantity: str) -> int:
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") in whole cores, rounded up, at least 1."""
+    cores = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return max(1, math.ceil(cores))
+
+
+def gateway_spec_yaml(spec: ClusterSpec, cpu: str) -> str:
+    """The spec as the gateway pod reads it: listening on every interface, the repository at /models, and
+    unless the spec says otherwise one gateway worker per core the pod requests (inside the pod the CPU
+    affinity shows every core of the node, and nothing else limits it)."""
+    workers = spec.gateway.workers or cpu_cores(cpu)
+    gateway = spec.gateway.model_copy(update={"listen": "0.0.0.0", "workers": workers})
     adjusted = spec.model_copy(update={"gateway": gateway, "model_repository": MODELS_DIR})
     return yaml.safe_dump(adjusted.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
@@ -265,12 +275,12 @@ def shard_endpoints(spec: ClusterSpec, ns: str) -> list[dict[str, Any]]:
     ]
 
 
-def gateway_config(spec: ClusterSpec, ns: str) -> dict[str, Any]:
+def gateway_config(spec: ClusterSpec, ns: str, cpu: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta("gateway-config", ns, _labels(spec, "gateway")),
-        "data": {"cluster.yaml": gateway_spec_yaml(spec),
+        "data": {"cluster.yaml": gateway_spec_yaml(spec, cpu),
                  "endpoints.json": json.dumps(shard_endpoints(spec, ns), indent=1)},
     }
 

@@ -155,6 +155,7 @@ def test_gateway_is_configured_from_the_spec_and_the_stack() -> None:
     assert required(container(gateway), "resources", "requests", "cpu")  # the HPA's utilisation needs it
     pod_spec = parse_spec(required(k8s(run, "ConfigMap", "gateway-config"), "data", "cluster.yaml"))
     assert pod_spec.gateway.listen == "0.0.0.0" and pod_spec.tenants == spec.tenants
+    assert pod_spec.gateway.workers == 2  # one per core of the pod's CPU request, not of the node
 
 
 def test_registry_password_becomes_an_image_pull_secret() -> None:
