@@ -34,7 +34,7 @@ class ShardStatus:
     name: str
     shard: str
     url: str | None
-    state: str  # starting | ready | unready | restarting | stopped | failed
+    state: str  # starting | ready | unready | restarting | stopping | stopped | failed
     models: list[str]
     pid: int | None = None
     restarts: int = 0

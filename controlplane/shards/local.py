@@ -207,6 +207,8 @@ class LocalReplica:
                 await self.task
             self.task = None
         if self.process is not None:
+            # Out of the endpoint set first: a server shutting down (3-4 s) refuses and drops connections.
+            self._set_state("stopping")
             await asyncio.to_thread(self.process.stop, self.backend.stop_grace_s)
         self._set_state("stopped")
 
