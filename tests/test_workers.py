@@ -22,6 +22,7 @@ from controlplane.bench.client import HttpClient
 from controlplane.gateway.admission import LocalBuckets
 from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.shared_buckets import SharedBuckets
+from controlplane.gateway.worker import merge_overload
 from controlplane.gateway.workers import partition_spec
 from controlplane.spec import hash_api_key, parse_spec
 
@@ -313,11 +314,20 @@ def test_metrics_of_several_workers_add_up() -> None:
     merged = GatewayMetrics()
     merged.absorb(json.loads(json.dumps(one.state())))  # as it travels between processes
     merged.absorb(json.loads(json.dumps(two.state())))
-    text = merged.render([], [], 0, [{"worker": 0, "requests": 5, "connections": 1},
-                                      {"worker": 1, "requests": 6, "connections": 0}]).decode()
+    overload = merge_overload([
+        {"level": 0, "refused_below_level": None, "pressure": {"lag": 0.2, "cpu": 0.5}, "held_connections": 0,
+         "connections": 3, "actions": [{"action": "connection_held", "class": "low", "count": 2}]},
+        {"level": 1, "refused_below_level": 100, "pressure": {"lag": 0.9, "cpu": 0.4}, "held_connections": 4,
+         "connections": 5, "actions": [{"action": "connection_held", "class": "low", "count": 3}]}, None])
+    text = merged.render([], [], 0, overload, workers=[{"worker": 0, "requests": 5, "connections": 1},
+                                                       {"worker": 1, "requests": 6, "connections": 0}]).decode()
     assert metric(text, "cp_requests_total", outcome="completed") == 7
     assert metric(text, "cp_latency_seconds_bucket", le="0.005") == 2
     assert metric(text, "cp_latency_seconds_count") == 3
     assert metric(text, "cp_latency_seconds_sum") == pytest.approx(2.006)
     assert metric(text, "cp_retries_total") == 2
     assert metric(text, "cp_worker_http_requests_total", worker="1") == 6
+    # overload: each worker protects itself, so the view shows the worst worker and adds what they did
+    assert metric(text, "cp_overload_level") == 1 and metric(text, "cp_overload_pressure", monitor="lag") == 0.9
+    assert metric(text, "cp_overload_held_connections") == 4
+    assert metric(text, "cp_overload_actions_total", action="connection_held") == 5

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -24,9 +25,10 @@ import orjson
 from controlplane.gateway.admission import Refused
 from controlplane.gateway.app import ADMIN_SHARD_ROUTE, GatewayApp
 from controlplane.gateway.channel import Channel, ChannelClosed, read_message
+from controlplane.gateway.errors import send_error
 from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.routing import Router
-from controlplane.gateway.server import ClientConnection, GatewayServer, Request, json_error
+from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Request, json_error
 from controlplane.gateway.shared_buckets import SharedBuckets
 from controlplane.gateway.workers import ASK_TIMEOUT_S, TICK_S, partition_spec
 from controlplane.shards.base import Endpoint
@@ -68,34 +70,48 @@ class GatewayWorker:
         self.ladder = FollowedLadder()
         self.app.ladder = self.ladder  # the supervisor's ladder decides; see workers.py
         self.server = GatewayServer(self.handle, gateway.limits)
+        self.app.serve_on(self.server)  # admission right after the headers, and this worker's overload manager
         self.channel: Channel | None = None
+        self.answering: set[asyncio.Task[None]] = set()
 
     # --- HTTP: the routes that speak for every worker ---------------------------------------------------------
-    async def handle(self, request: Request, conn: ClientConnection) -> None:
+    def handle(self, request: Request, conn: ClientConnection) -> Cancellable | None:
+        """This worker's request handler: the views and admin actions of all workers here, the rest as in one
+        process (the app answers, now or later)."""
         path, method = request.path, request.method
-        if path == "/metrics" and method == b"GET":
-            await self.answer(conn, self.metrics())
-        elif path == "/admin/queues" and method == b"GET":
-            await self.answer(conn, self.queues(), request)
-        elif method == b"POST" and ADMIN_SHARD_ROUTE.match(path):
-            await self.answer(conn, self.drain(ADMIN_SHARD_ROUTE.match(path)), request)
-        else:
-            await self.app(request, conn)
+        if path == "/metrics":
+            return self.answer(conn, self.metrics())
+        if path == "/admin/queues" and method == b"GET":
+            return self.answer(conn, self.queues(), request)
+        match = ADMIN_SHARD_ROUTE.match(path) if method == b"POST" else None
+        if match is not None:
+            return self.answer(conn, self.drain(match), request)
+        return self.app(request, conn)
 
-    async def answer(self, conn: ClientConnection, work, request: Request | None = None) -> None:  # noqa: ANN001
-        """Run `work` (a coroutine giving (status, body, headers)); admin routes check the token first."""
+    def answer(self, conn: ClientConnection, work, admin: Request | None = None) -> asyncio.Task[None]:  # noqa: ANN001
+        """Answer with `work` (a coroutine giving status, body, headers) once the supervisor replied; an admin
+        request's token is checked first. The task is what the server cancels if the client leaves."""
+        task = asyncio.get_running_loop().create_task(self._answer(conn, work, admin))
+        self.answering.add(task)
+        task.add_done_callback(self.answering.discard)
+        return task
+
+    async def _answer(self, conn: ClientConnection, work, admin: Request | None) -> None:  # noqa: ANN001
         try:
-            if request is not None:
-                self.app.admission.admin_ok(request.headers, self.spec.gateway.admin_token_sha256)
+            if admin is not None:
+                self.app.admission.admin_ok(admin.headers, self.spec.gateway.admin_token_sha256)
             status, body, headers = await work
-        except Refused as exc:
-            work.close()
-            conn.send_json(exc.status, json_error(str(exc)))
-            return
+        except Refused as refused:
+            send_error(conn, refused)
         except (ChannelClosed, TimeoutError):
             conn.send_json(503, json_error("the gateway's supervisor did not answer; retry"), [(b"retry-after", b"1")])
-            return
-        conn.send(status, body, headers)
+        except Exception:
+            log.exception("%s failed", admin.path if admin else "/metrics")
+            conn.fail()
+        else:
+            conn.send(status, body, headers)
+        finally:
+            work.close()  # never started when the token was refused
 
     async def gather(self) -> dict:
         return await self.channel.ask({"op": "gather"}, GATHER_TIMEOUT_S)
@@ -107,6 +123,7 @@ class GatewayWorker:
         for state in states:
             merged.absorb(state["metrics"])
         body = merged.render(merge_classes(states), merge_shards(states), gathered["ladder"]["step"],
+                             merge_overload([s["overload"] for s in states]),
                              [{"worker": s["worker"], **s["counters"]} for s in states])
         return 200, body, PROMETHEUS_TEXT
 
@@ -114,9 +131,10 @@ class GatewayWorker:
         gathered = await self.gather()
         states = gathered["workers"]
         view = {"classes": merge_classes(states), "shards": merge_shards(states), "ladder": gathered["ladder"],
+                "overload": merge_overload([s["overload"] for s in states]),
                 "service_rate": round(sum(s["service_rate"] for s in states), 1), "answered_by": self.index,
-                "workers": [{key: s[key] for key in ("worker", "pid", "classes", "shards", "service_rate",
-                                                     "counters", "bounds")} for s in states]}
+                "workers": [{key: s[key] for key in ("worker", "pid", "classes", "shards", "overload",
+                                                     "service_rate", "counters", "bounds")} for s in states]}
         return 200, orjson.dumps(view), [(b"content-type", b"application/json")]
 
     async def drain(self, match) -> tuple[int, bytes, list]:  # noqa: ANN001 - re.Match
@@ -160,6 +178,7 @@ class GatewayWorker:
         scheduler = self.app.scheduler
         return {"worker": self.index, "pid": os.getpid(), "metrics": self.app.metrics.state(),
                 "classes": scheduler.snapshot(), "shards": self.router.snapshot(),
+                "overload": self.app.overload.snapshot() if self.app.overload else None,
                 "service_rate": scheduler.service_rate(), "counters": self.counters(),
                 "bounds": {"max_queued_requests": scheduler.max_requests, "max_queued_bytes": scheduler.max_bytes,
                            "classes": {b.name: [b.max_requests, b.max_bytes] for b in scheduler.bands},
@@ -207,6 +226,27 @@ def merge_shards(states: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
+def merge_overload(snapshots: list[dict | None]) -> dict | None:
+    """The overload managers of all workers as one: the worst level and pressures (each worker protects
+    itself), held connections and actions added."""
+    present = [s for s in snapshots if s]
+    if not present:
+        return None
+    worst = max(present, key=lambda s: s["level"])
+    pressure: dict[str, float] = {}
+    actions: dict[tuple[str, str], int] = {}
+    for snapshot in present:
+        for monitor, value in snapshot["pressure"].items():
+            pressure[monitor] = max(pressure.get(monitor, 0.0), value)
+        for action in snapshot["actions"]:
+            key = (action["action"], action["class"])
+            actions[key] = actions.get(key, 0) + action["count"]
+    return {"level": worst["level"], "refused_below_level": worst["refused_below_level"], "pressure": pressure,
+            "held_connections": sum(s["held_connections"] for s in present),
+            "connections": sum(s["connections"] for s in present),
+            "actions": [{"action": a, "class": c, "count": n} for (a, c), n in sorted(actions.items())]}
+
+
 async def serve(channel_fd: int, buckets_fd: int) -> None:
     sock = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -224,6 +264,8 @@ async def serve(channel_fd: int, buckets_fd: int) -> None:
     listening = channel_task = reporting = None
     try:
         await worker.server.start(setup["host"], setup["port"], reuse_port=True)
+        gc.collect()  # what exists now lives as long as the process: out of the collector's full passes
+        gc.freeze()
         worker.app.start()
         channel.send({"op": "ready", "pid": os.getpid()})
         channel_task = loop.create_task(channel.serve())  # ends when the supervisor goes away
