@@ -108,6 +108,7 @@ tenants:
   - {{name: demo, api_key_sha256: {hash_api_key('cp-demo-key')}, default_class: sheddable,
       allowed_classes: [critical], rate: 100000, burst: 100000}}
 gateway:
+  workers: 1  # a class is refused only where a higher one was seen: one process sees both connections
   admin_token_sha256: {hash_api_key('cp-admin-key')}
   overload: {{max_rss_mb: 1, hold_max_s: 60}}
 """

@@ -30,7 +30,8 @@ What is global, and how (N = the number of workers):
   every worker, then merge them (counters add, histograms add bucket-wise, queue depths and in-flight
   requests add; per-worker facts carry a `worker` label, and /admin/queues lists each worker's own view).
 - The overload manager is per worker: each protects its own event loop, CPU, memory and connections
-  (`overload.connection_budget` is per worker); the merged views show the worst worker's level and pressures.
+  (`overload.connection_budget` is per worker), and refuses a class only while it saw a higher class itself
+  (`protect_window_s`); the merged views show the worst worker's level and pressures.
 - Retry budgets, the scheduler's rate estimates, ejections and the cache of model signatures are per worker.
 
 A worker that exits (or stops reporting for WORKER_SILENT_S) is killed with its process group and started
