@@ -94,6 +94,8 @@ def test_ctrl_c_stops_every_process_it_started(run_dir: Path) -> None:
     running = start_stack(spec, run_dir, "stop-test")
     pids = running.every_pid()
     assert len(pids) >= 1 + 2 * 4  # cpctl, and per server: tritonserver plus one stub per model instance
+    cores = len(os.sched_getaffinity(0))  # the example spec runs a gateway worker per core, if more than one
+    assert len(running.worker_pids()) == (cores if cores > 1 else 0)
     leftovers = stop_stack(running)
     assert leftovers == set()
     assert running.process.popen.returncode == 0

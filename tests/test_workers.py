@@ -118,7 +118,7 @@ def scrape(stack: RunningStack) -> str:
 
 
 def served_by_worker(text: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in re.finditer(r'^cp_worker_http_requests_total{worker="(\d+)"} (\S+)$',
+    return {m[1]: float(m[2]) for m in re.finditer(r'^cp_worker_http_responses_total{worker="(\d+)"} (\S+)$',
                                                     text, re.M)}
 
 
@@ -136,7 +136,7 @@ def test_a_tenant_rate_is_global_across_workers(workers_stack: RunningStack) -> 
     statuses = run(on_many_connections(workers_stack, CAPPED, per_connection=2))
     elapsed = time.monotonic() - started
     after = served_by_worker(scrape(workers_stack))
-    assert all(after[w] > before.get(w, 0) for w in ("0", "1")), "both workers must have taken requests"
+    assert all(after[w] > before.get(w, 0) for w in ("0", "1")), "both workers must have answered requests"
     granted = statuses.count(200)
     # one bucket for both workers: burst + rate x elapsed at most (two per-worker buckets would grant ~2 x burst)
     assert BURST <= granted <= BURST + RATE * elapsed, (granted, elapsed)
@@ -319,14 +319,14 @@ def test_metrics_of_several_workers_add_up() -> None:
          "connections": 3, "actions": [{"action": "connection_held", "class": "low", "count": 2}]},
         {"level": 1, "refused_below_level": 100, "pressure": {"lag": 0.9, "cpu": 0.4}, "held_connections": 4,
          "connections": 5, "actions": [{"action": "connection_held", "class": "low", "count": 3}]}, None])
-    text = merged.render([], [], 0, overload, workers=[{"worker": 0, "requests": 5, "connections": 1},
-                                                       {"worker": 1, "requests": 6, "connections": 0}]).decode()
+    text = merged.render([], [], 0, overload, workers=[{"worker": 0, "responses": 5, "connections": 1},
+                                                       {"worker": 1, "responses": 6, "connections": 0}]).decode()
     assert metric(text, "cp_requests_total", outcome="completed") == 7
     assert metric(text, "cp_latency_seconds_bucket", le="0.005") == 2
     assert metric(text, "cp_latency_seconds_count") == 3
     assert metric(text, "cp_latency_seconds_sum") == pytest.approx(2.006)
     assert metric(text, "cp_retries_total") == 2
-    assert metric(text, "cp_worker_http_requests_total", worker="1") == 6
+    assert metric(text, "cp_worker_http_responses_total", worker="1") == 6
     # overload: each worker protects itself, so the view shows the worst worker and adds what they did
     assert metric(text, "cp_overload_level") == 1 and metric(text, "cp_overload_pressure", monitor="lag") == 0.9
     assert metric(text, "cp_overload_held_connections") == 4

@@ -77,7 +77,7 @@ class GatewayMetrics:
 
     def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None,
                workers: Sequence[dict] = ()) -> bytes:
-        """The exposition text; `workers` (several processes): [{"worker", "requests", "connections"}]."""
+        """The exposition text; `workers` (several processes): [{"worker", "responses", "connections"}]."""
         self._state = (bands, shards, ladder_step, overload, list(workers))
         return generate_latest(self.registry)
 
@@ -123,12 +123,12 @@ class GatewayMetrics:
         if workers:
             yield GaugeMetricFamily("cp_gateway_workers", "Gateway worker processes that answered this scrape.",
                                     value=len(workers))
-            served = CounterMetricFamily("cp_worker_http_requests", "HTTP requests each gateway worker answered.",
-                                         labels=["worker"])
+            served = CounterMetricFamily("cp_worker_http_responses", "HTTP responses each gateway worker sent "
+                                         "(refusals included).", labels=["worker"])
             connections = GaugeMetricFamily("cp_worker_connections", "Client connections open per gateway worker.",
                                             labels=["worker"])
             for worker in workers:
-                served.add_metric([str(worker["worker"])], worker["requests"])
+                served.add_metric([str(worker["worker"])], worker["responses"])
                 connections.add_metric([str(worker["worker"])], worker["connections"])
             yield served
             yield connections

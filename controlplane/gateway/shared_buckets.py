@@ -69,5 +69,7 @@ class SharedBuckets:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, offset)
 
     def close(self) -> None:
-        self.memory.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            self.memory.close()
+            os.close(self.fd)
+            self.fd = -1

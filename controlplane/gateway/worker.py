@@ -171,7 +171,8 @@ class GatewayWorker:
 
     def counters(self) -> dict:
         counters = self.server.counters
-        return {"requests": counters.requests, "in_flight": counters.in_flight,
+        return {"requests": counters.requests, "responses": sum(counters.by_status.values()),
+                "in_flight": counters.in_flight,
                 "connections": counters.connections, "by_status": counters.by_status}
 
     def state(self) -> dict:
