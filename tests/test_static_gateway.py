@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -52,6 +53,10 @@ def test_gateway_serves_listed_shards_and_follows_file_changes(stack: RunningSta
             time.sleep(0.2)
         assert client.infer("risk", [features]).as_numpy("score").shape == (1, 1)
         client.close()
+        # in-cluster, gateway workers log to the pod's output: nothing of theirs is written to disk
+        cores = len(os.sched_getaffinity(0))  # the example spec: a gateway worker per core, if more than one
+        assert len(gateway.worker_pids()) == (cores if cores > 1 else 0)
+        assert not list((run_dir / "static-test").glob("**/gateway-worker*"))
     finally:
         assert not stop_stack(gateway)
 

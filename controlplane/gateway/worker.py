@@ -81,11 +81,12 @@ class GatewayWorker:
         path, method = request.path, request.method
         if path == "/metrics":
             return self.answer(conn, self.metrics())
-        if path == "/admin/queues" and method == b"GET":
-            return self.answer(conn, self.queues(), request)
-        match = ADMIN_SHARD_ROUTE.match(path) if method == b"POST" else None
-        if match is not None:
-            return self.answer(conn, self.drain(match), request)
+        if path.startswith("/admin/"):  # (a prefix test first: inference requests pay no regex here)
+            if path == "/admin/queues" and method == b"GET":
+                return self.answer(conn, self.queues(), request)
+            match = ADMIN_SHARD_ROUTE.match(path)
+            if match is not None and method == b"POST":
+                return self.answer(conn, self.drain(match), request)
         return self.app(request, conn)
 
     def answer(self, conn: ClientConnection, work, admin: Request | None = None) -> asyncio.Task[None]:  # noqa: ANN001
