@@ -236,6 +236,7 @@ def test_the_ladder_sees_the_backlog_of_all_workers_and_wakes_the_standby_shard(
 
 
 def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(workers_stack: RunningStack) -> None:
+    assert get(workers_stack, "/admin/shards/main-0/drain", ADMIN, method="POST")[0] == 200
     victim = workers_stack.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -252,9 +253,15 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(workers_stack: 
         time.sleep(0.05)
     assert workers_stack.state()["workers"][0]["restarts"] == 1
     before = served_by_worker(scrape(workers_stack))
+    served = {s["name"]: s["served"] for s in queues(workers_stack)["shards"]}
     assert run(on_many_connections(workers_stack, DEMO)) == [200] * CONNECTIONS
     after = served_by_worker(scrape(workers_stack))
     assert all(after[w] > before.get(w, 0) for w in ("0", "1")), "the restarted worker takes connections again"
+    # the drain from before the kill holds in the new worker too (the supervisor replays it)
+    view = queues(workers_stack)
+    assert all(next(s["draining"] for s in w["shards"] if s["name"] == "main-0") for w in view["workers"])
+    assert {s["name"]: s["served"] for s in view["shards"]}.get("main-0", 0) == served.get("main-0", 0)
+    assert get(workers_stack, "/admin/shards/main-0/undrain", ADMIN, method="POST")[0] == 200
 
 
 # --- the pieces, without a stack ---------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Started by `workers.WorkerPool` as `python -m controlplane.gateway.worker --channel-fd N --buckets-fd M`:
 N is its end of a socketpair to the supervisor, M the shared memory of the tenant buckets. The first
-message on the channel is its setup (the spec, its index, the port); it applies its share of the spec's
-bounds (`workers.partition_spec`), follows the endpoint sets and the ladder step the supervisor pushes,
-and reports its backlog every tick. The routes whose answer must cover every worker (/metrics, GET
+message on the channel is its setup (the spec, its index, the port, and the endpoint set, ladder step and
+drained shards as they are now, applied before it listens); it applies its share of the spec's bounds
+(`workers.partition_spec`), follows the endpoint sets and the ladder step the supervisor pushes, and
+reports its backlog every tick. The routes whose answer must cover every worker (/metrics, GET
 /admin/queues, POST /admin/shards/NAME/drain|undrain) are answered here through the supervisor; every other
 request goes to this worker's GatewayApp as it would in a single process.
 """
@@ -265,6 +266,8 @@ async def serve(channel_fd: int, buckets_fd: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     listening = channel_task = reporting = None
     try:
+        for message in setup["state"]:  # the shards, the ladder's step, drained shards: before listening
+            await worker.on_message(message)
         await worker.server.start(setup["host"], setup["port"], reuse_port=True)
         gc.collect()  # what exists now lives as long as the process: out of the collector's full passes
         gc.freeze()

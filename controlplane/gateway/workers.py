@@ -225,13 +225,12 @@ class WorkerPool:
             theirs.close()
         slot.channel = await Channel.open(ours, lambda message: self._on_message(slot, message))
         slot.reported_at = time.monotonic()
+        # What the worker applies before it listens, so that its first request already sees the shards.
+        state = [endpoint_message(self.endpoints), self._ladder_message(),
+                 *({"op": "drain", "shard": shard, "draining": True} for shard in sorted(self.drained))]
         slot.channel.send({"op": "init", "spec": self.spec.model_dump(mode="json"), "index": slot.index,
-                           "count": self.count, "host": self.host, "port": self.port,
+                           "count": self.count, "host": self.host, "port": self.port, "state": state,
                            "log_level": logging.getLogger().getEffectiveLevel()})
-        slot.channel.send(endpoint_message(self.endpoints))
-        slot.channel.send(self._ladder_message())
-        for shard in sorted(self.drained):
-            slot.channel.send({"op": "drain", "shard": shard, "draining": True})
         await slot.channel.serve()
 
     # --- messages from workers ----------------------------------------------------------------------------
