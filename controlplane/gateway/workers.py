@@ -18,9 +18,9 @@ What is global, and how (N = the number of workers):
   The price: one worker may shed while another has room (connections are not spread perfectly evenly).
 - Shard concurrency: PARTITIONED. Each worker runs its own adaptive (AIMD) limit per shard, starting from
   `concurrency.initial` // N and capped at `concurrency.max` // N (at least 1 each), so the limits add up to
-  at most the spec's. Strict priority at the shard holds across workers through Triton's own `priority`
-  parameter, which every worker sets per request from the class. Client and upstream connection bounds
-  (`max_connections`, `upstream_connections_per_shard`) are split the same way.
+  at most the spec's (or N, when `max` is below N). Strict priority at the shard holds across workers
+  through Triton's own `priority` parameter, which every worker sets per request from the class. Client
+  and upstream connection bounds (`max_connections`, `upstream_connections_per_shard`) are split the same way.
 - Shard endpoints: the supervisor subscribes to the shard backend and pushes every new set to every worker.
 - Degradation ladder: runs HERE, on the sum of the queue depths every worker reports each tick (0.1 s), so
   it sees the global backlog, and the standby action happens where the shards are; workers follow its step.
