@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from controlplane.bench.loadgen import Sample, percentile, summarize
 
@@ -56,3 +60,30 @@ def test_summary_percentiles_goodput_and_shed_reasons() -> None:
     assert summary["goodput_rps"] == 25.0  # 50 answered within the 50 ms deadline, over 2 s
     assert summary["shed_reasons"] == {"deadline": 1} and summary["errors_5xx"] == 1
     assert percentile([], 99) == 0.0
+
+
+def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cpctl bench suite --only flood,cpu --quick` end to end (one model, ~30 s): the flood's statuses are
+    counted, the refused tenant is refused at admission, the results carry `targets`. No speed is asserted."""
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is needed (make system-deps)")
+    from controlplane.bench import suite
+
+    monkeypatch.setattr(suite, "FLOOD_MODELS", (("5ms", 5),))
+    results = suite.run_suite(quick=True, only=["flood", "cpu"], results_dir=tmp_path,
+                              log=lambda line: print(f"{time.monotonic():.1f} {line}"))
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {f"flood-cpu-{results['date']}.json", f"flood-cpu-{results['date']}.md"}
+    assert json.loads((tmp_path / f"flood-cpu-{results['date']}.json").read_text())["targets"] == results["targets"]
+    assert all(set(t) == {"name", "value", "target", "met"} for t in results["targets"])
+    row = results["flood"]["models"]["5ms"]
+    for setup in ("gateway", "nginx", "direct"):
+        assert row[setup]["alone"]["sent"] > 0 and row[setup]["flood"]["sent"] > 0
+        assert sum(row[setup]["flood_traffic"]["statuses"].values()) > 100  # the flood ran and was counted
+    flood = row["gateway"]["flood_traffic"]["statuses"]
+    assert set(flood) <= {"200", "429"}, flood  # the gateway's overload contract: served or shed, never 5xx
+    cpu = results["cpu"]
+    assert cpu["refused"]["statuses"].get("429", 0) >= 0.99 * cpu["refused"]["requests"]  # refused at admission
+    assert cpu["admitted"]["requests"] > 0 and cpu["admitted"]["cpu_s"] > 0
+    assert results["stack_stopped_on_sigint"]
