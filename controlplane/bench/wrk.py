@@ -77,7 +77,9 @@ def parse(output: str) -> WrkResult:
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
         result.non_2xx = int(m.group(1))
     result.statuses = {code: int(n) for code, n in re.findall(r"^STATUS (\d+) (\d+)$", output, re.M)}
-    if m := re.search(r"^SOCKET_ERRORS (\d+) (\d+) (\d+) (\d+)$", output, re.M):
+    m = re.search(r"^SOCKET_ERRORS (\d+) (\d+) (\d+) (\d+)$", output, re.M)  # the counting script's
+    m = m or re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)  # wrk's
+    if m:
         result.socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True))
     return result
 
