@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from controlplane.bench.loadgen import Sample, percentile, summarize
 
@@ -56,3 +59,65 @@ def test_summary_percentiles_goodput_and_shed_reasons() -> None:
     assert summary["goodput_rps"] == 25.0  # 50 answered within the 50 ms deadline, over 2 s
     assert summary["shed_reasons"] == {"deadline": 1} and summary["errors_5xx"] == 1
     assert percentile([], 99) == 0.0
+
+
+def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cpctl bench suite --only flood,cpu --quick` end to end (one model, ~30 s): the flood's statuses are
+    counted, the refused tenant is refused at admission, the results carry `targets`. No speed is asserted."""
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is needed (make system-deps)")
+    from controlplane.bench import suite
+
+    monkeypatch.setattr(suite, "FLOOD_MODELS", (("5ms", 5),))
+    results = suite.run_suite(quick=True, only=["flood", "cpu"], results_dir=tmp_path, log=lambda line: None)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {f"flood-cpu-{results['date']}.json", f"flood-cpu-{results['date']}.md"}
+    assert json.loads((tmp_path / f"flood-cpu-{results['date']}.json").read_text())["targets"] == results["targets"]
+    assert all(set(t) == {"name", "value", "target", "met"} for t in results["targets"])
+    row = results["flood"]["models"]["5ms"]
+    for setup in ("gateway", "nginx", "direct"):
+        assert row[setup]["alone"]["sent"] > 0 and row[setup]["flood"]["sent"] > 0
+        assert sum(row[setup]["flood_traffic"]["statuses"].values()) > 100  # the flood ran and was counted
+    flood = row["gateway"]["flood_traffic"]["statuses"]
+    assert set(flood) <= {"200", "429"}, flood  # the gateway's overload contract: served or shed, never 5xx
+    cpu = results["cpu"]
+    assert cpu["refused"]["statuses"].get("429", 0) >= 0.99 * cpu["refused"]["requests"]  # refused at admission
+    assert cpu["admitted"]["requests"] > 0 and cpu["admitted"]["cpu_s"] > 0
+    assert results["stack_stopped_on_sigint"]
+
+
+def test_wrk_output_parsing_and_gateway_pids() -> None:
+    from controlplane.bench.procstat import gateway_pids
+    from controlplane.bench.wrk import parse
+
+    out = parse("  2 threads and 64 connections\n  9000 requests in 3.01s, 1.1MB read\n"
+                "  Socket errors: connect 0, read 2, write 0, timeout 5\n  Non-2xx or 3xx responses: 40\n"
+                "Requests/sec:   2990.03\nSTATUS 200 8960\nSTATUS 429 40\n")
+    assert (out.requests, out.seconds, out.rps, out.non_2xx) == (9000, 3.01, 2990.03, 40)
+    assert out.statuses == {"200": 8960, "429": 40} and out.socket_errors["timeout"] == 5
+    assert gateway_pids({"pid": 10}) == [10]
+    assert gateway_pids({"pid": 10, "workers": [11, {"pid": 12}, 10]}) == [10, 11, 12]
+
+
+def test_scaling_spec_is_valid_and_targets_say_what_was_not_run(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from controlplane.spec import parse_spec
+
+    repository = scaling.model_repository(tmp_path / "models", instances=3, dlpack=True)
+    assert "count: 3" in (repository / "work" / "config.pbtxt").read_text()
+    spec = parse_spec(scaling.spec_text(repository, shards=4, workers=1))  # W=1 needs no `workers` field
+    assert spec.shards[0].replicas == 4
+    assert "workers: 8" in scaling.spec_text(repository, shards=4, workers=8)
+    row = {s: {"ok_rps": rps} for s, rps in (("direct", 100.0), ("nginx", 50.0), ("gateway", 40.0))}
+    result = {"config": {"models": [0]}, "workers": {"1": {"0ms": {**row, "gateway_over_nginx": 0.8}},
+                                                    "2": {"error": "refused"}}}
+    result["efficiency"] = scaling.efficiency(result)
+    assert result["efficiency"]["0ms"]["gateway"] == {"1": 1.0}
+    targets = scaling.scaling_targets(result)
+    assert [t["met"] for t in targets] == [False, False] and all(t["value"] is None for t in targets)
+    assert "not run" in targets[0]["name"]

@@ -65,15 +65,20 @@ def run_command(
 
 
 @bench_app.command("suite")
-def suite_command(quick: bool = typer.Option(False, help="Short steps (minutes less; noisier numbers).")) -> None:
-    """The overload benchmark: gateway vs nginx vs Triton direct, one run; writes bench/results/overload-*.
+def suite_command(
+    quick: bool = typer.Option(False, help="Short steps (minutes less; noisier numbers)."),
+    only: str = typer.Option(None, help="Run only these scenario groups, comma-separated: overload (peak, overhead, "
+                             "capacity, overload mix, fault), flood (gateway-bound flood), cpu (CPU per request)."),
+) -> None:
+    """The overload benchmark: gateway vs nginx vs Triton direct, one run; writes bench/results/<name>-<date>.*
 
-    Example: cpctl bench suite
+    Example: cpctl bench suite; cpctl bench suite --only flood,cpu --quick
     """
     from controlplane.bench.suite import run_suite
 
+    groups = [g.strip() for g in only.split(",") if g.strip()] if only else None
     try:
-        results = run_suite(quick=quick, log=lambda line: console.print(line, highlight=False))
+        results = run_suite(quick=quick, log=lambda line: console.print(line, highlight=False), only=groups)
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None

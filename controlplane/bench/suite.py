@@ -8,8 +8,16 @@ alternating between setups:
 3. capacity: the highest open-loop rate each setup serves with P99 under the SLO, on the GPU-like workload
    (10 ms a batch + 4 ms a row);
 4. overload: the class mix (10% critical, 30% standard, 60% sheddable) at 0.5x, 1x, 2x, 3x of direct's capacity;
-5. fault: the mix at 1x while one shard is SIGKILLed and another SIGSTOPped for 3 s.
-Writes bench/results/overload-<date>.{json,md,png} and overload-latest.json, with `targets`.
+5. fault: the mix at 1x while one shard is SIGKILLed and another SIGSTOPped for 3 s;
+6. flood (gateway-bound overload): the cheap model (5 ms and 0 ms a batch: the shards are not the bottleneck),
+   256 closed-loop wrk connections of the lowest class that ignore Retry-After, and critical traffic open loop
+   at 100 req/s (Poisson): critical P50/P99 with the flood against critical alone, alternating, per setup;
+   the flood's statuses; gateway memory per process;
+7. cpu: gateway CPU (utime + stime from /proc) per request, admitted (0 ms model, wrk peak) and refused at
+   admission (a tenant of 1 req/s flooded: every request is a 429).
+Groups of scenarios run alone with `only` (`cpctl bench suite --only flood,cpu`): "overload" (1-5), "flood",
+"cpu". Writes bench/results/<name>-<date>.{json,md} (name: overload for the whole suite, which also writes
+overload-latest.json and a plot; else the groups run, e.g. flood-cpu), with `targets`.
 Every process started here is tracked and stopped; all traffic stays on loopback.
 """
 
@@ -27,23 +35,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import uvloop
 
-from controlplane.bench.loadgen import Flow, Scenario, run
-from controlplane.procs import ManagedProcess
+from controlplane.bench import procstat
+from controlplane.bench.loadgen import Flow, Sample, Scenario, run, summarize
+from controlplane.bench.wrk import WrkResult, WrkRun
+from controlplane.bench.wrk import script as wrk_script
+from controlplane.procs import ManagedProcess, group_members
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = ROOT / "bench" / "overload.yaml"
 RESULTS = ROOT / "bench" / "results"
 API_KEY = "cp-bench-key"
+REFUSED_KEY = "cp-bench-refused-key"  # the `refused` tenant: 1 req/s, burst 1
 GPU_LIKE = {"work_ms": 10, "per_item_ms": 4}
 SLO_MS = 250.0  # the critical class's deadline
 MIX = (("critical", 0.1, 250), ("standard", 0.3, 1000), ("sheddable", 0.6, 2000))
 SETUPS = ("direct", "nginx", "gateway")
+GROUPS = ("overload", "flood", "cpu")
+FLOOD_SETUPS = ("gateway", "nginx", "direct")
+FLOOD_CONNECTIONS = 256
+CRITICAL_RATE = 100.0
+FLOOD_MODELS = (("5ms", 5), ("0ms", 0))
 
 
 def work_body(parameters: dict) -> dict:
@@ -78,6 +96,7 @@ class Setups:
         self.nginx = start_nginx(workdir, self.nginx_port, [s["url"] for s in self.shards.values()])
         self.urls = {"direct": [s["url"] for s in self.shards.values()],
                      "nginx": [f"http://127.0.0.1:{self.nginx_port}"], "gateway": [state["gateway"]]}
+        self.memory_at_start = self.gateway_memory_mb()["processes"]  # before any traffic
 
     def shard_pid(self, name: str) -> int:
         state = json.loads(self.state_file.read_text())
@@ -91,19 +110,64 @@ class Setups:
                 return
             time.sleep(0.2)
 
-    def gateway_memory_mb(self) -> dict:
-        fields = {}
-        for line in Path(f"/proc/{self.stack.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = round(int(value.split()[0]) / 1024, 1)
-        return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+    def gateway_pids(self) -> list[int]:
+        """The gateway's processes (state.json's pid, plus its workers when there are several)."""
+        return procstat.gateway_pids(json.loads(self.state_file.read_text()))
 
-    def close(self) -> None:
+    def gateway_backlog(self) -> tuple[int, int] | None:
+        """Requests queued in the gateway and in flight to shards (its /metrics); None when it does not answer."""
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.urls['gateway'][0]}/metrics", timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+
+        def total(name: str) -> int:
+            return int(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M)))
+
+        return total("cp_queue_depth"), total("cp_shard_in_flight")
+
+    def wait_gateway_idle(self, timeout_s: float = 10.0, stuck_s: float = 1.0) -> dict:
+        """Wait until the gateway has nothing queued or in flight (a flood leaves requests of clients that are
+        gone), or until that backlog has not changed for `stuck_s` (stuck: e.g. leaked in-flight slots)."""
+        started = time.monotonic()
+        last, since = None, started
+        while True:
+            now = time.monotonic()
+            backlog = self.gateway_backlog()
+            if backlog == (0, 0) or now - started > timeout_s or (backlog == last and now - since > stuck_s):
+                break
+            if backlog != last:
+                last, since = backlog, now
+            time.sleep(0.05)
+        queued, in_flight = backlog if backlog is not None else (-1, -1)
+        return {"waited_s": round(time.monotonic() - started, 2), "queued": queued, "in_flight": in_flight}
+
+    def nginx_pids(self) -> list[int]:
+        return group_members(self.nginx.pgid)
+
+    def gateway_memory_mb(self) -> dict:
+        """RSS now and at peak of the largest gateway process, and of each."""
+        processes = {str(pid): procstat.memory_mb(pid) for pid in self.gateway_pids()}
+        return {"rss_mb": max(p["rss_mb"] for p in processes.values()),
+                "peak_rss_mb": max(p["peak_rss_mb"] for p in processes.values()), "processes": processes}
+
+    def log_errors(self, limit: int = 20) -> list[str]:
+        """The first lines of the stack's log that report an error (ERROR, Traceback), with their count."""
+        lines = [line for line in self.stack.log_tail(10_000_000).splitlines()
+                 if "ERROR" in line or "Traceback" in line]
+        return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+    def close(self, grace_s: float = 15.0) -> bool:
+        """Stop nginx and the stack (SIGINT, then the process group); False when the stack ignored SIGINT."""
         self.nginx.stop(grace_s=2)
         self.stack.popen.send_signal(signal.SIGINT)
         try:
-            self.stack.popen.wait(timeout=30)
+            self.stack.popen.wait(timeout=grace_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
         finally:
             self.stack.stop(grace_s=2)
 
@@ -115,13 +179,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nginx(workdir: Path, port: int, upstreams: list[str]) -> ManagedProcess:
-    """nginx as a user would put it in front of Triton: round robin, upstream keepalive, one worker."""
+def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1) -> ManagedProcess:
+    """nginx as a user would put it in front of Triton: round robin, upstream keepalive, `workers` workers."""
     if shutil.which("nginx") is None:
         raise RuntimeError("nginx is needed: apt-get install nginx-light (make test installs it as root)")
     servers = "\n".join(f"    server {url.removeprefix('http://')};" for url in upstreams)
     conf = workdir / "nginx.conf"
-    conf.write_text(f"""worker_processes 1;
+    conf.write_text(f"""worker_processes {workers};
 pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
@@ -129,6 +193,9 @@ http {{
   access_log off;
   client_body_temp_path {workdir}/nginx-body;
   proxy_temp_path {workdir}/nginx-proxy;
+  fastcgi_temp_path {workdir}/nginx-fastcgi;
+  uwsgi_temp_path {workdir}/nginx-uwsgi;
+  scgi_temp_path {workdir}/nginx-scgi;
   client_max_body_size 8m;
   upstream shards {{
 {servers}
@@ -144,7 +211,8 @@ http {{
   }}
 }}
 """)
-    process = ManagedProcess(["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+    process = ManagedProcess(["nginx", "-e", str(workdir / "nginx-error.log"), "-c", str(conf), "-p", str(workdir),
+                              "-g", "daemon off;"],
                              log_path=workdir / "nginx.log")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -160,20 +228,12 @@ http {{
     raise RuntimeError(f"nginx did not start: {process.log_tail()}")
 
 
-def wrk_peak(urls: list[str], work: dict, seconds: int, connections: int, workdir: Path) -> dict:
+def wrk_peak(urls: list[str], work: dict, seconds: int, connections: int, workdir: Path, threads: int = 1) -> dict:
     """Closed-loop peak throughput; one wrk per URL at once (direct), results summed."""
-    script = workdir / f"wrk-{abs(hash(json.dumps(work)))}.lua"
-    body = json.dumps(work_body(work))
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                      f'wrk.headers["Content-Type"] = "application/json"\n'
-                      f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
-    per_url = max(1, connections // len(urls))
-    procs = [subprocess.Popen(["wrk", "-t1", f"-c{per_url}", f"-d{seconds}s", "--latency", "-s", str(script),
-                               f"{url}/v2/models/work/infer"], stdout=subprocess.PIPE, text=True) for url in urls]
-    outputs = [p.communicate(timeout=seconds + 30)[0] for p in procs]
-    rps = sum(float(re.search(r"Requests/sec:\s+([\d.]+)", o).group(1)) for o in outputs)
-    non_2xx = sum(int(m.group(1)) for o in outputs if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", o)))
-    return {"rps": round(rps, 1), "non_2xx": non_2xx}
+    lua = wrk_script(workdir / f"wrk-{abs(hash(json.dumps(work)))}.lua", json.dumps(work_body(work)),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}, count_statuses=False)
+    result = WrkRun(urls, "/v2/models/work/infer", lua, seconds, connections, threads=threads * len(urls)).wait()
+    return {"rps": round(result.rps, 1), "non_2xx": result.non_2xx}
 
 
 def open_loop(urls: list[str], rate: float, seconds: float, flows: list[Flow]) -> dict:
@@ -211,75 +271,103 @@ def machine() -> dict:
             "kernel": platform.release()}
 
 
-def run_suite(quick: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run every scenario; return the results (also written under bench/results/)."""
-    rounds, peak_s, step_s = (1, 2, 2.0) if quick else (2, 4, 6.0)
+def run_suite(quick: bool = False, log: Callable[[str], None] = print, only: Sequence[str] | None = None,
+              results_dir: Path | None = None) -> dict:
+    """Run every scenario (or the groups in `only`); return the results (also written under bench/results/)."""
+    groups = [g for g in GROUPS if only is None or g in only]
+    unknown = sorted(set(only or ()) - set(GROUPS))
+    if unknown or not groups:
+        raise RuntimeError(f"unknown scenario group(s) {unknown}; choose from {', '.join(GROUPS)}")
     results: dict = {"date": datetime.date.today().isoformat(), "machine": machine(), "quick": quick,
+                     "groups": groups,
                      "setups": {"direct": "client round robin over the 2 shards", "nginx": "nginx 1 worker, "
                                 "round robin, keepalive 512", "gateway": "cpctl up (one Python process)"}}
     with tempfile.TemporaryDirectory(prefix="cpctl-overload-") as tmp:
         setups = Setups(Path(tmp))
         try:
-            log("peak throughput (closed loop, wrk)")
-            peak: dict = {}
-            for label, work in (("5ms", {"work_ms": 5}), ("0ms", {"work_ms": 0})):
-                runs: dict[str, list] = {s: [] for s in SETUPS}
-                wrk_peak(setups.urls["gateway"], work, 1, 64, Path(tmp))  # warm-up
-                for _ in range(rounds):
-                    for setup in SETUPS:
-                        runs[setup].append(wrk_peak(setups.urls[setup], work, peak_s, 64, Path(tmp)))
-                peak[label] = {s: {"rps": statistics.median(r["rps"] for r in v), "runs": v} for s, v in runs.items()}
-                log("  " + label + ": " + ", ".join(f"{s} {peak[label][s]['rps']:.0f}" for s in SETUPS))
-            results["peak"] = peak
-
-            log("overhead at ~50% of direct's 5 ms peak (open loop)")
-            rate = peak["5ms"]["direct"]["rps"] * 0.5
-            single = [Flow(name="standard", weight=1, api_key=API_KEY, deadline_ms=1000, send_deadline=False,
-                           body=work_body({"work_ms": 5}))]
-            overhead: dict[str, list] = {s: [] for s in SETUPS}
-            for _ in range(rounds):
-                for setup in SETUPS:
-                    overhead[setup].append(open_loop(setups.urls[setup], rate, step_s, single)["all"])
-            results["overhead"] = {"rate": round(rate, 1), **{s: median_summary(v) for s, v in overhead.items()}}
-            log("  " + ", ".join(f"{s} P50 {results['overhead'][s]['ok_p50_ms']:.2f} ms P99 "
-                                 f"{results['overhead'][s]['ok_p99_ms']:.2f} ms" for s in SETUPS))
-
-            log(f"capacity (GPU-like work: {GPU_LIKE}; P99 <= {SLO_MS:g} ms)")
-            capacity = {}
-            for setup in SETUPS:
-                log(f"  {setup}")
-                capacity[setup] = find_capacity(setups.urls[setup], mix_flows(setup == "gateway"), log)
-            results["capacity"] = capacity
-            base = capacity["direct"]["rate"]
-            log("  capacity: " + ", ".join(f"{s} {capacity[s]['rate']:.0f}" for s in SETUPS))
-
-            log("overload mix (10% critical / 30% standard / 60% sheddable)")
-            overload: dict = {}
-            for multiple in (0.5, 1, 2, 3):
-                overload[str(multiple)] = {}
-                for setup in SETUPS:
-                    summary = open_loop(setups.urls[setup], base * multiple, step_s, mix_flows(setup == "gateway"))
-                    overload[str(multiple)][setup] = summary
-                    log(f"  {multiple}x {setup:8s} " + "  ".join(
-                        f"{c} P99 {summary['flows'][c]['ok_p99_ms']:.0f} ms ok {summary['flows'][c]['ok']}"
-                        for c in ("critical", "standard", "sheddable") if c in summary["flows"])
-                        + f"  5xx {summary['all']['errors_5xx']}  lag P99 {summary['generator_lag_p99_ms']} ms")
-            results["overload"] = overload
-            results["gateway_memory"] = setups.gateway_memory_mb()
-
-            log("fault: SIGKILL main-0 at 2 s, SIGSTOP main-1 from 5 s to 8 s, under the mix at 1x")
-            fault = {}
-            for setup in ("gateway", "nginx"):
+            # cpu first (a fresh gateway), then flood; overload last: its fault scenario kills a shard
+            if "cpu" in groups:
+                log("cpu per request (gateway processes' utime + stime, wrk, 64 connections, 0 ms model)")
                 setups.wait_all_ready()
-                fault[setup] = fault_run(setups, setup, base, 10.0 if not quick else 6.0)
-                log(f"  {setup}: " + json.dumps({c: fault[setup]["flows"][c]["statuses"]
-                                                  for c in fault[setup]["flows"]}))
-            results["fault"] = fault
+                results["cpu"] = cpu_scenario(setups, Path(tmp), quick, log)
+            if "flood" in groups:
+                log(f"flood: {FLOOD_CONNECTIONS} wrk connections of sheddable (ignoring Retry-After) + critical "
+                    f"open loop at {CRITICAL_RATE:g} req/s, vs critical alone")
+                setups.wait_all_ready()
+                results["flood"] = flood_scenario(setups, Path(tmp), quick, log)
+            if "overload" in groups:
+                setups.wait_all_ready()
+                overload_scenarios(setups, Path(tmp), quick, log, results)
         finally:
-            setups.close()
+            results["stack_stopped_on_sigint"] = setups.close()
+            if not results["stack_stopped_on_sigint"]:
+                log("warning: the stack did not stop within 15 s of SIGINT (killed)")
+            results["stack_log_errors"] = setups.log_errors()
+            for line in results["stack_log_errors"][:5]:
+                log(f"  stack log: {line}")
     results["targets"] = targets(results)
-    write_results(results)
+    write_results(results, results_dir or RESULTS)
     return results
+
+
+def overload_scenarios(setups: Setups, tmp: Path, quick: bool, log: Callable[[str], None], results: dict) -> None:
+    """Scenarios 1-5 (peak, overhead, capacity, overload, fault), in that order: each sizes the next."""
+    rounds, peak_s, step_s = (1, 2, 2.0) if quick else (2, 4, 6.0)
+    log("peak throughput (closed loop, wrk)")
+    peak: dict = {}
+    for label, work in (("5ms", {"work_ms": 5}), ("0ms", {"work_ms": 0})):
+        runs: dict[str, list] = {s: [] for s in SETUPS}
+        wrk_peak(setups.urls["gateway"], work, 1, 64, tmp)  # warm-up
+        for _ in range(rounds):
+            for setup in SETUPS:
+                runs[setup].append(wrk_peak(setups.urls[setup], work, peak_s, 64, tmp))
+        peak[label] = {s: {"rps": statistics.median(r["rps"] for r in v), "runs": v} for s, v in runs.items()}
+        log("  " + label + ": " + ", ".join(f"{s} {peak[label][s]['rps']:.0f}" for s in SETUPS))
+    results["peak"] = peak
+
+    log("overhead at ~50% of direct's 5 ms peak (open loop)")
+    rate = peak["5ms"]["direct"]["rps"] * 0.5
+    single = [Flow(name="standard", weight=1, api_key=API_KEY, deadline_ms=1000, send_deadline=False,
+                   body=work_body({"work_ms": 5}))]
+    overhead: dict[str, list] = {s: [] for s in SETUPS}
+    for _ in range(rounds):
+        for setup in SETUPS:
+            overhead[setup].append(open_loop(setups.urls[setup], rate, step_s, single)["all"])
+    results["overhead"] = {"rate": round(rate, 1), **{s: median_summary(v) for s, v in overhead.items()}}
+    log("  " + ", ".join(f"{s} P50 {results['overhead'][s]['ok_p50_ms']:.2f} ms P99 "
+                         f"{results['overhead'][s]['ok_p99_ms']:.2f} ms" for s in SETUPS))
+
+    log(f"capacity (GPU-like work: {GPU_LIKE}; P99 <= {SLO_MS:g} ms)")
+    capacity = {}
+    for setup in SETUPS:
+        log(f"  {setup}")
+        capacity[setup] = find_capacity(setups.urls[setup], mix_flows(setup == "gateway"), log)
+    results["capacity"] = capacity
+    base = capacity["direct"]["rate"]
+    log("  capacity: " + ", ".join(f"{s} {capacity[s]['rate']:.0f}" for s in SETUPS))
+
+    log("overload mix (10% critical / 30% standard / 60% sheddable)")
+    overload: dict = {}
+    for multiple in (0.5, 1, 2, 3):
+        overload[str(multiple)] = {}
+        for setup in SETUPS:
+            summary = open_loop(setups.urls[setup], base * multiple, step_s, mix_flows(setup == "gateway"))
+            overload[str(multiple)][setup] = summary
+            log(f"  {multiple}x {setup:8s} " + "  ".join(
+                f"{c} P99 {summary['flows'][c]['ok_p99_ms']:.0f} ms ok {summary['flows'][c]['ok']}"
+                for c in ("critical", "standard", "sheddable") if c in summary["flows"])
+                + f"  5xx {summary['all']['errors_5xx']}  lag P99 {summary['generator_lag_p99_ms']} ms")
+    results["overload"] = overload
+    results["gateway_memory"] = setups.gateway_memory_mb()
+
+    log("fault: SIGKILL main-0 at 2 s, SIGSTOP main-1 from 5 s to 8 s, under the mix at 1x")
+    fault = {}
+    for setup in ("gateway", "nginx"):
+        setups.wait_all_ready()
+        fault[setup] = fault_run(setups, setup, base, 10.0 if not quick else 6.0)
+        log(f"  {setup}: " + json.dumps({c: fault[setup]["flows"][c]["statuses"]
+                                          for c in fault[setup]["flows"]}))
+    results["fault"] = fault
 
 
 def fault_run(setups: Setups, setup: str, rate: float, seconds: float) -> dict:
@@ -300,6 +388,157 @@ def fault_run(setups: Setups, setup: str, rate: float, seconds: float) -> dict:
     return uvloop.run(both())
 
 
+def critical_flow(work_ms: float, setup: str) -> list[Flow]:
+    return [Flow(name="critical", weight=1, priority="critical", api_key=API_KEY, deadline_ms=250,
+                 send_deadline=setup == "gateway", body=work_body({"work_ms": work_ms}))]
+
+
+class MemorySampler:
+    """Samples the RSS of some processes every `every_s` while running (a thread); keeps the largest."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.2) -> None:
+        self.pids, self.every_s = pids, every_s
+        self.max_rss: dict[str, float] = {str(p): 0.0 for p in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in self.pids:
+                try:
+                    rss = procstat.memory_mb(pid)["rss_mb"]
+                except OSError:
+                    continue
+                self.max_rss[str(pid)] = max(self.max_rss[str(pid)], rss)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def critical_run(setups: Setups, setup: str, work_ms: float, seconds: float, flood_lua: Path | None
+                 ) -> tuple[list[Sample], dict, WrkResult | None]:
+    """Critical traffic open loop at CRITICAL_RATE for `seconds`, alone or under a wrk flood of the lowest class
+    (started 0.5 s before, ending ~1 s after). Returns the critical samples, the run's summary, the flood."""
+    flood = None
+    if flood_lua is not None:
+        flood = WrkRun(setups.urls[setup], "/v2/models/work/infer", flood_lua, seconds + 1.5, FLOOD_CONNECTIONS,
+                       threads=2)
+        time.sleep(0.5)
+    try:
+        scenario = Scenario(rate=CRITICAL_RATE, duration_s=seconds, flows=critical_flow(work_ms, setup),
+                            arrivals="poisson", timeout_s=10, seed=int(time.monotonic() * 1000) % 100_000)
+        report = uvloop.run(run(scenario, setups.urls[setup]))
+    finally:
+        result = flood.wait() if flood is not None else None
+    return report.samples, report.summary(), result
+
+
+def flood_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[str], None]) -> dict:
+    """Gateway-bound overload: critical P50/P99 with a flood of the lowest class vs alone, per setup."""
+    rounds, step_s = (1, 1.5) if quick else (2, 5.0)
+    out: dict = {"connections": FLOOD_CONNECTIONS, "critical_rate": CRITICAL_RATE, "step_s": step_s,
+                 "rounds": rounds, "models": {}}
+    gateway_pids = setups.gateway_pids()
+    peak_rss: dict[str, float] = {str(p): 0.0 for p in gateway_pids}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", "x-priority": "sheddable"}
+    for setup in FLOOD_SETUPS:  # warm-up: connections, shard batching, the gateway's limiters; not counted
+        critical_run(setups, setup, 5, 1.0, None)
+    for label, work_ms in FLOOD_MODELS:
+        lua = wrk_script(workdir / f"flood-{label}.lua", json.dumps(work_body({"work_ms": work_ms})), headers,
+                         count_statuses=True)
+        samples: dict[str, dict[str, list[Sample]]] = {s: {"alone": [], "flood": []} for s in FLOOD_SETUPS}
+        lags: dict[str, dict[str, list[float]]] = {s: {"alone": [], "flood": []} for s in FLOOD_SETUPS}
+        floods: dict[str, WrkResult] = {s: WrkResult() for s in FLOOD_SETUPS}
+        drains: dict[str, list[dict]] = {s: [] for s in FLOOD_SETUPS}  # the gateway's backlog after each flood
+        for index in range(rounds):
+            for setup in FLOOD_SETUPS:
+                order = ("alone", "flood") if index % 2 == 0 else ("flood", "alone")
+                for mode in order:
+                    setups.wait_gateway_idle()
+                    if mode == "alone":
+                        got, summary, _ = critical_run(setups, setup, work_ms, step_s, None)
+                    elif setup == "gateway":
+                        with MemorySampler(gateway_pids) as sampler:
+                            got, summary, flood = critical_run(setups, setup, work_ms, step_s, lua)
+                        for pid, rss in sampler.max_rss.items():
+                            peak_rss[pid] = max(peak_rss.get(pid, 0.0), rss)
+                    else:
+                        got, summary, flood = critical_run(setups, setup, work_ms, step_s, lua)
+                    samples[setup][mode] += got
+                    lags[setup][mode].append(summary["generator_lag_p99_ms"])
+                    if mode == "flood":
+                        floods[setup].add(flood)
+                        drains[setup].append(setups.wait_gateway_idle())  # the gateway's, after any setup's
+        row = {}
+        for setup in FLOOD_SETUPS:
+            alone = summarize(samples[setup]["alone"], step_s * rounds)
+            flooded = summarize(samples[setup]["flood"], step_s * rounds)
+            row[setup] = {"alone": alone, "flood": flooded,
+                          "p99_ratio": ratio(flooded["ok_p99_ms"], alone["ok_p99_ms"], flooded["ok"] and alone["ok"]),
+                          "p50_ratio": ratio(flooded["ok_p50_ms"], alone["ok_p50_ms"], flooded["ok"] and alone["ok"]),
+                          "generator_lag_p99_ms": {m: max(v) for m, v in lags[setup].items()},
+                          "flood_traffic": floods[setup].as_dict(),
+                          "gateway_after_flood": max(drains[setup], key=lambda d: (d["in_flight"], d["waited_s"]))}
+            log(f"  {label} {setup:8s} critical P50/P99 alone {alone['ok_p50_ms']:.2f}/{alone['ok_p99_ms']:.2f} ms, "
+                f"flood {flooded['ok_p50_ms']:.2f}/{flooded['ok_p99_ms']:.2f} ms (x{row[setup]['p99_ratio']}); "
+                f"critical {flooded['statuses']}; flood {floods[setup].rps:.0f} req/s "
+                f"{floods[setup].statuses} {floods[setup].socket_errors or ''}; gateway after: "
+                f"{row[setup]['gateway_after_flood']}")
+        out["models"][label] = row
+    memory = setups.gateway_memory_mb()
+    out["gateway_memory"] = {pid: {"rss_mb_at_start": setups.memory_at_start.get(pid, {}).get("rss_mb"),
+                                   "max_rss_mb_during_flood": peak_rss.get(pid, 0.0), **memory["processes"][pid]}
+                             for pid in memory["processes"]}
+    log(f"  gateway memory per process: {out['gateway_memory']}")
+    return out
+
+
+def ratio(value: float, base: float, defined: bool | int = True) -> float | None:
+    """value / base, rounded; None when undefined (e.g. no request was answered 2xx, so no percentile)."""
+    return round(value / max(base, 1e-9), 3) if defined else None
+
+
+def cpu_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[str], None]) -> dict:
+    """CPU (utime + stime) per request of the gateway's processes: admitted (proxied, 0 ms model) and refused at
+    admission (the `refused` tenant: 1 req/s); nginx's per proxied request for reference. Alternating."""
+    rounds, seconds = (1, 2) if quick else (2, 5)
+    body = json.dumps(work_body({"work_ms": 0}))
+    kinds = {
+        "admitted": ("gateway", {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}),
+        "refused": ("gateway", {"Content-Type": "application/json", "Authorization": f"Bearer {REFUSED_KEY}"}),
+        "nginx": ("nginx", {"Content-Type": "application/json"}),
+    }
+    totals = {k: {"cpu_s": 0.0, "requests": 0, "traffic": WrkResult()} for k in kinds}
+    wrk_peak(setups.urls["gateway"], {"work_ms": 0}, 1, 64, workdir)  # warm-up
+    for _ in range(rounds):
+        for kind, (setup, headers) in kinds.items():
+            lua = wrk_script(workdir / f"cpu-{kind}.lua", body, headers, count_statuses=True)
+            pids = setups.gateway_pids() if setup == "gateway" else setups.nginx_pids()
+            setups.wait_gateway_idle()
+            before = procstat.total_cpu_seconds(pids)
+            result = WrkRun(setups.urls[setup], "/v2/models/work/infer", lua, seconds, 64, threads=2).wait()
+            totals[kind]["cpu_s"] += procstat.total_cpu_seconds(pids) - before
+            totals[kind]["requests"] += sum(result.statuses.values())
+            totals[kind]["traffic"].add(result)
+    out: dict = {"seconds": seconds, "rounds": rounds, "connections": 64}
+    for kind, t in totals.items():
+        out[kind] = {"cpu_s": round(t["cpu_s"], 3), "requests": t["requests"],
+                     "us_per_request": round(t["cpu_s"] / max(t["requests"], 1) * 1e6, 2),
+                     "statuses": dict(sorted(t["traffic"].statuses.items())),
+                     "rps": round(t["traffic"].rps / rounds, 1), "socket_errors": t["traffic"].socket_errors}
+        log(f"  {kind:8s}: {out[kind]['us_per_request']:.1f} us CPU a request ({out[kind]['requests']} requests, "
+            f"{out[kind]['cpu_s']:.2f} s CPU, statuses {out[kind]['statuses']})")
+    out["refused_over_admitted"] = round(out["refused"]["us_per_request"] /
+                                         max(out["admitted"]["us_per_request"], 1e-9), 3)
+    return out
+
+
 def median_summary(summaries: list[dict]) -> dict:
     keys = ("ok_p50_ms", "ok_p90_ms", "ok_p99_ms", "ok_p999_ms", "goodput_rps")
     merged = {k: statistics.median(s[k] for s in summaries) for k in keys}
@@ -307,11 +546,70 @@ def median_summary(summaries: list[dict]) -> dict:
     return merged
 
 
-def target(name: str, value: float, goal: str, met: bool) -> dict:
-    return {"name": name, "value": round(value, 3), "target": goal, "met": bool(met)}
+def target(name: str, value: float | None, goal: str, met: bool) -> dict:
+    return {"name": name, "value": None if value is None else round(value, 3), "target": goal, "met": bool(met)}
 
 
 def targets(r: dict) -> list[dict]:
+    found = []
+    if "overload" in r:
+        found += overload_targets(r)
+    if "flood" in r:
+        found += flood_targets(r["flood"])
+    if "cpu" in r:
+        found += cpu_targets(r["cpu"])
+    return found
+
+
+def flood_targets(f: dict) -> list[dict]:
+    found = []
+    for label, row in f["models"].items():
+        gw = row["gateway"]
+        found.append(target(f"critical P99 with flood / alone (gateway, {label} model)", gw["p99_ratio"], "<= 1.5",
+                            gw["p99_ratio"] is not None and gw["p99_ratio"] <= 1.5))
+        failed = gw["flood"]["sent"] - gw["flood"]["ok"]
+        found.append(target(f"critical requests not answered 2xx under the flood (gateway, {label} model)", failed,
+                            "== 0", failed == 0))
+        for peer in ("nginx", "direct"):
+            found.append(target(f"critical P99 with flood / alone ({peer}, {label} model, for reference)",
+                                row[peer]["p99_ratio"], "none", True))
+    errors = sum(row["gateway"][mode]["errors_5xx"] for row in f["models"].values() for mode in ("alone", "flood"))
+    errors += sum(n for row in f["models"].values() for code, n in row["gateway"]["flood_traffic"]["statuses"].items()
+                  if code.startswith("5"))
+    found.append(target("5xx from the gateway in the flood scenario (critical and flood)", errors, "== 0", errors == 0))
+    other = unanswered = 0
+    for row in f["models"].values():
+        traffic = row["gateway"]["flood_traffic"]
+        other += sum(n for code, n in traffic["statuses"].items() if code not in ("200", "429"))
+        unanswered += sum(traffic["socket_errors"].values())
+    found.append(target("flood answers with a status other than 200/429 (gateway)", other, "== 0", other == 0))
+    found.append(target("flood requests with no answer: wrk socket errors, timeout 2 s (gateway)", unanswered,
+                        "== 0", unanswered == 0))
+    left = max(row["gateway"]["gateway_after_flood"]["in_flight"] for row in f["models"].values())
+    found.append(target("requests the gateway still counts in flight after its flood ended and drained", left,
+                        "== 0", left == 0))
+    worst = max(max(m["max_rss_mb_during_flood"], m["peak_rss_mb"]) for m in f["gateway_memory"].values())
+    found.append(target("gateway RSS MB per process (largest, during the flood)", worst, "< 100", worst < 100))
+    return found
+
+
+def cpu_targets(c: dict) -> list[dict]:
+    def share(kind: str, code: str) -> float:
+        return c[kind]["statuses"].get(code, 0) / max(c[kind]["requests"], 1)
+
+    # a measurement counts only when its requests got the answer it is about (>= 99% 200, or 429)
+    admitted, valid = c["admitted"]["us_per_request"], share("admitted", "200") >= 0.99
+    refused_valid = valid and share("refused", "429") >= 0.99
+    return [
+        target("gateway CPU us per admitted request (0 ms model, wrk peak; >= 99% answered 200)", admitted, "<= 50",
+               valid and admitted <= 50),
+        target("gateway CPU per refused / per admitted request (>= 99% of the refused answered 429)",
+               c["refused_over_admitted"], "<= 0.1", refused_valid and c["refused_over_admitted"] <= 0.1),
+        target("nginx CPU us per proxied request (for reference)", c["nginx"]["us_per_request"], "none", True),
+    ]
+
+
+def overload_targets(r: dict) -> list[dict]:
     over, gw = r["overload"], "gateway"
     crit_low = over["0.5"][gw]["flows"]["critical"]["ok_p99_ms"]
     crit_high = over["3"][gw]["flows"]["critical"]["ok_p99_ms"]
@@ -347,23 +645,74 @@ def targets(r: dict) -> list[dict]:
     ]
 
 
-def write_results(r: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"overload-{r['date']}"
+def write_results(r: dict, directory: Path = RESULTS) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "overload" if "overload" in r["groups"] else "-".join(r["groups"])
+    stem = directory / f"{name}-{r['date']}"
     (stem.with_suffix(".json")).write_text(json.dumps(r, indent=1))
-    (RESULTS / "overload-latest.json").write_text(json.dumps(r, indent=1))
     (stem.with_suffix(".md")).write_text(markdown(r))
-    plot(r, stem.with_suffix(".png"))
+    if "overload" in r["groups"]:
+        (directory / "overload-latest.json").write_text(json.dumps(r, indent=1))
+        plot(r, stem.with_suffix(".png"))
 
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Overload benchmark, {r['date']}", "",
+    title = "Overload benchmark" if "overload" in r["groups"] else f"Benchmark ({', '.join(r['groups'])})"
+    lines = [f"# {title}, {r['date']}{' (quick)' if r['quick'] else ''}", "",
              f"Machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}. Load generator, gateway, nginx and "
              "both Triton shards share these cores; every number comes from one run, setups alternating.", "",
              "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
-    lines += ["", "## Peak throughput (closed loop, wrk, 64 connections), req/s", "",
+    if "flood" in r:
+        lines += flood_markdown(r["flood"])
+    if "cpu" in r:
+        lines += cpu_markdown(r["cpu"])
+    if "overload" in r:
+        lines += overload_markdown(r)
+    lines += ["", "Reproduce: `.venv/bin/cpctl bench suite` (or `.venv/bin/python bench/overload.py`); one group: "
+              "`.venv/bin/cpctl bench suite --only flood,cpu` (or `.venv/bin/python bench/flood.py`)."]
+    return "\n".join(lines) + "\n"
+
+
+def flood_markdown(f: dict) -> list[str]:
+    lines = ["", f"## Flood: {f['connections']} closed-loop wrk connections of `sheddable` (Retry-After ignored) "
+             f"+ critical open loop at {f['critical_rate']:g} req/s (Poisson)", "",
+             f"{f['rounds']} round(s) of {f['step_s']:g} s per cell, alone and with the flood alternating per setup; "
+             "critical percentiles over the pooled samples of 2xx.", "",
+             "| model | setup | critical alone P50 / P99 ms | with flood P50 / P99 ms | P99 ratio | critical statuses "
+             "(flood) | flood req/s | flood statuses | flood socket errors | gateway after the flood |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, row in f["models"].items():
+        for setup, c in row.items():
+            a, w, t = c["alone"], c["flood"], c["flood_traffic"]
+            lines.append(f"| work {label} | {setup} | {a['ok_p50_ms']:.2f} / {a['ok_p99_ms']:.2f} | "
+                         f"{w['ok_p50_ms']:.2f} / {w['ok_p99_ms']:.2f} | {c['p99_ratio']} | {w['statuses']} | "
+                         f"{t['rps']:.0f} | {t['statuses']} | {t['socket_errors'] or '-'} | "
+                         f"{c['gateway_after_flood']} |")
+    lines += ["", "Gateway memory per process: " + "; ".join(
+        f"pid {pid}: RSS at start {m['rss_mb_at_start']} MB, max during the floods {m['max_rss_mb_during_flood']} MB, "
+        f"peak (VmHWM) {m['peak_rss_mb']} MB"
+        for pid, m in f["gateway_memory"].items())]
+    return lines
+
+
+def cpu_markdown(c: dict) -> list[str]:
+    lines = ["", f"## CPU per request (utime + stime of the processes from /proc; wrk, {c['connections']} connections, "
+             f"{c['rounds']} x {c['seconds']} s each, alternating; 0 ms model)", "",
+             "| what | us CPU / request | requests | CPU s | req/s | statuses |", "|---|---|---|---|---|---|"]
+    names = {"admitted": "gateway, admitted (proxied)", "refused": "gateway, refused at admission (429)",
+             "nginx": "nginx, proxied"}
+    for kind, name in names.items():
+        k = c[kind]
+        lines.append(f"| {name} | {k['us_per_request']:.1f} | {k['requests']} | {k['cpu_s']:.2f} | {k['rps']:.0f} | "
+                     f"{k['statuses']} |")
+    lines += ["", f"Refused / admitted CPU per request: {c['refused_over_admitted']:.3f}."]
+    return lines
+
+
+def overload_markdown(r: dict) -> list[str]:
+    lines = ["", "## Peak throughput (closed loop, wrk, 64 connections), req/s", "",
               "| model | direct | nginx | gateway | gateway/nginx |", "|---|---|---|---|---|"]
     for label, row in r["peak"].items():
         lines.append(f"| work {label} | {row['direct']['rps']:.0f} | {row['nginx']['rps']:.0f} | "
@@ -389,9 +738,8 @@ def markdown(r: dict) -> str:
         lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"]))
     mem = r["gateway_memory"]
     lines += ["", f"Gateway process memory after the overload runs: RSS {mem['rss_mb']} MB, "
-              f"peak {mem['peak_rss_mb']} MB.",
-              "", "Reproduce: `.venv/bin/cpctl bench suite` (or `.venv/bin/python bench/overload.py`)."]
-    return "\n".join(lines) + "\n"
+              f"peak {mem['peak_rss_mb']} MB."]
+    return lines
 
 
 def class_cell(f: dict | None) -> str:

@@ -1,0 +1,39 @@
+"""CPU time and memory of processes, read from /proc (Linux): what a benchmark charges to the gateway."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included, its children not)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of stat, counting from 1
+
+
+def total_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of one process, MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mb": fields.get("VmRSS", 0.0), "peak_rss_mb": fields.get("VmHWM", 0.0)}
+
+
+def gateway_pids(state: dict) -> list[int]:
+    """The processes serving the gateway, from a stack's state.json: its `pid`, plus its `workers` when the
+    gateway runs several processes (a list of PIDs, or of objects with a `pid`)."""
+    pids = [int(state["pid"])]
+    for worker in state.get("workers") or []:
+        pid = int(worker["pid"] if isinstance(worker, dict) else worker)
+        if pid not in pids:
+            pids.append(pid)
+    return pids
