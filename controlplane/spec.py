@@ -196,7 +196,7 @@ class Overload(StrictModel):
     enabled: bool = Field(True, description="Watch the gateway's own saturation and act by class.")
     refresh_s: float = Field(0.25, gt=0, description="How often CPU, memory and connections are read.")
     lag_saturated_ms: float = Field(
-        5.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
+        2.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
         "looks at it."
     )
     max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
@@ -213,7 +213,7 @@ class Overload(StrictModel):
         5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
         "would protect nothing)."
     )
-    hold_max_s: float = Field(10.0, gt=0, description="A connection not read for overload this long is closed.")
+    hold_max_s: float = Field(60.0, gt=0, description="A connection not read for overload this long is closed.")
     connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
                                    "are refused at the highest overload level.")
 

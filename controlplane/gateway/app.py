@@ -100,6 +100,7 @@ class GatewayApp:
             for target in self.router.due_for_probe():
                 self._spawn(self._probe(target))
             self.ladder.tick({b.name: b.count for b in self.scheduler.bands})
+            self.router.validate_limits()
             self.scheduler.pump()
 
     async def _probe(self, target: Target) -> None:
@@ -137,6 +138,10 @@ class GatewayApp:
                 self.count_shed("-", "-", refused.reason)
             return Rejection(refused.status, str(refused), refusal_headers(refused), refused.reason, close=False)
         return admitted
+
+    def lagging(self) -> bool:
+        """Whether the gateway's own event loop is behind (the overload manager's last probe ran late)."""
+        return self.overload is not None and self.overload.lagging()
 
     def count_shed(self, class_name: str, tenant: str, reason: str) -> None:
         self.metrics.shed[class_name, tenant, reason] += 1

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 FORWARDED_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-encoding", b"accept")
 STALL_FACTOR = 2.0  # no answer after this many of the class's stall times (and STALL_MIN_S): stalled
 STALL_MIN_S = 0.1
+LOOP_BEHIND_S = 0.005  # a timer firing this late means the event loop, not the shard, is slow
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Exchange:
         if self.action == "infer" and self.attempt == 0:
             stall_s = STALL_FACTOR * gateway.scheduler.band[self.ticket.band].service.stall_s()
             timeout = min(timeout, max(STALL_MIN_S, stall_s))
-        self.timer = self.conn.loop.call_later(timeout, self._timed_out, timeout)
+        self.timer = self.conn.loop.call_later(timeout, self._timed_out, timeout, now + timeout)
         upstream = target.pool.take_idle()
         if upstream is None:
             self.task = self.conn.loop.create_task(self._connect_then_send(target))
@@ -308,13 +309,15 @@ class Exchange:
         self._answer(HttpError(502, f"shard {target.name} failed: {error}"))
 
     @guarded
-    def _timed_out(self, timeout_s: float) -> None:
+    def _timed_out(self, timeout_s: float, due: float) -> None:
         self.timer = None
-        left = self.give_up_at - self.gateway.clock()
-        if left > 0 and not self._may_retry_elsewhere():
-            # Stalled, but with nowhere to retry a slow answer beats none (and under a flood the "stall" is
-            # often the gateway's own event loop): wait on until the deadline or the upstream timeout.
-            self.timer = self.conn.loop.call_later(left, self._timed_out, timeout_s + left)
+        now = self.gateway.clock()
+        left = self.give_up_at - now
+        if left > 0 and (not self._may_retry_elsewhere() or now - due > LOOP_BEHIND_S or self.gateway.lagging()):
+            # Stalled, but with nowhere to retry a slow answer beats none. And when the gateway's own event loop
+            # runs late (this timer fired late, or the overload manager sees lag), the answer may well be
+            # waiting in our socket: the shard is not to blame. Wait on until the deadline or upstream timeout.
+            self.timer = self.conn.loop.call_later(left, self._timed_out, timeout_s + left, now + left)
             return
         error = UpstreamError(f"no complete response within {timeout_s:.3g} s",
                               before_response=self.upstream is None or not self.upstream.responded, timed_out=True)

@@ -4,7 +4,7 @@ Requests that wait in sockets and in the event loop have no class yet, so the sc
 critical traffic there. Like Envoy's overload manager, monitors are refreshed every `refresh_s` (0.25 s) and
 scaled into a pressure of 0..1; unlike it, the gateway also watches its event-loop lag and acts by class.
 
-Monitors (the pressure is the highest of them):
+Monitors (the pressure is the highest of them; two lag probes in a row past saturation refresh at once):
 - event-loop lag: how late a timer due every LAG_PROBE_S fires (the median over the window): how long any new
   request waits before the gateway even looks at it; `lag_saturated_ms` is pressure 1;
 - CPU: the process's CPU time over wall time in the window (a worker is one thread: 1.0 is a full core);
@@ -18,16 +18,14 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   then no longer read (held: its client meets TCP back-pressure, which costs the gateway nothing), or, when
   connections or memory are the pressure, its keep-alive is withdrawn (closed after the answer). How many:
   while the pressure stays at level 1, each refresh refuses as many requests as half the low-class
-  connections still read (multiplicative decrease); below it, none, and held connections are read again one
-  per probe while the lag is low (additive increase). So the gateway reads less, not nothing, and settles
-  where the lag stays under the threshold;
+  connections still read (multiplicative decrease); below it, none, and once the levels are left one held
+  connection is read again per calm refresh (additive increase). So the gateway reads less, not nothing,
+  and settles where the lag stays under the threshold;
 - 2 (`shed_all_but_top_at`, 0.95): every request of a class but the highest is refused so, and new
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. The highest class is never refused here and its connections are
-always read. Once the levels are left, held connections are read again a few per probe, oldest first, and
-only while the lag stays low, so the backlog they hold does not return at once; a connection held longer than
-`hold_max_s` is closed.
+always read. Held connections are read again oldest first; one held longer than `hold_max_s` is closed.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from controlplane.spec import Overload, PriorityClass
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
-RELEASE_BELOW_LAG = 0.25  # a held connection is read again per probe while its lag is under this share of saturation
 UNLIMITED = 1 << 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -67,6 +64,7 @@ class OverloadManager:
         self.refused_below = self.levels[0]  # classes below this level are refused (none at level 0)
         self.pressure: dict[str, float] = {"lag": 0.0, "cpu": 0.0, "memory": 0.0, "connections": 0.0}
         self.lags_s: list[float] = []  # how late each lag probe of this window fired
+        self.last_lag_s = 0.0
         self.calm_since: float | None = None
         self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
@@ -90,15 +88,15 @@ class OverloadManager:
 
     def _probe(self) -> None:
         now = self.now = self.clock()
-        lag_s = max(0.0, now - self._expected)
+        lag_s = self.last_lag_s = max(0.0, now - self._expected)
         self.lags_s.append(lag_s)
         started, cpu_started = self._window_start
-        if now - started >= self.config.refresh_s:
+        saturated = self.config.lag_saturated_ms / 1000
+        # Two late probes in a row are a burst, not a pause: act now rather than at the end of the window.
+        burst = len(self.lags_s) >= 2 and self.lags_s[-2] >= saturated and lag_s >= saturated
+        if now - started >= self.config.refresh_s or burst:
             self._refresh(now, now - started, time.process_time() - cpu_started)
             self._window_start = (now, time.process_time())
-        calm = lag_s * 1000 < self.config.lag_saturated_ms * RELEASE_BELOW_LAG
-        if self.hold_quota == 0 and self.server.held and calm:
-            self._release(1)  # additive increase: one more low-class connection is read again
         self._close_long_held(now)
         self._expected = self.clock() + LAG_PROBE_S
         self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
@@ -115,6 +113,8 @@ class OverloadManager:
         }
         self.lags_s = []
         pressure = max(self.pressure.values())
+        if self.level == 0 and self.server.held and pressure < config.shed_lowest_at - config.hysteresis:
+            self._release(1)  # additive increase: one more low-class connection is read again per calm refresh
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
         self.hold_quota = self._quota(wanted)
         if wanted >= self.level:
@@ -141,6 +141,10 @@ class OverloadManager:
         refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
         read = sum(1 for c in self.server.connections if c.top_level < refused_below and not c.paused_for)
         return max(1, read // 2)
+
+    def lagging(self) -> bool:
+        """Whether the event loop is behind now: the last probe ran late, or a level is in force."""
+        return self.level > 0 or self.last_lag_s * 1000 >= self.config.lag_saturated_ms * self.config.shed_lowest_at
 
     def _set_level(self, level: int) -> None:
         if level != self.level:

@@ -7,6 +7,8 @@
   seen, slowly forgotten so it follows a shard whose real speed changes.
 - A request is dispatched only into a free slot (in flight < limit): the least loaded shard relative to its
   limit wins (`acquire`).
+- A limit less than half used decays toward twice the use (RFC 7661's idle congestion window): a burst after
+  a quiet spell starts from what was really in use, not from the peak of the last busy spell.
 - `consecutive_failures` failures in a row eject a shard for a back-off that doubles up to `max_s`; when it
   runs out, the shard is probed (GET /v2/health/ready) before it gets traffic again, starting from the
   initial limit (slow start).
@@ -25,6 +27,7 @@ from controlplane.spec import Concurrency, Ejection
 
 BASELINE_FORGET = 1.0005  # the unloaded latency estimate drifts up 0.05% per sample unless seen again
 RETRY_BUDGET_CAP = 20.0  # retries that may be saved up for a burst of failures
+LIMIT_DECAY = 0.8  # per upkeep tick, of a limit less than half used (idle: back to `initial` in ~1.5 s from 256)
 
 
 @dataclass(eq=False)
@@ -45,6 +48,7 @@ class Target:
     served: int = 0
     failures: int = 0
     ejections: int = 0
+    used: int = 0  # the most requests in flight at once since the limit was last validated
 
     @property
     def name(self) -> str:
@@ -121,6 +125,8 @@ class Router:
                 best, best_load = target, load
         if best is not None:
             best.outstanding += 1
+            if best.outstanding > best.used:
+                best.used = best.outstanding
             self.retry_tokens = min(RETRY_BUDGET_CAP, self.retry_tokens + self.retry_budget)
         return best
 
@@ -162,6 +168,16 @@ class Router:
         if now - target.last_decrease >= max(target.baseline_s, 0.001):
             target.limit = max(float(self.concurrency.min), target.limit * self.concurrency.backoff)
             target.last_decrease = now
+
+    def validate_limits(self) -> None:
+        """Let a limit that is not being used decay toward twice what is used (at least `initial`), as TCP
+        validates an idle congestion window (RFC 7661): a limit grown during a busy spell must not let the
+        next burst pour its whole size into the shard's queue at once. Called every upkeep tick."""
+        floor = float(self.concurrency.initial)
+        for target in self.targets.values():
+            if target.used * 2 < target.limit and target.limit > floor:
+                target.limit = max(floor, target.used * 2.0, target.limit * LIMIT_DECAY)
+            target.used = target.outstanding
 
     # --- ejection and probing ---------------------------------------------------------------------------------
     def eject(self, target: Target, now: float | None = None) -> None:
