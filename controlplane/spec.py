@@ -238,7 +238,7 @@ class Gateway(StrictModel):
     workers: int | None = Field(
         None, ge=1, le=256, description="Gateway processes sharing the port (SO_REUSEPORT), each with its own event "
         "loop. None: one per core this process may run on (its CPU affinity; a container's CPU quota is not "
-        "seen, so set it there). 1: the gateway runs inside the supervising process. Above 1, tenant buckets "
+        "seen, so set it there). The supervising process never serves requests itself. Tenant buckets "
         "are shared exactly; queue bounds and shard concurrency are split between the workers (README, "
         "'The gateway on many cores')."
     )

@@ -1,8 +1,8 @@
 """The stack of `cpctl up` / `cpctl gateway`: the spec's shards behind the gateway.
 
-The gateway runs in this process (`gateway.workers: 1`), or as worker processes on one port that this
-process supervises (`gateway/workers.py`). While it runs, a state file in the run directory says where
-everything is (`cpctl status` reads it).
+The gateway runs as worker processes on one port that this process supervises (`gateway/workers.py`), one
+or more: this process owns the shards and never serves requests itself. While it runs, a state file in the
+run directory says where everything is (`cpctl status` reads it).
 """
 
 from __future__ import annotations
@@ -10,16 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from controlplane.gateway.app import GatewayApp
-from controlplane.gateway.routing import Router
-from controlplane.gateway.server import GatewayServer
 from controlplane.gateway.workers import WorkerPool
 from controlplane.shards.base import Endpoint, ShardBackend
 from controlplane.shards.local import LocalShards
@@ -51,51 +46,6 @@ def read_state(run_dir: Path) -> dict | None:
     return state
 
 
-def freeze_what_exists() -> None:
-    """What exists once a gateway serves lives as long as the process: keep it out of the collector's full
-    passes, which would otherwise walk every imported module's objects over and over under load."""
-    gc.collect()
-    gc.freeze()
-
-
-class InProcessGateway:
-    """The gateway on this process's event loop (one worker): the same interface as WorkerPool."""
-
-    def __init__(self, spec: ClusterSpec, set_standby: Callable[[bool], None]) -> None:
-        gateway = spec.gateway
-        self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
-                             gateway.limits.upstream_connections_per_shard)
-        self.app = GatewayApp(spec, self.router, set_standby=set_standby)
-        self.server = GatewayServer(self.app, gateway.limits)
-        self.app.serve_on(self.server)
-
-    async def start(self, host: str, port: int) -> int:
-        port = await self.server.start(host, port)
-        freeze_what_exists()
-        self.app.start()
-        return port
-
-    async def stop(self) -> None:
-        await self.app.stop()
-        await self.server.stop()
-        self.router.close()
-
-    def update(self, endpoints: list[Endpoint]) -> None:
-        self.router.update(endpoints)
-
-    def snapshot(self) -> dict:
-        counters = self.server.counters
-        return {
-            "requests": counters.requests,
-            "in_flight": counters.in_flight,
-            "connections": counters.connections,
-            "by_status": dict(counters.by_status),
-            "queued": {b.name: b.count for b in self.app.scheduler.bands},
-            "ladder_step": self.app.ladder.step,
-            "workers": [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0}],
-        }
-
-
 class LocalStack:
     """The gateway in front of a shard backend: local processes by default, or any other (e.g. static)."""
 
@@ -109,9 +59,7 @@ class LocalStack:
         self.shards = shards if shards is not None else LocalShards(spec, run_dir)
         workers = spec.gateway.worker_count()
         # Workers of `cpctl up` log into the run directory; in-cluster (`cpctl gateway`) they log to stderr.
-        self.gateway: InProcessGateway | WorkerPool = (
-            InProcessGateway(spec, self._set_standby) if workers == 1 else
-            WorkerPool(spec, workers, self._set_standby, log_dir=run_dir / "logs" if local else None))
+        self.gateway = WorkerPool(spec, workers, self._set_standby, log_dir=run_dir / "logs" if local else None)
         self.url = ""
         self._standby_changes: set[asyncio.Task[None]] = set()
 

@@ -60,7 +60,7 @@ class RunningStack:
         return {s["name"]: s["pid"] for s in self.state()["shards"] if s["pid"]}
 
     def worker_pids(self) -> dict[int, int]:
-        """Gateway worker processes by index (none when the gateway runs inside cpctl: `workers: 1`)."""
+        """Gateway worker processes by index."""
         return {w["index"]: w["pid"] for w in self.state().get("workers", []) if w["pid"] != self.process.pid}
 
     def every_pid(self) -> set[int]:

@@ -97,7 +97,7 @@ def test_wrk_output_parsing_and_gateway_pids() -> None:
     assert (out.requests, out.seconds, out.rps, out.non_2xx) == (9000, 3.01, 2990.03, 40)
     assert out.statuses == {"200": 8960, "429": 40} and out.socket_errors["timeout"] == 5
     assert gateway_pids({"pid": 10}) == [10]
-    assert gateway_pids({"pid": 10, "workers": [11, {"pid": 12}, 10]}) == [10, 11, 12]
+    assert gateway_pids({"pid": 10, "workers": [11, {"pid": 12}, 11]}) == [11, 12]  # the supervisor serves nothing
 
 
 def test_scaling_spec_is_valid_and_targets_say_what_was_not_run(tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def gateway_pids(state: dict) -> list[int]:
-    """The processes serving the gateway, from a stack's state.json: its `pid`, plus its `workers` when the
-    gateway runs several processes (a list of PIDs, or of objects with a `pid`)."""
-    pids = [int(state["pid"])]
+    """The processes serving the gateway, from a stack's state.json: its `workers` (a list of PIDs, or of
+    objects with a `pid`); the stack's own `pid` when it lists none (it then serves itself). The supervising
+    `cpctl` process, which owns the shards and serves nothing, is not counted."""
+    pids = []
     for worker in state.get("workers") or []:
         pid = int(worker["pid"] if isinstance(worker, dict) else worker)
         if pid not in pids:
             pids.append(pid)
-    return pids
+    return pids or [int(state["pid"])]

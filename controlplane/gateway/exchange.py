@@ -112,6 +112,12 @@ class Exchange:
         except HttpError as error:
             self._answer(error)
             return
+        except Exception:
+            log.exception("model signature lookup failed")
+            if not self.finished:
+                self._done()
+                self.conn.fail()
+            return
         finally:
             self.task = None
         if not self.finished:
