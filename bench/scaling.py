@@ -136,11 +136,9 @@ def spec_text(repository: Path, shards: int, workers: int) -> str:
         "tenants": [{"name": "bench", "api_key_sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
                      "default_class": "standard", "allowed_classes": ["critical", "standard", "sheddable"],
                      "rate": 10_000_000, "burst": 10_000_000}],
-        "gateway": {"listen": "127.0.0.1", "port": 0,
+        "gateway": {"listen": "127.0.0.1", "port": 0, "workers": workers,
                     "limits": {"max_body_bytes": 1048576, "max_connections": 16384}},
     }
-    if workers > 1:  # W = 1 also runs where the schema has no `workers` yet
-        spec["gateway"]["workers"] = workers
     return yaml.safe_dump(spec, sort_keys=False)
 
 
@@ -293,8 +291,10 @@ def markdown(r: dict) -> str:
                          f"{eff['gateway'].get(w)} | {eff['nginx'].get(w)} | {cpu['gateway']:.1f} | "
                          f"{cpu['nginx']:.1f} | "
                          f"{row['direct']['non_2xx']}/{row['nginx']['non_2xx']}/{row['gateway']['non_2xx']} |")
+    arguments = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in r["config"].items())
     lines += ["", "Reproduce (GPU machine, nothing installed: bench/device/pack.sh here, then bench/device/run.sh "
-              "there): `python bench/scaling.py OUT --workers 1,2,4,8`."]
+              f"there): `python bench/scaling.py OUT {arguments}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -139,10 +139,6 @@ class GatewayApp:
             return Rejection(refused.status, str(refused), refusal_headers(refused), refused.reason, close=False)
         return admitted
 
-    def lagging(self) -> bool:
-        """Whether the gateway's own event loop is behind (the overload manager's last probe ran late)."""
-        return self.overload is not None and self.overload.lagging()
-
     def count_shed(self, class_name: str, tenant: str, reason: str) -> None:
         self.metrics.shed[class_name, tenant, reason] += 1
         self.metrics.requests[class_name, tenant, "shed"] += 1

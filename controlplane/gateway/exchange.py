@@ -319,10 +319,10 @@ class Exchange:
         self.timer = None
         now = self.gateway.clock()
         left = self.give_up_at - now
-        if left > 0 and (not self._may_retry_elsewhere() or now - due > LOOP_BEHIND_S or self.gateway.lagging()):
-            # Stalled, but with nowhere to retry a slow answer beats none. And when the gateway's own event loop
-            # runs late (this timer fired late, or the overload manager sees lag), the answer may well be
-            # waiting in our socket: the shard is not to blame. Wait on until the deadline or upstream timeout.
+        if left > 0 and (not self._may_retry_elsewhere() or now - due > LOOP_BEHIND_S):
+            # Stalled, but with nowhere to retry a slow answer beats none. And when this timer fires late, the
+            # gateway's own event loop is behind and the answer may well be waiting in our socket: the shard is
+            # not to blame. Wait on until the deadline or the upstream timeout.
             self.timer = self.conn.loop.call_later(left, self._timed_out, timeout_s + left, now + left)
             return
         error = UpstreamError(f"no complete response within {timeout_s:.3g} s",

@@ -64,7 +64,6 @@ class OverloadManager:
         self.refused_below = self.levels[0]  # classes below this level are refused (none at level 0)
         self.pressure: dict[str, float] = {"lag": 0.0, "cpu": 0.0, "memory": 0.0, "connections": 0.0}
         self.lags_s: list[float] = []  # how late each lag probe of this window fired
-        self.last_lag_s = 0.0
         self.calm_since: float | None = None
         self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
@@ -88,7 +87,7 @@ class OverloadManager:
 
     def _probe(self) -> None:
         now = self.now = self.clock()
-        lag_s = self.last_lag_s = max(0.0, now - self._expected)
+        lag_s = max(0.0, now - self._expected)
         self.lags_s.append(lag_s)
         started, cpu_started = self._window_start
         saturated = self.config.lag_saturated_ms / 1000
@@ -141,10 +140,6 @@ class OverloadManager:
         refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
         read = sum(1 for c in self.server.connections if c.top_level < refused_below and not c.paused_for)
         return max(1, read // 2)
-
-    def lagging(self) -> bool:
-        """Whether the event loop is behind now: the last probe ran late, or a level is in force."""
-        return self.level > 0 or self.last_lag_s * 1000 >= self.config.lag_saturated_ms * self.config.shed_lowest_at
 
     def _set_level(self, level: int) -> None:
         if level != self.level:

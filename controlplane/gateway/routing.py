@@ -27,7 +27,8 @@ from controlplane.spec import Concurrency, Ejection
 
 BASELINE_FORGET = 1.0005  # the unloaded latency estimate drifts up 0.05% per sample unless seen again
 RETRY_BUDGET_CAP = 20.0  # retries that may be saved up for a burst of failures
-LIMIT_DECAY = 0.8  # per upkeep tick, of a limit less than half used (idle: back to `initial` in ~1.5 s from 256)
+LIMIT_VALIDATION_S = 1.0  # how often unused limits are cut...
+LIMIT_DECAY = 0.5  # ...and by how much at most (idle: from 256 back to an `initial` of 16 in 4 s)
 
 
 @dataclass(eq=False)
@@ -75,6 +76,7 @@ class Router:
         self.targets: dict[tuple[str, int], Target] = {}
         self.by_model: dict[str, list[Target]] = {}
         self.on_capacity: Callable[[], None] = lambda: None  # told when slots may have freed
+        self.validated_at = clock()
 
     # --- the endpoint set ---------------------------------------------------------------------------------
     def update(self, endpoints: list[Endpoint]) -> None:
@@ -172,7 +174,12 @@ class Router:
     def validate_limits(self) -> None:
         """Let a limit that is not being used decay toward twice what is used (at least `initial`), as TCP
         validates an idle congestion window (RFC 7661): a limit grown during a busy spell must not let the
-        next burst pour its whole size into the shard's queue at once. Called every upkeep tick."""
+        next burst pour its whole size into the shard's queue at once. Called every upkeep tick; acts once per
+        LIMIT_VALIDATION_S on the most used in that time, so ordinary bursts keep their room."""
+        now = self.clock()
+        if now - self.validated_at < LIMIT_VALIDATION_S:
+            return
+        self.validated_at = now
         floor = float(self.concurrency.initial)
         for target in self.targets.values():
             if target.used * 2 < target.limit and target.limit > floor:
