@@ -5,6 +5,7 @@ With CI=true, a skipped test fails the run: nothing passes in CI by not running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +98,28 @@ def stop_stack(stack: RunningStack) -> set[int]:
     finally:
         stack.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
     return {pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)}
+
+
+@contextlib.contextmanager
+def stack_of(spec_text: str, run_dir: Path, cluster: str) -> Iterator[RunningStack]:
+    """A `cpctl up` stack of a spec given as text (its `cluster` name); every process it started must be gone
+    once it is stopped."""
+    spec = run_dir / f"{cluster}.yaml"
+    spec.write_text(spec_text)
+    running = start_stack(spec, run_dir, cluster)
+    yield running
+    leftovers = stop_stack(running)
+    assert not leftovers, f"processes left after cpctl up stopped: {sorted(leftovers)}"
+
+
+class ManualClock:
+    """A clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _not_zombie(pid: int) -> bool:

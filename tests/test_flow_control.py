@@ -20,7 +20,7 @@ from controlplane.bench.client import HttpClient
 from controlplane.gateway.inference import InferHeader
 from controlplane.spec import hash_api_key
 
-from .conftest import ROOT, RunningStack, start_stack, stop_stack
+from .conftest import ROOT, RunningStack, stack_of
 
 DEMO = {"Authorization": "Bearer cp-demo-key"}
 OTHER = {"x-api-key": "cp-other-key"}
@@ -57,12 +57,8 @@ gateway:
 
 @pytest.fixture(scope="module")
 def flow_stack(run_dir: Path):
-    spec = run_dir / "flow.yaml"
-    spec.write_text(SPEC)
-    running = start_stack(spec, run_dir, "flow-test")
-    yield running
-    leftovers = stop_stack(running)
-    assert not leftovers, f"processes left: {sorted(leftovers)}"
+    with stack_of(SPEC, run_dir, "flow-test") as running:
+        yield running
 
 
 def work_body(values: list[float], work_ms: float = 20) -> bytes:

@@ -20,7 +20,7 @@ from controlplane.gateway.overload import UNLIMITED, OverloadManager
 from controlplane.gateway.server import GatewayServer
 from controlplane.spec import GatewayLimits, Overload, PriorityClass, hash_api_key
 
-from .conftest import ROOT, RunningStack, start_stack, stop_stack
+from .conftest import ROOT, ManualClock, RunningStack, stack_of
 
 CLASSES = [PriorityClass(name="critical", level=300, default_deadline_ms=250, share=0.5),
            PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3),
@@ -28,21 +28,13 @@ CLASSES = [PriorityClass(name="critical", level=300, default_deadline_ms=250, sh
 CRITICAL, STANDARD, SHEDDABLE = CLASSES
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def manager(**config) -> tuple[OverloadManager, Clock]:
-    clock = Clock()
+def manager(**config) -> tuple[OverloadManager, ManualClock]:
+    clock = ManualClock()
     server = GatewayServer(lambda request, conn: None, GatewayLimits(max_connections=100))
     return OverloadManager(Overload(**config), CLASSES, server, clock), clock
 
 
-def refresh(overload: OverloadManager, clock: Clock, lag_ms: float, seconds: float = 0.25) -> None:
+def refresh(overload: OverloadManager, clock: ManualClock, lag_ms: float, seconds: float = 0.25) -> None:
     clock.now += seconds
     overload.now = clock.now
     overload.lags_s = [lag_ms / 1000] * 5
@@ -118,13 +110,9 @@ BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1],
 
 @pytest.fixture(scope="module")
 def overloaded(run_dir: Path):
-    spec = run_dir / "overload.yaml"
-    spec.write_text(SPEC)
-    running = start_stack(spec, run_dir, "overload-test")
-    time.sleep(0.6)  # the first refresh (0.25 s) sees the memory pressure
-    yield running
-    leftovers = stop_stack(running)
-    assert not leftovers, f"processes left: {sorted(leftovers)}"
+    with stack_of(SPEC, run_dir, "overload-test") as running:
+        time.sleep(0.6)  # the first refresh (0.25 s) sees the memory pressure
+        yield running
 
 
 async def exchange(address: tuple[str, int], head: bytes, body: bytes = b"") -> tuple[bytes, asyncio.StreamReader,

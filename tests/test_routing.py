@@ -6,19 +6,13 @@ from controlplane.gateway.routing import Router
 from controlplane.shards.base import Endpoint
 from controlplane.spec import Concurrency, Ejection
 
+from .conftest import ManualClock
+
 MODELS = frozenset({"m"})
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def router(**concurrency) -> tuple[Router, FakeClock]:
-    clock = FakeClock()
+def router(**concurrency) -> tuple[Router, ManualClock]:
+    clock = ManualClock()
     r = Router(Concurrency(**{"initial": 4, "max": 64, "slack_ms": 0, **concurrency}),
                Ejection(consecutive_failures=3, base_s=1.0, max_s=8.0), retry_budget=0.1, clock=clock)
     r.update([Endpoint("a", "127.0.0.1", 1, MODELS), Endpoint("b", "127.0.0.1", 2, MODELS)])

@@ -11,19 +11,13 @@ from hypothesis import strategies as st
 from controlplane.gateway.scheduler import Scheduler, Shed, Ticket
 from controlplane.spec import GatewayLimits, PriorityClass
 
+from .conftest import ManualClock
+
 CLASSES = [
     PriorityClass(name="critical", level=300, default_deadline_ms=250, share=0.5, max_queue=100),
     PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3, max_queue=100),
     PriorityClass(name="sheddable", level=100, default_deadline_ms=2000, share=0.2, max_queue=100),
 ]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Slots:
@@ -62,8 +56,8 @@ class Recorder:
         return ticket
 
 
-def make(free: int = 0, **limits) -> tuple[Scheduler, Slots, FakeClock, Recorder]:
-    slots, clock = Slots(free), FakeClock()
+def make(free: int = 0, **limits) -> tuple[Scheduler, Slots, ManualClock, Recorder]:
+    slots, clock = Slots(free), ManualClock(1000.0)
     return Scheduler(CLASSES, GatewayLimits(**limits), slots, clock), slots, clock, Recorder()
 
 

@@ -26,7 +26,7 @@ from controlplane.gateway.worker import merge_overload
 from controlplane.gateway.workers import partition_spec
 from controlplane.spec import hash_api_key, parse_spec
 
-from .conftest import ROOT, RunningStack, start_stack, stop_stack
+from .conftest import ROOT, RunningStack, stack_of
 
 DEMO = {"Authorization": "Bearer cp-demo-key", "Content-Type": "application/json"}
 CAPPED = {"Authorization": "Bearer cp-capped-key", "Content-Type": "application/json"}
@@ -63,12 +63,8 @@ WORK = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1],
 
 @pytest.fixture(scope="module")
 def workers_stack(run_dir: Path):
-    spec = run_dir / "workers.yaml"
-    spec.write_text(SPEC)
-    running = start_stack(spec, run_dir, "workers-test")
-    yield running
-    leftovers = stop_stack(running)
-    assert not leftovers, f"processes left after cpctl up stopped: {sorted(leftovers)}"
+    with stack_of(SPEC, run_dir, "workers-test") as running:
+        yield running
 
 
 def run(coroutine):  # noqa: ANN001, ANN201
