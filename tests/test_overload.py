@@ -187,12 +187,25 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
         server.release_held()
         answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # read again: answered (no shard here)
         writer.close()
+        # A held connection whose client leaves is closed too, though it is not read (it never sees the FIN).
+        overload._set_level(1)
+        overload.hold_quota = 1
+        _, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+        writer.write(head("sheddable", len(BODY)) + BODY)
+        await asyncio.sleep(0.1)
+        held_again = len(server.held)
+        writer.close()
+        await asyncio.sleep(0.1)
+        overload._close_held(overload.now)
+        await asyncio.sleep(0.1)
+        left = (len(server.held), server.counters.connections)
         await server.stop()
-        return refused, held, answer
+        return refused, held, answer, held_again, left
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC)
-    refused, held, answer = asyncio.run(scenario(spec_file))
+    refused, held, answer, held_again, left = asyncio.run(scenario(spec_file))
     assert refused.startswith(b"HTTP/1.1 429") and b"connection: close" not in refused.lower()
     assert held == 1
     assert answer.startswith(b"HTTP/1.1 503")
+    assert held_again == 1 and left == (0, 0)

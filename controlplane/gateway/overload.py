@@ -25,7 +25,8 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. The highest class is never refused here and its connections are
-always read. Held connections are read again oldest first; one held longer than `hold_max_s` is closed.
+always read. Held connections are read again oldest first; one held longer than `hold_max_s`, or whose
+client has closed it (looked at once a second: a connection not read never sees the client's FIN), is closed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -43,8 +45,22 @@ from controlplane.spec import Overload, PriorityClass
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
+TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
+HELD_CHECK_S = 1.0  # how often held connections are looked at (gone clients, `hold_max_s`)
 UNLIMITED = 1 << 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def client_gone(conn: ClientConnection) -> bool:
+    """Whether the client of a connection that is not being read has closed it: the socket's TCP state is
+    CLOSE_WAIT (peeking would only find the unread request that got the connection held)."""
+    sock = conn.transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE_WAIT
+    except OSError:
+        return True
 
 
 def resident_mb() -> float:
@@ -71,6 +87,7 @@ class OverloadManager:
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
         self.held_since: dict[ClientConnection, float] = {}
         self._expected = 0.0
+        self._held_checked_at = clock()
         self._window_start = (clock(), time.process_time())
         self._timer: asyncio.TimerHandle | None = None
         server.connection_gate = self.refuse_connection
@@ -96,7 +113,9 @@ class OverloadManager:
         if now - started >= self.config.refresh_s or burst:
             self._refresh(now, now - started, time.process_time() - cpu_started)
             self._window_start = (now, time.process_time())
-        self._close_long_held(now)
+        if now - self._held_checked_at >= HELD_CHECK_S:
+            self._held_checked_at = now
+            self._close_held(now)
         self._expected = self.clock() + LAG_PROBE_S
         self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
 
@@ -195,13 +214,13 @@ class OverloadManager:
         released = self.server.release_held(count)
         self.actions["connection_released", "-"] = self.actions.get(("connection_released", "-"), 0) + released
 
-    def _close_long_held(self, now: float) -> None:
-        if not self.held_since:
-            return
+    def _close_held(self, now: float) -> None:
+        """Close held connections that were held too long, or whose client has gone: a connection that is not
+        read never sees its client's FIN, and would count against the connection limits for nothing."""
         for conn, since in list(self.held_since.items()):
             if conn not in self.server.held:
                 del self.held_since[conn]
-            elif now - since > self.config.hold_max_s:
+            elif now - since > self.config.hold_max_s or client_gone(conn):
                 del self.held_since[conn]
                 self._count("held_connection_closed", "-")
                 conn.transport.close()
