@@ -67,7 +67,8 @@ class GatewayWorker:
         self.router = Router(gateway.concurrency, gateway.ejection, gateway.retry_budget,
                              gateway.limits.upstream_connections_per_shard)
         self.app = GatewayApp(self.spec, self.router)
-        self.app.admission.buckets = buckets  # a tenant's rate holds across all workers
+        if count > 1:  # a tenant's rate holds across all workers (one worker keeps its buckets in-process)
+            self.app.admission.buckets = buckets
         self.ladder = FollowedLadder()
         self.app.ladder = self.ladder  # the supervisor's ladder decides; see workers.py
         self.server = GatewayServer(self.handle, gateway.limits)
