@@ -82,3 +82,38 @@ def test_refusing_shard_is_reported_as_bad_gateway() -> None:
         await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_highest_class_retries_outside_a_spent_retry_budget() -> None:
+    from controlplane.gateway.inference import ModelSignature, TensorSpec
+
+    async def scenario() -> dict[str, tuple[int, int]]:
+        ports = []
+        for _ in range(2):
+            closed = socket.create_server(("127.0.0.1", 0))
+            ports.append(closed.getsockname()[1])
+            closed.close()  # nothing listens there: connections are refused, a failure before any response
+        spec = load_spec(EXAMPLE_SPEC)
+        router = Router()
+        router.update([Endpoint(f"dead-{i}", "127.0.0.1", port, MODELS) for i, port in enumerate(ports)])
+        router.retry_tokens = 0.0  # the budget is spent
+        app = GatewayApp(spec, router)
+        app.signatures["risk"] = ModelSignature({"features": TensorSpec("features", "FP32", (-1, 16))},
+                                                frozenset({"score"}), batching=True)
+        server = GatewayServer(app, spec.gateway.limits)
+        app.serve_on(server)
+        port = await server.start("127.0.0.1", 0)
+        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
+                                       "data": [0.0] * 16}]}).encode()
+        results = {}
+        for priority in ("standard", "critical"):
+            head = (b"POST /v2/models/risk/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
+                    b"x-priority: %s\r\nContent-Length: %d\r\n\r\n" % (priority.encode(), len(body)))
+            status, _, _ = await request(port, head + body)
+            results[priority] = (status, app.metrics.retries)
+        await server.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results["standard"] == (502, 0)  # no token left: not retried
+    assert results["critical"] == (502, 1)  # retried once, on the other shard, though no token was left

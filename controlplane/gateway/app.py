@@ -68,6 +68,7 @@ class GatewayApp:
         ranked = sorted(spec.priority_classes, key=lambda c: c.level, reverse=True)
         self.triton_priority = {c.name: rank for rank, c in enumerate(ranked, start=1)}  # Triton: 1 is highest
         self.lowest_class = ranked[-1].name
+        self.top_class = ranked[0].name
         self.variants = {m.name: m.cheaper_variant for m in spec.models if m.cheaper_variant}
         self.signatures: dict[str, ModelSignature] = {}
         self._signature_lookups: dict[str, asyncio.Future[ModelSignature]] = {}

@@ -305,7 +305,7 @@ class Exchange:
             self._count("failed")
             self._answer(HttpError(504, f"the deadline passed in flight: {error}"))
             return
-        if self.attempt == 0 and error.before_response and gateway.router.take_retry_token():
+        if self.attempt == 0 and error.before_response and (self._retries_free() or gateway.router.take_retry_token()):
             gateway.metrics.retries += 1
             self.attempt = 1
             self._queue(exclude=target)
@@ -338,8 +338,13 @@ class Exchange:
     def _may_retry_elsewhere(self) -> bool:
         router, target = self.gateway.router, self.target
         return (self.attempt == 0 and (self.upstream is None or not self.upstream.responded)
-                and router.retry_tokens >= 1.0
+                and (self._retries_free() or router.retry_tokens >= 1.0)
                 and any(t is not target and t.available for t in router.by_model.get(self.model, ())))
+
+    def _retries_free(self) -> bool:
+        """The highest class retries its one retry outside the budget: when a shard dies with many requests in
+        flight, the budget must not be spent before a critical request gets its turn."""
+        return self.ticket.band == self.gateway.top_class
 
     # --- release and ending ----------------------------------------------------------------------------
     def _release(self, ok: bool) -> None:
