@@ -334,10 +334,6 @@ class ClientConnection(asyncio.Protocol):
         """Drop the connection mid-response (the shard failed after the response began)."""
         self.transport.close()
 
-    def withdraw_keep_alive(self) -> None:
-        """The response being produced closes the connection after it."""
-        self.close_after_response = True
-
     def _linger(self) -> None:
         """Close after a refusal without losing the answer: closing a socket with unread input sends a TCP
         reset that can overtake the response, so half-close, drain what the client still sends, then close."""
