@@ -64,9 +64,8 @@ def test_summary_percentiles_goodput_and_shed_reasons() -> None:
 def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`cpctl bench suite --only flood,cpu --quick` end to end (one model, ~30 s): the flood's statuses are
     counted, the refused tenant is refused at admission, the results carry `targets`. No speed is asserted."""
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is needed (make system-deps)")
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    assert not missing, f"{', '.join(missing)} needed: `make system-deps` installs them (make test runs it)"
     from controlplane.bench import suite
 
     monkeypatch.setattr(suite, "FLOOD_MODELS", (("5ms", 5),))

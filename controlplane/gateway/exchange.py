@@ -65,7 +65,7 @@ def guarded(step: Callable) -> Callable:
 class Exchange:
     __slots__ = ("gateway", "request", "conn", "model", "action", "admitted", "arrived", "checked", "signature",
                  "ticket", "target", "upstream", "sent_at", "timer", "expiry", "task", "attempt", "fresh_retry",
-                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at")
+                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at", "path")
 
     def __init__(self, gateway: GatewayApp, request: Request, conn: ClientConnection, model: str, action: str,
                  admitted: Admitted) -> None:
@@ -74,6 +74,7 @@ class Exchange:
         self.conn = conn
         self.model = model
         self.action = action
+        self.path = request.path  # where the shard is asked: the client's path, unless the ladder changes it
         self.admitted = admitted
         self.arrived = gateway.clock()
         self.checked: InferHeader | None = None
@@ -137,7 +138,8 @@ class Exchange:
             return
         band, tenant = self.admitted.priority_class.name, self.admitted.tenant.name
         if band == gateway.lowest_class and gateway.ladder.use_variants and self.model in gateway.variants:
-            self.model = gateway.variants[self.model]
+            self.model = gateway.variants[self.model]  # the ladder sends it to the cheaper variant
+            self.path = f"/v2/models/{self.model}/{self.action}"
         self.ticket = Ticket(model=self.model, tenant=tenant, band=band,
                              cost=self.checked.cost if self.checked else 1.0, size=len(request.body),
                              deadline=self.arrived + self.admitted.deadline_s,
@@ -211,9 +213,7 @@ class Exchange:
         self._send(upstream, self.ticket.deadline - self.gateway.clock())
 
     def _send(self, upstream: UpstreamConnection, remaining_s: float) -> None:
-        request, path = self.request, self.request.path
-        if not path.startswith(f"/v2/models/{self.model}/"):  # the ladder chose the cheaper variant
-            path = f"/v2/models/{self.model}/{self.action}"
+        request, path = self.request, self.path
         body, header_length = request.body, request.headers.get(b"inference-header-content-length")
         if self.checked is not None and b"content-encoding" not in request.headers:
             body, header_length = self._with_triton_parameters(body, header_length, remaining_s)

@@ -77,7 +77,7 @@ class OverloadManager:
         self.levels = sorted({c.level for c in classes})  # ascending: levels[0] is the lowest class
         self.top = self.levels[-1]
         self.level = 0
-        self.refused_below = self.levels[0]  # classes below this level are refused (none at level 0)
+        self.refused_below = self.refused_below_at(0)  # kept with `level`: read on every screened request
         self.pressure: dict[str, float] = {"lag": 0.0, "cpu": 0.0, "memory": 0.0, "connections": 0.0}
         self.lags_s: list[float] = []  # how late each lag probe of this window fired
         self.calm_since: float | None = None
@@ -156,21 +156,21 @@ class OverloadManager:
             return 0
         if wanted == 2:
             return UNLIMITED
-        refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
+        refused_below = self.refused_below_at(1)
         read = sum(1 for c in self.server.connections if c.top_level < refused_below and not c.paused_for)
         return max(1, read // 2)
+
+    def refused_below_at(self, level: int) -> int:
+        """Classes below this level are refused at an overload level: none at 0, the lowest at 1, all but the
+        highest at 2."""
+        return (self.levels[0], self.levels[min(1, len(self.levels) - 1)], self.top)[level]
 
     def _set_level(self, level: int) -> None:
         if level != self.level:
             log.warning("gateway overload level %d -> %d (pressure %s)", self.level, level,
                         ", ".join(f"{k} {v:.2f}" for k, v in self.pressure.items()))
         self.level = level
-        if level == 0:
-            self.refused_below = self.levels[0]
-        elif level == 1:
-            self.refused_below = self.levels[1] if len(self.levels) > 1 else self.levels[0]
-        else:
-            self.refused_below = self.top
+        self.refused_below = self.refused_below_at(level)
 
     # --- actions -------------------------------------------------------------------------------------
     def refuses(self, priority_class: PriorityClass) -> bool:
