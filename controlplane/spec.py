@@ -213,7 +213,9 @@ class Overload(StrictModel):
         5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
         "would protect nothing)."
     )
-    hold_max_s: float = Field(60.0, gt=0, description="A connection not read for overload this long is closed.")
+    hold_max_s: float = Field(5.0, gt=0, description="A connection not read for overload this long is read again "
+                              "(its waiting request is answered, refused if the overload lasts): how long a "
+                              "client can wait unanswered.")
     connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
                                    "are refused at the highest overload level.")
 

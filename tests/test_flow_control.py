@@ -52,6 +52,9 @@ gateway:
   admin_token_sha256: {hash_api_key('cp-admin-key')}
   concurrency: {{initial: 4, max: 4}}
   ladder: {{backlog_high: 8, backlog_low: 0, up_after_s: 0.5, down_after_s: 1.0}}
+  # Shard-bound control only: the gateway's own overload manager would act on how loaded the test machine is
+  # (test_overload.py tests it with deterministic pressure).
+  overload: {{enabled: false}}
 """
 
 

@@ -102,7 +102,7 @@ tenants:
 gateway:
   workers: 1  # a class is refused only where a higher one was seen: one process sees both connections
   admin_token_sha256: {hash_api_key('cp-admin-key')}
-  overload: {{max_rss_mb: 1, hold_max_s: 60}}
+  overload: {{max_rss_mb: 1, hold_max_s: 60}}  # the held-connection tests release by hand
 """
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}],
                    "parameters": {"work_ms": 0}}).encode()
@@ -209,3 +209,55 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
     assert held == 1
     assert answer.startswith(b"HTTP/1.1 503")
     assert held_again == 1 and left == (0, 0)
+
+
+def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_path: Path) -> None:
+    """Clients send every class down one connection pool: a critical request that lands on a held connection
+    is seen (peeked, left in the socket) and the connection is read again while the overload lasts."""
+    from controlplane.gateway.app import GatewayApp
+    from controlplane.gateway.routing import Router
+    from controlplane.spec import load_spec
+
+    async def scenario(spec_file: Path):
+        spec = load_spec(spec_file)
+        app = GatewayApp(spec, Router())
+        server = GatewayServer(app, spec.gateway.limits)
+        app.serve_on(server)
+        port = await server.start("127.0.0.1", 0)
+        overload = app.overload
+        overload.refuses(CRITICAL)
+        overload._set_level(2)  # stays overloaded throughout: nothing is released by the levels
+        overload.hold_quota = UNLIMITED
+        refused, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+        held = len(server.held)
+        writer.write(head("sheddable", len(BODY)) + BODY)  # a sheddable request waits unread...
+        await asyncio.sleep(0.1)
+        overload._look_at_held(overload.now)
+        still_held = len(server.held)
+        # ...and stays parked; on a second held connection a critical request is read at once.
+        _, reader2, writer2 = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+        writer2.write(head("critical", len(BODY))[:40])  # its headers arrive in two parts
+        await asyncio.sleep(0.1)
+        overload._look_at_held(overload.now)
+        parked_while_partial = len(server.held)
+        writer2.write(head("critical", len(BODY))[40:] + BODY)
+        await asyncio.sleep(0.1)
+        overload._look_at_held(overload.now + 1)  # peeks back off while a client sends nothing whole
+        answer = await asyncio.wait_for(reader2.readuntil(b"\r\n\r\n"), 5)  # no shard here: a 503, not a wait
+        left_held, actions = len(server.held), dict(overload.actions)
+        overload._close_held(overload.now + 61)  # past hold_max_s: the parked request gets its answer
+        late_answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        for w in (writer, writer2):
+            w.close()
+        await server.stop()
+        return refused, held, still_held, parked_while_partial, answer, left_held, actions, late_answer
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC)
+    refused, held, still_held, parked_while_partial, answer, left_held, actions, late_answer = \
+        asyncio.run(scenario(spec_file))
+    assert refused.startswith(b"HTTP/1.1 429") and held == 1 and still_held == 1
+    assert parked_while_partial == 2
+    assert answer.startswith(b"HTTP/1.1 503") and b"retry-after" in answer.lower()
+    assert left_held == 1 and actions["connection_released", "-"] == 1
+    assert late_answer.startswith(b"HTTP/1.1 429")  # read again, still overloaded: refused, not left waiting

@@ -140,6 +140,16 @@ class GatewayApp:
             return Rejection(refused.status, str(refused), refusal_headers(refused), refused.reason, close=False)
         return admitted
 
+    def class_level(self, method: bytes, url: bytes, headers: dict[bytes, bytes]) -> int | None:
+        """The class level of a request not read yet, for the overload manager (None: not an inference request,
+        or one that admission refuses anyway)."""
+        if method != b"POST" or not url.endswith(INFERENCE_ACTIONS):
+            return None
+        try:
+            return self.admission.classify(headers).priority_class.level
+        except Refused:
+            return None
+
     def count_shed(self, class_name: str, tenant: str, reason: str) -> None:
         self.metrics.shed[class_name, tenant, reason] += 1
         self.metrics.requests[class_name, tenant, "shed"] += 1

@@ -18,15 +18,20 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   then no longer read (held: its client meets TCP back-pressure, which costs the gateway nothing), or, when
   connections or memory are the pressure, its keep-alive is withdrawn (closed after the answer). How many:
   while the pressure stays at level 1, each refresh refuses as many requests as half the low-class
-  connections still read (multiplicative decrease); below it, none, and once the levels are left one held
-  connection is read again per calm refresh (additive increase). So the gateway reads less, not nothing,
-  and settles where the lag stays under the threshold;
+  connections still read (multiplicative decrease); below it, none, and once the levels are left held
+  connections are read again. So the gateway reads less, not nothing, and settles where the lag stays under
+  the threshold;
 - 2 (`shed_all_but_top_at`, 0.95): every request of a class but the highest is refused so, and new
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. The highest class is never refused here and its connections are
-always read. Held connections are read again oldest first; one held longer than `hold_max_s`, or whose
-client has closed it (looked at once a second: a connection not read never sees the client's FIN), is closed.
+always read. A held connection is not read but is looked at: the request its client sends next is peeked
+(left in the socket) and classified, and a connection whose next request is of a class not refused now is read
+again at once, so a client that sends all classes down one connection pool never parks a critical request
+behind a hold. Once the levels are left, held connections are read again oldest first, one on the first calm
+refresh and twice as many on each next (TCP's slow start); one held longer than `hold_max_s` is read again
+at once (so no client waits unanswered longer: its request is refused if the overload lasts), and one whose
+client has closed it (looked at once a second: a connection not read never sees the client's FIN) is closed.
 """
 
 from __future__ import annotations
@@ -38,15 +43,19 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from controlplane.gateway.server import ClientConnection, GatewayServer
+import httptools
+
+from controlplane.gateway.server import ClientConnection, GatewayServer, request_head
 from controlplane.spec import Overload, PriorityClass
 
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
 TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
-HELD_CHECK_S = 1.0  # how often held connections are looked at (gone clients, `hold_max_s`)
+HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients and `hold_max_s`
+PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
 UNLIMITED = 1 << 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,6 +70,16 @@ def client_gone(conn: ClientConnection) -> bool:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE_WAIT
     except OSError:
         return True
+
+
+@dataclass(slots=True)
+class Held:
+    """A connection not read while overloaded, and what is known of the request waiting in its socket."""
+
+    since: float
+    peek_at: float  # when to look at the socket next
+    peek_wait_s: float = LAG_PROBE_S
+    waiting_level: int | None = None  # class level of the request waiting unread, once peeked
 
 
 def resident_mb() -> float:
@@ -85,7 +104,8 @@ class OverloadManager:
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
-        self.held_since: dict[ClientConnection, float] = {}
+        self.held: dict[ClientConnection, Held] = {}
+        self.release_step = 1  # held connections read again at the next calm refresh
         self._expected = 0.0
         self._held_checked_at = clock()
         self._window_start = (clock(), time.process_time())
@@ -113,6 +133,8 @@ class OverloadManager:
         if now - started >= self.config.refresh_s or burst:
             self._refresh(now, now - started, time.process_time() - cpu_started)
             self._window_start = (now, time.process_time())
+        if self.held:
+            self._look_at_held(now)
         if now - self._held_checked_at >= HELD_CHECK_S:
             self._held_checked_at = now
             self._close_held(now)
@@ -132,7 +154,10 @@ class OverloadManager:
         self.lags_s = []
         pressure = max(self.pressure.values())
         if self.level == 0 and self.server.held and pressure < config.shed_lowest_at - config.hysteresis:
-            self._release(1)  # additive increase: one more low-class connection is read again per calm refresh
+            self._release(self.release_step)  # slow start: 1, 2, 4... held connections per calm refresh
+            self.release_step *= 2
+        else:
+            self.release_step = 1
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
         self.hold_quota = self._quota(wanted)
         if wanted >= self.level:
@@ -195,7 +220,7 @@ class OverloadManager:
             self._count("keepalive_withdrawn", priority_class.name)
         else:
             self._count("connection_held", priority_class.name)
-            self.held_since[conn] = self.now
+            self.held[conn] = Held(since=self.now, peek_at=self.now)
             conn.hold()
 
     def withdraws_keep_alive(self) -> bool:
@@ -214,16 +239,58 @@ class OverloadManager:
         released = self.server.release_held(count)
         self.actions["connection_released", "-"] = self.actions.get(("connection_released", "-"), 0) + released
 
-    def _close_held(self, now: float) -> None:
-        """Close held connections that were held too long, or whose client has gone: a connection that is not
-        read never sees its client's FIN, and would count against the connection limits for nothing."""
-        for conn, since in list(self.held_since.items()):
+    def _look_at_held(self, now: float) -> None:
+        """Read again each held connection whose waiting request is of a class not refused now (at least the
+        lowest class stays held: it comes back one connection per calm refresh)."""
+        read_from = self.refused_below_at(max(self.level, 1))
+        for conn, held in list(self.held.items()):
             if conn not in self.server.held:
-                del self.held_since[conn]
-            elif now - since > self.config.hold_max_s or client_gone(conn):
-                del self.held_since[conn]
+                del self.held[conn]
+                continue
+            if held.waiting_level is None and now >= held.peek_at:
+                held.waiting_level = self._waiting_level(conn)
+                if held.waiting_level is None:  # nothing (whole) sent yet: look again later, less often
+                    held.peek_wait_s = min(PEEK_MAX_WAIT_S, held.peek_wait_s * 2)
+                    held.peek_at = now + held.peek_wait_s
+            if held.waiting_level is not None and held.waiting_level >= read_from:
+                del self.held[conn]
+                self.server.release(conn)
+                self._count("connection_released", "-")
+
+    def _waiting_level(self, conn: ClientConnection) -> int | None:
+        """The class level of the request waiting unread in a held connection (the top level where the
+        connection must be read anyway: its client left, or it sent something the parser will refuse), or None
+        while its headers have not all arrived."""
+        limit = self.server.limits.max_header_bytes
+        data = conn.peek(limit + 1)
+        if data is None:
+            return None
+        if data == b"":
+            return self.top  # the client closed: reading sees it and the connection ends
+        try:
+            head = request_head(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return self.top  # read it: the connection's own parser answers it 400
+        if head is None:
+            return self.top if len(data) > limit else None
+        level = self.server.screen.class_level(*head)
+        return self.top if level is None else level
+
+    def _close_held(self, now: float) -> None:
+        """Read again connections held too long (their clients wait for an answer), and close those whose client
+        has gone: a connection that is not read never sees its client's FIN, and would count against the
+        connection limits for nothing."""
+        for conn, held in list(self.held.items()):
+            if conn not in self.server.held:
+                del self.held[conn]
+            elif client_gone(conn):
+                del self.held[conn]
                 self._count("held_connection_closed", "-")
                 conn.transport.close()
+            elif now - held.since > self.config.hold_max_s:
+                del self.held[conn]
+                self.server.release(conn)
+                self._count("connection_released", "-")
 
     def _count(self, action: str, class_name: str) -> None:
         key = (action, class_name)

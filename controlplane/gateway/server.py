@@ -71,6 +71,9 @@ class Screen(Protocol):
     def screen(self, conn: ClientConnection, method: bytes, url: bytes, headers: dict[bytes, bytes]
                ) -> Rejection | object: ...
 
+    def class_level(self, method: bytes, url: bytes, headers: dict[bytes, bytes]) -> int | None:
+        """The class level of a request that is not read yet (no side effects); None where it has none."""
+
 
 class Counters:
     def __init__(self) -> None:
@@ -81,6 +84,35 @@ class Counters:
 
     def count(self, status: int) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1
+
+
+class _HeadReader:
+    """Collects the request line and headers of the first request in some bytes (see `request_head`)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        if not self.complete:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.complete:
+            self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def request_head(data: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
+    """(method, url, headers) of the first request in `data`, or None while its headers are incomplete.
+    Raises httptools.HttpParserError on bytes that are not HTTP (HttpParserUpgrade on an upgrade)."""
+    head = _HeadReader()
+    parser = httptools.HttpRequestParser(head)
+    parser.feed_data(data)
+    return (parser.get_method(), head.url, head.headers) if head.complete else None
 
 
 def json_error(message: str, reason: str | None = None) -> bytes:
@@ -298,6 +330,22 @@ class ClientConnection(asyncio.Protocol):
         self.pause("overload")
         self.server.held[self] = None
 
+    def peek(self, limit: int) -> bytes | None:
+        """Up to `limit` bytes the client sent that were not read yet, left in the socket; b"" once the client
+        has closed (or the socket is gone), None while it has sent nothing."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return b""
+        view = socket.socket(sock.family, socket.SOCK_STREAM, 0, sock.fileno())  # borrows the descriptor
+        try:
+            return view.recv(limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        finally:
+            view.detach()  # the transport owns the descriptor: never close it here
+
     # --- writing responses -------------------------------------------------------------------------------
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         self.response_started = True
@@ -392,11 +440,14 @@ class GatewayServer:
         """Read again up to `count` held connections (all by default), oldest first; how many."""
         released = 0
         while self.held and (count is None or released < count):
-            connection = next(iter(self.held))
-            del self.held[connection]
-            connection.resume("overload")
+            self.release(next(iter(self.held)))
             released += 1
         return released
+
+    def release(self, connection: ClientConnection) -> None:
+        """Read one held connection again."""
+        del self.held[connection]
+        connection.resume("overload")
 
     async def stop(self) -> None:
         if self._sweeper is not None:
