@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.gpu.catalog import GPU_MODELS, gpu_model, model_for_product
-from controlplane.gpu.discover import parse_lgip, parse_lgipp
 from controlplane.gpu.layout import named_layouts, place
+from controlplane.gpu.nvidia_smi import parse_lgip, parse_lgipp
 
 CAPTURES = Path(__file__).parent / "data" / "nvidia-smi"
 CAPTURED = {"H100-80GB": "h100-80gb-hbm3", "H200-141GB": "h200"}
