@@ -78,6 +78,11 @@ def test_limit_without_an_inventory_and_a_missing_inventory_are_one_line_errors(
     assert result.exit_code == 2 and "--limit needs --inventory" in result.stderr
     result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "nope.yml")])
     assert result.exit_code == 2 and "no such inventory" in result.stderr and "Traceback" not in result.output
+    (tmp_path / "empty.yml").write_text("all:\n  hosts: {}\n")
+    result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "empty.yml")])
+    assert result.exit_code == 2 and "empty.yml: no hosts" in result.stderr
+    result = CliRunner().invoke(app, ["doctor", "--help"])
+    assert result.exit_code == 0 and "Example: cpctl doctor -i" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------ replayed output
