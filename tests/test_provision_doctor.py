@@ -73,7 +73,7 @@ def test_on_this_machine_without_a_gpu_the_gpu_checks_fail_with_their_fix(monkey
     assert "fail" in table.stdout and "install the NVIDIA driver" in table.stdout
 
 
-def test_limit_without_an_inventory_and_a_missing_inventory_are_one_line_errors(tmp_path: Path) -> None:
+def test_bad_arguments_and_inventories_are_one_line_errors(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["doctor", "--limit", "h1"])
     assert result.exit_code == 2 and "--limit needs --inventory" in result.stderr
     result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "nope.yml")])
@@ -81,6 +81,10 @@ def test_limit_without_an_inventory_and_a_missing_inventory_are_one_line_errors(
     (tmp_path / "empty.yml").write_text("all:\n  hosts: {}\n")
     result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "empty.yml")])
     assert result.exit_code == 2 and "empty.yml: no hosts" in result.stderr
+    (tmp_path / "jump.yml").write_text(yaml.safe_dump({"all": {"hosts": {"gpu-a": {
+        "ansible_host": "10.0.0.5", "ansible_ssh_common_args": "-J bastion.example"}}}}))
+    result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "jump.yml")])
+    assert result.exit_code == 2 and "host gpu-a: ansible_ssh_common_args uses ProxyJump" in result.stderr
     result = CliRunner().invoke(app, ["doctor", "--help"])
     assert result.exit_code == 0 and "Example: cpctl doctor -i" in result.stdout
 

@@ -157,13 +157,13 @@ def doctor(
         except ValueError as exc:
             _fail(str(exc))
     # Hosts in parallel (each check waits on its host's SSH round trips), at most 16 at a time.
-    with ThreadPoolExecutor(min(16, len(targets))) as pool:
-        results = dict(zip([host.name for host, _ in targets],
-                           pool.map(lambda target: run_checks(*target), targets), strict=True))
-    for host, _ in targets:
-        close = getattr(host, "connection", None)
-        if close is not None:
-            close.close()
+    try:
+        with ThreadPoolExecutor(min(16, len(targets))) as pool:
+            results = dict(zip([host.name for host, _ in targets],
+                               pool.map(lambda target: run_checks(*target), targets), strict=True))
+    finally:
+        for host, _ in targets:
+            host.close()
     failed = any(r.status is Status.FAIL for checks in results.values() for r in checks)
     if as_json:
         print(json.dumps({"hosts": {h: [r.to_dict() for r in checks] for h, checks in results.items()},

@@ -82,6 +82,9 @@ class Host:
             self._seen[command] = self._execute(command)
         return self._seen[command]
 
+    def close(self) -> None:
+        """Release the host's connection, if it has one."""
+
     def _execute(self, command: str) -> tuple[int, str]:
         raise NotImplementedError
 
@@ -110,6 +113,9 @@ class SshHost(Host):
         except Exception as exc:  # paramiko/socket/invoke errors all mean the same here: the host cannot be asked
             raise HostError(f"cannot run commands over SSH on {self.connection.host}: {_one_line(exc)}") from None
         return result.exited, result.stdout + result.stderr
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -375,7 +381,9 @@ def inventory_hosts(inventory: str, limit: str | None = None) -> list[tuple[SshH
     with a Fabric connection from its connection variables and what the inventory expects of it.
 
     Connection variables used: ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file, and
-    a ProxyCommand in ansible_ssh_common_args / ansible_ssh_extra_args. ValueError names a bad inventory.
+    a ProxyCommand in ansible_ssh_common_args / ansible_ssh_extra_args (ProxyJump is not supported yet: use
+    the equivalent `ProxyCommand=ssh -W %h:%p JUMPHOST`). Values are used as written, not templated.
+    ValueError names a bad inventory.
     """
     from ansible.errors import AnsibleError
     from ansible.inventory.manager import InventoryManager
@@ -413,6 +421,9 @@ def _connection(name: str, hostvars: dict[str, Any]) -> Any:
         for token in shlex.split(str(hostvars.get(key) or "")):
             if token.startswith("ProxyCommand="):
                 proxy = token.split("=", 1)[1]
+            elif token == "-J" or token.startswith("ProxyJump="):
+                raise ValueError(f"host {name}: {key} uses ProxyJump, which cpctl doctor does not support yet; "
+                                 "write it as -o ProxyCommand=\"ssh -W %h:%p JUMPHOST\"")
     key_file = hostvars.get("ansible_ssh_private_key_file")
     connect: dict[str, Any] = {"look_for_keys": key_file is None, "allow_agent": key_file is None}
     if key_file:
