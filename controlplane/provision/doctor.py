@@ -146,22 +146,21 @@ def _gpu_rows(host: Host) -> tuple[int, list[list[str]], str]:
     return rc, rows if rc == 0 else [], out
 
 
-def _pci_functions(host: Host) -> list[tuple[str, str, str]]:
-    """(vendor, class, device) of every PCI function, from sysfs."""
+def _pci_functions(host: Host) -> list[tuple[str, str]]:
+    """(vendor, class) of every PCI function, from sysfs (e.g. ('0x10de', '0x030200'))."""
     _, out = host.run("for d in /sys/bus/pci/devices/*; do [ -e \"$d/vendor\" ] && "
-                      "echo \"$(cat $d/vendor) $(cat $d/class) $(cat $d/device)\"; done")
-    return [tuple(line.split()[:3]) for line in out.splitlines() if len(line.split()) >= 3]  # type: ignore[misc]
+                      "echo \"$(cat $d/vendor) $(cat $d/class)\"; done")
+    return [(fields[0], fields[1]) for fields in (line.split() for line in out.splitlines()) if len(fields) == 2]
 
 
-def _nvidia_gpus_on_pci(host: Host) -> int:
-    # Class 0x0300 (VGA) or 0x0302 (3D controller), NVIDIA's vendor ID.
-    return sum(1 for vendor, klass, _ in _pci_functions(host) if vendor == "0x10de" and klass[:6] in ("0x0300",
-                                                                                                    "0x0302"))
+def _nvidia_functions(host: Host, *class_prefixes: str) -> int:
+    """How many NVIDIA PCI functions have a class starting with one of `class_prefixes`."""
+    return sum(1 for vendor, klass in _pci_functions(host) if vendor == "0x10de" and klass.startswith(class_prefixes))
 
 
 def _no_driver(host: Host, check: str, rc: int, out: str) -> CheckResult:
     """The result of a GPU check when nvidia-smi does not answer (exit status `rc`, output `out`)."""
-    on_pci = _nvidia_gpus_on_pci(host)
+    on_pci = _nvidia_functions(host, "0x0300", "0x0302")  # VGA or 3D controller
     seen = f"; {on_pci} NVIDIA GPU(s) on the PCI bus" if on_pci else ""
     if rc == 127:  # the shell's "command not found"
         return CheckResult(check, Status.FAIL, f"nvidia-smi not found: no NVIDIA driver installed{seen}",
@@ -331,7 +330,7 @@ def check_rdma(host: Host, expected: Expected) -> CheckResult:
 def check_fabric_manager(host: Host, expected: Expected) -> CheckResult:
     name = "Fabric Manager"
     # NVSwitch: an NVIDIA PCI function of class 0x0680 (bridge/other), as on HGX H100/H200 boards.
-    switches = sum(1 for vendor, klass, _ in _pci_functions(host) if vendor == "0x10de" and klass.startswith("0x0680"))
+    switches = _nvidia_functions(host, "0x0680")
     if not switches:
         return CheckResult(name, Status.PASS, "not needed: no NVSwitch on this board")
     found = f"{switches} NVSwitch(es)"
