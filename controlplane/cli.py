@@ -22,7 +22,7 @@ from rich.table import Table
 from controlplane.bench.cli import bench_app
 from controlplane.gpu.cli import gpu, mig_app, plan
 from controlplane.infra.cli import infra_app
-from controlplane.provision.cli import inventory, provision
+from controlplane.provision.cli import doctor, inventory, provision
 from controlplane.spec import ClusterSpec, SpecError, hash_api_key, load_spec
 
 DEFAULT_SPEC = Path("examples/local/cluster.yaml")
@@ -301,6 +301,7 @@ app.command("plan")(plan)
 app.command("gpu")(gpu)
 app.command("inventory")(inventory)
 app.command("provision")(provision)
+app.command("doctor")(doctor)
 app.add_typer(mig_app, name="mig", help="MIG layouts: the config to apply, the steps, and the diff to a node.")
 app.add_typer(infra_app, name="infra", help="The Pulumi program of infra/: offline preview of what it creates.")
 app.add_typer(bench_app, name="bench", help="Benchmarks: open-loop load (`run`) and the overload suite (`suite`).")

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from controlplane.gpu.catalog import GPU_MODELS
+
 Name = Annotated[
     str,
     Field(
@@ -36,9 +38,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The GPU models are the catalog's (one list, standard library only); a Literal keeps them in the schema.
+GpuModelName = Literal[("none", *GPU_MODELS)]  # type: ignore[valid-type]
+
+
 class GpuSpec(StrictModel):
-    model: Literal["none", "A100-40GB", "A100-80GB", "H100-80GB", "H100-PCIE-80GB", "H100-94GB-NVL", "H200-141GB"] = (
-        Field("none", description="GPU model of every node in the pool; 'none' for CPU-only nodes.")
+    model: GpuModelName = Field(
+        "none", description="GPU model of every node in the pool (a name of controlplane/gpu/catalog.py); "
+        "'none' for CPU-only nodes."
     )
     per_node: int = Field(0, ge=0, le=16, description="GPUs per node.")
 

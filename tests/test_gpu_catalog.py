@@ -1,4 +1,5 @@
-"""The GPU catalog against the real H100/H200 captures, and the named layouts of every model."""
+"""The GPU catalog against the real H100/H200 captures, the named layouts of every model, and the spec's use of
+its model list."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from controlplane.gpu.catalog import GPU_MODELS, gpu_model, model_for_product
-from controlplane.gpu.discover import parse_lgip, parse_lgipp
 from controlplane.gpu.layout import named_layouts, place
+from controlplane.gpu.nvidia_smi import parse_lgip, parse_lgipp
+from controlplane.spec import GpuSpec
 
 CAPTURES = Path(__file__).parent / "data" / "nvidia-smi"
 CAPTURED = {"H100-80GB": "h100-80gb-hbm3", "H200-141GB": "h200"}
@@ -80,3 +83,11 @@ def test_unknown_model_and_profile_errors_name_what_is_known() -> None:
     with pytest.raises(KeyError, match="its profiles: 1g.10gb"):
         gpu_model("H100-80GB").profile("1g.5gb")
     assert gpu_model("H100-80GB").profile("MIG 3g.40gb").profile_id == 9
+
+
+def test_the_spec_accepts_exactly_the_catalog_models() -> None:
+    for name in ("none", *GPU_MODELS):
+        assert GpuSpec(model=name).model == name
+    with pytest.raises(ValidationError) as err:
+        GpuSpec(model="H100")
+    assert all(name in str(err.value) for name in GPU_MODELS)

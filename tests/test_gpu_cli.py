@@ -11,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from controlplane.gpu import cli
-from controlplane.gpu.discover import Inventory, NoGpuError
+from controlplane.gpu.devices import HostGpus, NoGpuError
+from tests.test_gpu_discover import LGI_ENABLED
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_SPEC = str(ROOT / "examples" / "gpu" / "cluster.yaml")
@@ -57,7 +58,7 @@ def test_bad_spec_and_infeasible_plan_are_one_line_errors_with_exit_2(tmp_path: 
 
 
 def test_gpu_reports_no_gpu_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    def none() -> Inventory:
+    def none() -> HostGpus:
         raise NoGpuError("no NVIDIA GPU found on this machine (nvidia-smi is not installed)")
 
     monkeypatch.setattr(cli, "discover", none)
@@ -66,12 +67,12 @@ def test_gpu_reports_no_gpu_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_gpu_lists_the_real_h200_inventory(monkeypatch: pytest.MonkeyPatch) -> None:
-    inventory = Inventory.from_dict(json.loads(H200_INVENTORY.read_text()))
+    inventory = HostGpus.from_dict(json.loads(H200_INVENTORY.read_text()))
     monkeypatch.setattr(cli, "discover", lambda: inventory)
     code, out, _ = invoke("gpu")
     assert code == 0 and "H200-141GB" in out and "{0,4}:4" in out and "Disabled" in out
     code, out, _ = invoke("gpu", "--json")
-    assert Inventory.from_dict(json.loads(out)) == inventory
+    assert HostGpus.from_dict(json.loads(out)) == inventory
 
 
 def test_mig_diff_from_saved_states() -> None:
@@ -80,8 +81,19 @@ def test_mig_diff_from_saved_states() -> None:
     code, out, _ = invoke("mig", "diff", "-f", GPU_SPEC, "--node", "burst-0", "--current", str(H200_INVENTORY),
                           "--json")
     changes = json.loads(out)
-    assert changes[0]["mig_mode"] == "enable" and changes[0]["create"]
-    assert changes[1]["note"] == "GPU not found on the node"
+    assert changes[0]["mig_mode"] == "enable" and changes[0]["create"] and changes[0]["commands"]
+    assert changes[1]["problem"] == "GPU 1: not found on the node (it has 1 GPU(s))"
+    code, out, _ = invoke("mig", "diff", "-f", GPU_SPEC, "--node", "burst-0", "--current", str(H200_INVENTORY))
+    assert code == 0 and "burst-0: cannot be reconciled (7 problem(s)); nothing would run" in out
+
+
+def test_mig_diff_without_a_gpu_says_how_to_compare_a_saved_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    def none() -> HostGpus:
+        raise NoGpuError("no NVIDIA GPU found on this machine (nvidia-smi is not installed)")
+
+    monkeypatch.setattr(cli, "discover", none)
+    code, _, err = invoke("mig", "diff", "-f", GPU_SPEC, "--node", "gpu-b")
+    assert code == 1 and "pass --current FILE to compare a saved state" in err
 
 
 def test_mig_diff_bad_node_and_bad_file_exit_2(tmp_path: Path) -> None:
@@ -97,8 +109,18 @@ def test_mig_config_and_steps() -> None:
     code, out, _ = invoke("mig", "config", "-f", GPU_SPEC)
     assert code == 0 and "#   gpu-a: nvidia.com/mig.config=existing-1" in out
     assert yaml.safe_load(out)["version"] == "v1"
-    code, out, _ = invoke("mig", "steps", "-f", GPU_SPEC, "--node", "gpu-b")
-    assert code == 0 and "nvidia-smi mig -i 0 -cgi 9:4,19:0,19:1,19:2,19:3 -C" in out.splitlines()
+    code, out, _ = invoke("mig", "steps", "-f", GPU_SPEC, "--node", "gpu-b", "--current", str(LGI_DISABLED))
+    assert code == 0 and out.splitlines()[:2] == ["nvidia-smi -i 0 -mig 1",
+                                                  "nvidia-smi mig -i 0 -cgi 9:4,19:0,19:1,19:2,19:3 -C"]
+
+
+def test_mig_steps_refuses_a_node_that_cannot_be_reconciled(tmp_path: Path) -> None:
+    code, out, err = invoke("mig", "steps", "-f", GPU_SPEC, "--node", "burst-0", "--current", str(H200_INVENTORY))
+    assert code == 2 and out == "" and "burst-0: GPU 1: not found on the node (it has 1 GPU(s))" in err
+    lgi_only = tmp_path / "lgi.txt"
+    lgi_only.write_text(LGI_ENABLED)
+    code, _, err = invoke("mig", "steps", "-f", GPU_SPEC, "--node", "gpu-b", "--current", str(lgi_only))
+    assert code == 2 and "save `nvidia-smi mig -lci` output with `nvidia-smi mig -lgi`" in err
 
 
 def test_every_command_has_help_with_an_example() -> None:

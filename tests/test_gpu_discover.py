@@ -11,7 +11,10 @@ from typing import Any
 import pynvml
 import pytest
 
+from controlplane.gpu import devices
 from controlplane.gpu import discover as d
+from controlplane.gpu import nvidia_smi as smi
+from controlplane.gpu import nvml as nvml_discovery
 from controlplane.gpu.catalog import gpu_model
 
 CAPTURES = Path(__file__).parent / "data" / "nvidia-smi"
@@ -54,7 +57,7 @@ GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-9dded218-6c8c-2f64-539e-2799ffc8c75a)
 """
 
 
-def capture_runner(folder: str) -> d.Runner:
+def capture_runner(folder: str) -> smi.Runner:
     def run(args: list[str]) -> str:
         if args[0].startswith("--query-gpu"):
             return (CAPTURES / folder / "query-gpu.csv").read_text()
@@ -64,9 +67,9 @@ def capture_runner(folder: str) -> d.Runner:
 
 
 def test_nvidia_smi_fallback_reads_the_h100_capture() -> None:
-    inventory = d.discover_nvidia_smi(capture_runner("h100-80gb-hbm3"))
-    [gpu] = inventory.gpus
-    assert inventory.driver_version == "580.159.04"
+    found = smi.discover_nvidia_smi(capture_runner("h100-80gb-hbm3"))
+    [gpu] = found.gpus
+    assert found.driver_version == "580.159.04"
     assert (gpu.name, gpu.catalog_model, gpu.memory_total_mib, gpu.utilization_pct) == (
         "NVIDIA H100 80GB HBM3", "H100-80GB", 81559, 0
     )
@@ -79,14 +82,14 @@ def test_nvidia_smi_fallback_reads_the_h100_capture() -> None:
 
 
 def test_nvidia_smi_fallback_reads_the_h200_capture() -> None:
-    [gpu] = d.discover_nvidia_smi(capture_runner("h200")).gpus
+    [gpu] = smi.discover_nvidia_smi(capture_runner("h200")).gpus
     assert gpu.catalog_model == "H200-141GB" and gpu.memory_total_mib == 143771
     assert [p.name for p in gpu.profiles] == [p.name for p in gpu_model("H200-141GB").profiles]
 
 
 def test_query_gpu_without_header_takes_the_field_list() -> None:
     text = (CAPTURES / "h200" / "query-gpu-noheader.csv").read_text()
-    [row] = d.parse_query_gpu(text, "index,name,uuid,mig.mode.current")
+    [row] = smi.parse_query_gpu(text, "index,name,uuid,mig.mode.current")
     assert row == {"index": "0", "name": "NVIDIA H200", "uuid": "GPU-f4dd6640-491e-ed9c-c473-c39817740d97",
                    "mig.mode.current": "Disabled"}
 
@@ -95,18 +98,18 @@ def test_mig_disabled_listings_parse_to_nothing() -> None:
     for name in ("mig-lgi.txt", "mig-lci.txt"):
         text = (CAPTURES / "h100-80gb-hbm3" / name).read_text()
         assert "No MIG-enabled devices found." in text
-        assert d.parse_lgi(text) == {} and d.parse_lci(text) == {}
+        assert smi.parse_lgi(text) == {} and smi.parse_lci(text) == {}
 
 
 def test_mig_enabled_listings_parse_in_nvidia_documented_format() -> None:
-    assert d.parse_lgi(LGI_ENABLED)[0] == [
-        d.GpuInstanceInfo(7, 19, "1g.10gb", 0, 1), d.GpuInstanceInfo(2, 9, "3g.40gb", 4, 4)
+    assert smi.parse_lgi(LGI_ENABLED)[0] == [
+        devices.GpuInstanceInfo(7, 19, "1g.10gb", 0, 1), devices.GpuInstanceInfo(2, 9, "3g.40gb", 4, 4)
     ]
-    assert [(c.gi_id, c.ci_id, c.profile) for c in d.parse_lci(LCI_ENABLED)[0]] == [
+    assert [(c.gi_id, c.ci_id, c.profile) for c in smi.parse_lci(LCI_ENABLED)[0]] == [
         (7, 0, "1g.10gb"), (2, 0, "3g.40gb")
     ]
-    devices = d.parse_list(LIST_ENABLED)[0]
-    assert [(m.name, m.uuid[:12]) for m in devices] == [("3g.40gb", "MIG-11111111"), ("1g.10gb", "MIG-66666666")]
+    listed = smi.parse_list(LIST_ENABLED)[0]
+    assert [(m.name, m.uuid[:12]) for m in listed] == [("3g.40gb", "MIG-11111111"), ("1g.10gb", "MIG-66666666")]
 
 
 def test_nvidia_smi_fallback_lists_instances_when_mig_is_enabled() -> None:
@@ -120,7 +123,7 @@ def test_nvidia_smi_fallback_lists_instances_when_mig_is_enabled() -> None:
             return csv
         return listings.get(tuple(args)) or capture_runner("h100-80gb-hbm3")(args)
 
-    [gpu] = d.discover_nvidia_smi(run).gpus
+    [gpu] = smi.discover_nvidia_smi(run).gpus
     assert gpu.mig_current is True and gpu.utilization_pct is None
     assert [(g.profile, g.start) for g in gpu.gpu_instances] == [("1g.10gb", 0), ("3g.40gb", 4)]
     assert len(gpu.mig_devices) == 2
@@ -255,10 +258,10 @@ def fake_nvml(mig_enabled_on_gpu0: bool = True, init_error: bool = False) -> typ
 
 def test_nvml_discovery_reads_profiles_placements_instances_and_mig_devices() -> None:
     nvml = fake_nvml()
-    inventory = d.discover_nvml(nvml)
+    found = nvml_discovery.discover_nvml(nvml)
     assert nvml.calls == ["init", "shutdown"]
-    gpu0, gpu1 = inventory.gpus
-    assert (inventory.source, inventory.driver_version) == ("nvml", "580.159.04")
+    gpu0, gpu1 = found.gpus
+    assert (found.source, found.driver_version) == ("nvml", "580.159.04")
     assert gpu0.catalog_model == "H100-80GB" and gpu0.mig_current is True and gpu0.utilization_pct is None
     assert [(g.profile, g.start, g.size, g.gi_id) for g in gpu0.gpu_instances] == [
         ("1g.10gb", 0, 1, 7), ("3g.40gb", 4, 4, 2)
@@ -275,16 +278,16 @@ def test_nvml_discovery_reads_profiles_placements_instances_and_mig_devices() ->
 
 
 def test_discover_falls_back_to_nvidia_smi_when_nvml_fails() -> None:
-    inventory = d.discover(fake_nvml(init_error=True), run=capture_runner("h100-80gb-hbm3"))
-    assert inventory.source == "nvidia-smi" and inventory.gpus[0].catalog_model == "H100-80GB"
+    found = d.discover(fake_nvml(init_error=True), run=capture_runner("h100-80gb-hbm3"))
+    assert found.source == "nvidia-smi" and found.gpus[0].catalog_model == "H100-80GB"
 
 
 def test_no_gpu_gives_one_clear_message_with_both_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_tool(args: list[str]) -> str:
-        raise d.NoGpuError("nvidia-smi is not installed")
+        raise devices.NoGpuError("nvidia-smi is not installed")
 
-    monkeypatch.setattr(d, "_import_nvml", lambda: None)
-    with pytest.raises(d.NoGpuError) as err:
+    monkeypatch.setattr(d, "import_nvml", lambda: None)
+    with pytest.raises(devices.NoGpuError) as err:
         d.discover(run=no_tool)
     message = str(err.value)
     assert message.startswith("no NVIDIA GPU found on this machine")
@@ -292,15 +295,15 @@ def test_no_gpu_gives_one_clear_message_with_both_reasons(monkeypatch: pytest.Mo
     assert "\n" not in message
 
 
-def test_inventory_round_trips_through_json() -> None:
-    inventory = d.discover_nvml(fake_nvml())
-    again = d.Inventory.from_dict(json.loads(json.dumps(inventory.to_dict())))
-    assert again == inventory
+def test_host_gpus_round_trip_through_json() -> None:
+    found = nvml_discovery.discover_nvml(fake_nvml())
+    again = devices.HostGpus.from_dict(json.loads(json.dumps(found.to_dict())))
+    assert again == found
 
 
 def test_module_entry_point_prints_text_and_json(monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(d, "_import_nvml", lambda: fake_nvml())
+    monkeypatch.setattr(d, "import_nvml", lambda: fake_nvml())
     assert d.main([]) == 0
     text = capsys.readouterr().out
     assert "GPU 0: NVIDIA H100 80GB HBM3 [H100-80GB]" in text and "GPU instance 2: 3g.40gb at 4:4" in text

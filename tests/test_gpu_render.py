@@ -1,4 +1,5 @@
-"""Renderers of one plan: mig-parted config, node labels, extended resources, nvidia-smi steps, diff."""
+"""Renderers of one plan: mig-parted config, node labels, extended resources (the nvidia-smi steps and the
+diff against a node are the reconcile's: test_gpu_reconcile.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,9 @@ from pathlib import Path
 import yaml
 
 from controlplane.gpu.catalog import gpu_model
-from controlplane.gpu.discover import GpuInfo, GpuInstanceInfo, Inventory
 from controlplane.gpu.layout import place
 from controlplane.gpu.plan import Plan, plan_cluster
-from controlplane.gpu.render import (
-    config_names,
-    diff_node,
-    extended_resources,
-    mig_parted_config,
-    node_labels,
-    nvidia_smi_steps,
-    replica_resources,
-)
+from controlplane.gpu.render import config_names, extended_resources, mig_parted_config, node_labels, replica_resources
 from controlplane.spec import load_spec
 from tests.test_gpu_plan import AUTO, SMALL, make_spec
 
@@ -79,47 +71,3 @@ def test_shared_instances_are_reported_for_time_slicing() -> None:
     ))
     shared = {r.replica.name: r.shared_with for r in replica_resources(plan)}
     assert shared == {"s-0": ("t-0",), "t-0": ("s-0",)}
-
-
-def test_nvidia_smi_steps_pin_placements_and_disable_mig_on_free_gpus() -> None:
-    assert nvidia_smi_steps(small_plan(), "p-0") == [
-        "nvidia-smi -i 0 -mig 1",
-        "nvidia-smi mig -i 0 -dci",
-        "nvidia-smi mig -i 0 -dgi",
-        "nvidia-smi mig -i 0 -cgi 9:0,19:4,19:5 -C",
-        "nvidia-smi -i 1 -mig 0",
-    ]
-
-
-def _gpu(index: int, mig: bool, instances: list[tuple[str, int]]) -> GpuInfo:
-    model = gpu_model("H100-80GB")
-    gis = [GpuInstanceInfo(k, model.profile(p).profile_id, p, s, model.profile(p).size)
-           for k, (p, s) in enumerate(instances)]
-    return GpuInfo(index, "NVIDIA H100 80GB HBM3", f"GPU-{index}", 81559, 0, 0, mig, mig, "H100-80GB",
-                   gpu_instances=gis)
-
-
-def test_diff_keeps_matching_instances_and_lists_the_rest() -> None:
-    _, desired = small_plan().node("p-0")
-    current = [_gpu(0, True, [("3g.40gb", 0), ("2g.20gb", 4)]), _gpu(1, True, [])]
-    gpu0, gpu1 = diff_node(desired, current)
-    assert (gpu0.mig_mode, gpu0.keep, gpu0.destroy, gpu0.create) == (
-        "keep", ("3g.40gb@0",), ("2g.20gb@4",), ("1g.10gb@4", "1g.10gb@5")
-    )
-    assert gpu1.mig_mode == "disable" and gpu1.changes
-
-
-def test_diff_against_the_real_h200_inventory_flags_model_and_missing_gpus() -> None:
-    inventory = Inventory.from_dict(yaml.safe_load(
-        (ROOT / "tests" / "data" / "nvidia-smi" / "h200" / "cpctl-gpu.json").read_text()
-    ))
-    _, desired = small_plan().node("p-0")
-    gpu0, gpu1 = diff_node(desired, inventory.gpus)
-    assert gpu0.mig_mode == "enable" and "node has NVIDIA H200, the plan expects H100-80GB" in gpu0.note
-    assert (gpu1.mig_mode, gpu1.note) == ("-", "GPU not found on the node")
-
-
-def test_an_up_to_date_node_has_no_changes() -> None:
-    _, desired = small_plan().node("p-0")
-    current = [_gpu(0, True, [("3g.40gb", 0), ("1g.10gb", 4), ("1g.10gb", 5)]), _gpu(1, False, [])]
-    assert not any(c.changes for c in diff_node(desired, current))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.gpu import discover as d
+from controlplane.gpu.nvidia_smi import discover_nvidia_smi
 
 FAKES = Path(__file__).parent / "fakes"
 CAPTURES = Path(__file__).parent / "data" / "nvidia-smi"
@@ -61,7 +61,7 @@ def test_driver_rules_placement_capacity_and_order_of_destruction(smi) -> None: 
 def test_controlplane_discovery_reads_the_fake_like_a_real_gpu(smi) -> None:  # noqa: ANN001
     smi("-i", "0", "-mig", "1")
     smi("mig", "-i", "0", "-cgi", "9:4,14:0,19:2,19:3", "-C")
-    inventory = d.discover_nvidia_smi(lambda args: smi(*args)[1])
+    inventory = discover_nvidia_smi(lambda args: smi(*args)[1])
     gpu0, gpu1 = inventory.gpus
     assert (gpu0.catalog_model, gpu0.mig_current, gpu1.mig_current) == ("H100-80GB", True, False)
     assert sorted(f"{gi.profile}@{gi.start}" for gi in gpu0.gpu_instances) == [

@@ -24,7 +24,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from controlplane.gpu.discover import parse_lgi
+from controlplane.gpu.nvidia_smi import parse_lgi
 from controlplane.provision.cli import inventory, provision
 from tests.hosts.aptrepo import CUDA_RELEASE, DRIVER_VERSION
 from tests.hosts.lab import HostSpec, Lab, start_lab, stop_lab

@@ -17,6 +17,7 @@ Sources:
   default mig-parted config (1g.12gb, 1g.24gb, 2g.24gb, 3g.47gb, 4g.47gb, 7g.94gb); 132 SMs like the SXM card.
 Placements of all these models follow the same GA100/GH100 pattern the H100/H200 captures show.
 
+This is the one list of GPU models: the spec's `node_pools[].gpu.model` accepts exactly these names.
 This module uses only the standard library: `controlplane.gpu.discover` imports it on GPU hosts where the
 rest of the project's dependencies may be missing.
 """

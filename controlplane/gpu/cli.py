@@ -1,6 +1,6 @@
 """`cpctl plan`, `cpctl gpu` and `cpctl mig ...`: the GPU room's commands, registered by controlplane/cli.py.
 
-Thin: each command parses, calls catalog/plan/render/discover and renders with Rich (or JSON with --json).
+Thin: each command parses, calls catalog/plan/render/reconcile/discover and renders with Rich (or JSON with --json).
 Bad input (an unreadable or invalid spec, a plan that does not fit, an unknown node, a bad --current file)
 prints one line and exits 2; a machine without a GPU prints one line and exits 1.
 """
@@ -8,6 +8,7 @@ prints one line and exits 2; a machine without a GPU prints one line and exits 1
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,16 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controlplane.gpu.discover import GpuInfo, Inventory, NoGpuError, discover, parse_lgi
+from controlplane.gpu.catalog import GpuModel
+from controlplane.gpu.devices import GpuInfo, HostGpus, NoGpuError
+from controlplane.gpu.discover import discover
+from controlplane.gpu.nvidia_smi import parse_lci, parse_lgi
 from controlplane.gpu.plan import Plan, PlanError, plan_cluster
-from controlplane.gpu.render import (
-    diff_node,
-    extended_resources,
-    mig_parted_config,
-    node_labels,
-    nvidia_smi_steps,
-    replica_resources,
-)
+from controlplane.gpu.reconcile import NodeReconcile, reconcile_node
+from controlplane.gpu.render import extended_resources, mig_parted_config, node_labels, replica_resources
 from controlplane.spec import SpecError, load_spec
 
 console = Console()
@@ -96,16 +94,16 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
     Reads NVML (nvidia-ml-py), else nvidia-smi output. Example: cpctl gpu --json
     """
     try:
-        inventory = discover()
+        found = discover()
     except NoGpuError as exc:
         _fail(str(exc), code=1)
     if as_json:
-        console.print_json(json.dumps(inventory.to_dict()))
+        console.print_json(json.dumps(found.to_dict()))
         return
-    table = Table(title=f"GPUs (via {inventory.source}, driver {inventory.driver_version or '?'})")
+    table = Table(title=f"GPUs (via {found.source}, driver {found.driver_version or '?'})")
     for column in ("GPU", "name", "catalog", "memory used/total MiB", "util", "MIG", "instances"):
         table.add_column(column)
-    for g in inventory.gpus:
+    for g in found.gpus:
         mig = {None: "n/a", True: "Enabled", False: "Disabled"}
         mode = mig[g.mig_current] + (f" (pending {mig[g.mig_pending]})" if g.mig_pending != g.mig_current else "")
         instances = ", ".join(f"{gi.profile}@{gi.start}" for gi in g.gpu_instances) or "-"
@@ -113,7 +111,7 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
         table.add_row(str(g.index), g.name, g.catalog_model or "-", f"{g.memory_used_mib}/{g.memory_total_mib}",
                       util, mode, instances)
     console.print(table)
-    for g in inventory.gpus:
+    for g in found.gpus:
         if not g.profiles:
             continue
         profiles = Table(title=f"GPU {g.index} MIG profiles")
@@ -127,41 +125,41 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
         console.print(profiles)
 
 
-def _current_from_file(path: Path, indexes: list[int]) -> list[GpuInfo]:
-    """GPUs from a `cpctl gpu --json` file, or from `nvidia-smi mig -lgi` output (GPUs it does not list are
-    taken as MIG disabled)."""
+def _current_from_file(path: Path, indexes: list[int], model: GpuModel) -> list[GpuInfo]:
+    """GPUs from a `cpctl gpu --json` file, or from `nvidia-smi mig -lgi` and `nvidia-smi mig -lci` output
+    saved together (GPUs it does not list are taken as MIG disabled; a listing names no GPU model, so the
+    plan's is assumed)."""
     try:
         text = path.read_text()
     except OSError as exc:
         _fail(f"{path}: cannot read: {exc.strerror}")
     if text.lstrip().startswith("{"):
         try:
-            return Inventory.from_dict(json.loads(text)).gpus
+            return HostGpus.from_dict(json.loads(text)).gpus
         except (ValueError, KeyError, TypeError) as exc:
-            _fail(f"{path}: not a `cpctl gpu --json` inventory ({exc})")
+            _fail(f"{path}: not `cpctl gpu --json` output ({exc})")
     if "GPU instances:" not in text and "No MIG-enabled devices found" not in text:
         _fail(f"{path}: expected `cpctl gpu --json` output or `nvidia-smi mig -lgi` output")
-    listed = parse_lgi(text)
+    instances, computes = parse_lgi(text), parse_lci(text)
+    if instances and "Compute instances:" not in text and "No compute instances found" not in text:
+        _fail(f"{path}: has GPU instances but no compute instances: save `nvidia-smi mig -lci` output with "
+              "`nvidia-smi mig -lgi` (an instance without its compute instance is recreated)")
     return [
-        GpuInfo(i, "?", "?", 0, 0, None, i in listed, i in listed, None, gpu_instances=listed.get(i, []))
+        GpuInfo(i, model.product_names[0], "?", 0, 0, None, i in instances, i in instances, model.name,
+                gpu_instances=instances.get(i, []), compute_instances=computes.get(i, []))
         for i in indexes
     ]
 
 
-@mig_app.command("diff")
-def diff(
-    spec_file: Path = SPEC_OPTION,
-    node: str | None = typer.Option(None, "--node", help="Planned node to compare (default: the first GPU node)."),
-    current: str = typer.Option(
-        "live", "--current",
-        help="'live' (discover this machine) or a saved file: `cpctl gpu --json` or `nvidia-smi mig -lgi` output.",
-    ),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Compare a node's current MIG state with the plan: MIG mode, instances to keep, destroy and create.
+CURRENT_OPTION = typer.Option(
+    "live", "--current",
+    help="'live' (discover this machine) or a saved file: `cpctl gpu --json` output, or `nvidia-smi mig -lgi` "
+         "and `nvidia-smi mig -lci` output together.",
+)
 
-    Example: cpctl mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
-    """
+
+def _reconcile(spec_file: Path, node: str | None, current: str) -> tuple[str, NodeReconcile]:
+    """The planned node's name and the reconcile of its discovered GPUs (live or saved) with the plan."""
     result = _load_plan(spec_file)
     gpu_nodes = [n for p in result.pools if p.gpu_model for n in p.nodes]
     if not gpu_nodes:
@@ -173,31 +171,51 @@ def diff(
         _fail(exc.args[0])
     if not desired:
         _fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
+    model = desired[0].model
     if current == "live":
         try:
             have = discover().gpus
         except NoGpuError as exc:
             _fail(f"{exc}; pass --current FILE to compare a saved state", code=1)
     else:
-        have = _current_from_file(Path(current), [g.index for g in desired])
-    changes = diff_node(desired, have)
+        have = _current_from_file(Path(current), [g.index for g in desired], model)
+    return name, reconcile_node(have, {g.index: g.layout for g in desired}, model.name)
+
+
+@mig_app.command("diff")
+def diff(
+    spec_file: Path = SPEC_OPTION,
+    node: str | None = typer.Option(None, "--node", help="Planned node to compare (default: the first GPU node)."),
+    current: str = CURRENT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Compare a node's current MIG state with the plan: MIG mode, instances to keep, destroy and create.
+
+    The same reconcile as the Ansible mig role's; `cpctl mig steps` prints its commands.
+    Example: cpctl mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
+    """
+    name, reconciled = _reconcile(spec_file, node, current)
     if as_json:
         console.print_json(json.dumps([
-            {"gpu": c.gpu, "mig_mode": c.mig_mode, "keep": c.keep, "destroy": c.destroy, "create": c.create,
-             "note": c.note}
-            for c in changes
+            {"gpu": g.index, "mig_mode": g.mig_mode, "keep": g.keep, "destroy": g.destroy, "create": g.create,
+             "commands": [shlex.join(c) for c in g.commands], "problem": g.problem}
+            for g in reconciled.gpus
         ]))
         return
     table = Table(title=f"MIG diff of {name} (current: {current})")
-    for column in ("GPU", "MIG mode", "keep", "destroy", "create", "note"):
+    for column in ("GPU", "MIG mode", "keep", "destroy", "create", "problem"):
         table.add_column(column)
-    for c in changes:
-        mode = c.mig_mode if c.mig_mode == "keep" else f"[yellow]{c.mig_mode}[/yellow]"
-        table.add_row(str(c.gpu), mode, ", ".join(c.keep) or "-", ", ".join(c.destroy) or "-",
-                      ", ".join(c.create) or "-", c.note)
+    for g in reconciled.gpus:
+        mode = "-" if g.problem else g.mig_mode if g.mig_mode == "keep" else f"[yellow]{g.mig_mode}[/yellow]"
+        table.add_row(str(g.index), mode, ", ".join(g.keep) or "-", ", ".join(g.destroy) or "-",
+                      ", ".join(g.create) or "-", f"[red]{g.problem}[/red]" if g.problem else "")
     console.print(table)
-    changed = sum(c.changes for c in changes)
-    console.print(f"{name}: {changed} of {len(changes)} GPU(s) to change" if changed else f"{name}: up to date")
+    changed = sum(bool(g.commands) for g in reconciled.gpus)
+    if reconciled.problems:
+        console.print(f"{name}: cannot be reconciled ({len(reconciled.problems)} problem(s)); nothing would run")
+    else:
+        console.print(f"{name}: {changed} of {len(reconciled.gpus)} GPU(s) to change" if changed
+                      else f"{name}: up to date")
 
 
 @mig_app.command("config")
@@ -216,14 +234,17 @@ def config(spec_file: Path = SPEC_OPTION) -> None:
 def steps(
     spec_file: Path = SPEC_OPTION,
     node: str = typer.Option(..., "--node", help="Planned node whose commands to print."),
+    current: str = CURRENT_OPTION,
 ) -> None:
-    """Print the nvidia-smi commands that give a node its planned MIG layout (for Ansible); runs nothing.
+    """Print the nvidia-smi commands that take a node from its current MIG state to the plan; runs nothing.
 
-    Example: cpctl mig steps -f examples/gpu/cluster.yaml --node gpu-a
+    The same commands the Ansible mig role runs for the same change: instances already where the plan
+    puts them are kept. Example: cpctl mig steps -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
     """
-    result = _load_plan(spec_file)
-    try:
-        commands = nvidia_smi_steps(result, node)
-    except KeyError as exc:
-        _fail(exc.args[0])
-    print("\n".join(commands))
+    name, reconciled = _reconcile(spec_file, node, current)
+    if reconciled.problems:
+        _fail(f"{name}: " + "; ".join(reconciled.problems))
+    if not reconciled.commands:
+        errors.print(f"{name}: up to date, nothing to run", highlight=False)
+    for command in reconciled.commands:
+        print(shlex.join(command))

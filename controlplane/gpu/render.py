@@ -1,15 +1,13 @@
-"""Renderers of one MIG plan: mig-parted config, nvidia-smi steps, Kubernetes names, and current-vs-desired.
+"""Renderers of one MIG plan: mig-parted config, node labels, Kubernetes resource names.
 
 - `mig_parted_config`: the `version: v1` / `mig-configs` file the GPU Operator's MIG manager (or
   `nvidia-mig-parted apply`) reads; one named config per distinct node layout.
 - `node_labels`: `nvidia.com/mig.config` per node, naming that node's config.
 - `extended_resources` / `replica_resources`: the resource names the device plugin advertises under the
   `mixed` MIG strategy (`nvidia.com/mig-1g.10gb`), per node and per shard replica.
-- `nvidia_smi_steps`: the same layout as `nvidia-smi` commands for one node (the Ansible MIG role).
-  Placements are given explicitly (`-cgi 9:4`): creating instances without them lets the driver pick the
-  first free slot, which can strand a later, larger profile.
-- `diff_node`: what changes on a node's GPUs between what it has (discovery) and what the plan wants,
-  keeping instances that already sit where the plan puts them.
+
+The nvidia-smi commands that move a node from what it has to its planned layout come from
+`controlplane.gpu.reconcile`, shared with the Ansible mig role.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from dataclasses import dataclass
 
 import yaml
 
-from controlplane.gpu.discover import GpuInfo
 from controlplane.gpu.plan import GpuPlan, Plan, Replica
 
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"
@@ -65,7 +62,7 @@ def _device_entries(gpus: list[GpuPlan]) -> list[dict[str, object]]:
         counts = Counter(layout)
         model = gpus[0].model
         # Largest first, for people reading it: mig-parted picks placements itself (it retries creation
-        # orders until the layout fits), while `nvidia_smi_steps` pins them.
+        # orders until the layout fits), while the reconcile's nvidia-smi steps pin them.
         ordered = sorted(counts, key=lambda name: (-model.profile(name).size, name))
         entries.append({"devices": devices, "mig-enabled": True, "mig-devices": {p: counts[p] for p in ordered}})
     return entries
@@ -131,64 +128,3 @@ def replica_resources(plan: Plan) -> list[ReplicaResource]:
                     others = tuple(n for n in names if n != replica.name)
                     out.append(ReplicaResource(replica, gpu.node, gpu.index, resource, others))
     return out
-
-
-def nvidia_smi_steps(plan: Plan, node: str) -> list[str]:
-    """The commands that give `node` its planned layout, GPU by GPU. They tear down existing instances first;
-    enabling MIG mode may need the GPU idle (and, on some systems, a reset), which is the caller's to arrange."""
-    _, gpus = plan.node(node)
-    steps: list[str] = []
-    for gpu in gpus:
-        i = gpu.index
-        if gpu.layout is None:
-            steps.append(f"nvidia-smi -i {i} -mig 0")
-            continue
-        steps += [f"nvidia-smi -i {i} -mig 1", f"nvidia-smi mig -i {i} -dci", f"nvidia-smi mig -i {i} -dgi"]
-        placements = sorted((p for p in (inst.placement for inst in gpu.instances) if p is not None),
-                            key=lambda p: (-p.profile.size, p.start))
-        if placements:
-            tuples = ",".join(f"{p.profile.profile_id}:{p.start}" for p in placements)
-            steps.append(f"nvidia-smi mig -i {i} -cgi {tuples} -C")
-    return steps
-
-
-@dataclass(frozen=True)
-class GpuChange:
-    """What one GPU needs to go from its current state to the plan's."""
-
-    gpu: int
-    mig_mode: str  # "keep", "enable", "disable", or "-" for a GPU the node does not have
-    keep: tuple[str, ...]  # instances as PROFILE@START
-    destroy: tuple[str, ...]
-    create: tuple[str, ...]
-    note: str = ""
-
-    @property
-    def changes(self) -> bool:
-        return self.mig_mode != "keep" or bool(self.destroy or self.create) or bool(self.note)
-
-
-def diff_node(desired: list[GpuPlan], current: list[GpuInfo]) -> list[GpuChange]:
-    """Per GPU index, the change from `current` (discovered) to `desired` (planned)."""
-    by_index = {g.index: g for g in current}
-    changes = []
-    for gpu in desired:
-        want_mig = gpu.layout is not None
-        want = {f"{inst.profile.name}@{inst.start}" for inst in gpu.instances if inst.profile is not None}
-        if not want_mig:
-            want = set()
-        have_gpu = by_index.get(gpu.index)
-        if have_gpu is None:
-            changes.append(GpuChange(gpu.index, "-", (), (), (), "GPU not found on the node"))
-            continue
-        have = {f"{gi.profile}@{gi.start}" for gi in have_gpu.gpu_instances}
-        have_mig = bool(have_gpu.mig_current) or bool(have_gpu.mig_pending)
-        mode = "keep" if have_mig == want_mig else ("enable" if want_mig else "disable")
-        note = ""
-        if have_gpu.catalog_model is not None and have_gpu.catalog_model != gpu.model.name:
-            note = f"node has {have_gpu.name}, the plan expects {gpu.model.name}"
-        changes.append(
-            GpuChange(gpu.index, mode, tuple(sorted(have & want)), tuple(sorted(have - want)),
-                      tuple(sorted(want - have)), note)
-        )
-    return changes

@@ -35,6 +35,9 @@ EXTRA_VARS_OPTION = typer.Option(
     [], "-e", "--extra-vars", help="Extra variables: KEY=VALUE, a JSON/YAML mapping, or @FILE; repeatable."
 )
 JSON_OPTION = typer.Option(False, "--json", help="Print the per-host result as JSON (no live view).")
+DOCTOR_INVENTORY_OPTION = typer.Option(
+    None, "-i", "--inventory", help="Check the hosts of this inventory over SSH (default: this machine)."
+)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -125,4 +128,58 @@ def provision(
     if not result.hosts:
         _fail(f"no host of {inventory_path} matched" + (f" --limit {limit}" if limit else ""), 1)
     if not result.succeeded:
+        raise typer.Exit(1)
+
+
+def doctor(
+    inventory_path: Path | None = DOCTOR_INVENTORY_OPTION,
+    limit: str | None = LIMIT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Preflight a GPU node: GPU model and MIG, driver, CUDA >= 12.0, container runtime, Kubernetes >= 1.24,
+    RDMA links, Fabric Manager; each check passes, warns or fails with its fix. Exit 1 on any failure.
+
+    Example: cpctl doctor -i inventories/gpu-demo --limit gpu-a
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from controlplane.provision.doctor import Expected, LocalHost, Status, inventory_hosts, run_checks
+
+    if inventory_path is None:
+        if limit:
+            _fail("--limit needs --inventory")
+        targets = [(LocalHost(), Expected())]
+    elif not inventory_path.exists():
+        _fail(f"{inventory_path}: no such inventory (write one with `cpctl inventory -f cluster.yaml -o FILE`)")
+    else:
+        try:
+            targets = inventory_hosts(str(inventory_path), limit)
+        except ValueError as exc:
+            _fail(str(exc))
+    # Hosts in parallel (each check waits on its host's SSH round trips), at most 16 at a time.
+    try:
+        with ThreadPoolExecutor(min(16, len(targets))) as pool:
+            results = dict(zip([host.name for host, _ in targets],
+                               pool.map(lambda target: run_checks(*target), targets), strict=True))
+    finally:
+        for host, _ in targets:
+            host.close()
+    failed = any(r.status is Status.FAIL for checks in results.values() for r in checks)
+    if as_json:
+        print(json.dumps({"hosts": {h: [r.to_dict() for r in checks] for h, checks in results.items()},
+                          "failed": failed}, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title="cpctl doctor" + (f": {inventory_path}" if inventory_path else ": this machine"))
+        for column in ("host", "check", "status", "found", "fix"):
+            table.add_column(column, overflow="fold")
+        colour = {Status.PASS: "green", Status.WARN: "yellow", Status.FAIL: "red"}
+        for name, checks in results.items():
+            for i, r in enumerate(checks):
+                table.add_row(name if i == 0 else "", r.check, f"[{colour[r.status]}]{r.status.value}[/]", r.found,
+                              r.fix)
+            table.add_section()
+        console.print(table)
+    if failed:
         raise typer.Exit(1)

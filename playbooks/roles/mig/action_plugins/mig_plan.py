@@ -1,10 +1,12 @@
-"""Action `mig_plan`: read a host's MIG state, validate the wanted layout, and say which commands reach it.
+"""Action `mig_plan`: read a host's MIG state and say which commands give it the wanted layout.
 
-It runs on the controller, so the layout is checked by controlplane's own validator (controlplane.gpu:
-the GPU catalog and the placement search of `layout.place`), the same code `cpctl plan` uses. Nothing on
-the host is changed here: the host only runs read-only `nvidia-smi` listings, in check mode too. Every
-GPU's layout is validated before any command is returned, so an impossible layout fails the task before
-a single existing instance is destroyed.
+A thin caller of controlplane's MIG reconcile (`controlplane.gpu.reconcile`), the same function behind
+`cpctl mig diff|steps`: for the same change both print the same commands. It runs on the controller and
+imports the controlplane package from the controller's Python (run Ansible from controlplane's
+environment: `cpctl provision`, or its venv's ansible-playbook); the host needs only nvidia-smi. Nothing on
+the host is changed here: the host only runs read-only `nvidia-smi` listings, in check mode too. Every GPU
+is checked before any command is returned, so an impossible layout fails the task before a single
+existing instance is destroyed.
 
 Arguments (all optional; per GPU, `gpus` wins over `profiles`, which wins over `layout`):
 - `layout`: a mig-parted named layout for every GPU (`all-balanced`, `all-1g.10gb`, `all-disabled`, ...).
@@ -13,10 +15,9 @@ Arguments (all optional; per GPU, `gpus` wins over `profiles`, which wins over `
   `cpctl inventory` writes from the plan. GPUs not listed are left alone.
 - `gpu_model`: the catalog model the inventory expects (e.g. H100-80GB); a different GPU fails the task.
 
-Returns `gpus` (per GPU: model, MIG mode, instances kept / destroyed / created), `commands` (argv lists, in
-order: enable MIG, destroy what the layout does not keep, create what is missing) and `changes_needed`.
-Instances already at their planned placement are kept, so running workloads on them are not disturbed.
-In check mode the result is `changed` when commands are needed, with a diff when --diff is given.
+Returns `gpus` (per GPU: model, MIG mode, instances kept / destroyed / created, commands), `commands` (argv
+lists, in order) and `changes_needed`. In check mode the result is `changed` when commands are needed,
+with a diff when --diff is given.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from typing import Any
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
-
-QUERY = "index,name,uuid,mig.mode.current,mig.mode.pending"
-SEPARATOR = "@@cpctl-mig-plan@@"
-NO_DRIVER = 127
 
 
 class ActionModule(ActionBase):
@@ -39,25 +36,18 @@ class ActionModule(ActionBase):
     def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
         result = super().run(tmp, task_vars)
         try:
-            from controlplane.gpu.catalog import model_for_product
-            from controlplane.gpu.discover import parse_lci, parse_lgi, parse_query_gpu
-            from controlplane.gpu.layout import LayoutError, describe, place, resolve_layout
+            from controlplane.gpu.layout import describe
+            from controlplane.gpu.nvidia_smi import MIG_STATE_SCRIPT, MIG_STATE_SEPARATOR, parse_mig_state
+            from controlplane.gpu.reconcile import reconcile_node
         except ImportError as exc:
             raise AnsibleActionFail(
                 f"the mig role validates layouts with the controlplane package on the controller ({exc}); run "
                 "Ansible from controlplane's environment (`cpctl provision`, or its venv's ansible-playbook)"
             ) from None
-        args = self._task.args
-        layout, profiles, per_gpu = args.get("layout") or None, args.get("profiles") or None, args.get("gpus")
-        wanted_model = args.get("gpu_model") or None
 
-        # One round trip, read-only: the GPU list, then GPU and compute instances.
-        listing = self._low_level_execute_command(
-            f"nvidia-smi --query-gpu={QUERY} --format=csv,noheader; rc=$?; echo {SEPARATOR}; "
-            f"[ $rc -eq 0 ] && nvidia-smi mig -lgi; echo {SEPARATOR}; [ $rc -eq 0 ] && nvidia-smi mig -lci; exit $rc"
-        )
+        listing = self._low_level_execute_command(MIG_STATE_SCRIPT)
         if listing["rc"] != 0:
-            text = listing["stdout"].split(SEPARATOR)[0].strip() or listing["stderr"].strip()
+            text = listing["stdout"].split(MIG_STATE_SEPARATOR)[0].strip() or listing["stderr"].strip()
             if self._task.check_mode:
                 # A fresh host in check mode: the driver role would install nvidia-smi first.
                 result.update(changed=False, driver_missing=True, changes_needed=False, commands=[], gpus=[],
@@ -65,79 +55,35 @@ class ActionModule(ActionBase):
                 return result
             raise AnsibleActionFail(f"nvidia-smi failed (exit {listing['rc']}): {text[:300]}; install and load the "
                                     "driver first (role nvidia_driver, then a reboot)")
-        query, lgi, lci = (listing["stdout"].split(SEPARATOR) + ["", ""])[:3]
-        rows = parse_query_gpu(query, QUERY)
-        instances, computes = parse_lgi(lgi), parse_lci(lci)
-        wanted_by_index = {int(g["index"]): g.get("profiles") for g in per_gpu or []}
-        unknown = sorted(set(wanted_by_index) - {int(r["index"]) for r in rows})
-        if unknown:
-            raise AnsibleActionFail(f"the inventory sets MIG layouts for GPU(s) {unknown}, which this host does not "
-                                    f"have (it has {len(rows)} GPU(s)); nothing was changed")
+        current = parse_mig_state(listing["stdout"])
+        node = reconcile_node(current, self._wanted(current), self._task.args.get("gpu_model") or None)
+        if node.problems:
+            raise AnsibleActionFail("; ".join(node.problems) + "; nothing was changed")
 
-        # Validate every GPU before returning any command.
-        gpus, commands = [], []
-        for row in rows:
-            index = int(row["index"])
-            if per_gpu is not None and index not in wanted_by_index:
-                continue
-            if per_gpu is None and layout is None and profiles is None:
-                continue
-            model = model_for_product(row["name"])
-            if model is None:
-                raise AnsibleActionFail(f"GPU {index} is a '{row['name']}', which controlplane's GPU catalog does "
-                                        "not know: its MIG layouts cannot be validated; nothing was changed")
-            if wanted_model is not None and model.name != wanted_model:
-                raise AnsibleActionFail(f"GPU {index} is a '{row['name']}' ({model.name}) but the inventory expects "
-                                        f"{wanted_model}; nothing was changed")
-            try:
-                if index in wanted_by_index:
-                    wanted = wanted_by_index[index]
-                    desired = None if wanted is None else resolve_layout(model, None, list(wanted))
-                else:
-                    desired = resolve_layout(model, None if profiles else layout, profiles)
-            except LayoutError as exc:
-                raise AnsibleActionFail(f"GPU {index}: invalid MIG layout: {exc}; nothing was changed") from None
-            mig_on = row["mig.mode.current"].strip() == "Enabled"
-            have = {f"{gi.profile}@{gi.start}": gi for gi in instances.get(index, [])}
-            with_ci = {ci.gi_id for ci in computes.get(index, [])}
-            steps: list[list[str]] = []
-            i = str(index)
-            if desired is None:
-                want: dict[str, Any] = {}
-            else:
-                want = {f"{p.profile.name}@{p.start}": p for p in place(model, desired)}
-                if not mig_on:
-                    steps.append(["nvidia-smi", "-i", i, "-mig", "1"])
-            # An instance without its compute instance is a half-finished earlier run: recreate it.
-            keep = sorted(k for k in have if k in want and have[k].gi_id in with_ci)
-            destroy = sorted(k for k in have if k not in keep)
-            create = sorted((k for k in want if k not in keep), key=lambda k: (-want[k].profile.size, want[k].start))
-            for key in destroy:
-                gi = str(have[key].gi_id)
-                if have[key].gi_id in with_ci:
-                    steps.append(["nvidia-smi", "mig", "-i", i, "-gi", gi, "-dci"])
-                steps.append(["nvidia-smi", "mig", "-i", i, "-gi", gi, "-dgi"])
-            if create:
-                pairs = ",".join(f"{want[k].profile.profile_id}:{want[k].start}" for k in create)
-                steps.append(["nvidia-smi", "mig", "-i", i, "-cgi", pairs, "-C"])
-            if desired is None and mig_on:
-                steps.append(["nvidia-smi", "-i", i, "-mig", "0"])
-            pending = row["mig.mode.pending"].strip()
-            gpus.append({
-                "index": index, "name": row["name"], "model": model.name, "mig_current": mig_on,
-                "mig_pending": pending == "Enabled", "layout": None if desired is None else describe(desired),
-                "keep": keep, "destroy": destroy, "create": create, "commands": steps,
-            })
-            commands += steps
-
+        gpus = [{"index": g.index, "model": g.model, "mig_mode": g.mig_mode,
+                 "layout": None if g.layout is None else describe(g.layout), "keep": list(g.keep),
+                 "destroy": list(g.destroy), "create": list(g.create), "commands": [list(c) for c in g.commands]}
+                for g in node.gpus]
+        commands = node.commands
         result.update(gpus=gpus, commands=commands, changes_needed=bool(commands), driver_missing=False)
         result["changed"] = bool(commands) and bool(self._task.check_mode)
         if self._task.diff and commands:
+            mig_before = {g.index: bool(g.mig_current) for g in current}
             result["diff"] = {
                 "before": "".join(f"GPU {g['index']}: {', '.join(g['keep'] + g['destroy']) or 'no instances'}"
-                                  f" (MIG {'on' if g['mig_current'] else 'off'})\n" for g in gpus),
+                                  f" (MIG {'on' if mig_before[g['index']] else 'off'})\n" for g in gpus),
                 "after": "".join(f"GPU {g['index']}: {', '.join(g['keep'] + g['create']) or 'no instances'}"
                                  f" (MIG {'off' if g['layout'] is None else 'on'})\n" for g in gpus),
                 "before_header": "current MIG layout", "after_header": "planned MIG layout",
             }
         return result
+
+    def _wanted(self, current: list[Any]) -> dict[int, Any]:
+        """GPU index -> named layout, profiles or None (MIG off), from the task's arguments."""
+        args = self._task.args
+        if args.get("gpus") is not None:
+            return {int(g["index"]): g.get("profiles") for g in args["gpus"]}
+        every_gpu = args.get("profiles") or args.get("layout") or None
+        if every_gpu is None:
+            return {}  # nothing asked: the GPUs are left alone
+        return {gpu.index: every_gpu for gpu in current}
