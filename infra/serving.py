@@ -18,9 +18,10 @@ import pulumi_kubernetes as k8s
 
 from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import mig_parted_config
+from controlplane.shards import manifests
+from controlplane.shards.manifests import dns_label
 from controlplane.spec import ClusterSpec
 from infra import workloads
-from infra.names import dns_label
 from infra.settings import KubernetesSettings, RegistryCredentials
 
 GPU_OPERATOR_NAMESPACE = "gpu-operator"
@@ -124,15 +125,15 @@ class ServingCluster(pulumi.ComponentResource):
         shard_opts = pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(
             depends_on=[serving_ns, gpu_operator, *rdma_ready]))
         pools = {p.name: p for p in spec.node_pools}
-        for group in workloads.shard_groups(spec, plan):
+        for group in manifests.shard_groups(spec, plan):
             rdma = pools[group.pool].fabric in ("infiniband", "roce")
             self._apply(f"{name}-deploy-{group.deployment}",
-                        workloads.shard_deployment(spec, group, settings, rdma, pull_secret), shard_opts)
+                        manifests.shard_deployment(spec, group, settings, rdma, pull_secret), shard_opts)
         for shard in spec.shards:
             label = dns_label(shard.name)
-            self._apply(f"{name}-svc-{label}", workloads.shard_service(spec, shard, ns), in_ns)
+            self._apply(f"{name}-svc-{label}", manifests.shard_service(spec, shard, ns), in_ns)
             self._apply(f"{name}-pdb-{label}", workloads.disruption_budget(
-                spec, label, ns, {workloads.SHARD_LABEL: label}), in_ns)
+                spec, label, ns, {manifests.SHARD_LABEL: label}), in_ns)
         self._apply(f"{name}-shards-policy", workloads.shards_network_policy(spec, ns), in_ns)
 
         # The gateway.
