@@ -3,8 +3,10 @@
 Children, in dependency order: node labels (pool, `nvidia.com/mig.config`); the GPU Operator (mixed MIG
 strategy, MIG manager reading the planner's mig-parted config); the Network Operator and its NicClusterPolicy
 (RDMA shared device plugin) when a pool has InfiniBand or RoCE; the serving namespace with the shard
-Deployments, Services and PodDisruptionBudgets, the gateway Deployment, Service, HPA and budget, and the
-NetworkPolicy that lets only the gateway reach the shards. The manifests come from `infra.workloads`.
+Deployments, Services and PodDisruptionBudgets, the gateway Deployment, Service, HPA and budget, its
+ServiceAccount and Role (its `kubernetes` shard backend watches the EndpointSlices and scales the standby
+Deployments), and the NetworkPolicy that lets only the gateway reach the shards. The manifests come from
+`infra.workloads`, and the shard objects and the gateway's access from `controlplane.shards.manifests`.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class ServingCluster(pulumi.ComponentResource):
         shard_opts = pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(
             depends_on=[serving_ns, gpu_operator, *rdma_ready]))
         pools = {p.name: p for p in spec.node_pools}
-        for group in manifests.shard_groups(spec, plan):
+        groups = manifests.shard_groups(spec, plan)
+        for group in groups:
             rdma = pools[group.pool].fabric in ("infiniband", "roce")
             self._apply(f"{name}-deploy-{group.deployment}",
                         manifests.shard_deployment(spec, group, settings, rdma, pull_secret), shard_opts)
@@ -136,10 +139,13 @@ class ServingCluster(pulumi.ComponentResource):
                 spec, label, ns, {manifests.SHARD_LABEL: label}), in_ns)
         self._apply(f"{name}-shards-policy", workloads.shards_network_policy(spec, ns), in_ns)
 
-        # The gateway.
+        # The gateway, and the account its shard backend watches and scales the shards as.
         config = self._apply(f"{name}-gateway-config", workloads.gateway_config(spec, ns, settings.gateway.cpu), in_ns)
+        access = [self._apply(f"{name}-gateway-{m['kind'].lower()}", m, in_ns)
+                  for m in manifests.gateway_access(spec, groups, ns)]
         self._apply(f"{name}-gateway", workloads.gateway_deployment(spec, settings, pull_secret),
-                    pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(depends_on=[serving_ns, config])))
+                    pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(
+                        depends_on=[serving_ns, config, *access])))
         service = self._apply(f"{name}-gateway-svc", workloads.gateway_service(spec, settings), in_ns)
         self._apply(f"{name}-gateway-hpa", workloads.gateway_autoscaler(spec, settings), in_ns)
         self._apply(f"{name}-gateway-pdb", workloads.disruption_budget(
@@ -156,6 +162,9 @@ class ServingCluster(pulumi.ComponentResource):
             ("v1", "Namespace"): k8s.core.v1.Namespace,
             ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,
             ("v1", "Service"): k8s.core.v1.Service,
+            ("v1", "ServiceAccount"): k8s.core.v1.ServiceAccount,
+            ("rbac.authorization.k8s.io/v1", "Role"): k8s.rbac.v1.Role,
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"): k8s.rbac.v1.RoleBinding,
             ("v1", "Node"): k8s.core.v1.NodePatch,
             ("apps/v1", "Deployment"): k8s.apps.v1.Deployment,
             ("policy/v1", "PodDisruptionBudget"): k8s.policy.v1.PodDisruptionBudget,

@@ -21,6 +21,7 @@ from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import MIG_CONFIG_LABEL, config_names, replica_resources
 from controlplane.shards.manifests import (
     COMPONENT_LABEL,
+    GATEWAY_ACCOUNT,
     MODELS_DIR,
     POOL_LABEL,
     RDMA_RESOURCE,
@@ -31,11 +32,10 @@ from controlplane.shards.manifests import (
 from controlplane.shards.manifests import http_probe as _probe
 from controlplane.shards.manifests import object_labels as _labels
 from controlplane.shards.manifests import object_meta as _meta
-from controlplane.spec import ClusterSpec
+from controlplane.spec import ClusterSpec, ShardsBackend
 from infra.settings import KubernetesSettings
 
 GATEWAY_CONFIG_DIR = "/etc/controlplane"
-GATEWAY_SERVICE_ACCOUNT = "gateway"
 # The control-plane image's user (images/Dockerfile.controlplane).
 CONTROLPLANE_UID = 10001
 
@@ -70,23 +70,16 @@ def cpu_cores(quantity: str) -> int:
     return max(1, math.ceil(cores))
 
 
-def gateway_spec_yaml(spec: ClusterSpec, cpu: str) -> str:
-    """The spec as the gateway pod reads it: listening on every interface, the repository at /models, and
-    unless the spec says otherwise one gateway worker per core the pod requests (inside the pod the CPU
-    affinity shows every core of the node, and nothing else limits it)."""
+def gateway_spec_yaml(spec: ClusterSpec, ns: str, cpu: str) -> str:
+    """The spec as the gateway pod reads it: listening on every interface, the repository at /models, the
+    shards found through the EndpointSlices of namespace `ns`, and unless the spec says otherwise one gateway
+    worker per core the pod requests (inside the pod the CPU affinity shows every core of the node, and
+    nothing else limits it)."""
     workers = spec.gateway.workers or cpu_cores(cpu)
     gateway = spec.gateway.model_copy(update={"listen": "0.0.0.0", "workers": workers})
-    adjusted = spec.model_copy(update={"gateway": gateway, "model_repository": MODELS_DIR})
+    adjusted = spec.model_copy(update={"gateway": gateway, "model_repository": MODELS_DIR,
+                                       "shards_backend": ShardsBackend(kind="kubernetes", namespace=ns)})
     return yaml.safe_dump(adjusted.model_dump(mode="json", exclude_none=True), sort_keys=False)
-
-
-def shard_endpoints(spec: ClusterSpec, ns: str) -> list[dict[str, Any]]:
-    """The shard Services the gateway sends to (its Kubernetes shard backend reads this file)."""
-    return [
-        {"name": dns_label(s.name), "host": f"{dns_label(s.name)}.{ns}.svc", "port": TRITON_HTTP_PORT,
-         "models": list(s.models)}
-        for s in spec.shards
-    ]
 
 
 def gateway_config(spec: ClusterSpec, ns: str, cpu: str) -> dict[str, Any]:
@@ -94,8 +87,7 @@ def gateway_config(spec: ClusterSpec, ns: str, cpu: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta("gateway-config", ns, _labels(spec, "gateway")),
-        "data": {"cluster.yaml": gateway_spec_yaml(spec, cpu),
-                 "endpoints.json": json.dumps(shard_endpoints(spec, ns), indent=1)},
+        "data": {"cluster.yaml": gateway_spec_yaml(spec, ns, cpu)},
     }
 
 
@@ -111,12 +103,13 @@ def gateway_deployment(spec: ClusterSpec, settings: KubernetesSettings, pull_sec
     labels = _labels(spec, "gateway")
     port = gateway_port(spec)
     pod_spec: dict[str, Any] = {
+        # Its `kubernetes` shard backend watches and scales the shards as this account (`gateway_access`).
+        "serviceAccountName": GATEWAY_ACCOUNT,
         "securityContext": {"runAsNonRoot": True, "runAsUser": CONTROLPLANE_UID},
         "containers": [{
             "name": "gateway",
             "image": settings.controlplane_image,
-            "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml",
-                     "--endpoints", f"{GATEWAY_CONFIG_DIR}/endpoints.json"],
+            "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml"],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             # The HPA scales on CPU utilisation, which is relative to this request.
             "resources": {"requests": {"cpu": scaling.cpu, "memory": scaling.memory},

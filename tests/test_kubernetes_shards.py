@@ -20,9 +20,10 @@ import tritonclient.http as httpclient
 import yaml
 from kubernetes import client
 
+from controlplane.gpu.plan import plan_cluster
 from controlplane.shards.base import Endpoint
 from controlplane.shards.kubernetes import KubernetesShards, KubernetesUnavailable
-from controlplane.shards.manifests import SERVING_LABEL
+from controlplane.shards.manifests import SERVING_LABEL, gateway_access, shard_groups
 from controlplane.spec import ClusterSpec, parse_spec
 from controlplane.stack import LocalStack
 from tests.fakes.kube_api import TOKEN, FakeKubeApi
@@ -80,9 +81,16 @@ def api_for(fake: FakeKubeApi, token: str = TOKEN) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+def gateway_role(spec: ClusterSpec) -> dict[str, Any]:
+    """The Role the Pulumi program binds to the gateway's ServiceAccount for this spec."""
+    objects = gateway_access(spec, shard_groups(spec, plan_cluster(spec)), NS)
+    return next(o for o in objects if o["kind"] == "Role")
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeKubeApi]:
-    with FakeKubeApi() as api:
+    """The fake API server, answering only what the gateway's rendered Role allows."""
+    with FakeKubeApi(role=gateway_role(kubernetes_spec())) as api:
         yield api
 
 
@@ -241,9 +249,34 @@ def test_a_refused_token_is_a_clear_error_at_start(fake: FakeKubeApi) -> None:
     asyncio.run(scenario())
 
 
-def test_the_fake_answers_the_clients_patches_with_the_real_servers_codes(fake: FakeKubeApi) -> None:
+def test_the_gateways_role_allows_nothing_else(fake: FakeKubeApi) -> None:
+    """Every request of the tests above passed RBAC with the rendered Role; what it does not need is refused."""
+    fake.put(deployment("main", 2))
+    fake.put(pod("main-7d4f9-aaaaa"))
+    apps, core = client.AppsV1Api(api_for(fake)), client.CoreV1Api(api_for(fake))
+    refused = {}
+    for what, call in {
+        "scale the serving Deployment": lambda: apps.patch_namespaced_deployment_scale(
+            "main", NS, {"spec": {"replicas": 9}}, _content_type="application/merge-patch+json"),
+        "patch a Deployment": lambda: apps.patch_namespaced_deployment(
+            "main", NS, {"spec": {"replicas": 9}}, _content_type="application/merge-patch+json"),
+        "read a pod": lambda: core.read_namespaced_pod("main-7d4f9-aaaaa", NS),
+    }.items():
+        with pytest.raises(client.ApiException) as forbidden:
+            call()
+        refused[what] = forbidden.value.status
+    assert set(refused.values()) == {403}
+    assert fake.get("Deployment", NS, "main")["spec"]["replicas"] == 2
+
+
+def test_the_fake_answers_the_clients_patches_with_the_real_servers_codes() -> None:
     """The fake itself: what the unchanged client sends for each patch type, and the real server's status codes."""
-    fake.put(deployment("main-standby", 0))
+    with FakeKubeApi() as fake:
+        fake.put(deployment("main-standby", 0))
+        check_patch_codes(fake)
+
+
+def check_patch_codes(fake: FakeKubeApi) -> None:
     apps = client.AppsV1Api(api_for(fake))
     assert apps.patch_namespaced_deployment_scale("main-standby", NS, {"spec": {"replicas": 2}}).spec.replicas == 2
     assert fake.patches[-1][1] == "application/strategic-merge-patch+json"  # the client's choice for an object
@@ -272,7 +305,7 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
     """`cpctl gateway` in-cluster mode: the example stack's two tritonserver processes are the shard's pods."""
     ports = {s["name"]: int(s["url"].rsplit(":", 1)[1]) for s in stack.state()["shards"] if s["url"]}
     pods = {"main-7d4f9-aaaaa": ports["main-0"], "main-7d4f9-bbbbb": ports["main-1"]}
-    with FakeKubeApi() as fake:
+    with FakeKubeApi(role=gateway_role(kubernetes_spec())) as fake:
         for pod_name, port in pods.items():  # different ports: one slice each, as the controller would split them
             fake.put(endpoint_slice(f"main-{pod_name[-5:]}", "main", port, [pod_endpoint(pod_name, "127.0.0.1")]))
             fake.put(pod(pod_name))

@@ -258,3 +258,30 @@ def shard_service(spec: ClusterSpec, shard: Shard, ns: str) -> dict[str, Any]:
             ],
         },
     }
+
+
+GATEWAY_ACCOUNT = "gateway"
+
+
+def gateway_access(spec: ClusterSpec, groups: list[ShardGroup], ns: str) -> list[dict[str, Any]]:
+    """The gateway's ServiceAccount and a Role bound to it allowing exactly what its `kubernetes` shard backend
+    does: list and watch the EndpointSlices, scale the standby Deployments (by name), label shard pods (drain)."""
+    labels = object_labels(spec, "gateway")
+    rules: list[dict[str, Any]] = [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        # Pod names are not known in advance: the backend itself patches only pods it saw in the shards' slices.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
+    ]
+    standby = sorted(g.deployment for g in groups if g.standby)
+    if standby:
+        rules.append({"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": standby,
+                      "verbs": ["patch"]})
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": object_meta(GATEWAY_ACCOUNT, ns, labels)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": object_meta(f"{GATEWAY_ACCOUNT}-shards", ns, labels), "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": object_meta(f"{GATEWAY_ACCOUNT}-shards", ns, labels),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{GATEWAY_ACCOUNT}-shards"},
+         "subjects": [{"kind": "ServiceAccount", "name": GATEWAY_ACCOUNT, "namespace": ns}]},
+    ]

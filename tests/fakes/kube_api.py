@@ -14,7 +14,9 @@ real server's paths, status codes and `Status` bodies:
   `application/strategic-merge-patch+json` (both applied as a JSON merge patch, which is what a strategic
   merge does to the maps patched here) or `application/json-patch+json` (add, replace, remove; an object
   body is a 400); server-side apply is answered 415.
-- A bearer token is required (401 otherwise); unknown paths are 404, a bad selector 400, negative replicas 422.
+- A bearer token is required (401 otherwise); given a Role (`rules` as rbac.authorization.k8s.io/v1 writes
+  them), a request it does not allow is 403 Forbidden, as RBAC answers; unknown paths are 404, a bad
+  selector 400, negative replicas 422.
 
 Not served: creating objects through the API, other resources, field selectors, a real endpointslice
 controller. The test plays the cluster's controllers through `put`, `delete` and `compact`.
@@ -44,6 +46,9 @@ ROUTES = [
      "scale"),
 ]
 API_VERSIONS = {"EndpointSlice": "discovery.k8s.io/v1", "Pod": "v1", "Deployment": "apps/v1"}
+RESOURCES = {"EndpointSlice": ("discovery.k8s.io", "endpointslices"), "Pod": ("", "pods"),
+             "Deployment": ("apps", "deployments")}
+VERBS = {"GET": "get", "PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}
 MERGE_PATCHES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 JSON_PATCH = "application/json-patch+json"
 
@@ -124,7 +129,9 @@ def selected(obj: dict[str, Any], terms: list[tuple[str, str, set[str]]]) -> boo
 class FakeKubeApi:
     """The store, its history of events, and the HTTP server in front of them (a thread of the test)."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: dict[str, Any] | None = None) -> None:
+        """`role`: the Role bound to the token; None allows everything."""
+        self.role = role
         self.lock = threading.Condition()
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.history: list[Event] = []
@@ -231,6 +238,24 @@ class FakeKubeApi:
             if match := pattern.match(path):
                 return kind, match["ns"], match.groupdict().get("name"), sub
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    def authorize(self, method: str, kind: str, ns: str, name: str | None, sub: str | None, watch: bool) -> None:
+        """RBAC: some rule of the Role must name the group, the resource (`deployments/scale` for the
+        subresource), the verb, and the object's name when the rule lists names (never for list and watch)."""
+        if self.role is None:
+            return
+        group, resource = RESOURCES[kind]
+        resource = f"{resource}/{sub}" if sub else resource
+        verb = ("watch" if watch else "list") if name is None and method == "GET" else VERBS.get(method, method.lower())
+        for rule in self.role.get("rules", []):
+            names = rule.get("resourceNames")
+            if (group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+                    and verb in rule.get("verbs", []) and (not names or (name is not None and name in names))):
+                return
+        plural = resource.split("/")[0] + (f".{group}" if group else "")
+        named = f'"{name}" ' if name else ""
+        raise ApiError(403, "Forbidden", f'{plural} {named}is forbidden: User "system:serviceaccount:{ns}:gateway" '
+                       f'cannot {verb} resource "{resource}" in API group "{group}" in the namespace "{ns}"')
 
     def _stored(self, kind: str, ns: str, name: str) -> dict[str, Any]:
         obj = self.objects.get((kind, ns, name))
@@ -364,7 +389,9 @@ class FakeKubeApi:
                     if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                         raise ApiError(401, "Unauthorized", "Unauthorized")
                     kind, ns, name, sub = api._route(split.path)
-                    if name is None and method == "GET" and query.get("watch") in ("true", "1"):
+                    watch = query.get("watch") in ("true", "1")
+                    api.authorize(method, kind, ns, name, sub, watch)
+                    if name is None and method == "GET" and watch:
                         self._stream(lambda send: api.watch(ns, query, send))
                         return
                     if name is None and method == "GET":
