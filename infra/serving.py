@@ -12,6 +12,7 @@ Deployments), and the NetworkPolicy that lets only the gateway reach the shards.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +158,9 @@ class ServingCluster(pulumi.ComponentResource):
     def _apply(self, name: str, manifest: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
         """One typed pulumi-kubernetes resource for one manifest of `infra.workloads`."""
         kind = manifest["kind"]
-        body = {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
+        # Top-level fields become keyword arguments, which the Python SDK spells in snake case (roleRef: role_ref).
+        body = {re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower(): v for k, v in manifest.items()
+                if k not in ("apiVersion", "kind")}
         factories = {
             ("v1", "Namespace"): k8s.core.v1.Namespace,
             ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,

@@ -11,6 +11,7 @@ import pytest
 
 from controlplane.shards import manifests
 from controlplane.spec import load_spec
+from infra import workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -89,8 +90,8 @@ def test_controlplane_image_runs_cpctl_as_the_gateway_pods_uid() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "cpctl" in project["scripts"]
     assert [rest for word, rest in steps if word == "ENTRYPOINT"] == ['["cpctl"]']
-    assert [rest for word, rest in steps if word == "USER"] == [str(manifests.CONTROLPLANE_UID)]
-    assert f"--uid {manifests.CONTROLPLANE_UID}" in next(rest for word, rest in steps if "useradd" in rest)
+    assert [rest for word, rest in steps if word == "USER"] == [str(workloads.CONTROLPLANE_UID)]
+    assert f"--uid {workloads.CONTROLPLANE_UID}" in next(rest for word, rest in steps if "useradd" in rest)
     # The image's Python is the one the project supports.
     bases = [rest.split()[0] for word, rest in steps if word == "FROM"]
     assert bases and all(base.startswith("python:3.11") for base in bases)
