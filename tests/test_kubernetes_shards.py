@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -358,3 +361,36 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
             client_.close()
         finally:
             assert not stop_stack(gateway)
+
+
+def cpctl_gateway(spec: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`cpctl gateway` that is expected to refuse to start (bounded: it must not hang)."""
+    return subprocess.run([sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+
+
+def test_cpctl_gateway_says_what_is_missing_for_its_shards_backend(tmp_path: Path) -> None:
+    in_cluster = tmp_path / "kube.yaml"
+    in_cluster.write_text(kubernetes_spec_text("kube-cli"))
+    static = tmp_path / "static.yaml"
+    static.write_text(kubernetes_spec_text("static-cli").replace("kind: kubernetes", "kind: static"))
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+    results = {
+        "static, no file": cpctl_gateway(static, env=env),
+        "kubernetes, a file": cpctl_gateway(in_cluster, "--endpoints", str(tmp_path / "e.json"), env=env),
+        "kubernetes, no kubeconfig": cpctl_gateway(in_cluster, env={**env, "KUBECONFIG": str(tmp_path / "none")}),
+    }
+    with FakeKubeApi() as fake:  # reachable, but the token is refused
+        config = fake.kubeconfig(NS)
+        config["users"][0]["user"]["token"] = "wrong"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(config))
+        results["kubernetes, refused"] = cpctl_gateway(in_cluster, env={**env, "KUBECONFIG": str(kubeconfig)})
+    errors = {what: " ".join(r.stderr.split()) for what, r in results.items()}
+    assert {what: r.returncode for what, r in results.items()} == {
+        "static, no file": 2, "kubernetes, a file": 2, "kubernetes, no kubeconfig": 1, "kubernetes, refused": 1}
+    assert "pass --endpoints FILE" in errors["static, no file"]
+    assert "--endpoints is for `static`" in errors["kubernetes, a file"]
+    assert "no usable kubeconfig (set KUBECONFIG)" in errors["kubernetes, no kubeconfig"]
+    assert "cannot list the EndpointSlices" in errors["kubernetes, refused"] and "401" in errors["kubernetes, refused"]
+    assert not any("Traceback" in r.stderr for r in results.values())
