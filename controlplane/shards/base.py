@@ -25,7 +25,8 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 pod address
+        return f"http://{host}:{self.port}"
 
 
 @dataclass

@@ -21,6 +21,7 @@ exactly this: list/watch endpointslices, get/patch deployments/scale, patch pods
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -221,8 +222,9 @@ class KubernetesShards(ShardBackend):
     def _publish(self) -> None:
         """From the watch thread: hand the new set to the event loop."""
         endpoints, statuses = self._read_slices()
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._apply, endpoints, statuses)
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the gateway stopped
+                self.loop.call_soon_threadsafe(self._apply, endpoints, statuses)
 
     def _publish_now(self) -> None:
         self._apply(*self._read_slices())
