@@ -180,6 +180,27 @@ def test_an_expired_watch_lists_again_and_sees_what_it_missed(fake: FakeKubeApi)
     asyncio.run(scenario())
 
 
+def test_a_watch_the_server_ends_is_resumed_from_where_it_was_without_listing(fake: FakeKubeApi) -> None:
+    fake.put(endpoint_slice("main-a", "main", 9000, [pod_endpoint("main-7d4f9-aaaaa", "10.0.0.1")]))
+    watches = ("GET", "/apis/discovery.k8s.io/v1/", "watch=true")
+
+    async def scenario() -> None:
+        backend = KubernetesShards(kubernetes_spec(), api_for(fake), watch_timeout_s=1)
+        await backend.start()
+        try:
+            await until(lambda: fake.count(*watches) >= 2, "the server ending the first watch (timeoutSeconds)")
+            fake.put(endpoint_slice("main-a", "main", 9000, [pod_endpoint("main-7d4f9-bbbbb", "10.0.0.2")]))
+            await until(lambda: names(backend.endpoints()) == ["main-7d4f9-bbbbb"], "the change, on a resumed watch")
+            assert backend.lists == 1
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
+    # Each watch after the first resumed from a resourceVersion the server had sent (a bookmark at the end).
+    resumed = [p for m, p, _ in fake.requests if m == "GET" and "watch=true" in p][1:]
+    assert resumed and all("resourceVersion=" in p and "allowWatchBookmarks=true" in p for p in resumed)
+
+
 def test_the_ladders_standby_step_scales_the_standby_deployment(fake: FakeKubeApi, tmp_path: Path) -> None:
     spec = kubernetes_spec()
     fake.put(deployment("main", 2))

@@ -169,7 +169,9 @@ class KubernetesShards(ShardBackend):
             return version
         stream = self.watch.stream(self.discovery.list_namespaced_endpoint_slice, self.namespace,
                                    label_selector=self.selector, resource_version=version,
-                                   timeout_seconds=self.watch_timeout_s, allow_watch_bookmarks=True)
+                                   timeout_seconds=self.watch_timeout_s, allow_watch_bookmarks=True,
+                                   # A connection that dies silently must not hang the watch past its end.
+                                   _request_timeout=(REQUEST_TIMEOUT_S[0], self.watch_timeout_s + 30))
         for event in stream:
             if self.stopping.is_set():
                 break
