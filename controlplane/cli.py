@@ -114,6 +114,7 @@ def gateway(
     and re-reads it when it changes.
 
     Example: cpctl gateway -f cluster.yaml --endpoints endpoints.json
+    In a pod (as the Pulumi program runs it): cpctl gateway --file /etc/controlplane/cluster.yaml
     """
     from controlplane.shards.static import EndpointsFileError, StaticShards
     from controlplane.stack import LocalStack, StackAlreadyRunning, run_dir_for

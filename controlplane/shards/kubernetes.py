@@ -92,7 +92,8 @@ class KubernetesShards(ShardBackend):
             raise KubernetesUnavailable(f"cannot name the standby Deployments: the spec does not plan: {exc}") from None
         self.standby_groups = {s.name: [g for g in groups if g.shard.name == s.name and g.standby]
                                for s in spec.shards}
-        self.deployments = {g.deployment: g for g in groups}
+        self.deployments = {g.deployment for g in groups}
+        self.standby_deployments = {g.deployment for g in groups if g.standby}
         self.drained: set[str] = set()  # pods this gateway took out of their Service
         # Written by the watch thread only; published to the event loop as a whole.
         self.slices: dict[str, Any] = {}
@@ -205,7 +206,7 @@ class KubernetesShards(ShardBackend):
                 conditions = pod.conditions
                 terminating = conditions is not None and conditions.terminating is True
                 ready = (conditions is None or conditions.ready is not False) and not terminating
-                standby = self._deployment_of(name) in {g.deployment for g in self.standby_groups[shard.name]}
+                standby = self._deployment_of(name) in self.standby_deployments
                 endpoint = Endpoint(name, pod.addresses[0], port, frozenset(shard.models), standby)
                 # A pod seen in two slices (while the controller moves it) counts once, ready if either says so.
                 if ready:
