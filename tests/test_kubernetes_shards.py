@@ -374,6 +374,20 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert json.loads(response.read())["draining"] is True
             assert fake.get("Pod", NS, "main-7d4f9-aaaaa")["metadata"]["labels"][SERVING_LABEL] == "false"
+            # The endpointslice controller (played here) takes it out of the slice: no pod serves the shard now.
+            fake.put(endpoint_slice("main-aaaaa", "main", pods["main-7d4f9-aaaaa"], []))
+            wait_for(set())
+            # Undrain reaches the pod no worker routes to any more; the controller puts it back; it serves again.
+            request = urllib.request.Request(f"{gateway.gateway}/admin/shards/main-7d4f9-aaaaa/undrain",
+                                             method="POST", headers=ADMIN)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert json.loads(response.read())["draining"] is False
+            assert fake.get("Pod", NS, "main-7d4f9-aaaaa")["metadata"]["labels"][SERVING_LABEL] == "true"
+            fake.put(endpoint_slice("main-aaaaa", "main", pods["main-7d4f9-aaaaa"],
+                                    [pod_endpoint("main-7d4f9-aaaaa", "127.0.0.1")]))
+            wait_for({"main-7d4f9-aaaaa"})
+            assert shards()["main-7d4f9-aaaaa"]["draining"] is False
+            assert client_.infer("risk", [features]).as_numpy("score").shape == (1, 1)
             # A pod of no shard is a 404 naming it, not a patch.
             with pytest.raises(urllib.error.HTTPError) as unknown:
                 urllib.request.urlopen(urllib.request.Request(f"{gateway.gateway}/admin/shards/web-1/drain",
