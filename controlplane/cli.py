@@ -27,7 +27,8 @@ from controlplane.spec import ClusterSpec, SpecError, hash_api_key, load_spec
 
 DEFAULT_SPEC = Path("examples/local/cluster.yaml")
 SpecOption = typer.Option(DEFAULT_SPEC, "-f", "--file", help="The cluster spec (cluster.yaml).")
-EndpointsOption = typer.Option(..., "--endpoints", help="JSON list of shards: name, host, port, models.")
+EndpointsOption = typer.Option(None, "--endpoints", help="shards_backend `static`: JSON list of shards: name, host, "
+                               "port, models.")
 
 app = typer.Typer(help="Serve AI models on GPU clusters with priority flow control.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -107,26 +108,45 @@ def gateway(
     endpoints: Path = EndpointsOption,
     port: int = typer.Option(None, help="Gateway port (default: the spec's)."),
 ) -> None:
-    """Run only the gateway, in front of Triton shards that something else runs (Kubernetes Services,
-    existing hosts). The endpoints file is probed and re-read when it changes.
+    """Run only the gateway, in front of Triton shards that something else runs. With the spec's
+    `shards_backend.kind: kubernetes` (in a cluster) it follows the shard pods through their EndpointSlices
+    (credentials: the pod's ServiceAccount, else KUBECONFIG); with `static` it probes the --endpoints file
+    and re-reads it when it changes.
 
     Example: cpctl gateway -f cluster.yaml --endpoints endpoints.json
+    In a pod (as the Pulumi program runs it): cpctl gateway --file /etc/controlplane/cluster.yaml
     """
     from controlplane.shards.static import EndpointsFileError, StaticShards
     from controlplane.stack import LocalStack, StackAlreadyRunning, run_dir_for
 
     spec = load(spec_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        shards = StaticShards(endpoints)
-    except EndpointsFileError as exc:
-        raise fail(str(exc)) from None
+    startup_errors: tuple[type[Exception], ...] = (StackAlreadyRunning, OSError)
+    if spec.shards_backend.kind == "kubernetes":
+        from controlplane.shards.kubernetes import KubernetesShards, KubernetesUnavailable, api_client
+
+        if endpoints is not None:
+            raise fail(f"{spec_file} has shards_backend.kind: kubernetes, which watches the cluster; --endpoints "
+                       "is for `static`")
+        try:
+            shards = KubernetesShards(spec, api_client())
+        except KubernetesUnavailable as exc:
+            raise fail(str(exc), 1) from None
+        startup_errors += (KubernetesUnavailable,)
+    else:
+        if endpoints is None:
+            raise fail(f"{spec_file} has shards_backend.kind: static: pass --endpoints FILE (or set "
+                       "shards_backend.kind: kubernetes in a cluster)")
+        try:
+            shards = StaticShards(endpoints)
+        except EndpointsFileError as exc:
+            raise fail(str(exc)) from None
     with contextlib.suppress(ImportError):
         import uvloop
         uvloop.install()
     try:
         asyncio.run(_serve(LocalStack(spec, run_dir_for(spec), port, shards=shards)))
-    except (StackAlreadyRunning, OSError) as exc:
+    except startup_errors as exc:
         raise fail(str(exc), 1) from None
 
 

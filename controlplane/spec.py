@@ -257,6 +257,21 @@ class Gateway(StrictModel):
         return self.workers if self.workers is not None else len(os.sched_getaffinity(0))
 
 
+class ShardsBackend(StrictModel):
+    """How `cpctl gateway` finds Triton shards that something else runs (`cpctl up` always runs its own)."""
+
+    kind: Literal["static", "kubernetes"] = Field(
+        "static", description="`static`: a JSON file of shard addresses (`cpctl gateway --endpoints FILE`), probed "
+        "for readiness. `kubernetes`: the gateway watches the EndpointSlices of the shard Services (one endpoint "
+        "per pod), scales the standby Deployments for the degradation ladder, and maps an admin drain to the "
+        "pod's `controlplane.io/serving` label."
+    )
+    namespace: str = Field(
+        "serving", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
+        description="`kubernetes`: the namespace of the shard Services, Deployments and pods.",
+    )
+
+
 class ClusterSpec(StrictModel):
     cluster: Name = Field(description="Cluster name.")
     model_repository: str = Field(
@@ -268,6 +283,8 @@ class ClusterSpec(StrictModel):
     priority_classes: list[PriorityClass] = Field(min_length=1, description="Request classes.")
     tenants: list[Tenant] = Field(default_factory=list, description="Who may call the gateway.")
     gateway: Gateway = Field(default_factory=Gateway, description="The HTTP endpoint clients call.")
+    shards_backend: ShardsBackend = Field(default_factory=ShardsBackend,
+                                          description="How `cpctl gateway` finds shards run elsewhere.")
 
     @model_validator(mode="after")
     def _check_references(self) -> ClusterSpec:

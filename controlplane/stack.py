@@ -59,7 +59,8 @@ class LocalStack:
         self.shards = shards if shards is not None else LocalShards(spec, run_dir)
         workers = spec.gateway.worker_count()
         # Workers of `cpctl up` log into the run directory; in-cluster (`cpctl gateway`) they log to stderr.
-        self.gateway = WorkerPool(spec, workers, self._set_standby, log_dir=run_dir / "logs" if local else None)
+        self.gateway = WorkerPool(spec, workers, self._set_standby, log_dir=run_dir / "logs" if local else None,
+                                  drain_elsewhere=self.shards.set_draining)
         self.url = ""
         self._standby_changes: set[asyncio.Task[None]] = set()
 

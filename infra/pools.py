@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import pulumi
 
+from controlplane.shards.manifests import POOL_LABEL  # noqa: F401 - the pool components label with it
 from controlplane.spec import NodePool
 from infra.settings import StackSettings
-
-POOL_LABEL = "controlplane.io/pool"
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@
 Children, in dependency order: node labels (pool, `nvidia.com/mig.config`); the GPU Operator (mixed MIG
 strategy, MIG manager reading the planner's mig-parted config); the Network Operator and its NicClusterPolicy
 (RDMA shared device plugin) when a pool has InfiniBand or RoCE; the serving namespace with the shard
-Deployments, Services and PodDisruptionBudgets, the gateway Deployment, Service, HPA and budget, and the
-NetworkPolicy that lets only the gateway reach the shards. The manifests come from `infra.workloads`.
+Deployments, Services and PodDisruptionBudgets, the gateway Deployment, Service, HPA and budget, its
+ServiceAccount and Role (its `kubernetes` shard backend watches the EndpointSlices and scales the standby
+Deployments), and the NetworkPolicy that lets only the gateway reach the shards. The manifests come from
+`infra.workloads`, and the shard objects and the gateway's access from `controlplane.shards.manifests`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +21,10 @@ import pulumi_kubernetes as k8s
 
 from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import mig_parted_config
+from controlplane.shards import manifests
+from controlplane.shards.manifests import dns_label
 from controlplane.spec import ClusterSpec
 from infra import workloads
-from infra.names import dns_label
 from infra.settings import KubernetesSettings, RegistryCredentials
 
 GPU_OPERATOR_NAMESPACE = "gpu-operator"
@@ -124,21 +128,25 @@ class ServingCluster(pulumi.ComponentResource):
         shard_opts = pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(
             depends_on=[serving_ns, gpu_operator, *rdma_ready]))
         pools = {p.name: p for p in spec.node_pools}
-        for group in workloads.shard_groups(spec, plan):
+        groups = manifests.shard_groups(spec, plan)
+        for group in groups:
             rdma = pools[group.pool].fabric in ("infiniband", "roce")
             self._apply(f"{name}-deploy-{group.deployment}",
-                        workloads.shard_deployment(spec, group, settings, rdma, pull_secret), shard_opts)
+                        manifests.shard_deployment(spec, group, settings, rdma, pull_secret), shard_opts)
         for shard in spec.shards:
             label = dns_label(shard.name)
-            self._apply(f"{name}-svc-{label}", workloads.shard_service(spec, shard, ns), in_ns)
+            self._apply(f"{name}-svc-{label}", manifests.shard_service(spec, shard, ns), in_ns)
             self._apply(f"{name}-pdb-{label}", workloads.disruption_budget(
-                spec, label, ns, {workloads.SHARD_LABEL: label}), in_ns)
+                spec, label, ns, {manifests.SHARD_LABEL: label}), in_ns)
         self._apply(f"{name}-shards-policy", workloads.shards_network_policy(spec, ns), in_ns)
 
-        # The gateway.
+        # The gateway, and the account its shard backend watches and scales the shards as.
         config = self._apply(f"{name}-gateway-config", workloads.gateway_config(spec, ns, settings.gateway.cpu), in_ns)
+        access = [self._apply(f"{name}-gateway-{m['kind'].lower()}", m, in_ns)
+                  for m in manifests.gateway_access(spec, groups, ns)]
         self._apply(f"{name}-gateway", workloads.gateway_deployment(spec, settings, pull_secret),
-                    pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(depends_on=[serving_ns, config])))
+                    pulumi.ResourceOptions.merge(in_ns, pulumi.ResourceOptions(
+                        depends_on=[serving_ns, config, *access])))
         service = self._apply(f"{name}-gateway-svc", workloads.gateway_service(spec, settings), in_ns)
         self._apply(f"{name}-gateway-hpa", workloads.gateway_autoscaler(spec, settings), in_ns)
         self._apply(f"{name}-gateway-pdb", workloads.disruption_budget(
@@ -150,11 +158,16 @@ class ServingCluster(pulumi.ComponentResource):
     def _apply(self, name: str, manifest: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
         """One typed pulumi-kubernetes resource for one manifest of `infra.workloads`."""
         kind = manifest["kind"]
-        body = {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
+        # Top-level fields become keyword arguments, which the Python SDK spells in snake case (roleRef: role_ref).
+        body = {re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower(): v for k, v in manifest.items()
+                if k not in ("apiVersion", "kind")}
         factories = {
             ("v1", "Namespace"): k8s.core.v1.Namespace,
             ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,
             ("v1", "Service"): k8s.core.v1.Service,
+            ("v1", "ServiceAccount"): k8s.core.v1.ServiceAccount,
+            ("rbac.authorization.k8s.io/v1", "Role"): k8s.rbac.v1.Role,
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"): k8s.rbac.v1.RoleBinding,
             ("v1", "Node"): k8s.core.v1.NodePatch,
             ("apps/v1", "Deployment"): k8s.apps.v1.Deployment,
             ("policy/v1", "PodDisruptionBudget"): k8s.policy.v1.PodDisruptionBudget,

@@ -4,88 +4,40 @@ Pure functions (no Pulumi): `ServingCluster` turns each manifest into a pulumi-k
 tests validate the same manifests against the Kubernetes schemas. Resource names in pods come from the
 planner's renderers (`replica_resources`), never from a second computation.
 
-A shard becomes one Deployment per distinct MIG resource its replicas were planned on (usually one:
-`<shard>`); the planner may put one replica on a smaller slice (`<shard>-mig-1g-10gb`) when that saves a GPU.
-Standby replicas are Deployments at zero replicas (`<shard>-standby`): their slices are reserved by the
-plan, and the degradation ladder scales them up. One Service and one PodDisruptionBudget cover them all.
+The shard objects themselves (Deployments, Services) come from `controlplane.shards.manifests`, which the
+`kubernetes` shard backend of the gateway reads too: one rendering for both. One PodDisruptionBudget covers
+a shard's Deployments.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shlex
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import MIG_CONFIG_LABEL, config_names, replica_resources
-from controlplane.spec import ClusterSpec, Shard
-from infra.names import dns_label, unique_labels
-from infra.pools import POOL_LABEL
+from controlplane.shards.manifests import (
+    COMPONENT_LABEL,
+    GATEWAY_ACCOUNT,
+    MODELS_DIR,
+    POOL_LABEL,
+    RDMA_RESOURCE,
+    TRITON_GRPC_PORT,
+    TRITON_HTTP_PORT,
+    dns_label,
+)
+from controlplane.shards.manifests import http_probe as _probe
+from controlplane.shards.manifests import object_labels as _labels
+from controlplane.shards.manifests import object_meta as _meta
+from controlplane.spec import ClusterSpec, ShardsBackend
 from infra.settings import KubernetesSettings
 
-TRITON_HTTP_PORT = 8000
-TRITON_GRPC_PORT = 8001
-TRITON_METRICS_PORT = 8002
-MODELS_DIR = "/models"  # the repository Triton serves: links named as the spec names the models
-IMAGE_MODELS_DIR = "/opt/models"  # where the shard image bakes the repository (images/Dockerfile.shard)
 GATEWAY_CONFIG_DIR = "/etc/controlplane"
-RDMA_RESOURCE = "rdma/rdma_shared_device_a"
-COMPONENT_LABEL = "controlplane.io/component"
-SHARD_LABEL = "controlplane.io/shard"
-STANDBY_LABEL = "controlplane.io/standby"
-# The Triton image's own non-root user.
-TRITON_UID = 1000
 # The control-plane image's user (images/Dockerfile.controlplane).
 CONTROLPLANE_UID = 10001
-
-
-@dataclass(frozen=True)
-class ShardGroup:
-    """Replicas of one shard that share a pod template: one Deployment."""
-
-    shard: Shard
-    deployment: str
-    resource: str | None  # the extended resource each pod requests; None on CPU-only pools
-    replicas: int
-    standby: bool
-    need_mib: int
-    pool: str
-
-
-def _resource_slug(resource: str | None) -> str:
-    return dns_label((resource or "cpu").split("/")[-1])
-
-
-def shard_groups(spec: ClusterSpec, plan: Plan) -> list[ShardGroup]:
-    """Every Deployment of the shards, from the planner's replica placements."""
-    labels = unique_labels([s.name for s in spec.shards], "shards")
-    placed: dict[tuple[str, bool, str | None], list[int]] = defaultdict(list)
-    need: dict[str, int] = {}
-    for rr in replica_resources(plan):
-        placed[(rr.replica.shard, rr.replica.standby, rr.resource)].append(rr.replica.index)
-        need[rr.replica.shard] = rr.replica.need_mib
-    for pool in plan.pools:
-        for _, replica in pool.cpu_replicas:
-            placed[(replica.shard, replica.standby, None)].append(replica.index)
-            need[replica.shard] = replica.need_mib
-
-    groups: list[ShardGroup] = []
-    for shard in spec.shards:
-        for standby in (False, True):
-            keys = sorted((k for k in placed if k[0] == shard.name and k[1] == standby), key=lambda k: k[2] or "")
-            for _, _, resource in keys:
-                name = labels[shard.name] + ("-standby" if standby else "")
-                if len(keys) > 1:
-                    name += f"-{_resource_slug(resource)}"
-                count = len(placed[(shard.name, standby, resource)])
-                groups.append(ShardGroup(shard, name, resource, 0 if standby else count, standby,
-                                         need[shard.name], spec.pool_of(shard).name))
-    return groups
 
 
 def time_slicing(plan: Plan) -> dict[str, int]:
@@ -98,146 +50,8 @@ def time_slicing(plan: Plan) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _labels(spec: ClusterSpec, component: str, **extra: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/part-of": dns_label(spec.cluster),
-        "app.kubernetes.io/managed-by": "pulumi",
-        COMPONENT_LABEL: component,
-        **extra,
-    }
-
-
-def _meta(name: str, namespace: str | None, labels: dict[str, str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": labels}
-    if namespace is not None:
-        meta["namespace"] = namespace
-    return meta
-
-
 def namespace(name: str, spec: ClusterSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, None, _labels(spec, "namespace"))}
-
-
-def _probe(path: str, port: int | str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures,
-            "timeoutSeconds": 2}
-
-
-def link_models_command(spec: ClusterSpec, shard: Shard) -> list[str]:
-    """The init step that builds the shard's repository: one link per model, named as the spec names it."""
-    links = [f"ln -sfn {shlex.quote(f'{IMAGE_MODELS_DIR}/{spec.model(m).path}')} {shlex.quote(f'{MODELS_DIR}/{m}')}"
-             for m in shard.models]
-    return ["sh", "-c", " && ".join(["set -e", *links])]
-
-
-def triton_args(shard: Shard) -> list[str]:
-    return [
-        "tritonserver",
-        f"--model-repository={MODELS_DIR}",
-        "--model-control-mode=explicit",
-        *[f"--load-model={m}" for m in shard.models],
-        f"--http-port={TRITON_HTTP_PORT}",
-        f"--grpc-port={TRITON_GRPC_PORT}",
-        f"--metrics-port={TRITON_METRICS_PORT}",
-        "--exit-on-error=true",
-        "--disable-auto-complete-config",
-    ]
-
-
-def shard_deployment(spec: ClusterSpec, group: ShardGroup, settings: KubernetesSettings, rdma: bool,
-                     pull_secret: str | None) -> dict[str, Any]:
-    """The Deployment of one shard group: Triton on its MIG slice, probes on /v2/health/*."""
-    shard_label = dns_label(group.shard.name)
-    selector = {SHARD_LABEL: shard_label, "controlplane.io/deployment": group.deployment}
-    pod_labels = _labels(spec, "shard", **selector, **{STANDBY_LABEL: str(group.standby).lower()})
-    limits: dict[str, str] = {}
-    if group.resource is not None:
-        limits[group.resource] = "1"
-    if rdma:
-        limits[RDMA_RESOURCE] = "1"
-    # Host memory: a server stages its models' weights in RAM while loading them onto the device.
-    requests = {"cpu": "1", "memory": f"{group.need_mib}Mi", **limits}
-    volumes: list[dict[str, Any]] = [
-        {"name": "models", "emptyDir": {}},
-        # The Python backend exchanges tensors through /dev/shm; the container default (64 MiB) is too small.
-        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-    ]
-    source_mounts: list[dict[str, Any]] = []
-    if settings.model_repository_claim:
-        volumes.append({"name": "model-source",
-                        "persistentVolumeClaim": {"claimName": settings.model_repository_claim, "readOnly": True}})
-        source_mounts = [{"name": "model-source", "mountPath": IMAGE_MODELS_DIR, "readOnly": True}]
-    capabilities: dict[str, Any] = {"drop": ["ALL"]}
-    if rdma:
-        # RDMA memory registration pins pages: the process needs IPC_LOCK.
-        capabilities["add"] = ["IPC_LOCK"]
-    pod_spec: dict[str, Any] = {
-        "nodeSelector": {POOL_LABEL: dns_label(group.pool)},
-        # Mirror the planner, which spreads a shard's replicas over nodes to survive the loss of one.
-        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                       "whenUnsatisfiable": "ScheduleAnyway",
-                                       "labelSelector": {"matchLabels": {SHARD_LABEL: shard_label}}}],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": TRITON_UID, "fsGroup": TRITON_UID},
-        "terminationGracePeriodSeconds": 30,
-        "initContainers": [{
-            "name": "model-repository",
-            "image": settings.shard_image,
-            "command": link_models_command(spec, group.shard),
-            "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, *source_mounts],
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-        }],
-        "containers": [{
-            "name": "triton",
-            "image": settings.shard_image,
-            "args": triton_args(group.shard),
-            "ports": [
-                {"name": "http", "containerPort": TRITON_HTTP_PORT, "protocol": "TCP"},
-                {"name": "grpc", "containerPort": TRITON_GRPC_PORT, "protocol": "TCP"},
-                {"name": "metrics", "containerPort": TRITON_METRICS_PORT, "protocol": "TCP"},
-            ],
-            "resources": {"requests": requests, "limits": limits} if limits else {"requests": requests},
-            # Loading large weights takes minutes: the startup probe holds liveness off until Triton is up.
-            "startupProbe": _probe("/v2/health/live", "http", 10, 60),
-            "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
-            "livenessProbe": _probe("/v2/health/live", "http", 10, 6),
-            "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
-                             {"name": "shm", "mountPath": "/dev/shm"}, *source_mounts],
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": capabilities},
-        }],
-        "volumes": volumes,
-    }
-    if pull_secret:
-        pod_spec["imagePullSecrets"] = [{"name": pull_secret}]
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(group.deployment, settings.namespace, pod_labels),
-        "spec": {
-            "replicas": group.replicas,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
-        },
-    }
-
-
-def shard_service(spec: ClusterSpec, shard: Shard, ns: str) -> dict[str, Any]:
-    label = dns_label(shard.name)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(label, ns, _labels(spec, "shard", **{SHARD_LABEL: label})),
-        "spec": {
-            "type": "ClusterIP",
-            # Ready and standby pods alike: a woken standby takes traffic as soon as it is ready.
-            "selector": {SHARD_LABEL: label},
-            "ports": [
-                {"name": "http", "port": TRITON_HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
-                {"name": "grpc", "port": TRITON_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
-                {"name": "metrics", "port": TRITON_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
-            ],
-        },
-    }
 
 
 def disruption_budget(spec: ClusterSpec, name: str, ns: str, selector: dict[str, str]) -> dict[str, Any]:
@@ -256,23 +70,16 @@ def cpu_cores(quantity: str) -> int:
     return max(1, math.ceil(cores))
 
 
-def gateway_spec_yaml(spec: ClusterSpec, cpu: str) -> str:
-    """The spec as the gateway pod reads it: listening on every interface, the repository at /models, and
-    unless the spec says otherwise one gateway worker per core the pod requests (inside the pod the CPU
-    affinity shows every core of the node, and nothing else limits it)."""
+def gateway_spec_yaml(spec: ClusterSpec, ns: str, cpu: str) -> str:
+    """The spec as the gateway pod reads it: listening on every interface, the repository at /models, the
+    shards found through the EndpointSlices of namespace `ns`, and unless the spec says otherwise one gateway
+    worker per core the pod requests (inside the pod the CPU affinity shows every core of the node, and
+    nothing else limits it)."""
     workers = spec.gateway.workers or cpu_cores(cpu)
     gateway = spec.gateway.model_copy(update={"listen": "0.0.0.0", "workers": workers})
-    adjusted = spec.model_copy(update={"gateway": gateway, "model_repository": MODELS_DIR})
+    adjusted = spec.model_copy(update={"gateway": gateway, "model_repository": MODELS_DIR,
+                                       "shards_backend": ShardsBackend(kind="kubernetes", namespace=ns)})
     return yaml.safe_dump(adjusted.model_dump(mode="json", exclude_none=True), sort_keys=False)
-
-
-def shard_endpoints(spec: ClusterSpec, ns: str) -> list[dict[str, Any]]:
-    """The shard Services the gateway sends to (its Kubernetes shard backend reads this file)."""
-    return [
-        {"name": dns_label(s.name), "host": f"{dns_label(s.name)}.{ns}.svc", "port": TRITON_HTTP_PORT,
-         "models": list(s.models)}
-        for s in spec.shards
-    ]
 
 
 def gateway_config(spec: ClusterSpec, ns: str, cpu: str) -> dict[str, Any]:
@@ -280,8 +87,7 @@ def gateway_config(spec: ClusterSpec, ns: str, cpu: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta("gateway-config", ns, _labels(spec, "gateway")),
-        "data": {"cluster.yaml": gateway_spec_yaml(spec, cpu),
-                 "endpoints.json": json.dumps(shard_endpoints(spec, ns), indent=1)},
+        "data": {"cluster.yaml": gateway_spec_yaml(spec, ns, cpu)},
     }
 
 
@@ -297,12 +103,13 @@ def gateway_deployment(spec: ClusterSpec, settings: KubernetesSettings, pull_sec
     labels = _labels(spec, "gateway")
     port = gateway_port(spec)
     pod_spec: dict[str, Any] = {
+        # Its `kubernetes` shard backend watches and scales the shards as this account (`gateway_access`).
+        "serviceAccountName": GATEWAY_ACCOUNT,
         "securityContext": {"runAsNonRoot": True, "runAsUser": CONTROLPLANE_UID},
         "containers": [{
             "name": "gateway",
             "image": settings.controlplane_image,
-            "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml",
-                     "--endpoints", f"{GATEWAY_CONFIG_DIR}/endpoints.json"],
+            "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml"],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             # The HPA scales on CPU utilisation, which is relative to this request.
             "resources": {"requests": {"cpu": scaling.cpu, "memory": scaling.memory},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.shards import manifests
 from controlplane.spec import load_spec
 from infra import workloads
 
@@ -63,7 +64,7 @@ def test_base_images_are_pinned(name: str) -> None:
 def test_shard_image_holds_every_model_the_example_specs_serve() -> None:
     (source,) = copy_sources(IMAGES / "Dockerfile.shard")
     copies = [rest for word, rest in instructions(IMAGES / "Dockerfile.shard") if word == "COPY"]
-    assert copies[0].endswith(workloads.IMAGE_MODELS_DIR)  # where the pods' init container links from
+    assert copies[0].endswith(manifests.IMAGE_MODELS_DIR)  # where the pods' init container links from
     for spec_file in sorted((ROOT / "examples").glob("*/cluster.yaml")):
         spec = load_spec(spec_file)
         for model in spec.models:
@@ -73,8 +74,8 @@ def test_shard_image_holds_every_model_the_example_specs_serve() -> None:
 def test_shard_image_exposes_tritons_ports_and_runs_as_the_pods_uid() -> None:
     steps = instructions(IMAGES / "Dockerfile.shard")
     exposed = {int(p) for word, rest in steps if word == "EXPOSE" for p in rest.split()}
-    assert exposed == {workloads.TRITON_HTTP_PORT, workloads.TRITON_GRPC_PORT, workloads.TRITON_METRICS_PORT}
-    assert [rest for word, rest in steps if word == "USER"] == [str(workloads.TRITON_UID)]
+    assert exposed == {manifests.TRITON_HTTP_PORT, manifests.TRITON_GRPC_PORT, manifests.TRITON_METRICS_PORT}
+    assert [rest for word, rest in steps if word == "USER"] == [str(manifests.TRITON_UID)]
     assert "tritonserver" in next(rest for word, rest in steps if word == "FROM")
 
 

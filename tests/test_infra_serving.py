@@ -125,6 +125,7 @@ def test_only_the_gateway_reaches_the_shards(stack: str) -> None:
     # The selectors must match the pods: every shard pod carries the shard label, only gateway pods the other.
     for deployment in shard_deployments(stack):
         assert deployment["spec"]["template"]["metadata"]["labels"]["controlplane.io/component"] == "shard"
+        assert deployment["spec"]["template"]["metadata"]["labels"]["controlplane.io/serving"] == "true"
     gateway_pods = required(k8s(run, "Deployment", "gateway"), "spec", "template", "metadata", "labels")
     assert gateway_pods["controlplane.io/component"] == "gateway"
 
@@ -134,7 +135,9 @@ def test_every_shard_has_a_service_and_a_disruption_budget(stack: str) -> None:
     run = run_stack(stack)
     for shard in load_spec(SPECS[stack]).shards:
         service = k8s(run, "Service", shard.name)
-        assert required(service, "spec", "selector") == {"controlplane.io/shard": shard.name}
+        # Pods labelled serving "false" (an admin drain through the kubernetes shard backend) leave the Service.
+        assert required(service, "spec", "selector") == {"controlplane.io/shard": shard.name,
+                                                         "controlplane.io/serving": "true"}
         assert {p["port"] for p in required(service, "spec", "ports")} == {8000, 8001, 8002}
         budget = k8s(run, "PodDisruptionBudget", shard.name)
         assert required(budget, "spec", "maxUnavailable") == 1
@@ -194,3 +197,43 @@ def test_strict_validation_catches_an_unknown_field() -> None:
     bad = Recorded("kubernetes:core/v1:Service", "x", {"apiVersion": "v1", "kind": "Service",
                                                           "metadata": {"name": "x"}, "spec": {"portz": []}})
     assert validate_run(ProgramRun([bad], [], {})).errors
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_gateway_finds_the_shards_through_their_endpoint_slices(stack: str) -> None:
+    """The gateway pod runs the `kubernetes` shard backend on the namespace's shard Services and standby
+    Deployments, exactly as the program names them (one rendering for both)."""
+    from controlplane.shards.kubernetes import KubernetesShards
+
+    run = run_stack(stack)
+    config = k8s(run, "ConfigMap", "gateway-config")
+    assert set(required(config, "data")) == {"cluster.yaml"}
+    pod_spec = parse_spec(required(config, "data", "cluster.yaml"))
+    assert (pod_spec.shards_backend.kind, pod_spec.shards_backend.namespace) == ("kubernetes", "serving")
+    assert "--endpoints" not in required(container(k8s(run, "Deployment", "gateway")), "args")
+    backend = KubernetesShards(pod_spec, api=None)  # names only: nothing is called before start()
+    services = {r.inputs["metadata"]["name"] for r in run.resources if r.inputs.get("kind") == "Service"
+                and r.inputs["metadata"]["labels"]["controlplane.io/component"] == "shard"}
+    assert set(backend.shard_of_service) == services
+    standby = {d["metadata"]["name"] for d in shard_deployments(stack)
+               if d["spec"]["template"]["metadata"]["labels"]["controlplane.io/standby"] == "true"}
+    assert standby and {g.deployment for gs in backend.standby_groups.values() for g in gs} == standby
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_gateway_account_may_do_what_its_shard_backend_does_and_no_more(stack: str) -> None:
+    run = run_stack(stack)
+    gateway_pod = required(k8s(run, "Deployment", "gateway"), "spec", "template", "spec")
+    assert required(gateway_pod, "serviceAccountName") == "gateway"
+    assert k8s(run, "ServiceAccount", "gateway")
+    binding = k8s(run, "RoleBinding", "gateway-shards")
+    assert required(binding, "roleRef") == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                            "name": "gateway-shards"}
+    assert required(binding, "subjects") == [{"kind": "ServiceAccount", "name": "gateway", "namespace": "serving"}]
+    standby = sorted(d["metadata"]["name"] for d in shard_deployments(stack)
+                     if d["spec"]["template"]["metadata"]["labels"]["controlplane.io/standby"] == "true")
+    assert required(k8s(run, "Role", "gateway-shards"), "rules") == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": standby, "verbs": ["patch"]},
+    ]

@@ -25,7 +25,8 @@ What is global, and how (N = the number of workers):
 - Degradation ladder: runs HERE, on the sum of the queue depths every worker reports each tick (0.1 s), so
   it sees the global backlog, and the standby action happens where the shards are; workers follow its step.
 - Admin actions: POST /admin/shards/NAME/drain|undrain on any worker is sent to every worker and answered
-  after every live worker applied it; the drained set is replayed to a worker that restarts.
+  after every live worker applied it, and handed to the shard backend (in Kubernetes it takes the pod out
+  of its Service, for every gateway replica); the drained set is replayed to a worker that restarts.
 - Views: /metrics and GET /admin/queues on any worker ask the supervisor to gather a fresh snapshot from
   every worker, then merge them (counters add, histograms add bucket-wise, queue depths and in-flight
   requests add; per-worker facts carry a `worker` label, and /admin/queues lists each worker's own view).
@@ -49,7 +50,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,9 +144,12 @@ class WorkerPool:
     """N gateway worker processes on one port, and everything that must be global between them."""
 
     def __init__(self, spec: ClusterSpec, count: int, set_standby: Callable[[bool], None] | None = None,
-                 log_dir: Path | None = None) -> None:
-        """`log_dir`: where each worker's log goes (`cpctl up`); None: to this process's stderr."""
+                 log_dir: Path | None = None,
+                 drain_elsewhere: Callable[[str, bool], Awaitable[bool]] | None = None) -> None:
+        """`log_dir`: where each worker's log goes (`cpctl up`); None: to this process's stderr.
+        `drain_elsewhere`: the shard backend's side of an admin drain (True if it took the endpoint)."""
         self.spec = spec
+        self.drain_elsewhere = drain_elsewhere
         self.count = count
         self.log_dir = log_dir
         self.ladder = DegradationLadder(spec, time.monotonic, set_standby)
@@ -261,9 +265,11 @@ class WorkerPool:
             *(s.channel.ask({"op": "drain", "shard": shard, "draining": draining}, ASK_TIMEOUT_S) for s in live),
             return_exceptions=True)
         applied = [a for a in answers if isinstance(a, dict) and a.get("found")]
-        if applied:
+        # The backend may know an endpoint the workers no longer route to (a drained pod left its Service).
+        elsewhere = await self.drain_elsewhere(shard, draining) if self.drain_elsewhere is not None else False
+        if applied or elsewhere:
             (self.drained.add if draining else self.drained.discard)(shard)
-        return {"shard": shard, "draining": draining, "found": bool(applied), "workers": len(applied),
+        return {"shard": shard, "draining": draining, "found": bool(applied) or elsewhere, "workers": len(applied),
                 "in_flight": sum(a["in_flight"] for a in applied)}
 
     # --- what the supervisor pushes ---------------------------------------------------------------------------

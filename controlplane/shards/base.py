@@ -1,6 +1,7 @@
 """One interface for running Triton shards; the gateway only ever sees the live set of endpoints.
 
-A backend (`local`: processes on this machine; later `kubernetes`: Deployments and EndpointSlices) starts
+A backend (`local`: processes on this machine; `static`: a file of addresses; `kubernetes`: EndpointSlices
+of the shard Services and the standby Deployments) starts
 the shard replicas a spec asks for, keeps them running, and tells subscribers whenever the set of ready
 endpoints changes. Subscribers get the whole set each time (not deltas), so a missed call loses nothing.
 """
@@ -24,7 +25,8 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 pod address
+        return f"http://{host}:{self.port}"
 
 
 @dataclass
@@ -86,3 +88,9 @@ class ShardBackend(abc.ABC):
     @abc.abstractmethod
     async def set_standby_active(self, shard: str, count: int) -> None:
         """Run `count` of a shard's standby replicas (0 releases them all)."""
+
+    async def set_draining(self, name: str, draining: bool) -> bool:
+        """Tell the orchestrator that endpoint `name` is drained (or no longer); True if it took it. The
+        gateway drains the endpoint itself either way; only an orchestrator that other gateways also follow
+        (Kubernetes) has something to do here."""
+        return False

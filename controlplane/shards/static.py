@@ -1,8 +1,9 @@
-"""The `static` shard backend: Triton servers that something else runs (Kubernetes Services, existing hosts).
+"""The `static` shard backend: Triton servers that something else runs (existing hosts, a cluster without
+the `kubernetes` backend).
 
-A JSON file lists them (`[{"name", "host", "port", "models"}]`, as the Pulumi program writes it into the
-gateway's ConfigMap). Each is probed for readiness every `probe_interval_s`; the ready ones are the
-endpoint set. The file is read again when it changes, so a rolled ConfigMap takes effect without a restart.
+A JSON file lists them (`[{"name", "host", "port", "models"}]`). Each is probed for readiness every
+`probe_interval_s`; the ready ones are the endpoint set. The file is read again when it changes, so a
+rolled ConfigMap takes effect without a restart.
 Nothing is started or stopped here: standby capacity is the orchestrator's business.
 """
 
