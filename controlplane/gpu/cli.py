@@ -1,4 +1,5 @@
-"""`cpctl plan`, `cpctl gpu` and `cpctl mig ...`: the GPU room's commands, registered by controlplane/cli.py.
+"""`cpctl gpu list|plan|mig ...`: the GPU room's commands, one Typer app (`gpu_app`) that controlplane/cli.py
+registers as `cpctl gpu` (`cpctl plan` and `cpctl mig` stay as hidden aliases).
 
 Thin: each command parses, calls catalog/plan/render/discover and renders with Rich (or JSON with --json).
 Bad input (an unreadable or invalid spec, a plan that does not fit, an unknown node, a bad --current file)
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from controlplane.clikit import FAILED, JSON_OPTION, SPEC_OPTION, area_app, console, fail, load, print_json
 from controlplane.gpu.discover import GpuInfo, Inventory, NoGpuError, discover, parse_lgi
 from controlplane.gpu.plan import Plan, PlanError, plan_cluster
 from controlplane.gpu.render import (
@@ -25,36 +25,24 @@ from controlplane.gpu.render import (
     nvidia_smi_steps,
     replica_resources,
 )
-from controlplane.spec import SpecError, load_spec
 
-console = Console()
-errors = Console(stderr=True)
-
-mig_app = typer.Typer(help="MIG layouts of the plan: mig-parted config, nvidia-smi steps, current vs desired.",
-                      no_args_is_help=True)
-
-SPEC_OPTION = typer.Option(..., "-f", "--file", help="The cluster spec (cluster.yaml).")
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+gpu_app = area_app("GPUs: this machine's GPUs, the MIG plan of a spec, and MIG layouts.")
+mig_app = area_app("MIG layouts of the plan: mig-parted config, nvidia-smi steps, current vs desired.")
+gpu_app.add_typer(mig_app, name="mig")
 
 
 def _load_plan(spec_file: Path) -> Plan:
     try:
-        return plan_cluster(load_spec(spec_file))
-    except SpecError as exc:
-        _fail("; ".join(exc.lines))
+        return plan_cluster(load(spec_file))
     except PlanError as exc:
-        _fail(f"{spec_file}: {exc}")
+        fail(f"{spec_file}: {exc}")
 
 
+@gpu_app.command("plan")
 def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Show where every shard replica runs: node, GPU, MIG slot and profile, shard, models, class.
 
-    Example: cpctl plan -f examples/gpu/cluster.yaml
+    Example: cpctl gpu plan -f examples/gpu/cluster.yaml
     """
     result = _load_plan(spec_file)
     if as_json:
@@ -66,7 +54,7 @@ def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
              "shared_with": list(r.shared_with)}
             for r in replica_resources(result)
         ]
-        console.print_json(json.dumps(data))
+        print_json(data)
         return
     table = Table(title=f"MIG plan of {result.cluster}")
     for column in ("pool", "node", "GPU", "slot", "profile", "shard", "models", "class"):
@@ -90,17 +78,18 @@ def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
             )
 
 
+@gpu_app.command("list")
 def gpu(as_json: bool = JSON_OPTION) -> None:
     """List this machine's GPUs (read-only): memory, utilization, MIG mode, profiles, existing instances.
 
-    Reads NVML (nvidia-ml-py), else nvidia-smi output. Example: cpctl gpu --json
+    Reads NVML (nvidia-ml-py), else nvidia-smi output. Example: cpctl gpu list --json
     """
     try:
         inventory = discover()
     except NoGpuError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), FAILED)
     if as_json:
-        console.print_json(json.dumps(inventory.to_dict()))
+        print_json(inventory.to_dict())
         return
     table = Table(title=f"GPUs (via {inventory.source}, driver {inventory.driver_version or '?'})")
     for column in ("GPU", "name", "catalog", "memory used/total MiB", "util", "MIG", "instances"):
@@ -128,19 +117,19 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
 
 
 def _current_from_file(path: Path, indexes: list[int]) -> list[GpuInfo]:
-    """GPUs from a `cpctl gpu --json` file, or from `nvidia-smi mig -lgi` output (GPUs it does not list are
+    """GPUs from a `cpctl gpu list --json` file, or from `nvidia-smi mig -lgi` output (GPUs it does not list are
     taken as MIG disabled)."""
     try:
         text = path.read_text()
     except OSError as exc:
-        _fail(f"{path}: cannot read: {exc.strerror}")
+        fail(f"{path}: cannot read: {exc.strerror}")
     if text.lstrip().startswith("{"):
         try:
             return Inventory.from_dict(json.loads(text)).gpus
         except (ValueError, KeyError, TypeError) as exc:
-            _fail(f"{path}: not a `cpctl gpu --json` inventory ({exc})")
+            fail(f"{path}: not a `cpctl gpu list --json` inventory ({exc})")
     if "GPU instances:" not in text and "No MIG-enabled devices found" not in text:
-        _fail(f"{path}: expected `cpctl gpu --json` output or `nvidia-smi mig -lgi` output")
+        fail(f"{path}: expected `cpctl gpu list --json` output or `nvidia-smi mig -lgi` output")
     listed = parse_lgi(text)
     return [
         GpuInfo(i, "?", "?", 0, 0, None, i in listed, i in listed, None, gpu_instances=listed.get(i, []))
@@ -154,39 +143,39 @@ def diff(
     node: str | None = typer.Option(None, "--node", help="Planned node to compare (default: the first GPU node)."),
     current: str = typer.Option(
         "live", "--current",
-        help="'live' (discover this machine) or a saved file: `cpctl gpu --json` or `nvidia-smi mig -lgi` output.",
+        help="'live' (discover this machine) or a saved file: `cpctl gpu list --json` or `nvidia-smi mig -lgi` output.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Compare a node's current MIG state with the plan: MIG mode, instances to keep, destroy and create.
 
-    Example: cpctl mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
+    Example: cpctl gpu mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
     """
     result = _load_plan(spec_file)
     gpu_nodes = [n for p in result.pools if p.gpu_model for n in p.nodes]
     if not gpu_nodes:
-        _fail(f"{spec_file}: the plan has no GPU nodes")
+        fail(f"{spec_file}: the plan has no GPU nodes")
     name = node or gpu_nodes[0]
     try:
         _, desired = result.node(name)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     if not desired:
-        _fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
+        fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
     if current == "live":
         try:
             have = discover().gpus
         except NoGpuError as exc:
-            _fail(f"{exc}; pass --current FILE to compare a saved state", code=1)
+            fail(f"{exc}; pass --current FILE to compare a saved state", FAILED)
     else:
         have = _current_from_file(Path(current), [g.index for g in desired])
     changes = diff_node(desired, have)
     if as_json:
-        console.print_json(json.dumps([
+        print_json([
             {"gpu": c.gpu, "mig_mode": c.mig_mode, "keep": c.keep, "destroy": c.destroy, "create": c.create,
              "note": c.note}
             for c in changes
-        ]))
+        ])
         return
     table = Table(title=f"MIG diff of {name} (current: {current})")
     for column in ("GPU", "MIG mode", "keep", "destroy", "create", "note"):
@@ -204,7 +193,7 @@ def diff(
 def config(spec_file: Path = SPEC_OPTION) -> None:
     """Print the mig-parted config (`version: v1`, `mig-configs`) of the plan, and the node labels choosing it.
 
-    Example: cpctl mig config -f examples/gpu/cluster.yaml > mig-parted.yaml
+    Example: cpctl gpu mig config -f examples/gpu/cluster.yaml > mig-parted.yaml
     """
     result = _load_plan(spec_file)
     labels = "\n".join(f"#   {n}: {k}={v}" for n, lbls in node_labels(result).items() for k, v in lbls.items())
@@ -219,11 +208,11 @@ def steps(
 ) -> None:
     """Print the nvidia-smi commands that give a node its planned MIG layout (for Ansible); runs nothing.
 
-    Example: cpctl mig steps -f examples/gpu/cluster.yaml --node gpu-a
+    Example: cpctl gpu mig steps -f examples/gpu/cluster.yaml --node gpu-a
     """
     result = _load_plan(spec_file)
     try:
         commands = nvidia_smi_steps(result, node)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     print("\n".join(commands))
