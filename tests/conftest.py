@@ -97,7 +97,7 @@ def stop_stack(stack: RunningStack) -> set[int]:
         stack.process.popen.wait(timeout=30)
     finally:
         stack.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)}
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
 
 
 @contextlib.contextmanager
@@ -122,7 +122,7 @@ class ManualClock:
         return self.now
 
 
-def _not_zombie(pid: int) -> bool:
+def not_zombie(pid: int) -> bool:
     try:
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
     except OSError:

@@ -1,20 +1,27 @@
-"""`cpctl gateway`: the gateway alone in front of shards someone else runs (how it runs on Kubernetes)."""
+"""`cpctl gateway`: the gateway alone in front of shards someone else runs (how it runs on Kubernetes), writing
+nothing to disk."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
+import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from controlplane.procs import ManagedProcess, group_members
+from controlplane.shards.local import free_port
 from controlplane.shards.static import EndpointsFileError, read_endpoints
 
-from .conftest import EXAMPLE_SPEC, ROOT, RunningStack, start_stack, stop_stack
+from .conftest import EXAMPLE_SPEC, ROOT, RunningStack, not_zombie
 
 ADMIN = {"Authorization": "Bearer cp-admin-key"}
 
@@ -25,24 +32,86 @@ def endpoints_of(stack: RunningStack, names: list[str]) -> list[dict]:
              "models": shards[name]["models"]} for name in names]
 
 
+def static_spec(folder: Path, cluster: str) -> Path:
+    """The example spec under another cluster name, with an absolute model repository."""
+    spec = folder / f"{cluster}.yaml"
+    spec.write_text(EXAMPLE_SPEC.read_text().replace("cluster: local-demo", f"cluster: {cluster}")
+                    .replace("model_repository: ../models", f"model_repository: {ROOT / 'examples' / 'models'}"))
+    return spec
+
+
+@dataclass
+class RunningGateway:
+    """A `cpctl gateway` process. It writes no state file: its address is the port the test gave it."""
+
+    process: ManagedProcess
+    url: str
+
+    def admin(self) -> dict:
+        request = urllib.request.Request(f"{self.url}/admin/queues", headers=ADMIN)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def every_pid(self) -> set[int]:
+        pids = {self.process.pid}
+        for worker in self.admin()["workers"]:
+            pids.update(group_members(worker["pid"]))
+        return pids
+
+
+def start_gateway(spec: Path, endpoints: Path, log: Path, launcher: list[str] = (), env: dict | None = None,
+                  cwd: Path = ROOT) -> RunningGateway:
+    """`cpctl gateway` (through `launcher`, e.g. a namespace), on a free port; wait until it serves."""
+    port = free_port()
+    process = ManagedProcess([*launcher, sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec),
+                              "--endpoints", str(endpoints), "--port", str(port)],
+                             env=env or dict(os.environ), log_path=log, cwd=cwd)
+    gateway = RunningGateway(process, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return gateway
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            pytest.fail(f"cpctl gateway did not start: {process.log_tail()}")
+        time.sleep(0.1)
+
+
+def stop_gateway(gateway: RunningGateway) -> set[int]:
+    """SIGTERM it as Kubernetes does; the PIDs that were part of it and are still alive."""
+    pids = gateway.every_pid()
+    gateway.process.popen.send_signal(signal.SIGTERM)
+    try:
+        gateway.process.popen.wait(timeout=30)
+    finally:
+        gateway.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
+
+
+def infer_risk(url: str) -> tuple[int, int]:
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    features = httpclient.InferInput("features", [1, 16], "FP32")
+    features.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    try:
+        return client.infer("risk", [features]).as_numpy("score").shape
+    finally:
+        client.close()
+
+
 def test_gateway_serves_listed_shards_and_follows_file_changes(stack: RunningStack, run_dir: Path) -> None:
     endpoints = run_dir / "endpoints.json"
     endpoints.write_text(json.dumps(endpoints_of(stack, ["main-0", "main-1"])))
-    spec = run_dir / "static.yaml"
-    spec.write_text(EXAMPLE_SPEC.read_text().replace("cluster: local-demo", "cluster: static-test")
-                    .replace("model_repository: ../models", f"model_repository: {ROOT / 'examples' / 'models'}"))
-    gateway = start_stack(spec, run_dir, "static-test",
-                          command=["gateway", "-f", str(spec), "--endpoints", str(endpoints), "--port", "0"])
+    spec = static_spec(run_dir, "static-test")
+    gateway = start_gateway(spec, endpoints, run_dir / "static-test-cpctl.log")
     try:
-        client = httpclient.InferenceServerClient(gateway.address)
-        features = httpclient.InferInput("features", [1, 16], "FP32")
-        features.set_data_from_numpy(np.zeros((1, 16), np.float32))
-        assert client.infer("risk", [features]).as_numpy("score").shape == (1, 1)
+        assert infer_risk(gateway.url) == (1, 1)
 
         def shard_names() -> set[str]:
-            request = urllib.request.Request(f"{gateway.gateway}/admin/queues", headers=ADMIN)
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return {s["name"] for s in json.loads(response.read())["shards"]}
+            return {s["name"] for s in gateway.admin()["shards"]}
 
         assert shard_names() == {"main-0", "main-1"}
         time.sleep(0.05)  # a distinct modification time
@@ -51,14 +120,54 @@ def test_gateway_serves_listed_shards_and_follows_file_changes(stack: RunningSta
         while shard_names() != {"main-1"}:
             assert time.monotonic() < deadline, "the gateway did not follow the endpoints file"
             time.sleep(0.2)
-        assert client.infer("risk", [features]).as_numpy("score").shape == (1, 1)
-        client.close()
-        # in-cluster, gateway workers log to the pod's output: nothing of theirs is written to disk
-        cores = len(os.sched_getaffinity(0))  # the example spec: a gateway worker per core, if more than one
-        assert len(gateway.worker_pids()) == (cores if cores > 1 else 0)
-        assert not list((run_dir / "static-test").glob("**/gateway-worker*"))
+        assert infer_risk(gateway.url) == (1, 1)
+        cores = len(os.sched_getaffinity(0))  # the example spec: a gateway worker per core
+        assert len(gateway.admin()["workers"]) == max(cores, 1)
+        # in-cluster, nothing is written under the run directory: no state, no logs
+        assert not (run_dir / "static-test").exists()
     finally:
-        assert not stop_stack(gateway)
+        assert not stop_gateway(gateway)
+
+
+# Filesystems that hold no files (kernel views); every other mount is made read-only for the gateway.
+VIRTUAL_FILESYSTEMS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "mqueue", "bpf", "debugfs", "tracefs",
+                       "securityfs", "pstore", "configfs", "fusectl", "hugetlbfs", "binfmt_misc", "autofs",
+                       "nsfs", "devtmpfs"}
+
+
+def read_only_launcher() -> list[str]:
+    """A private mount namespace (unshare, util-linux) in which every mount that can hold files is remounted
+    read-only before the command runs; it refuses to run if $HOME is still writable."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        mount_point = fields.split()[4].replace("\\040", " ")
+        if tail.split()[0] not in VIRTUAL_FILESYSTEMS:
+            mounts.append(mount_point)
+    remounts = "; ".join(f"mount -o remount,bind,ro {shlex.quote(m)} || exit 97" for m in mounts)
+    script = f'{remounts}; if touch "$HOME/probe" 2>/dev/null; then exit 98; fi; exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "read-only"]
+
+
+def test_in_cluster_gateway_serves_with_the_filesystem_read_only(stack: RunningStack, tmp_path: Path) -> None:
+    """`cpctl gateway` as in a pod whose filesystem is read-only: HOME, TMPDIR, the run directory and the
+    working directory unwritable, every mount read-only. It still serves; it never needed to write."""
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps(endpoints_of(stack, ["main-0", "main-1"])))
+    spec = static_spec(tmp_path, "read-only-test")
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    env = {**os.environ, "HOME": str(nowhere), "TMPDIR": str(nowhere), "CPCTL_RUN_DIR": str(nowhere)}
+    log = tmp_path / "gateway.log"  # its stdout, opened by this test as a pod's log is by the kubelet
+    gateway = start_gateway(spec, endpoints, log, launcher=read_only_launcher(), env=env, cwd=nowhere)
+    try:
+        assert infer_risk(gateway.url) == (1, 1)
+        assert {s["name"] for s in gateway.admin()["shards"]} == {"main-0", "main-1"}
+    finally:
+        assert not stop_gateway(gateway)
+    assert gateway.process.poll() == 0, log.read_text()
+    assert "Read-only file system" not in log.read_text() and "Traceback" not in log.read_text()
+    assert not list(nowhere.iterdir())
 
 
 def test_bad_endpoints_file_is_named(tmp_path: Path) -> None:
