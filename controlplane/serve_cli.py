@@ -13,8 +13,6 @@ import logging
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,12 +174,17 @@ def _status_table(snapshot: dict) -> Table:
     return table
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+async def _ready_shards(urls: list[str | None]) -> list[bool]:
+    """Probe every shard at once (the shards' own probe); no URL: not ready."""
+    from controlplane.shards.base import probe_ready
+
+    async def ready(url: str | None) -> bool:
+        if not url:
+            return False
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        return await probe_ready(host, int(port))
+
+    return list(await asyncio.gather(*(ready(url) for url in urls)))
 
 
 @serve_app.command()
@@ -199,10 +202,11 @@ def status(
     state = read_state(run_dir_for(spec))
     if state is None:
         fail(f"no stack of cluster '{spec.cluster}' is running (start one with `cpctl up -f {spec_file}`)", FAILED)
+    ready = asyncio.run(_ready_shards([s["url"] for s in state["shards"]]))
     shards = [
-        {"name": s["name"], "url": s["url"], "ready": bool(s["url"]) and _ready(s["url"]), "models": s["models"],
+        {"name": s["name"], "url": s["url"], "ready": is_ready, "models": s["models"],
          "pid": s["pid"], "state": s["state"], "restarts": s["restarts"], "standby": s["standby"]}
-        for s in state["shards"]
+        for s, is_ready in zip(state["shards"], ready, strict=True)
     ]
     workers = [{**w, "alive": w["alive"] and pid_alive(w["pid"])} for w in state.get("workers", [])]
     if as_json:

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from controlplane.procs import ManagedProcess, group_members
-from controlplane.shards.local import free_port
+from controlplane.procs import ManagedProcess, free_port, group_members
 from controlplane.shards.static import EndpointsFileError, read_endpoints
 
 from .conftest import EXAMPLE_SPEC, ROOT, RunningStack, not_zombie

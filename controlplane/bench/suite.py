@@ -46,7 +46,7 @@ from controlplane.bench import procstat
 from controlplane.bench.loadgen import Flow, Sample, Scenario, run, summarize
 from controlplane.bench.wrk import WrkResult, WrkRun
 from controlplane.bench.wrk import script as wrk_script
-from controlplane.procs import ManagedProcess, group_members
+from controlplane.procs import ManagedProcess, free_port, group_members
 from controlplane.resources import project_file
 
 SPEC = "bench/overload.yaml"  # a project file (controlplane/resources.py): its models are ../examples/models
@@ -170,13 +170,6 @@ class Setups:
             return False
         finally:
             self.stack.stop(grace_s=2)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1) -> ManagedProcess:

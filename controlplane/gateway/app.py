@@ -32,7 +32,8 @@ from controlplane.gateway.overload import OverloadManager
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
 from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
-from controlplane.gateway.upstream import UpstreamError, fetch, probe_ready, request_bytes
+from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
+from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class GatewayApp:
         self.models = {m.name for m in spec.models}
         self.limits = spec.gateway.limits
         self.admission = Admission(spec, clock)
-        self.scheduler = Scheduler(spec.priority_classes, self.limits, router, clock)
+        self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
@@ -105,7 +106,7 @@ class GatewayApp:
             self.scheduler.pump()
 
     async def _probe(self, target: Target) -> None:
-        healthy = await probe_ready(target.pool)
+        healthy = await probe_ready(target.pool.host, target.pool.port)
         log.info("shard %s probed after ejection: %s", target.name, "healthy" if healthy else "still failing")
         self.router.probed(target, healthy)
 

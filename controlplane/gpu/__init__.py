@@ -6,7 +6,7 @@ and read-only discovery.
 - `plan`: shards onto MIG instances (`plan_cluster`).
 - `render`: mig-parted config, node labels, extended resources, nvidia-smi steps, diff.
 - `discover`: NVML / nvidia-smi discovery (`discover`).
-- `cli`: the `cpctl plan`, `cpctl gpu` and `cpctl mig` commands.
+- `cli`: the `cpctl gpu list|plan|mig` commands.
 
 Nothing is imported here: `discover` and `catalog` must stay importable on GPU hosts that have only the
 standard library and nvidia-ml-py.
