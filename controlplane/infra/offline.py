@@ -179,9 +179,9 @@ def run_program(config: dict[str, str], stack: str = "offline",
         import pulumi.runtime.settings as runtime_settings
     except ImportError:
         raise InfraUnavailable("the Pulumi SDKs are not installed: pip install -e '.[infra]'") from None
-    program = program_dir()
-    if str(program.parent) not in sys.path:  # the program's modules import as `infra.*`
-        sys.path.insert(0, str(program.parent))
+    folder = program_dir()
+    if str(folder.parent) not in sys.path:  # the program's modules import as `infra.*`
+        sys.path.insert(0, str(folder.parent))
 
     with _LOCK:
         # Pulumi's runtime uses the thread's current event loop; an earlier asyncio.run() in this process
@@ -199,7 +199,7 @@ def run_program(config: dict[str, str], stack: str = "offline",
         @pulumi.runtime.test
         def program() -> pulumi.Output[Any]:
             # As Pulumi's Python host runs `main: infra/`: the directory, with infra/ first on sys.path.
-            runpy.run_path(str(program), run_name="__main__")
+            runpy.run_path(str(folder), run_name="__main__")
             # Awaiting the exports makes the run wait for every output they depend on.
             return pulumi.Output.from_input(dict(root.outputs))
 
