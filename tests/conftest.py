@@ -91,12 +91,17 @@ def start_stack(spec: Path, run_dir: Path, cluster: str, timeout_s: float = 60.0
 
 def stop_stack(stack: RunningStack) -> set[int]:
     """Ctrl-C the stack as a user would; return the PIDs that were part of it and are still alive."""
-    pids = stack.every_pid()
-    stack.process.popen.send_signal(signal.SIGINT)
+    return stop_cpctl(stack.process, stack.every_pid(), signal.SIGINT)
+
+
+def stop_cpctl(process: ManagedProcess, pids: set[int], sig: int) -> set[int]:
+    """Signal a cpctl process as its user would and wait for it; which of `pids` (its own and those it started)
+    are still alive."""
+    process.popen.send_signal(sig)
     try:
-        stack.process.popen.wait(timeout=30)
+        process.popen.wait(timeout=30)
     finally:
-        stack.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
+        process.stop(grace_s=1)  # only acts if cpctl itself did not finish
     return {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
 
 

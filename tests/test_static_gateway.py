@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from controlplane.procs import ManagedProcess, free_port, group_members
 from controlplane.shards.static import EndpointsFileError, read_endpoints
 
-from .conftest import EXAMPLE_SPEC, ROOT, RunningStack, not_zombie
+from .conftest import EXAMPLE_SPEC, ROOT, RunningStack, stop_cpctl
 
 ADMIN = {"Authorization": "Bearer cp-admin-key"}
 
@@ -82,13 +82,7 @@ def start_gateway(spec: Path, endpoints: Path, log: Path, launcher: list[str] = 
 
 def stop_gateway(gateway: RunningGateway) -> set[int]:
     """SIGTERM it as Kubernetes does; the PIDs that were part of it and are still alive."""
-    pids = gateway.every_pid()
-    gateway.process.popen.send_signal(signal.SIGTERM)
-    try:
-        gateway.process.popen.wait(timeout=30)
-    finally:
-        gateway.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
+    return stop_cpctl(gateway.process, gateway.every_pid(), signal.SIGTERM)
 
 
 def infer_risk(url: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import pytest
 
 from controlplane.procs import ManagedProcess, free_port, group_members
 
-from .conftest import ROOT, not_zombie
+from .conftest import ROOT, stop_cpctl
 
 H100_LGI = ROOT / "tests" / "data" / "nvidia-smi" / "h100-80gb-hbm3" / "mig-lgi.txt"
 SCENARIO = """
@@ -148,9 +148,7 @@ def local_stack(installed: Installed) -> Iterator[tuple[ManagedProcess, dict]]:
         started = [s["pid"] for s in state["shards"] + state["workers"] if s["pid"] and s["pid"] != process.pid]
         pids = {process.pid} | {pid for leader in started for pid in group_members(leader)}
         yield process, state
-        process.popen.send_signal(signal.SIGINT)
-        process.popen.wait(timeout=30)
-        assert not {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
+        assert not stop_cpctl(process, pids, signal.SIGINT)
         assert not state_file.exists()
     finally:
         process.stop(grace_s=1)

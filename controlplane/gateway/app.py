@@ -17,7 +17,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 
@@ -110,7 +111,7 @@ class GatewayApp:
         log.info("shard %s probed after ejection: %s", target.name, "healthy" if healthy else "still failing")
         self.router.probed(target, healthy)
 
-    def _spawn(self, coroutine) -> asyncio.Task[None]:  # noqa: ANN001 - any coroutine
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
