@@ -79,6 +79,8 @@ def up(
         fail(str(exc), FAILED)
     except TritonNotFound as exc:
         fail(str(exc))
+    except OSError as exc:  # the run directory cannot be written
+        fail(f"run directory {run.run_dir}: {exc.strerror or exc} (set CPCTL_RUN_DIR to a writable folder)", FAILED)
     stack = ServingStack(spec, shards, port, worker_log_dir=run.logs, on_change=lambda: run.write(stack.snapshot()))
     console.print(f"starting cluster '{spec.cluster}' (logs in {run.logs}) ...")
     try:
