@@ -34,4 +34,4 @@ test: $(VENV)/.stamp-test system-deps lint
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build

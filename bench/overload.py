@@ -6,9 +6,10 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from controlplane.bench.cli import suite_command  # noqa: E402
+from controlplane.cli import app  # noqa: E402
 
 if __name__ == "__main__":
-    suite_command(quick="--quick" in sys.argv[1:])
+    app(["bench", "suite", "--results-dir", str(ROOT / "bench" / "results"), *sys.argv[1:]])

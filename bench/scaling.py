@@ -36,10 +36,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controlplane.bench import procstat  # noqa: E402
-from controlplane.bench.suite import API_KEY, free_port, machine, start_nginx, target, work_body  # noqa: E402
+from controlplane.bench.suite import API_KEY, machine, start_nginx, target, work_body  # noqa: E402
 from controlplane.bench.wrk import WrkRun  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
-from controlplane.procs import ManagedProcess, group_members  # noqa: E402
+from controlplane.procs import ManagedProcess, free_port, group_members  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK_MODEL = ROOT / "examples" / "models" / "work"

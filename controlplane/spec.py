@@ -56,7 +56,7 @@ class MigSpec(StrictModel):
     layout: str | None = Field(
         None,
         description="A mig-parted named layout (e.g. 'all-disabled', 'all-1g.10gb', 'all-balanced'), or 'auto': "
-        "the planner (`cpctl plan`) chooses each GPU's layout from the shards' demand.",
+        "the planner (`cpctl gpu plan`) chooses each GPU's layout from the shards' demand.",
     )
     profiles: list[str] | None = Field(
         None, description="Explicit MIG profiles for each GPU of the pool, e.g. ['4g.40gb', '3g.40gb']."

@@ -17,7 +17,9 @@ from typing import Any
 import pulumi
 
 CONFIG_NAMESPACE = "controlplane"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The Pulumi project's folder, where Pulumi.yaml says `main: infra/`: relative paths in a stack's config are
+# relative to it, in a checkout and in the copy a wheel carries alike (controlplane/resources.py).
+PULUMI_PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def _camel(name: str) -> str:
 
 def _resolve(path: str) -> Path:
     candidate = Path(path)
-    return candidate if candidate.is_absolute() else PROJECT_ROOT / candidate
+    return candidate if candidate.is_absolute() else PULUMI_PROJECT_DIR / candidate
 
 
 def read_settings(config: pulumi.Config | None = None) -> StackSettings:

@@ -11,13 +11,14 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from controlplane.procs import ManagedProcess, group_members
+from controlplane.procs import ManagedProcess, free_port, group_members
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = ROOT / "examples" / "local" / "cluster.yaml"
@@ -91,13 +92,18 @@ def start_stack(spec: Path, run_dir: Path, cluster: str, timeout_s: float = 60.0
 
 def stop_stack(stack: RunningStack) -> set[int]:
     """Ctrl-C the stack as a user would; return the PIDs that were part of it and are still alive."""
-    pids = stack.every_pid()
-    stack.process.popen.send_signal(signal.SIGINT)
+    return stop_cpctl(stack.process, stack.every_pid(), signal.SIGINT)
+
+
+def stop_cpctl(process: ManagedProcess, pids: set[int], sig: int) -> set[int]:
+    """Signal a cpctl process as its user would and wait for it; which of `pids` (its own and those it started)
+    are still alive."""
+    process.popen.send_signal(sig)
     try:
-        stack.process.popen.wait(timeout=30)
+        process.popen.wait(timeout=30)
     finally:
-        stack.process.stop(grace_s=1)  # only acts if cpctl itself did not finish
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)}
+        process.stop(grace_s=1)  # only acts if cpctl itself did not finish
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and not_zombie(pid)}
 
 
 @contextlib.contextmanager
@@ -122,7 +128,7 @@ class ManualClock:
         return self.now
 
 
-def _not_zombie(pid: int) -> bool:
+def not_zombie(pid: int) -> bool:
     try:
         return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
     except OSError:
@@ -136,3 +142,51 @@ def stack(run_dir: Path) -> Iterator[RunningStack]:
     yield running
     leftovers = stop_stack(running)
     assert not leftovers, f"processes left after cpctl up stopped: {sorted(leftovers)}"
+
+
+@dataclass
+class RunningGateway:
+    """A `cpctl gateway` process. It writes no state file: its address is the port the test gave it."""
+
+    process: ManagedProcess
+    url: str
+
+    def admin(self) -> dict:
+        request = urllib.request.Request(f"{self.url}/admin/queues", headers={"Authorization": "Bearer cp-admin-key"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def every_pid(self) -> set[int]:
+        pids = {self.process.pid}
+        for worker in self.admin()["workers"]:
+            pids.update(group_members(worker["pid"]))
+        return pids
+
+
+def start_gateway(spec: Path, endpoints: Path | None, log: Path, launcher: list[str] = (),
+                  env: dict | None = None, cwd: Path = ROOT) -> RunningGateway:
+    """`cpctl gateway` (through `launcher`, e.g. a namespace), on a free port; wait until it serves.
+    `endpoints`: the static backend's file (None: the spec's backend finds the shards)."""
+    port = free_port()
+    listing = ["--endpoints", str(endpoints)] if endpoints is not None else []
+    process = ManagedProcess([*launcher, sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec),
+                              *listing, "--port", str(port)],
+                             env=env or dict(os.environ), log_path=log, cwd=cwd)
+    gateway = RunningGateway(process, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return gateway
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            pytest.fail(f"cpctl gateway did not start: {process.log_tail()}")
+        time.sleep(0.1)
+
+
+def stop_gateway(gateway: RunningGateway) -> set[int]:
+    """SIGTERM it as Kubernetes does; the PIDs that were part of it and are still alive."""
+    return stop_cpctl(gateway.process, gateway.every_pid(), signal.SIGTERM)

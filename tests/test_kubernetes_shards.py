@@ -28,10 +28,17 @@ from controlplane.shards.base import Endpoint
 from controlplane.shards.kubernetes import KubernetesShards, KubernetesUnavailable
 from controlplane.shards.manifests import SERVING_LABEL, gateway_access, shard_groups
 from controlplane.spec import ClusterSpec, parse_spec
-from controlplane.stack import LocalStack
+from controlplane.stack import ServingStack
 from tests.fakes.kube_api import TOKEN, FakeKubeApi
 
-from .conftest import EXAMPLE_SPEC, ROOT, ManualClock, RunningStack, start_stack, stop_stack
+from .conftest import (
+    EXAMPLE_SPEC,
+    ROOT,
+    ManualClock,
+    RunningStack,
+    start_gateway,
+    stop_gateway,
+)
 
 NS = "serving"
 ADMIN = {"Authorization": "Bearer cp-admin-key"}
@@ -210,7 +217,7 @@ def test_the_ladders_standby_step_scales_the_standby_deployment(fake: FakeKubeAp
         backend = KubernetesShards(spec, api_for(fake), watch_timeout_s=5)
         await backend.start()
         # The stack's own wiring: its ladder's step 1 calls the backend (no worker process is started here).
-        stack = LocalStack(spec, tmp_path, shards=backend)
+        stack = ServingStack(spec, backend)
         ladder = stack.gateway.ladder
         clock = ManualClock()
         ladder.clock = clock
@@ -338,10 +345,10 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
         spec = run_dir / "kube-gateway.yaml"
         spec.write_text(kubernetes_spec_text("kube-gateway"))
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # the gateway is not in a pod: kubectl's way in
-        gateway = start_stack(spec, run_dir, "kube-gateway", command=["gateway", "-f", str(spec), "--port", "0"])
+        gateway = start_gateway(spec, None, run_dir / "kube-gateway.log")
         try:
             def shards() -> dict[str, dict]:
-                request = urllib.request.Request(f"{gateway.gateway}/admin/queues", headers=ADMIN)
+                request = urllib.request.Request(f"{gateway.url}/admin/queues", headers=ADMIN)
                 with urllib.request.urlopen(request, timeout=5) as response:
                     return {s["name"]: s for s in json.loads(response.read())["shards"]}
 
@@ -352,7 +359,7 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
                     time.sleep(0.1)
 
             wait_for(set(pods))
-            client_ = httpclient.InferenceServerClient(gateway.address)
+            client_ = httpclient.InferenceServerClient(gateway.url.removeprefix("http://"))
             features = httpclient.InferInput("features", [1, 16], "FP32")
             features.set_data_from_numpy(np.zeros((1, 16), np.float32))
             for _ in range(4):
@@ -369,7 +376,7 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
             assert shards()["main-7d4f9-aaaaa"]["url"] == f"http://127.0.0.1:{pods['main-7d4f9-aaaaa']}"
 
             # An admin drain of pod a reaches the pod's label in the cluster (every gateway replica follows it).
-            request = urllib.request.Request(f"{gateway.gateway}/admin/shards/main-7d4f9-aaaaa/drain", method="POST",
+            request = urllib.request.Request(f"{gateway.url}/admin/shards/main-7d4f9-aaaaa/drain", method="POST",
                                              headers=ADMIN)
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert json.loads(response.read())["draining"] is True
@@ -378,7 +385,7 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
             fake.put(endpoint_slice("main-aaaaa", "main", pods["main-7d4f9-aaaaa"], []))
             wait_for(set())
             # Undrain reaches the pod no worker routes to any more; the controller puts it back; it serves again.
-            request = urllib.request.Request(f"{gateway.gateway}/admin/shards/main-7d4f9-aaaaa/undrain",
+            request = urllib.request.Request(f"{gateway.url}/admin/shards/main-7d4f9-aaaaa/undrain",
                                              method="POST", headers=ADMIN)
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert json.loads(response.read())["draining"] is False
@@ -390,12 +397,12 @@ def test_gateway_routes_per_pod_from_endpoint_slices(stack: RunningStack, run_di
             assert client_.infer("risk", [features]).as_numpy("score").shape == (1, 1)
             # A pod of no shard is a 404 naming it, not a patch.
             with pytest.raises(urllib.error.HTTPError) as unknown:
-                urllib.request.urlopen(urllib.request.Request(f"{gateway.gateway}/admin/shards/web-1/drain",
+                urllib.request.urlopen(urllib.request.Request(f"{gateway.url}/admin/shards/web-1/drain",
                                                               method="POST", headers=ADMIN), timeout=10)
             assert unknown.value.code == 404 and "web-1" in json.loads(unknown.value.read())["error"]
             client_.close()
         finally:
-            assert not stop_stack(gateway)
+            assert not stop_gateway(gateway)
 
 
 def cpctl_gateway(spec: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

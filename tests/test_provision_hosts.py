@@ -137,7 +137,7 @@ def test_hosts_hold_driver_toolkit_runtime_rdma_and_planned_mig_layouts(lab: Lab
         assert "blacklist nouveau" in lab.run(host, "cat /etc/modprobe.d/blacklist-nouveau.conf")
         assert "Pin: version 570.*" in lab.run(host, "cat /etc/apt/preferences.d/nvidia-driver-branch")
     assert "Address=192.168.100.11/24" in lab.run("h1", "cat /etc/systemd/network/60-ib0.network")
-    # The layouts `cpctl plan` chose for the H100 pool, and all-balanced on the H200.
+    # The layouts `cpctl gpu plan` chose for the H100 pool, and all-balanced on the H200.
     assert instances(lab, "h1") == {0: ["3g.40gb@0", "3g.40gb@4"]}
     assert instances(lab, "h2") == {0: ["1g.10gb@0", "1g.10gb@1", "1g.10gb@2"]}
     assert instances(lab, "h3") == {0: ["1g.18gb@2", "1g.18gb@3", "2g.35gb@0", "3g.71gb@4"]}

@@ -239,13 +239,38 @@ def test_flows_emptied_by_compaction_keep_one_place_in_the_rotation() -> None:
     assert rec.dispatched == [waiting]
 
 
+def test_requeue_keeps_the_queue_bounds() -> None:
+    scheduler, slots, _, rec = make(max_queued_requests=2)
+    sheddable = [rec.ticket("sheddable") for _ in range(2)]
+    for ticket in sheddable:
+        scheduler.submit(ticket)  # no free slot: both queued, the queue is full
+    retried = rec.ticket("critical")
+    scheduler.requeue(retried, exclude="bad-shard")  # a higher class: displaces the newest sheddable
+    assert scheduler.count == 2 and retried.state == "queued"
+    assert [(t, shed.reason) for t, shed in rec.shed] == [(sheddable[1], "displaced")]
+    also_retried = rec.ticket("sheddable")
+    scheduler.requeue(also_retried, exclude="bad-shard")  # nothing lower to displace: shed, not queued
+    assert scheduler.count == 2 and also_retried.state == "shed" and rec.shed[-1][1].reason == "queue_full"
+
+
+def test_requeue_keeps_the_band_bounds() -> None:
+    scheduler, _, _, rec = make()
+    band = scheduler.band["critical"]
+    for _ in range(band.max_requests):
+        scheduler.submit(rec.ticket("critical"))
+    retried = rec.ticket("critical")
+    scheduler.requeue(retried, exclude="bad-shard")
+    assert band.count == band.max_requests and retried.state == "shed" and rec.shed[-1][1].reason == "queue_full"
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["submit", "release", "expire", "tick"]),
+@given(st.lists(st.tuples(st.sampled_from(["submit", "release", "expire", "tick", "requeue"]),
                           st.sampled_from(["critical", "standard", "sheddable"]),
                           st.integers(1, 3), st.integers(0, 900)), max_size=300))
 def test_every_ticket_ends_exactly_once_and_bounds_hold(ops) -> None:
     scheduler, slots, clock, rec = make(max_queued_requests=20, max_queued_bytes=5000)
     tickets = []
+    requeued: Counter[int] = Counter()
     for op, band, tenant, size in ops:
         if op == "submit":
             ticket = rec.ticket(band, tenant=f"t{tenant}", size=size, deadline=clock.now + 1)
@@ -253,6 +278,12 @@ def test_every_ticket_ends_exactly_once_and_bounds_hold(ops) -> None:
             scheduler.submit(ticket)
         elif op == "release":
             release(scheduler, slots, tenant)
+        elif op == "requeue":  # the shard of the latest dispatch failed before answering: its slot is free again
+            failed = next((t for t in reversed(rec.dispatched) if t.state == "dispatched"), None)
+            if failed is not None:
+                requeued[id(failed)] += 1
+                slots.free += 1
+                scheduler.requeue(failed, exclude="failed-shard")
         elif op == "expire":
             clock.now += 0.3
             for ticket in tickets:
@@ -261,7 +292,9 @@ def test_every_ticket_ends_exactly_once_and_bounds_hold(ops) -> None:
         else:
             scheduler.completed(0.01)
         assert scheduler.count <= 20 and scheduler.bytes <= 5000
+        assert all(b.count <= b.max_requests and b.bytes <= b.max_bytes for b in scheduler.bands)
         assert scheduler.count == sum(b.count for b in scheduler.bands) == sum(t.state == "queued" for t in tickets)
     ended = [t for t in rec.dispatched] + [t for t, _ in rec.shed]
-    assert len(ended) == len(set(map(id, ended)))  # nothing ends twice
+    ends = Counter(map(id, ended))
+    assert all(ends[id(t)] <= 1 + requeued[id(t)] for t in tickets)  # nothing ends twice without a requeue
     assert all(t.state in ("dispatched", "shed") or t.state == "queued" for t in tickets)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.procs import group_members
-from controlplane.shards.local import LocalShards, ShardStartError, probe_ready
+from controlplane.shards.base import probe_ready
+from controlplane.shards.local import LocalShards, ShardStartError
 from controlplane.spec import load_spec
 
 from .conftest import EXAMPLE_SPEC
@@ -40,7 +41,7 @@ def test_start_notify_stop_leaves_no_process(tmp_path: Path) -> None:
             assert sorted(e.name for e in backend.endpoints()) == ["main-0", "main-1"]
             for endpoint in backend.endpoints():
                 assert endpoint.models == {"risk", "risk_lite", "work", "textgen"}
-                assert await probe_ready(endpoint.port)
+                assert await probe_ready(endpoint.host, endpoint.port)
             groups = [r.process.pgid for r in backend.replicas if r.process]
             # each server runs one Python-backend stub per model instance, in its own process group
             assert all(len(group_members(g)) >= 2 for g in groups)
@@ -67,7 +68,7 @@ def test_killed_shard_is_restarted_with_its_stubs_cleaned_up(tmp_path: Path) -> 
             assert replica.restarts == 1 and replica.process.pid != first_pid
             assert replica.http_port == first_port  # same address: clients and the gateway reconnect
             assert group_members(first_pid) == []  # the old server's stubs went with it
-            assert await probe_ready(replica.http_port)
+            assert await probe_ready("127.0.0.1", replica.http_port)
         finally:
             await backend.stop()
 

@@ -8,25 +8,28 @@ from pathlib import Path
 import typer
 import uvloop
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-bench_app = typer.Typer(help="Benchmarks: open-loop load and the overload suite.", no_args_is_help=True)
-console = Console()
+from controlplane.clikit import FAILED, JSON_OPTION, area_app, console, err_console, fail, print_json
 
-ScenarioOption = typer.Option(..., "-s", "--scenario", help="Scenario YAML: rate, duration_s, arrivals, flows.")
-JsonOption = typer.Option(None, "--json", help="Write the report as JSON here.")
-UrlOption = typer.Option(..., "--url", help="Endpoint; repeat for several (round robin, e.g. Triton direct).")
+bench_app = area_app("Benchmarks: open-loop load (`run`) and the overload suite (`suite`).")
+
+SCENARIO_OPTION = typer.Option(..., "-s", "--scenario", help="Scenario YAML: rate, duration_s, arrivals, flows.")
+OUTPUT_OPTION = typer.Option(None, "-o", "--output", help="Also write the report as JSON to this file.")
+URL_OPTION = typer.Option(..., "--url", help="Endpoint; repeat for several (round robin, e.g. Triton direct).")
+RESULTS_DIR_OPTION = typer.Option(Path("bench/results"), "--results-dir",
+                                  help="Where the results go (<name>-<date>.json, .md, .png).")
 
 
 @bench_app.command("run")
 def run_command(
-    scenario_file: Path = ScenarioOption,
-    url: list[str] = UrlOption,
+    scenario_file: Path = SCENARIO_OPTION,
+    url: list[str] = URL_OPTION,
     rate: float = typer.Option(None, help="Override the scenario's rate (req/s)."),
     duration: float = typer.Option(None, help="Override the scenario's duration (s)."),
-    json_out: Path = JsonOption,
+    output: Path = OUTPUT_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Offer a scenario's load (open loop) to an endpoint; print per-class percentiles, goodput, statuses.
 
@@ -37,15 +40,19 @@ def run_command(
     try:
         scenario = load_scenario(scenario_file)
     except (OSError, ValidationError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {scenario_file}: {exc}")
-        raise typer.Exit(2) from None
+        fail(f"{scenario_file}: {exc}")
     updates = {k: v for k, v in (("rate", rate), ("duration_s", duration)) if v is not None}
     scenario = scenario.model_copy(update=updates)
     with Progress(TextColumn("sending"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
+                  TimeRemainingColumn(), console=console, transient=True, disable=as_json) as progress:
         task = progress.add_task("send", total=int(scenario.rate * scenario.duration_s))
         report = uvloop.run(run(scenario, url, lambda done, total: progress.update(task, completed=done)))
     summary = report.summary()
+    if output is not None:
+        output.write_text(json.dumps(summary, indent=1))
+    if as_json:
+        print_json(summary)
+        return
     table = Table(title=f"{scenario.rate:g} req/s offered for {scenario.duration_s:g} s "
                         f"(achieved {summary['achieved_rate']:.0f}/s, generator lag P99 "
                         f"{summary['generator_lag_p99_ms']} ms)")
@@ -60,8 +67,6 @@ def run_command(
     if summary["generator_fell_behind"]:
         console.print("[yellow]warning:[/yellow] the load generator fell behind its schedule: these numbers "
                       "describe the generator, not the server (lower the rate or use more cores)")
-    if json_out is not None:
-        json_out.write_text(json.dumps(summary, indent=1))
 
 
 @bench_app.command("suite")
@@ -69,19 +74,26 @@ def suite_command(
     quick: bool = typer.Option(False, help="Short steps (minutes less; noisier numbers)."),
     only: str = typer.Option(None, help="Run only these scenario groups, comma-separated: overload (peak, overhead, "
                              "capacity, overload mix, fault), flood (gateway-bound flood), cpu (CPU per request)."),
+    results_dir: Path = RESULTS_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """The overload benchmark: gateway vs nginx vs Triton direct, one run; writes bench/results/<name>-<date>.*
+    """The overload benchmark: gateway vs nginx vs Triton direct, one run; writes RESULTS_DIR/<name>-<date>.*
 
     Example: cpctl bench suite; cpctl bench suite --only flood,cpu --quick
     """
     from controlplane.bench.suite import run_suite
+    from controlplane.resources import ResourceMissing
 
     groups = [g.strip() for g in only.split(",") if g.strip()] if only else None
+    progress = err_console if as_json else console  # with --json, stdout carries only the results
     try:
-        results = run_suite(quick=quick, log=lambda line: console.print(line, highlight=False), only=groups)
-    except RuntimeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        results = run_suite(quick=quick, log=lambda line: progress.print(line, highlight=False), only=groups,
+                            results_dir=results_dir)
+    except (RuntimeError, ResourceMissing) as exc:
+        fail(str(exc), FAILED)
+    if as_json:
+        print_json(results)
+        return
     table = Table(title="targets")
     for column in ("target", "value", "goal", "met"):
         table.add_column(column)

@@ -46,11 +46,10 @@ from controlplane.bench import procstat
 from controlplane.bench.loadgen import Flow, Sample, Scenario, run, summarize
 from controlplane.bench.wrk import WrkResult, WrkRun
 from controlplane.bench.wrk import script as wrk_script
-from controlplane.procs import ManagedProcess, group_members
+from controlplane.procs import ManagedProcess, free_port, group_members
+from controlplane.resources import project_file
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-SPEC = ROOT / "bench" / "overload.yaml"
-RESULTS = ROOT / "bench" / "results"
+SPEC = "bench/overload.yaml"  # a project file (controlplane/resources.py): its models are ../examples/models
 API_KEY = "cp-bench-key"
 REFUSED_KEY = "cp-bench-refused-key"  # the `refused` tenant: 1 req/s, burst 1
 GPU_LIKE = {"work_ms": 10, "per_item_ms": 4}
@@ -80,8 +79,9 @@ class Setups:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         env = {**os.environ, "CPCTL_RUN_DIR": str(workdir / "run")}
-        self.stack = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(SPEC)], env=env,
-                                    log_path=workdir / "cpctl.log", cwd=ROOT)
+        spec = project_file(SPEC)
+        self.stack = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec)], env=env,
+                                    log_path=workdir / "cpctl.log", cwd=workdir)
         state_file = workdir / "run" / "bench-overload" / "state.json"
         deadline = time.monotonic() + 90
         while not state_file.exists():
@@ -170,13 +170,6 @@ class Setups:
             return False
         finally:
             self.stack.stop(grace_s=2)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1) -> ManagedProcess:
@@ -272,8 +265,8 @@ def machine() -> dict:
 
 
 def run_suite(quick: bool = False, log: Callable[[str], None] = print, only: Sequence[str] | None = None,
-              results_dir: Path | None = None) -> dict:
-    """Run every scenario (or the groups in `only`); return the results (also written under bench/results/)."""
+              results_dir: Path = Path("bench/results")) -> dict:
+    """Run every scenario (or the groups in `only`); return the results (also written to `results_dir`)."""
     groups = [g for g in GROUPS if only is None or g in only]
     unknown = sorted(set(only or ()) - set(GROUPS))
     if unknown or not groups:
@@ -306,7 +299,7 @@ def run_suite(quick: bool = False, log: Callable[[str], None] = print, only: Seq
             for line in results["stack_log_errors"][:5]:
                 log(f"  stack log: {line}")
     results["targets"] = targets(results)
-    write_results(results, results_dir or RESULTS)
+    write_results(results, results_dir)
     return results
 
 
@@ -645,7 +638,7 @@ def overload_targets(r: dict) -> list[dict]:
     ]
 
 
-def write_results(r: dict, directory: Path = RESULTS) -> None:
+def write_results(r: dict, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     name = "overload" if "overload" in r["groups"] else "-".join(r["groups"])
     stem = directory / f"{name}-{r['date']}"

@@ -17,7 +17,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 
@@ -32,7 +33,8 @@ from controlplane.gateway.overload import OverloadManager
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
 from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
-from controlplane.gateway.upstream import UpstreamError, fetch, probe_ready, request_bytes
+from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
+from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class GatewayApp:
         self.models = {m.name for m in spec.models}
         self.limits = spec.gateway.limits
         self.admission = Admission(spec, clock)
-        self.scheduler = Scheduler(spec.priority_classes, self.limits, router, clock)
+        self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
@@ -105,11 +107,11 @@ class GatewayApp:
             self.scheduler.pump()
 
     async def _probe(self, target: Target) -> None:
-        healthy = await probe_ready(target.pool)
+        healthy = await probe_ready(target.pool.host, target.pool.port)
         log.info("shard %s probed after ejection: %s", target.name, "healthy" if healthy else "still failing")
         self.router.probed(target, healthy)
 
-    def _spawn(self, coroutine) -> asyncio.Task[None]:  # noqa: ANN001 - any coroutine
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -79,7 +79,7 @@ class Exchange:
         self.arrived = gateway.clock()
         self.checked: InferHeader | None = None
         self.signature: ModelSignature | None = None
-        self.ticket: Ticket | None = None
+        self.ticket: Ticket[Target] | None = None
         self.target: Target | None = None  # the shard whose slot this request holds
         self.upstream: UpstreamConnection | None = None
         self.sent_at = 0.0

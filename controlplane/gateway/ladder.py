@@ -9,6 +9,7 @@ for `down_after_s`. Steps that the spec gives nothing to do (no standby, no vari
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from controlplane.spec import ClusterSpec
@@ -16,6 +17,7 @@ from controlplane.spec import ClusterSpec
 log = logging.getLogger(__name__)
 
 STEP_NAMES = {0: "normal", 1: "standby shards awake", 2: "lowest class on cheaper variants"}
+HISTORY_KEPT = 20  # the last moves shown in /admin/queues; older ones live in the log
 
 
 class DegradationLadder:
@@ -30,7 +32,7 @@ class DegradationLadder:
         self.position = 0  # index into self.steps
         self.high_since: float | None = None
         self.low_since: float | None = None
-        self.history: list[tuple[float, int, str]] = []
+        self.history: deque[tuple[float, int, str]] = deque(maxlen=HISTORY_KEPT)
 
     @property
     def step(self) -> int:
@@ -73,4 +75,4 @@ class DegradationLadder:
 
     def snapshot(self) -> dict:
         return {"step": self.step, "name": STEP_NAMES[self.step], "steps": self.steps,
-                "history": [{"at": round(t, 3), "step": s, "why": w} for t, s, w in self.history[-20:]]}
+                "history": [{"at": round(t, 3), "step": s, "why": w} for t, s, w in self.history]}

@@ -109,14 +109,14 @@ class Router:
         return min(candidates, key=lambda t: t.outstanding / t.limit, default=None)
 
     # --- slots (the scheduler's Capacity) -------------------------------------------------------------------
-    def can_serve(self, model: str, exclude: object | None = None) -> bool:
+    def can_serve(self, model: str, exclude: Target | None = None) -> bool:
         return any(t.has_free_slot() and t is not exclude for t in self.by_model.get(model, ()))
 
     def total_slots(self) -> float:
         """Requests all available shards may have in flight together, by their current limits."""
         return float(sum(int(t.limit) for t in self.targets.values() if t.available))
 
-    def acquire(self, model: str, exclude: object | None = None) -> Target | None:
+    def acquire(self, model: str, exclude: Target | None = None) -> Target | None:
         """Reserve a slot on the least loaded shard (in flight relative to its limit) with one free."""
         best, best_load = None, 2.0
         for target in self.by_model.get(model, ()):

@@ -18,13 +18,15 @@ Model (vocabulary after Kubernetes API Priority and Fairness):
   that rate, and at least its queue over the rate at which it really drained during the last second.
 - When the whole queue is full, a request of a higher band displaces the newest request of the lowest
   backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
+- A dispatched request whose shard failed before answering is *requeued*: first in its flow, never to that
+  shard again, through the same bounds as an arriving one (a full band sheds it; a full queue displaces below).
 - A queued request whose deadline passes is removed and answered without reaching a shard; so is one that
   reaches the front with less deadline left than `time_needed_s` (it would likely time out in flight).
 
-Invariants (tested in tests/test_scheduler.py):
+Invariants (tested in tests/test_scheduler.py), on every path (submit, requeue, expire, dispatch):
 - queued requests <= max_queued_requests and queued bytes <= max_queued_bytes; per band likewise;
 - a dispatch goes to the highest non-empty band unless a lower band is owed its share;
-- every submitted ticket ends exactly once: dispatched, or shed with a reason.
+- every submitted ticket ends exactly once: dispatched, or shed with a reason (a requeued ticket starts again).
 
 Time comes from an injected clock; nothing here sleeps or touches asyncio.
 """
@@ -36,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from controlplane.spec import GatewayLimits, PriorityClass
 
@@ -46,6 +48,9 @@ SERVICE_TIME_WEIGHT = 0.05  # EWMA weight of each completed request's service ti
 WAIT_MARGIN = 1.25  # admission pads the wait estimate: a request admitted and then expiring is a wasted wait
 LOOP_ALLOWANCE_S = 0.005  # event-loop delay allowed for between dispatch and the request leaving
 CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
+
+# What a dispatch is given: a reserved slot on a shard (the router's `Target`); tests use their own.
+SlotT = TypeVar("SlotT")
 
 
 class Shed(Exception):
@@ -57,12 +62,12 @@ class Shed(Exception):
         self.retry_after_s = retry_after_s
 
 
-class Capacity(Protocol):
-    """Free shard slots, as the router keeps them."""
+class Capacity(Protocol[SlotT]):
+    """Free shard slots, as the router keeps them. `exclude`: a shard the request must not go to."""
 
-    def can_serve(self, model: str, exclude: object | None) -> bool: ...
-    def acquire(self, model: str, exclude: object | None) -> object | None: ...
-    def unreserve(self, target: object) -> None: ...
+    def can_serve(self, model: str, exclude: SlotT | None) -> bool: ...
+    def acquire(self, model: str, exclude: SlotT | None) -> SlotT | None: ...
+    def unreserve(self, target: SlotT) -> None: ...
     def total_slots(self) -> float: ...
 
 
@@ -73,9 +78,17 @@ class TicketState(StrEnum):
     SHED = "shed"
 
 
+def _ignore_dispatch(target: object) -> None:
+    pass
+
+
+def _ignore_shed(shed: Shed) -> None:
+    pass
+
+
 @dataclass(eq=False, slots=True)
-class Ticket:
-    """One admitted request while the scheduler holds it."""
+class Ticket(Generic[SlotT]):
+    """One admitted request while the scheduler holds it; it learns its fate through its two callbacks."""
 
     model: str
     tenant: str
@@ -83,13 +96,13 @@ class Ticket:
     cost: float
     size: int
     deadline: float  # absolute, scheduler clock
-    on_dispatch: Callable[[object], None] = lambda target: None
-    on_shed: Callable[[Shed], None] = lambda shed: None
-    exclude: object | None = None  # a shard this request must not go to (it failed there)
+    on_dispatch: Callable[[SlotT], None] = _ignore_dispatch
+    on_shed: Callable[[Shed], None] = _ignore_shed
+    exclude: SlotT | None = None  # a shard this request must not go to (it failed there)
     enqueued_at: float = 0.0
     state: TicketState = TicketState.NEW
 
-    def dispatch(self, target: object) -> None:
+    def dispatch(self, target: SlotT) -> None:
         self.state = TicketState.DISPATCHED
         self.on_dispatch(target)
 
@@ -137,7 +150,7 @@ class ServiceTime:
 
 
 @dataclass(eq=False)
-class Band:
+class Band(Generic[SlotT]):
     """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""
 
     name: str
@@ -145,7 +158,7 @@ class Band:
     share: float
     max_requests: int
     max_bytes: int
-    flows: dict[str, deque[Ticket]] = field(default_factory=dict)
+    flows: dict[str, deque[Ticket[SlotT]]] = field(default_factory=dict)
     rotation: deque[str] = field(default_factory=deque)  # tenants with queued tickets, in turn order
     deficit: dict[str, float] = field(default_factory=dict)
     count: int = 0
@@ -156,7 +169,7 @@ class Band:
     service: ServiceTime = field(default_factory=ServiceTime)  # this class's own (Triton serves classes apart)
     dispatched_at: deque[float] = field(default_factory=deque)  # dispatch times of the last RATE_WINDOW_S
 
-    def push(self, ticket: Ticket, front: bool = False) -> None:
+    def push(self, ticket: Ticket[SlotT], front: bool = False) -> None:
         flow = self.flows.get(ticket.tenant)
         if flow is None:
             flow = self.flows[ticket.tenant] = deque()
@@ -169,11 +182,11 @@ class Band:
             flow.append(ticket)
         self._account(ticket, +1)
 
-    def _account(self, ticket: Ticket, sign: int) -> None:
+    def _account(self, ticket: Ticket[SlotT], sign: int) -> None:
         self.count += sign
         self.bytes += sign * ticket.size
 
-    def forget(self, ticket: Ticket) -> None:
+    def forget(self, ticket: Ticket[SlotT]) -> None:
         """Take a ticket out of the counts; it stays in its flow and is skipped when reached (lazy removal).
         Dead tickets are compacted away once they outnumber the live ones, so memory stays bounded."""
         self._account(ticket, -1)
@@ -183,7 +196,7 @@ class Band:
                 self.flows[tenant] = deque(t for t in flow if t.state is TicketState.QUEUED and t is not ticket)
             self.dead = 0
 
-    def newest(self) -> Ticket | None:
+    def newest(self) -> Ticket[SlotT] | None:
         """The most recently queued live ticket (the one displacement takes)."""
         best = None
         for flow in self.flows.values():
@@ -194,7 +207,7 @@ class Band:
                     break
         return best
 
-    def pop_next(self, capacity: Capacity) -> tuple[Ticket | None, object | None]:
+    def pop_next(self, capacity: Capacity[SlotT]) -> tuple[Ticket[SlotT] | None, SlotT | None]:
         """The next ticket by deficit round robin whose model has a free slot, with that slot."""
         blocked: set[str] = set()
         # Bounded: each visit either serves, drops a tenant, marks one blocked, or adds QUANTUM to a deficit.
@@ -236,15 +249,16 @@ class Band:
         return None, None
 
 
-class Scheduler:
-    def __init__(self, classes: list[PriorityClass], limits: GatewayLimits, capacity: Capacity,
+class Scheduler(Generic[SlotT]):
+    def __init__(self, classes: list[PriorityClass], limits: GatewayLimits, capacity: Capacity[SlotT],
                  clock: Callable[[], float]) -> None:
         self.capacity = capacity
         self.clock = clock
         self.max_requests = limits.max_queued_requests
         self.max_bytes = limits.max_queued_bytes
         ordered = sorted(classes, key=lambda c: c.level, reverse=True)
-        self.bands = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes) for c in ordered]
+        self.bands: list[Band[SlotT]] = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes)
+                                         for c in ordered]
         self.band = {b.name: b for b in self.bands}
         self.count = 0
         self.bytes = 0
@@ -253,7 +267,7 @@ class Scheduler:
         self.service = ServiceTime()  # all classes together: the shards' service rate
 
     # --- admission ---------------------------------------------------------------------------------------
-    def submit(self, ticket: Ticket) -> None:
+    def submit(self, ticket: Ticket[SlotT]) -> None:
         """Admit, queue or shed a ticket; it is dispatched or shed through its callbacks, maybe at once."""
         now = self.clock()
         band = self.band[ticket.band]
@@ -270,6 +284,22 @@ class Scheduler:
             ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
                                          f"class '{band.name}' and above is queued", wait))
             return
+        self._enqueue_within_bounds(ticket, band, now)
+
+    def requeue(self, ticket: Ticket[SlotT], exclude: SlotT) -> None:
+        """Put back a dispatched ticket whose shard failed before answering: first in its flow, other shard,
+        within the same bounds as an arriving ticket."""
+        ticket.exclude = exclude
+        now = self.clock()
+        if ticket.deadline <= now:
+            ticket.shed(Shed("deadline", "the deadline passed while retrying", 0.0))
+            return
+        self._enqueue_within_bounds(ticket, self.band[ticket.band], now, front=True)
+
+    def _enqueue_within_bounds(self, ticket: Ticket[SlotT], band: Band[SlotT], now: float,
+                               front: bool = False) -> None:
+        """Queue the ticket if its band and the whole queue have room (displacing lower bands if needed), else
+        shed it; then dispatch what fits."""
         if band.count + 1 > band.max_requests or band.bytes + ticket.size > band.max_bytes:
             ticket.shed(Shed("queue_full", f"the queue of class '{band.name}' is full", self._retry_after(band)))
             return
@@ -277,34 +307,19 @@ class Scheduler:
             if not self._displace_below(band):
                 ticket.shed(Shed("queue_full", "the gateway queue is full", self._retry_after(band)))
                 return
-        self._enqueue(ticket, band, now)
-        self.pump()
-
-    def requeue(self, ticket: Ticket, exclude: object) -> None:
-        """Put back a dispatched ticket whose shard failed before answering: first in its flow, other shard."""
-        ticket.exclude = exclude
-        band = self.band[ticket.band]
-        if ticket.deadline <= self.clock():
-            ticket.shed(Shed("deadline", "the deadline passed while retrying", 0.0))
-            return
-        ticket.state = TicketState.QUEUED
-        band.push(ticket, front=True)
-        self.count += 1
-        self.bytes += ticket.size
-        self.pump()
-
-    def _enqueue(self, ticket: Ticket, band: Band, now: float) -> None:
         if self.count == 0:
             self.saturated_since = now
         if band.count == 0:
             band.backlogged_since = now
         ticket.state = TicketState.QUEUED
-        ticket.enqueued_at = now
-        band.push(ticket)
+        if not front:  # a requeued ticket keeps its age: displacement takes the newest
+            ticket.enqueued_at = now
+        band.push(ticket, front)
         self.count += 1
         self.bytes += ticket.size
+        self.pump()
 
-    def _displace_below(self, band: Band) -> bool:
+    def _displace_below(self, band: Band[SlotT]) -> bool:
         for lower in reversed(self.bands):
             if lower.level >= band.level:
                 return False
@@ -316,7 +331,7 @@ class Scheduler:
                 return True
         return False
 
-    def _remove(self, ticket: Ticket) -> None:
+    def _remove(self, ticket: Ticket[SlotT]) -> None:
         band = self.band[ticket.band]
         band.forget(ticket)
         self.count -= 1
@@ -325,7 +340,7 @@ class Scheduler:
             band.credit = 0.0
             band.backlogged_since = math.inf
 
-    def expire(self, ticket: Ticket) -> None:
+    def expire(self, ticket: Ticket[SlotT]) -> None:
         """Called when a queued ticket's deadline passes: answer it without sending it anywhere."""
         if ticket.state is TicketState.QUEUED:
             self._remove(ticket)
@@ -351,7 +366,7 @@ class Scheduler:
             dispatched += 1
         return dispatched
 
-    def _next(self) -> tuple[Ticket | None, object | None]:
+    def _next(self) -> tuple[Ticket[SlotT] | None, SlotT | None]:
         backlogged = [b for b in self.bands if b.count]
         total_share = sum(b.share for b in backlogged)
         owed = [b for b in backlogged if b.credit >= 1.0]
@@ -375,7 +390,7 @@ class Scheduler:
         if band is not None:
             self.band[band].service.update(service_time_s)
 
-    def time_needed_s(self, band: Band | None = None) -> float:
+    def time_needed_s(self, band: Band[SlotT] | None = None) -> float:
         """Deadline a request needs left when sent: from its own class's service times once known (Triton's
         priority queue serves higher classes faster than the average), else from all classes'."""
         if band is not None and band.service.mean_s > 0.0:
@@ -396,7 +411,7 @@ class Scheduler:
             rate = min(rate, completed / RATE_WINDOW_S)
         return rate
 
-    def estimated_wait(self, band: Band) -> float:
+    def estimated_wait(self, band: Band[SlotT]) -> float:
         """Seconds until a request joining `band` now would be dispatched: requests queued at its level
         and above, over the service rate. An unknown rate estimates no wait (admission stays open)."""
         ahead = sum(b.count for b in self.bands if b.level >= band.level)
@@ -417,7 +432,7 @@ class Scheduler:
             wait = max(wait, (band.count + 1) / drained if drained else math.inf)
         return wait
 
-    def _retry_after(self, band: Band) -> float:
+    def _retry_after(self, band: Band[SlotT]) -> float:
         return max(self.estimated_wait(band), 1.0)
 
     def snapshot(self) -> list[dict]:

@@ -242,12 +242,3 @@ async def fetch(pool: UpstreamPool, request: list[bytes], timeout_s: float) -> C
         if not sink.done.done() or sink.done.cancelled():
             conn.close()  # unfinished: never reused
     return sink
-
-
-async def probe_ready(pool: UpstreamPool, timeout_s: float = 1.0) -> bool:
-    """Whether the shard answers GET /v2/health/ready with 200."""
-    try:
-        sink = await fetch(pool, request_bytes(b"GET", "/v2/health/ready", [], b""), timeout_s)
-    except UpstreamError:
-        return False
-    return sink.status == 200

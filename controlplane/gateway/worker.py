@@ -18,8 +18,11 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 
 GATHER_TIMEOUT_S = 2 * ASK_TIMEOUT_S  # the supervisor waits up to ASK_TIMEOUT_S for each worker, in parallel
 PROMETHEUS_TEXT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+
+Answered = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers of a view or admin action
+Answer = Coroutine[Any, Any, Answered]
 
 
 class FollowedLadder:
@@ -91,7 +97,7 @@ class GatewayWorker:
                 return self.answer(conn, self.drain(match), request)
         return self.app(request, conn)
 
-    def answer(self, conn: ClientConnection, work, admin: Request | None = None) -> asyncio.Task[None]:  # noqa: ANN001
+    def answer(self, conn: ClientConnection, work: Answer, admin: Request | None = None) -> asyncio.Task[None]:
         """Answer with `work` (a coroutine giving status, body, headers) once the supervisor replied; an admin
         request's token is checked first. The task is what the server cancels if the client leaves."""
         task = asyncio.get_running_loop().create_task(self._answer(conn, work, admin))
@@ -99,7 +105,7 @@ class GatewayWorker:
         task.add_done_callback(self.answering.discard)
         return task
 
-    async def _answer(self, conn: ClientConnection, work, admin: Request | None) -> None:  # noqa: ANN001
+    async def _answer(self, conn: ClientConnection, work: Answer, admin: Request | None) -> None:
         try:
             if admin is not None:
                 self.app.admission.admin_ok(admin.headers, self.spec.gateway.admin_token_sha256)
@@ -119,7 +125,7 @@ class GatewayWorker:
     async def gather(self) -> dict:
         return await self.channel.ask({"op": "gather"}, GATHER_TIMEOUT_S)
 
-    async def metrics(self) -> tuple[int, bytes, list]:
+    async def metrics(self) -> Answered:
         gathered = await self.gather()
         states = gathered["workers"]
         merged = GatewayMetrics()
@@ -130,7 +136,7 @@ class GatewayWorker:
                              [{"worker": s["worker"], **s["counters"]} for s in states])
         return 200, body, PROMETHEUS_TEXT
 
-    async def queues(self) -> tuple[int, bytes, list]:
+    async def queues(self) -> Answered:
         gathered = await self.gather()
         states = gathered["workers"]
         view = {"classes": merge_classes(states), "shards": merge_shards(states), "ladder": gathered["ladder"],
@@ -140,7 +146,7 @@ class GatewayWorker:
                                                      "service_rate", "counters", "bounds")} for s in states]}
         return 200, orjson.dumps(view), [(b"content-type", b"application/json")]
 
-    async def drain(self, match) -> tuple[int, bytes, list]:  # noqa: ANN001 - re.Match
+    async def drain(self, match: re.Match[str]) -> Answered:
         result = await self.channel.ask({"op": "drain", "shard": match["shard"],
                                          "draining": match["action"] == "drain"}, GATHER_TIMEOUT_S)
         if not result["found"]:

@@ -10,7 +10,7 @@ the MIG reconcile, read-only discovery and the preflight checks.
   Ansible mig role's `mig_plan` both call it).
 - `devices`: what discovery reports (`HostGpus`, `GpuInfo`, ...); `nvml` and `nvidia_smi` fill it;
   `discover` picks NVML, else nvidia-smi.
-- `cli`: the `cpctl plan`, `cpctl gpu` and `cpctl mig` commands.
+- `cli`: the `cpctl gpu list|plan|mig` commands.
 
 Nothing is imported here: `catalog`, `layout`, `devices`, `nvml`, `nvidia_smi`, `discover` and `reconcile`
 use only the standard library (and nvidia-ml-py when present), so GPU hosts and the Ansible controller can

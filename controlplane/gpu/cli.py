@@ -1,4 +1,5 @@
-"""`cpctl plan`, `cpctl gpu` and `cpctl mig ...`: the GPU room's commands, registered by controlplane/cli.py.
+"""`cpctl gpu list|plan|mig ...`: the GPU room's commands, one Typer app (`gpu_app`) that controlplane/cli.py
+registers as `cpctl gpu` (`cpctl plan` and `cpctl mig` stay as hidden aliases).
 
 Thin: each command parses, calls catalog/plan/render/reconcile/discover and renders with Rich (or JSON with --json).
 Bad input (an unreadable or invalid spec, a plan that does not fit, an unknown node, a bad --current file)
@@ -10,12 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from controlplane.clikit import FAILED, JSON_OPTION, SPEC_OPTION, area_app, console, err_console, fail, load, print_json
 from controlplane.gpu.catalog import GpuModel
 from controlplane.gpu.devices import GpuInfo, HostGpus, NoGpuError
 from controlplane.gpu.discover import discover
@@ -23,36 +23,24 @@ from controlplane.gpu.nvidia_smi import parse_lci, parse_lgi
 from controlplane.gpu.plan import Plan, PlanError, plan_cluster
 from controlplane.gpu.reconcile import NodeReconcile, reconcile_node
 from controlplane.gpu.render import extended_resources, mig_parted_config, node_labels, replica_resources
-from controlplane.spec import SpecError, load_spec
 
-console = Console()
-errors = Console(stderr=True)
-
-mig_app = typer.Typer(help="MIG layouts of the plan: mig-parted config, nvidia-smi steps, current vs desired.",
-                      no_args_is_help=True)
-
-SPEC_OPTION = typer.Option(..., "-f", "--file", help="The cluster spec (cluster.yaml).")
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+gpu_app = area_app("GPUs: this machine's GPUs, the MIG plan of a spec, and MIG layouts.")
+mig_app = area_app("MIG layouts of the plan: mig-parted config, nvidia-smi steps, current vs desired.")
+gpu_app.add_typer(mig_app, name="mig")
 
 
 def _load_plan(spec_file: Path) -> Plan:
     try:
-        return plan_cluster(load_spec(spec_file))
-    except SpecError as exc:
-        _fail("; ".join(exc.lines))
+        return plan_cluster(load(spec_file))
     except PlanError as exc:
-        _fail(f"{spec_file}: {exc}")
+        fail(f"{spec_file}: {exc}")
 
 
+@gpu_app.command("plan")
 def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Show where every shard replica runs: node, GPU, MIG slot and profile, shard, models, class.
 
-    Example: cpctl plan -f examples/gpu/cluster.yaml
+    Example: cpctl gpu plan -f examples/gpu/cluster.yaml
     """
     result = _load_plan(spec_file)
     if as_json:
@@ -64,7 +52,7 @@ def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
              "shared_with": list(r.shared_with)}
             for r in replica_resources(result)
         ]
-        console.print_json(json.dumps(data))
+        print_json(data)
         return
     table = Table(title=f"MIG plan of {result.cluster}")
     for column in ("pool", "node", "GPU", "slot", "profile", "shard", "models", "class"):
@@ -88,6 +76,7 @@ def plan(spec_file: Path = SPEC_OPTION, as_json: bool = JSON_OPTION) -> None:
             )
 
 
+@gpu_app.command("list")
 def gpu(as_json: bool = JSON_OPTION) -> None:
     """List this machine's GPUs (read-only): memory, utilization, MIG mode, profiles, existing instances.
 
@@ -96,9 +85,9 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
     try:
         found = discover()
     except NoGpuError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), FAILED)
     if as_json:
-        console.print_json(json.dumps(found.to_dict()))
+        print_json(found.to_dict())
         return
     table = Table(title=f"GPUs (via {found.source}, driver {found.driver_version or '?'})")
     for column in ("GPU", "name", "catalog", "memory used/total MiB", "util", "MIG", "instances"):
@@ -126,23 +115,23 @@ def gpu(as_json: bool = JSON_OPTION) -> None:
 
 
 def _current_from_file(path: Path, indexes: list[int], model: GpuModel) -> list[GpuInfo]:
-    """GPUs from a `cpctl gpu --json` file, or from `nvidia-smi mig -lgi` and `nvidia-smi mig -lci` output
+    """GPUs from a `cpctl gpu list --json` file, or from `nvidia-smi mig -lgi` and `nvidia-smi mig -lci` output
     saved together (GPUs it does not list are taken as MIG disabled; a listing names no GPU model, so the
     plan's is assumed)."""
     try:
         text = path.read_text()
     except OSError as exc:
-        _fail(f"{path}: cannot read: {exc.strerror}")
+        fail(f"{path}: cannot read: {exc.strerror}")
     if text.lstrip().startswith("{"):
         try:
             return HostGpus.from_dict(json.loads(text)).gpus
         except (ValueError, KeyError, TypeError) as exc:
-            _fail(f"{path}: not `cpctl gpu --json` output ({exc})")
+            fail(f"{path}: not `cpctl gpu list --json` output ({exc})")
     if "GPU instances:" not in text and "No MIG-enabled devices found" not in text:
-        _fail(f"{path}: expected `cpctl gpu --json` output or `nvidia-smi mig -lgi` output")
+        fail(f"{path}: expected `cpctl gpu list --json` output or `nvidia-smi mig -lgi` output")
     instances, computes = parse_lgi(text), parse_lci(text)
     if instances and "Compute instances:" not in text and "No compute instances found" not in text:
-        _fail(f"{path}: has GPU instances but no compute instances: save `nvidia-smi mig -lci` output with "
+        fail(f"{path}: has GPU instances but no compute instances: save `nvidia-smi mig -lci` output with "
               "`nvidia-smi mig -lgi` (an instance without its compute instance is recreated)")
     return [
         GpuInfo(i, model.product_names[0], "?", 0, 0, None, i in instances, i in instances, model.name,
@@ -153,7 +142,7 @@ def _current_from_file(path: Path, indexes: list[int], model: GpuModel) -> list[
 
 CURRENT_OPTION = typer.Option(
     "live", "--current",
-    help="'live' (discover this machine) or a saved file: `cpctl gpu --json` output, or `nvidia-smi mig -lgi` "
+    help="'live' (discover this machine) or a saved file: `cpctl gpu list --json` output, or `nvidia-smi mig -lgi` "
          "and `nvidia-smi mig -lci` output together.",
 )
 
@@ -163,20 +152,20 @@ def _reconcile(spec_file: Path, node: str | None, current: str) -> tuple[str, No
     result = _load_plan(spec_file)
     gpu_nodes = [n for p in result.pools if p.gpu_model for n in p.nodes]
     if not gpu_nodes:
-        _fail(f"{spec_file}: the plan has no GPU nodes")
+        fail(f"{spec_file}: the plan has no GPU nodes")
     name = node or gpu_nodes[0]
     try:
         _, desired = result.node(name)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     if not desired:
-        _fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
+        fail(f"node '{name}' has no GPUs in the plan (GPU nodes: {', '.join(gpu_nodes)})")
     model = desired[0].model
     if current == "live":
         try:
             have = discover().gpus
         except NoGpuError as exc:
-            _fail(f"{exc}; pass --current FILE to compare a saved state", code=1)
+            fail(f"{exc}; pass --current FILE to compare a saved state", FAILED)
     else:
         have = _current_from_file(Path(current), [g.index for g in desired], model)
     return name, reconcile_node(have, {g.index: g.layout for g in desired}, model.name)
@@ -191,16 +180,16 @@ def diff(
 ) -> None:
     """Compare a node's current MIG state with the plan: MIG mode, instances to keep, destroy and create.
 
-    The same reconcile as the Ansible mig role's; `cpctl mig steps` prints its commands.
-    Example: cpctl mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
+    The same reconcile as the Ansible mig role's; `cpctl gpu mig steps` prints its commands.
+    Example: cpctl gpu mig diff -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
     """
     name, reconciled = _reconcile(spec_file, node, current)
     if as_json:
-        console.print_json(json.dumps([
+        print_json([
             {"gpu": g.index, "mig_mode": g.mig_mode, "keep": g.keep, "destroy": g.destroy, "create": g.create,
              "commands": [shlex.join(c) for c in g.commands], "problem": g.problem}
             for g in reconciled.gpus
-        ]))
+        ])
         return
     table = Table(title=f"MIG diff of {name} (current: {current})")
     for column in ("GPU", "MIG mode", "keep", "destroy", "create", "problem"):
@@ -222,7 +211,7 @@ def diff(
 def config(spec_file: Path = SPEC_OPTION) -> None:
     """Print the mig-parted config (`version: v1`, `mig-configs`) of the plan, and the node labels choosing it.
 
-    Example: cpctl mig config -f examples/gpu/cluster.yaml > mig-parted.yaml
+    Example: cpctl gpu mig config -f examples/gpu/cluster.yaml > mig-parted.yaml
     """
     result = _load_plan(spec_file)
     labels = "\n".join(f"#   {n}: {k}={v}" for n, lbls in node_labels(result).items() for k, v in lbls.items())
@@ -239,12 +228,12 @@ def steps(
     """Print the nvidia-smi commands that take a node from its current MIG state to the plan; runs nothing.
 
     The same commands the Ansible mig role runs for the same change: instances already where the plan
-    puts them are kept. Example: cpctl mig steps -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
+    puts them are kept. Example: cpctl gpu mig steps -f examples/gpu/cluster.yaml --node gpu-a --current gpu-a.json
     """
     name, reconciled = _reconcile(spec_file, node, current)
     if reconciled.problems:
-        _fail(f"{name}: " + "; ".join(reconciled.problems))
+        fail(f"{name}: " + "; ".join(reconciled.problems))
     if not reconciled.commands:
-        errors.print(f"{name}: up to date, nothing to run", highlight=False)
+        err_console.print(f"{name}: up to date, nothing to run", highlight=False)
     for command in reconciled.commands:
         print(shlex.join(command))

@@ -2,29 +2,20 @@
 
 For users without cloud credentials or the Pulumi CLI: the real program of infra/ runs under Pulumi mocks
 (controlplane/infra/offline.py); nothing is created, nothing is contacted, and addresses are placeholders.
-Register with `app.add_typer(infra_app, name="infra")` in controlplane/cli.py.
+controlplane/cli.py registers `infra_app` as `cpctl infra`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-errors = Console(stderr=True)
+from controlplane.clikit import JSON_OPTION, SPEC_OPTION, area_app, console, fail, load, print_json
 
-infra_app = typer.Typer(help="The Pulumi program of infra/: offline preview of what `pulumi up` creates.",
-                        no_args_is_help=True)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+infra_app = area_app("The Pulumi program of infra/: offline preview of what `pulumi up` creates.")
 
 
 def _get(data: Any, *path: str | int) -> Any:
@@ -85,9 +76,7 @@ def describe(type_token: str, inputs: dict[str, Any]) -> str:
     return where
 
 
-SPEC_OPTION = typer.Option(..., "-f", "--file", help="The cluster spec (cluster.yaml).")
 STACK_OPTION = typer.Option(..., "--stack", help="Stack name: its config is infra/stacks/Pulumi.STACK.yaml.")
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON: resources, inputs and outputs.")
 
 
 @infra_app.command("preview")
@@ -99,19 +88,15 @@ def preview(spec_file: Path = SPEC_OPTION, stack: str = STACK_OPTION, as_json: b
     Example: cpctl infra preview -f examples/aws/cluster.yaml --stack aws
     """
     from controlplane.infra.offline import InfraUnavailable, redact_secrets, run_program, stack_config, stack_file
-    from controlplane.spec import SpecError, load_spec
 
+    load(spec_file)
     try:
-        load_spec(spec_file)
-    except SpecError as exc:
-        _fail("; ".join(exc.lines))
-    config, secrets = stack_config(stack, spec_file)
-    try:
+        config, secrets = stack_config(stack, spec_file)
         run = run_program(config, stack)
     except InfraUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except ValueError as exc:  # the plan or the stack config cannot be used; the message says which
-        _fail(f"{spec_file} with stack '{stack}': {exc}")
+        fail(f"{spec_file} with stack '{stack}': {exc}")
     # Cloud resources first, then the Kubernetes layer; components are only groupings, not resources.
     resources = sorted((r for r in run.resources if not r.type.startswith("controlplane:")),
                        key=lambda r: (r.type.startswith("kubernetes:"), r.type, r.name))
@@ -120,7 +105,7 @@ def preview(spec_file: Path = SPEC_OPTION, stack: str = STACK_OPTION, as_json: b
         f"no {source.name}: default stack settings"
 
     if as_json:
-        console.print_json(json.dumps({
+        print_json({
             "offline": True,
             "stack": stack,
             "spec": str(spec_file),
@@ -128,7 +113,7 @@ def preview(spec_file: Path = SPEC_OPTION, stack: str = STACK_OPTION, as_json: b
             "resources": [{"type": r.type, "name": r.name, "summary": describe(r.type, r.inputs),
                            "inputs": redact_secrets(r.inputs)} for r in resources],
             "outputs": redact_secrets(run.outputs),
-        }, default=str))
+        })
         return
 
     console.print(f"[bold yellow]OFFLINE preview[/bold yellow] of stack '{stack}' ({note}), spec {spec_file}: "

@@ -23,9 +23,8 @@ from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-PROGRAM = PROJECT_ROOT / "infra" / "__main__.py"
-STACKS_DIR = PROJECT_ROOT / "infra" / "stacks"
+from controlplane.resources import ResourceMissing, project_file
+
 PROJECT = "controlplane"
 SECRET_PLACEHOLDER = "offline-secret-placeholder"
 
@@ -34,6 +33,16 @@ _LOCK = threading.Lock()
 
 class InfraUnavailable(RuntimeError):
     """The Pulumi SDKs or the infra/ program are not installed here; the message says how to get them."""
+
+
+def program_dir() -> Path:
+    """infra/, the Pulumi program (`main: infra/` of Pulumi.yaml), from the wheel or the checkout."""
+    try:
+        program = project_file("infra/__main__.py").parent
+        project_file("Pulumi.yaml")
+    except ResourceMissing as exc:
+        raise InfraUnavailable(str(exc)) from None
+    return program
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,8 @@ def placeholder_address(name: str) -> str:
 
 
 def stack_file(stack: str) -> Path:
-    return STACKS_DIR / f"Pulumi.{stack}.yaml"
+    """Where a stack's config lives (`stackConfigDir: infra/stacks`); it may not exist (default settings)."""
+    return program_dir() / "stacks" / f"Pulumi.{stack}.yaml"
 
 
 def stack_config(stack: str, spec_file: Path | None = None) -> tuple[dict[str, str], list[str]]:
@@ -169,10 +179,9 @@ def run_program(config: dict[str, str], stack: str = "offline",
         import pulumi.runtime.settings as runtime_settings
     except ImportError:
         raise InfraUnavailable("the Pulumi SDKs are not installed: pip install -e '.[infra]'") from None
-    if not PROGRAM.exists():
-        raise InfraUnavailable(f"the Pulumi program is missing ({PROGRAM}): run from a checkout of the project")
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
+    folder = program_dir()
+    if str(folder.parent) not in sys.path:  # the program's modules import as `infra.*`
+        sys.path.insert(0, str(folder.parent))
 
     with _LOCK:
         # Pulumi's runtime uses the thread's current event loop; an earlier asyncio.run() in this process
@@ -190,7 +199,7 @@ def run_program(config: dict[str, str], stack: str = "offline",
         @pulumi.runtime.test
         def program() -> pulumi.Output[Any]:
             # As Pulumi's Python host runs `main: infra/`: the directory, with infra/ first on sys.path.
-            runpy.run_path(str(PROGRAM.parent), run_name="__main__")
+            runpy.run_path(str(folder), run_name="__main__")
             # Awaiting the exports makes the run wait for every output they depend on.
             return pulumi.Output.from_input(dict(root.outputs))
 

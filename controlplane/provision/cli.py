@@ -1,4 +1,5 @@
-"""`cpctl inventory` and `cpctl provision`: the provisioning room's commands, registered by controlplane/cli.py.
+"""`cpctl inventory` and `cpctl provision`: the provisioning room's commands, one Typer app (`provision_app`)
+whose commands controlplane/cli.py puts at the top level.
 
 Thin: they parse, call `inventory` / `runner`, and render with Rich (or JSON with --json). Bad input (an
 unreadable spec, a plan that does not fit, a missing inventory, a malformed --extra-vars) prints one line and
@@ -7,21 +8,26 @@ exits 2; a run with any failed or unreachable host exits 1.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 import yaml
-from rich.console import Console
 
+from controlplane.clikit import (
+    FAILED,
+    JSON_OPTION,
+    SPEC_OPTION,
+    area_app,
+    console,
+    err_console,
+    fail,
+    load,
+    print_json,
+)
 from controlplane.gpu.plan import PlanError
-from controlplane.spec import SpecError, load_spec
 
-console = Console()
-errors = Console(stderr=True)
-
-SPEC_OPTION = typer.Option(..., "-f", "--file", help="The cluster spec (cluster.yaml).")
+provision_app = area_app("Provisioning of GPU nodes with Ansible: the inventory of a spec, and site.yml.")
 OUTPUT_OPTION = typer.Option(
     None, "-o", "--output", help="Write the inventory to this file (e.g. inventories/gpu-demo/hosts.yml); "
     "default: print it."
@@ -34,17 +40,12 @@ TAGS_OPTION = typer.Option(None, "-t", "--tags", help="Only these roles, by tag 
 EXTRA_VARS_OPTION = typer.Option(
     [], "-e", "--extra-vars", help="Extra variables: KEY=VALUE, a JSON/YAML mapping, or @FILE; repeatable."
 )
-JSON_OPTION = typer.Option(False, "--json", help="Print the per-host result as JSON (no live view).")
 DOCTOR_INVENTORY_OPTION = typer.Option(
     None, "-i", "--inventory", help="Check the hosts of this inventory over SSH (default: this machine)."
 )
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
+@provision_app.command("inventory")
 def inventory(spec_file: Path = SPEC_OPTION, output: Path | None = OUTPUT_OPTION) -> None:
     """Write the Ansible inventory of the spec's GPU pools: groups, GPU model and count, fabric, MIG layouts.
 
@@ -53,11 +54,9 @@ def inventory(spec_file: Path = SPEC_OPTION, output: Path | None = OUTPUT_OPTION
     from controlplane.provision.inventory import inventory_from_spec
 
     try:
-        result = inventory_from_spec(load_spec(spec_file))
-    except SpecError as exc:
-        _fail("; ".join(exc.lines))
+        result = inventory_from_spec(load(spec_file))
     except PlanError as exc:
-        _fail(f"{spec_file}: {exc}")
+        fail(f"{spec_file}: {exc}")
     text = result.to_yaml(str(spec_file))
     if output is None:
         print(text, end="")
@@ -84,13 +83,14 @@ def _extra_vars(values: list[str]) -> dict[str, Any]:
             else:
                 data = None
         except (OSError, yaml.YAMLError) as exc:
-            _fail(f"--extra-vars {value!r}: {exc}")
+            fail(f"--extra-vars {value!r}: {exc}")
         if not isinstance(data, dict):
-            _fail(f"--extra-vars {value!r}: expected KEY=VALUE, a mapping, or @FILE holding a mapping")
+            fail(f"--extra-vars {value!r}: expected KEY=VALUE, a mapping, or @FILE holding a mapping")
         merged.update(data)
     return merged
 
 
+@provision_app.command("provision")
 def provision(
     inventory_path: Path = INVENTORY_OPTION,
     check: bool = CHECK_OPTION,
@@ -106,31 +106,38 @@ def provision(
     """
     from controlplane.provision.runner import run_site
     from controlplane.provision.view import LiveView, summary_table
+    from controlplane.resources import ResourceMissing, project_file
 
     if not inventory_path.exists():
-        _fail(f"{inventory_path}: no such inventory (write one with `cpctl inventory -f cluster.yaml -o FILE`)")
+        fail(f"{inventory_path}: no such inventory (write one with `cpctl inventory -f cluster.yaml -o FILE`)")
+    try:
+        site = project_file("playbooks/site.yml")
+    except ResourceMissing as exc:
+        fail(str(exc), FAILED)
     variables = _extra_vars(extra_vars)
     mode = "check" if check else "provision"
     if as_json:
-        result = run_site(inventory_path, check=check, diff=diff, limit=limit, tags=tags, extravars=variables)
-        print(json.dumps(result.to_dict(), indent=2))
+        result = run_site(inventory_path, check=check, diff=diff, limit=limit, tags=tags, extravars=variables,
+                            playbook=site)
+        print_json(result.to_dict())
     else:
         with LiveView(console, f"{mode} {inventory_path}") as view:
             result = run_site(inventory_path, check=check, diff=diff, limit=limit, tags=tags, extravars=variables,
-                              on_event=view)
+                              on_event=view, playbook=site)
         console.print(summary_table(result, f"{mode}: {inventory_path}" + (f" (limit {limit})" if limit else "")))
         for failure in result.failures:
             kind = "unreachable" if failure.unreachable else "failed"
             console.print(f"[red]{kind}[/red] {failure.host}: {failure.task}: {failure.message}", highlight=False,
                           soft_wrap=True)
     if result.output_tail and not as_json:
-        errors.print(result.output_tail, highlight=False, markup=False, soft_wrap=True)
+        err_console.print(result.output_tail, highlight=False, markup=False, soft_wrap=True)
     if not result.hosts:
-        _fail(f"no host of {inventory_path} matched" + (f" --limit {limit}" if limit else ""), 1)
+        fail(f"no host of {inventory_path} matched" + (f" --limit {limit}" if limit else ""), FAILED)
     if not result.succeeded:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
+@provision_app.command("doctor")
 def doctor(
     inventory_path: Path | None = DOCTOR_INVENTORY_OPTION,
     limit: str | None = LIMIT_OPTION,
@@ -147,15 +154,15 @@ def doctor(
 
     if inventory_path is None:
         if limit:
-            _fail("--limit needs --inventory")
+            fail("--limit needs --inventory")
         targets = [(LocalHost(), Expected())]
     elif not inventory_path.exists():
-        _fail(f"{inventory_path}: no such inventory (write one with `cpctl inventory -f cluster.yaml -o FILE`)")
+        fail(f"{inventory_path}: no such inventory (write one with `cpctl inventory -f cluster.yaml -o FILE`)")
     else:
         try:
             targets = inventory_hosts(str(inventory_path), limit)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     # Hosts in parallel (each check waits on its host's SSH round trips), at most 16 at a time.
     try:
         with ThreadPoolExecutor(min(16, len(targets))) as pool:
@@ -166,8 +173,8 @@ def doctor(
             host.close()
     failed = any(r.status is Status.FAIL for checks in results.values() for r in checks)
     if as_json:
-        print(json.dumps({"hosts": {h: [r.to_dict() for r in checks] for h, checks in results.items()},
-                          "failed": failed}, indent=2))
+        print_json({"hosts": {h: [r.to_dict() for r in checks] for h, checks in results.items()},
+                    "failed": failed})
     else:
         from rich.table import Table
 
@@ -182,4 +189,4 @@ def doctor(
             table.add_section()
         console.print(table)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)

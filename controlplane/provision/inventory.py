@@ -6,7 +6,7 @@ The inventory names what `playbooks/site.yml` needs per pool and per host, in th
   `gpu_count` (GPUs per node, checked by preflight and verify) and `rdma_fabric`;
 - the MIG layout: `mig_layout` for a pool with a mig-parted named layout (or `all-disabled` for a pool
   without MIG), `mig_profiles` for an explicit list, and per host `mig_gpus` when the planner chose the
-  layouts (`mig: {layout: auto}`): exactly the layouts `cpctl plan` shows, already validated by it.
+  layouts (`mig: {layout: auto}`): exactly the layouts `cpctl gpu plan` shows, already validated by it.
 - hosts of `existing` pools are their addresses; cloud pools get their group and variables but no hosts
   until their addresses are known (later, from Pulumi outputs).
 """

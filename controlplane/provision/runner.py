@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PLAYBOOKS = Path(__file__).resolve().parent.parent.parent / "playbooks"
-SITE = PLAYBOOKS / "site.yml"
+from controlplane.resources import project_file
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -140,10 +139,13 @@ def run_site(
     tags: str | None = None,
     extravars: dict[str, Any] | None = None,
     on_event: EventHandler | None = None,
-    playbook: Path = SITE,
+    playbook: Path | None = None,
 ) -> RunResult:
-    """Run `playbook` (site.yml) on `inventory` (a file or a folder) in a fresh private data directory."""
+    """Run `playbook` (default: the project's playbooks/site.yml) on `inventory` (a file or a folder) in a
+    fresh private data directory. ResourceMissing when this installation has no playbooks."""
     import ansible_runner
+
+    playbook = playbook or project_file("playbooks/site.yml")
 
     cmdline = " ".join(flag for flag, wanted in (("--check", check), ("--diff", diff)) if wanted)
     venv_bin = str(Path(sys.executable).parent)

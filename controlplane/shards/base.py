@@ -9,8 +9,9 @@ endpoints changes. Subscribers get the whole set each time (not deltas), so a mi
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,22 @@ class Endpoint:
         return f"http://{host}:{self.port}"
 
 
+async def probe_ready(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """The one shard health probe (backends, the gateway's ejection probe, `cpctl status`): True when the
+    Triton server at host:port answers 200 to GET /v2/health/ready within the timeout, on a fresh connection."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), timeout_s)
+        return status_line.split(b" ", 2)[1:2] == [b"200"]
+    except (TimeoutError, OSError, IndexError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 @dataclass
 class ShardStatus:
     """What `status()` reports about one replica."""
@@ -43,7 +60,6 @@ class ShardStatus:
     standby: bool = False
     last_error: str | None = None
     metrics_url: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

@@ -12,12 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
-from controlplane.procs import ManagedProcess
-from controlplane.shards.base import Endpoint, ShardBackend, ShardStatus
+from controlplane.procs import ManagedProcess, free_port
+from controlplane.shards.base import Endpoint, ShardBackend, ShardStatus, probe_ready
 from controlplane.shards.triton import TritonInstall
 from controlplane.spec import ClusterSpec, Shard
 
@@ -56,27 +55,6 @@ def link_model_repository(spec: ClusterSpec, target: Path) -> Path:
     for model in served:
         (target / model.name).symlink_to((source / model.path).resolve(), target_is_directory=True)
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def probe_ready(port: int, timeout_s: float = 1.0, host: str = "127.0.0.1") -> bool:
-    """True when Triton at host:port answers 200 to /v2/health/ready within the timeout."""
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-        writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
-        status_line = await asyncio.wait_for(reader.readline(), timeout_s)
-        return status_line.split(b" ", 2)[1:2] == [b"200"]
-    except (TimeoutError, OSError, IndexError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 class LocalReplica:
@@ -160,7 +138,7 @@ class LocalReplica:
                 self.last_error = f"exited with code {self.process.poll()} while starting: " + \
                     self.process.log_tail(600).strip().replace("\n", " | ")
                 return False
-            if await probe_ready(self.http_port, timeout_s=0.5):
+            if await probe_ready("127.0.0.1", self.http_port, timeout_s=0.5):
                 self.last_error = None
                 self._set_state("ready")
                 return True
@@ -182,7 +160,7 @@ class LocalReplica:
                 if exited.is_set():
                     self.last_error = f"exited with code {self.process.poll()}"
                     return
-                if await probe_ready(self.http_port, timeout_s=self.backend.probe_interval_s):
+                if await probe_ready("127.0.0.1", self.http_port, timeout_s=self.backend.probe_interval_s):
                     failed_probes = 0
                     self._set_state("ready")
                     continue

@@ -15,8 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from controlplane.shards.base import Endpoint, ShardBackend, ShardStatus
-from controlplane.shards.local import probe_ready
+from controlplane.shards.base import Endpoint, ShardBackend, ShardStatus, probe_ready
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class StaticShards(ShardBackend):
             self._notify()
 
     async def _probe(self, endpoint: Endpoint) -> bool:
-        return await probe_ready(endpoint.port, timeout_s=self.probe_interval_s, host=endpoint.host)
+        return await probe_ready(endpoint.host, endpoint.port, timeout_s=self.probe_interval_s)
 
     async def set_standby_active(self, shard: str, count: int) -> None:
         log.info("standby of %s asked for (%d): the orchestrator scales static endpoints", shard, count)
