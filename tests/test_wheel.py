@@ -110,7 +110,8 @@ def test_spec_gpu_provision_and_infra_commands(installed: Installed, tmp_path: P
     assert json.loads(installed.ok("gpu", "plan", "-f", gpu_spec, "--json"))["cluster"] == "gpu-demo"
     assert json.loads(installed.ok("gpu", "list", "--json"))["gpus"][0]["catalog_model"] == "H100-80GB"
     assert "version: v1" in installed.ok("gpu", "mig", "config", "-f", gpu_spec)
-    assert "nvidia-smi mig -i 0 -cgi" in installed.ok("gpu", "mig", "steps", "-f", gpu_spec, "--node", "gpu-b")
+    assert "nvidia-smi mig -i 0 -cgi" in installed.ok("gpu", "mig", "steps", "-f", gpu_spec, "--node", "gpu-b",
+                                                      "--current", str(H100_LGI))
     diff = json.loads(installed.ok("gpu", "mig", "diff", "-f", gpu_spec, "--node", "gpu-b", "--current",
                                    str(H100_LGI), "--json"))
     assert diff[0]["mig_mode"] == "enable"
