@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controlplane.bench.cli import bench_app
+from controlplane.convert.cli import convert
 from controlplane.gpu.cli import gpu, mig_app, plan
 from controlplane.infra.cli import infra_app
 from controlplane.provision.cli import inventory, provision
@@ -298,6 +299,7 @@ def infer(
 
 
 app.command("plan")(plan)
+app.command("convert")(convert)
 app.command("gpu")(gpu)
 app.command("inventory")(inventory)
 app.command("provision")(provision)
