@@ -131,6 +131,16 @@ def preprocess(images: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Ten
     x = images.permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-2:] != (size, size):
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normalization(x.device)
     return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+_NORMALIZATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std on `device`, made once: no host-to-device copy per batch (nor in a CUDA graph)."""
+    if device not in _NORMALIZATION:
+        _NORMALIZATION[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                                  torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return _NORMALIZATION[device]
