@@ -77,7 +77,7 @@ def checks_table(checks) -> Table:
     for column in ("variant", "precision", "output", "max |error|", "relative", "tolerance", "top-1 agree", "ok"):
         table.add_column(column)
     for c in checks:
-        agree = "-" if c.top1_agreement is None else f"{c.top1_agreement:.1%}"
+        agree = "-" if c.top1_agreement is None else f"{c.top1_agreement:.1%} ({c.classes_seen} classes)"
         table.add_row(c.variant, c.precision, c.output, f"{c.max_abs_error:.3g}", f"{c.relative_error:.3g}",
                       f"{c.tolerance:g}", agree, "[green]yes[/green]" if c.passed else "[red]NO[/red]")
     return table

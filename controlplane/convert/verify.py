@@ -24,7 +24,9 @@ from controlplane.shards.local import free_port, has_gpu, probe_ready
 from controlplane.shards.triton import GpuMemory, TritonInstall
 
 # Largest |variant - source| / max |source| accepted, per precision (FP16 has 11 significant bits, BF16 8).
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
+# FP32 is not bit-exact either: cuDNN picks convolution algorithms per batch size (Winograd, FFT, GEMM), whose
+# roundings differ; ResNet-50 in FP32 on the H200 differed by 5e-4 between batch 512 and batches of 64.
+TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 8e-2}
 READY_TIMEOUT_S = 180.0  # a torch model on a GPU: torch import, CUDA start, cuDNN
 
 
@@ -37,6 +39,7 @@ class Check:
     relative_error: float
     tolerance: float
     top1_agreement: float | None  # None for outputs that are not [N, classes]
+    classes_seen: int | None  # distinct top-1 classes of the source: agreement on one class means little
     samples: int
 
     @property
@@ -45,9 +48,10 @@ class Check:
 
 
 def verify(source: Source, repository: Path, variants: list[Variant], samples: int, batch: int,
-           seed: int = 0) -> list[Check]:
-    """Serve `variants` from `repository` in one tritonserver and compare each with the source."""
-    inputs = example_inputs(source.inputs, samples, seed)
+           seed: int = 0, inputs: list[np.ndarray] | None = None) -> list[Check]:
+    """Serve `variants` from `repository` in one tritonserver and compare each with the source, on `inputs`
+    (one array per model input) or a seeded set of `samples`."""
+    inputs = inputs if inputs is not None else example_inputs(source.inputs, samples, seed)
     device = "cuda" if has_gpu() and _cuda_available() else "cpu"
     reference = run_reference(source, inputs, device)
     served = asyncio.run(_serve_and_infer(repository, variants, source, inputs, batch))
@@ -62,11 +66,12 @@ def _compare(variant: Variant, output: str, expected: np.ndarray, got: np.ndarra
     expected64, got64 = expected.astype(np.float64), got.astype(np.float64)
     max_abs = float(np.max(np.abs(expected64 - got64))) if expected.size else 0.0
     scale = float(np.max(np.abs(expected64))) if expected.size else 0.0
-    agreement = None
+    agreement = classes = None
     if expected.ndim == 2 and expected.shape[1] > 1 and np.issubdtype(expected.dtype, np.floating):
         agreement = float(np.mean(expected.argmax(1) == got.argmax(1)))
+        classes = len(np.unique(expected.argmax(1)))
     return Check(variant.name, variant.precision, output, max_abs, max_abs / scale if scale else max_abs,
-                 TOLERANCES[variant.precision], agreement, len(expected))
+                 TOLERANCES[variant.precision], agreement, classes, len(expected))
 
 
 async def _serve_and_infer(repository: Path, variants: list[Variant], source: Source, inputs: list[np.ndarray],

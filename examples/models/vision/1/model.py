@@ -64,7 +64,10 @@ class TritonPythonModel:
         jpeg = pb_utils.get_input_tensor_by_name(request, "jpeg")
         if jpeg is None:
             raise ValueError("send one of the inputs `pixels` (UINT8 [N, H, W, 3]) or `jpeg` (BYTES [N, 1])")
-        decoded = self.decode([row[0] for row in jpeg.as_numpy()])
+        try:
+            decoded = self.decode([row[0] for row in jpeg.as_numpy()])
+        except (OSError, RuntimeError) as problem:  # Pillow's and nvJPEG's "not a JPEG"
+            raise ValueError(f"`jpeg` holds an image that cannot be decoded ({problem})") from None
         return torch.cat([preprocess(image[None], self.image_size, PRECISIONS[self.precision]) for image in decoded])
 
     @torch.inference_mode()
@@ -74,8 +77,12 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 batches.append((i, self.images_of(request)))
-            except (ValueError, RuntimeError) as problem:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vision: {problem}"))
+            except ValueError as problem:  # the client's: no image, an undecodable JPEG (HTTP 400)
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"vision: {problem}", pb_utils.TritonError.INVALID_ARG))
+            except Exception as problem:  # ours (HTTP 500), and for this request alone
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"vision: {type(problem).__name__}: {problem}"))
         if batches:
             logits = self.model(torch.cat([x for _, x in batches])).float()
             top1 = logits.argmax(1, keepdim=True)
