@@ -153,7 +153,8 @@ def test_risk_fp16_scores_like_risk(served: RunningStack) -> None:
 def test_the_network_is_torchvisions_resnet50_layout() -> None:
     """Parameter names and shapes of torchvision's resnet50 (what its state dicts hold), spot-checked."""
     shapes = {name: tuple(p.shape) for name, p in resnet("resnet50").state_dict().items()}
-    assert len([n for n in shapes if n.endswith(".weight")]) == 161
+    assert len(shapes) == 320  # with BatchNorm running statistics and num_batches_tracked
+    assert len([n for n in shapes if n.endswith(".weight")]) == 107  # 53 convolutions, 53 BatchNorms, fc
     assert shapes["conv1.weight"] == (64, 3, 7, 7)
     assert shapes["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)
     assert shapes["layer3.5.conv2.weight"] == (256, 256, 3, 3)

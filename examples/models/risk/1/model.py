@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
 
 
 class TritonPythonModel:
@@ -64,21 +65,24 @@ class TritonPythonModel:
             batches = [self.torch.from_dlpack(t.to_dlpack()) for t in inputs]
             scores = self.score_torch(self.torch.cat(batches))
         else:
-            batches = [np.from_dlpack(t) for t in inputs]
+            batches = [np.from_dlpack(t) if NUMPY_2 else t.as_numpy() for t in inputs]
             scores = self.score_numpy(np.concatenate(batches))
         self.alive = [scores]
         responses, start = [], 0
         for batch in batches:
             part = scores[start:start + len(batch)]
             start += len(batch)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("score", _dlpack(part))]))
+            responses.append(pb_utils.InferenceResponse([_tensor("score", part)]))
         return responses
 
 
-def _dlpack(array):
-    """What Tensor.from_dlpack takes: a numpy array (it has __dlpack__) or a torch tensor's capsule, contiguous."""
-    if isinstance(array, np.ndarray):
-        return np.ascontiguousarray(array)
-    from torch.utils.dlpack import to_dlpack
+def _tensor(name: str, value):
+    """An output tensor: torch through its DLPack capsule; numpy through DLPack under numpy 2 (where
+    `pb_utils.Tensor(name, array)` fails) and directly under numpy 1 (where from_dlpack of an array fails)."""
+    if not isinstance(value, np.ndarray):
+        from torch.utils.dlpack import to_dlpack
 
-    return to_dlpack(array.contiguous())
+        return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+    if NUMPY_2:
+        return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(value))
+    return pb_utils.Tensor(name, np.ascontiguousarray(value))
