@@ -167,3 +167,17 @@ def test_fp16_network_runs_channels_last() -> None:
     model = prepare(resnet("resnet-tiny"), torch.device("cpu"), "bf16")
     assert model.conv1.weight.dtype == torch.bfloat16
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_gpu_example_spec_serves_these_models_on_gpu_0() -> None:
+    from controlplane.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "gpu" / "h200.yaml")
+    (shard,) = spec.shards
+    assert shard.gpu == 0 and shard.pinned_memory_mb > 0 and shard.cuda_memory_pool_mb > 0
+    variants = {m.name: m.cheaper_variant for m in spec.models}
+    assert variants["vision"] == "vision_fp16" and variants["risk"] == "risk_fp16"
+    for model in spec.models:
+        config = (ROOT / "examples" / "models" / model.path / "config.pbtxt").read_text()
+        assert f'name: "{model.name}"' in config
+        assert "kind:" not in config.split("instance_group", 1)[1].split("\n", 1)[0]  # Triton picks the GPU
