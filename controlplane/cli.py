@@ -25,6 +25,7 @@ from controlplane.gpu.cli import gpu, mig_app, plan
 from controlplane.infra.cli import infra_app
 from controlplane.provision.cli import inventory, provision
 from controlplane.spec import ClusterSpec, SpecError, hash_api_key, load_spec
+from controlplane.tune.cli import tune
 
 DEFAULT_SPEC = Path("examples/local/cluster.yaml")
 SpecOption = typer.Option(DEFAULT_SPEC, "-f", "--file", help="The cluster spec (cluster.yaml).")
@@ -300,6 +301,7 @@ def infer(
 
 app.command("plan")(plan)
 app.command("convert")(convert)
+app.command("tune")(tune)
 app.command("gpu")(gpu)
 app.command("inventory")(inventory)
 app.command("provision")(provision)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # an error stays one line
 OUTPUT_OPTION = typer.Option(..., "-o", "--output", help="The Triton model repository to write into.")
 INPUT_OPTION = typer.Option([], "--input", help="NAME:DATATYPE:DIMS per input of a torch model, without the batch "
                             "dimension (e.g. images:fp32:3x224x224).")
