@@ -106,6 +106,14 @@ class Shard(StrictModel):
         description="GPU index or MIG device UUID for CUDA_VISIBLE_DEVICES; ignored on a machine without GPUs.",
     )
     mig_profile: str | None = Field(None, description="MIG profile each replica needs, e.g. '1g.10gb'.")
+    pinned_memory_mb: int = Field(
+        256, ge=0, le=65536, description="Triton's pinned host memory pool (staging of host<->GPU copies), MiB; "
+        "used only when the shard runs on a GPU (0 on the CPU).",
+    )
+    cuda_memory_pool_mb: int = Field(
+        256, ge=0, le=262144, description="Triton's CUDA memory pool on the shard's GPU (tensors passed between "
+        "Triton and the models on the GPU), MiB; used only when the shard runs on a GPU.",
+    )
     priority_class: Name | None = Field(
         None, description="The class this shard mainly serves; placement gives dedicated classes their own GPU slices."
     )

@@ -100,6 +100,8 @@ def test_shards_load_only_their_models_from_the_model_repository_volume() -> Non
     args = required(container(deployment), "args")
     assert [a for a in args if a.startswith("--load-model=")] == ["--load-model=risk", "--load-model=work"]
     assert "--model-repository=/models" in args
+    # Triton's memory pools from the spec's shard (defaults: 256 MiB each)
+    assert {f"--pinned-memory-pool-byte-size={256 << 20}", f"--cuda-memory-pool-byte-size=0:{256 << 20}"} <= set(args)
     mounts = {m["name"]: m["mountPath"] for m in required(container(deployment), "volumeMounts")}
     assert mounts["models"] == "/models"
     link = required(deployment, "spec", "template", "spec", "initContainers", 0, "command", 2)

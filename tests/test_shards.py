@@ -141,3 +141,17 @@ def test_gpu_assignment_is_only_applied_on_a_gpu_machine(tmp_path: Path) -> None
     assert backend.triton.env(backend.cuda_visible_devices(shard))["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
     backend.gpu = False  # no GPU here: the shard runs on the CPU and the environment is left alone
     assert backend.cuda_visible_devices(shard) is None
+
+
+def test_a_shard_on_a_gpu_gets_its_memory_pools_and_gpu_metrics(tmp_path: Path) -> None:
+    backend = LocalShards(one_replica_spec(gpu=0, pinned_memory_mb=1024, cuda_memory_pool_mb=2048), tmp_path)
+    shard = backend.spec.shards[0]
+    backend.gpu = True
+    argv = backend.triton.argv(Path("/models"), ["risk"], 8001, 8002, backend.gpu_memory(shard))
+    assert {"--allow-gpu-metrics=true", f"--pinned-memory-pool-byte-size={1024 << 20}",
+            f"--cuda-memory-pool-byte-size=0:{2048 << 20}"} <= set(argv)
+    assert backend.triton.env(backend.cuda_visible_devices(shard))["CUDA_VISIBLE_DEVICES"] == "0"
+    backend.gpu = False  # the same spec on a machine without GPUs: no pools, no GPU metrics
+    argv = backend.triton.argv(Path("/models"), ["risk"], 8001, 8002, backend.gpu_memory(shard))
+    assert {"--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"} <= set(argv)
+    assert not any(a.startswith("--cuda-memory-pool-byte-size") for a in argv)

@@ -7,43 +7,7 @@ set -euo pipefail
 CARRY=$(realpath "${1:?usage: run.sh CARRY OUT [options]}")
 OUT=$(realpath -m "${2:?usage: run.sh CARRY OUT [options]}")
 shift 2
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SITE=/tmp/cpctl-site
-TOOLS=/tmp/cpctl-tools
-mkdir -p "$OUT" "$SITE" "$TOOLS/path"
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "$CARRY"/wheels/*.whl
-tar -xJf "$CARRY/triton.tar.xz" -C "$SITE"  # pytriton/tritonserver + nvidia_pytriton.libs, as in a venv
-tar -xJf "$CARRY/tools.tar.xz" -C "$TOOLS"
-for tool in nginx wrk; do  # Debian builds: their own libraries (LD_LIBRARY_PATH for them alone)
-    printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib exec %s/bin/%s "$@"\n' "$TOOLS" "$TOOLS" "$tool" > "$TOOLS/path/$tool"
-    chmod +x "$TOOLS/path/$tool"
-done
-
-# The Python backend's 3.12 stub links libpython3.12.so.1.0 (in /usr/lib/x86_64-linux-gnu there).
-LIBPYTHON=""
-for candidate in $(ldconfig -p 2>/dev/null | awk '/libpython3\.12\.so\.1\.0 / {print $NF}' || true) \
-        /usr/lib/x86_64-linux-gnu/libpython3.12.so.1.0 \
-        "$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')/libpython3.12.so.1.0"; do
-    if [ -e "$candidate" ]; then LIBPYTHON=$candidate; break; fi
-done
-[ -n "$LIBPYTHON" ] || { echo "libpython3.12.so.1.0 not found: the Python backend stub cannot start" >&2; exit 1; }
-export LD_LIBRARY_PATH="$(dirname "$LIBPYTHON")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PATH="$TOOLS/path:$PATH" PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1
-
-T=$SITE/pytriton/tritonserver
-(
-    set +e +o pipefail
-    echo "machine: $(nproc) cores, $(python3 -V), $(uname -r); libpython: $LIBPYTHON"
-    nginx -v 2>&1
-    wrk -v 2>&1 | head -1
-    python3 -c 'import numpy, orjson, httptools, pydantic, uvloop, typer, rich, yaml
-print("numpy", numpy.__version__, "pydantic", pydantic.VERSION, "uvloop", uvloop.__version__, "typer", typer.__version__)'
-    LD_LIBRARY_PATH="$SITE/nvidia_pytriton.libs:$LD_LIBRARY_PATH" ldd "$T/bin/tritonserver" \
-        "$T/python_backend_stubs/3.12/triton_python_backend_stub" | grep "not found" \
-        || echo "tritonserver and the 3.12 stub: all libraries found"
-) 2>&1 | tee "$OUT/device-env.txt"
+source "$(dirname "$0")/setup.sh"
 
 cd "$REPO"
 set -o pipefail

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from controlplane.procs import ManagedProcess, free_port
 from controlplane.shards.base import Endpoint, ShardBackend, ShardStatus, probe_ready
-from controlplane.shards.triton import TritonInstall
+from controlplane.shards.triton import GpuMemory, TritonInstall
 from controlplane.spec import ClusterSpec, Shard
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class LocalReplica:
             self.http_port, self.metrics_port = free_port(), free_port()
         backend = self.backend
         argv = backend.triton.argv(backend.model_repository, list(self.shard.models), self.http_port,
-                                   self.metrics_port)
+                                   self.metrics_port, backend.gpu_memory(self.shard))
         self.process = ManagedProcess(argv, env=backend.triton.env(backend.cuda_visible_devices(self.shard)),
                                       log_path=backend.log_dir / f"{self.name}.log")
         self._set_state("starting")
@@ -220,6 +220,12 @@ class LocalShards(ShardBackend):
         if shard.gpu is None or not self.gpu:
             return None
         return str(shard.gpu)
+
+    def gpu_memory(self, shard: Shard) -> GpuMemory | None:
+        """Triton's memory pools for a shard that runs on a GPU; None for one on the CPU."""
+        if self.cuda_visible_devices(shard) is None:
+            return None
+        return GpuMemory(shard.pinned_memory_mb, shard.cuda_memory_pool_mb)
 
     async def start(self) -> None:
         active = [r for r in self.replicas if not r.standby]

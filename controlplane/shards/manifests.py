@@ -160,6 +160,9 @@ def triton_args(shard: Shard) -> list[str]:
         f"--metrics-port={TRITON_METRICS_PORT}",
         "--exit-on-error=true",
         "--disable-auto-complete-config",
+        # Its GPU (a MIG slice or a whole one) is device 0 in the container; pools sized by the spec.
+        f"--pinned-memory-pool-byte-size={shard.pinned_memory_mb << 20}",
+        f"--cuda-memory-pool-byte-size=0:{shard.cuda_memory_pool_mb << 20}",
     ]
 
 

@@ -1,0 +1,118 @@
+"""`cpctl convert`: small torch and ONNX models to Triton entries, verified in a real tritonserver (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from controlplane.convert.entry import Serving, write_entry
+from controlplane.convert.source import ConvertError, load
+
+from .conftest import ROOT
+
+FACTORY = f"{ROOT}/examples/models/vision/1/resnet.py:resnet_tiny"
+
+
+class TwoHeads(torch.nn.Module):
+    """A small model with two outputs: class scores and an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU())
+        self.classes = torch.nn.Linear(32, 5)
+        self.embedding = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        return self.classes(h), self.embedding(h)
+
+
+def cpctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controlplane.cli", "gpu", "convert", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_factory_to_three_verified_variants(tmp_path: Path) -> None:
+    done = cpctl(FACTORY, "--input", "images:fp32:3x32x32", "--output-name", "logits", "--name", "tiny",
+                 "--precision", "fp32,fp16,bf16", "--max-batch", "16", "--instances", "2", "-o", str(tmp_path),
+                 "--samples", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    checks = json.loads(done.stdout[done.stdout.index("["):])
+    assert [(c["variant"], c["precision"], c["passed"]) for c in checks] == [
+        ("tiny", "fp32", True), ("tiny_fp16", "fp16", True), ("tiny_bf16", "bf16", True)]
+    assert all(c["samples"] == 32 and c["top1_agreement"] >= 0.9 for c in checks)
+    config = (tmp_path / "tiny_fp16" / "config.pbtxt").read_text()
+    for line in ('name: "tiny_fp16"', "max_batch_size: 16",
+                 '{ name: "images", data_type: TYPE_FP32, dims: [ 3, 32, 32 ] }',
+                 '{ name: "logits", data_type: TYPE_FP32, dims: [ 1000 ] }', "count: 2", "dynamic_batching",
+                 'string_value: "fp16"'):
+        assert line in config
+    assert (tmp_path / "tiny_bf16" / "1" / "model.pt").stat().st_size > 10_000
+
+
+def test_torchscript_file_with_two_outputs_prints_a_table(tmp_path: Path) -> None:
+    scripted = torch.jit.script(TwoHeads().eval())
+    scripted.save(str(tmp_path / "heads.pt"))
+    done = cpctl(str(tmp_path / "heads.pt"), "--input", "x:fp32:8", "--name", "heads", "--precision", "fp32,fp16",
+                 "-o", str(tmp_path / "repo"), "--samples", "40")
+    assert done.returncode == 0, done.stderr
+    for text in ("heads_fp16", "output0", "output1", "variants vs the source model"):
+        assert text in done.stdout
+    assert "dims: [ 3 ]" in (tmp_path / "repo" / "heads" / "config.pbtxt").read_text()
+
+
+def test_onnx_file_signature_comes_from_the_graph(tmp_path: Path) -> None:
+    onnx_file = tmp_path / "heads.onnx"
+    torch.onnx.export(TwoHeads().eval(), (torch.zeros(2, 8),), str(onnx_file), input_names=["x"],
+                      output_names=["scores", "embedding"], dynamic_axes={"x": {0: "batch"}, "scores": {0: "batch"},
+                                                                            "embedding": {0: "batch"}}, dynamo=False)
+    done = cpctl(str(onnx_file), "--name", "heads", "-o", str(tmp_path / "repo"), "--samples", "24", "--json")
+    assert done.returncode == 0, done.stderr
+    checks = json.loads(done.stdout[done.stdout.index("["):])
+    assert [(c["output"], c["passed"]) for c in checks] == [("scores", True), ("embedding", True)]
+    config = (tmp_path / "repo" / "heads" / "config.pbtxt").read_text()
+    assert '{ name: "x", data_type: TYPE_FP32, dims: [ 8 ] }' in config
+    assert (tmp_path / "repo" / "heads" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tensorrt"], "TensorRT is not installed here"),
+    ([], "needs its inputs: --input NAME:DATATYPE:DIMS"),
+    (["--input", "images:float:3x32x32"], "expected NAME:DATATYPE:DIMS"),
+    (["--input", "images:fp32:3xAx32"], "DIMS must be integers"),
+    (["--input", "images:fp32:3x32x32", "--precision", "fp8"], "each one of fp32, fp16, bf16"),
+])
+def test_bad_requests_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    done = cpctl(FACTORY, "--name", "tiny", "-o", str(tmp_path), *args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_sources_are_clear_errors(tmp_path: Path) -> None:
+    not_torchscript = tmp_path / "model.pt"
+    not_torchscript.write_bytes(b"not a model")
+    for source, message in ((str(not_torchscript), "not a TorchScript file"),
+                            ("no_such_module_here:build", "cannot import no_such_module_here"),
+                            (f"{ROOT}/examples/models/vision/1/resnet.py:missing", "has no function 'missing'"),
+                            ("nothing-here", "not a file and not module:factory")):
+        with pytest.raises(ConvertError, match=message):
+            load(source, ["x:fp32:8"], [])
+
+
+def test_a_model_that_fails_on_the_described_inputs_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConvertError, match="the model fails on inputs"):
+        load(FACTORY, ["images:fp32:5"], [])
+
+
+def test_onnx_variants_other_than_fp32_are_refused(tmp_path: Path) -> None:
+    onnx_file = tmp_path / "heads.onnx"
+    torch.onnx.export(TwoHeads().eval(), (torch.zeros(2, 8),), str(onnx_file), input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    with pytest.raises(ConvertError, match="fp32 only"):
+        write_entry(load(str(onnx_file), [], []), tmp_path / "repo", "heads", ["fp32", "fp16"], Serving())

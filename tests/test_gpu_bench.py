@@ -1,0 +1,54 @@
+"""bench/gpu.py's report: its targets from measured numbers (the run itself needs the GPU machine's minutes;
+`python bench/gpu.py OUT --small` runs every step on a CPU in ~2 min)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
+gpu_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_bench)
+
+
+def results(direct: float, gateway: float, fp16_agreement: float) -> dict:
+    return {
+        "date": "2026-11-30", "machine": {"gpu": "test"}, "config": {}, "errors": {},
+        "ceiling": {"fp16 b64": {"pipeline_graph": {"img_s": 800.0, "ms_per_batch": 80.0}},
+                    "fp16 b256": {"pipeline_graph": {"img_s": 1000.0, "ms_per_batch": 256.0}},
+                    "fp32 b256": {"pipeline_graph": {"img_s": 5000.0, "ms_per_batch": 51.2}}},
+        "serving": {"runs": {"direct fp16 pixels c4": {"img_s": direct / 2},
+                             "direct fp16 pixels c16": {"img_s": direct},
+                             "gateway fp16 pixels c16": {"img_s": gateway},
+                             "gateway fp32 pixels c16": {"img_s": 4000.0}}},
+        "convert": {"checks": [{"variant": "r_fp16", "precision": "fp16", "top1_agreement": fp16_agreement,
+                                "relative_error": 0.01, "tolerance": 0.02, "classes_seen": 9, "samples": 512},
+                               {"variant": "r_bf16", "precision": "bf16", "top1_agreement": 0.995,
+                                "relative_error": 0.05, "tolerance": 0.08, "classes_seen": 9, "samples": 512}]},
+    }
+
+
+def test_served_throughput_is_compared_with_the_best_fp16_ceiling() -> None:
+    found = {t["name"]: t for t in gpu_bench.targets(results(direct=850.0, gateway=650.0, fp16_agreement=0.98))}
+    assert found["direct / in-process ceiling, FP16 img/s"] == {
+        "name": "direct / in-process ceiling, FP16 img/s", "value": 0.85, "target": ">= 0.8", "met": True}
+    assert found["gateway / in-process ceiling, FP16 img/s"]["value"] == 0.65  # FP32's 4000 does not count
+    assert not found["gateway / in-process ceiling, FP16 img/s"]["met"]
+    assert not found["convert: FP16 top-1 agreement with FP32"]["met"]
+    assert found["convert: BF16 top-1 agreement with FP32"]["met"]
+    assert not found["critical P99 at 3x overload / at 0.5x, on the GPU, zero 5xx"]["met"]  # not run: not met
+
+
+def test_missing_steps_give_unmet_targets_without_values() -> None:
+    found = gpu_bench.targets({"ceiling": {}, "serving": {"runs": {}}})
+    assert all(t["value"] is None and not t["met"] for t in found)
+
+
+def test_the_markdown_report_lists_targets_and_runs() -> None:
+    data = results(direct=850.0, gateway=650.0, fp16_agreement=0.98)
+    data["targets"] = gpu_bench.targets(data)
+    text = gpu_bench.markdown(data)
+    assert "| direct / in-process ceiling, FP16 img/s | 0.85 | >= 0.8 | yes |" in text
+    assert "| fp16 b256 | pipeline_graph | 1000.0 | 256.0 |" in text
+    assert "| gateway fp32 pixels c16 | 4000.0 |" in text
