@@ -17,7 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.names import dns_label
-from infra.pools import POOL_LABEL, GpuNodePool, NodePoolArgs, b64, cloud_init
+from infra.pools import GpuNodePool, NodePoolArgs, b64, cloud_init
 
 # Network cards (= EFA interfaces at full bandwidth) per instance type.
 EFA_INTERFACES: dict[str, int] = {
@@ -31,6 +31,11 @@ EFA_INTERFACES: dict[str, int] = {
 # Ubuntu with the NVIDIA driver, the EFA installer and the AWS OFI NCCL plugin: the host stack EFA needs.
 GPU_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
 AMAZON_OWNER = "amazon"
+
+# Tag keys: instance tags are readable from instance metadata (below), and EC2 then refuses any instance
+# tag key holding `/` or a space, so the Kubernetes-style `controlplane.io/cluster` cannot be a tag key.
+CLUSTER_TAG = "controlplane.io:cluster"
+POOL_TAG = "controlplane.io:pool"
 
 # The instance tag named `Name` becomes the host name (via instance metadata tags), hence the node name.
 HOSTNAME_FROM_TAG = (
@@ -77,7 +82,7 @@ class AwsGpuNodePool(GpuNodePool):
         pool, aws_settings = args.pool, args.settings.aws
         efa = args.pool.fabric == "efa"
         interfaces = efa_interface_count(pool.instance_type, aws_settings.efa_interfaces) if efa else 1
-        tags = {"controlplane.io/cluster": args.cluster, POOL_LABEL: pool.name}
+        tags = {CLUSTER_TAG: args.cluster, POOL_TAG: pool.name}
 
         provider = aws.Provider(f"{name}-aws", region=aws_settings.region, profile=aws_settings.profile,
                                 opts=pulumi.ResourceOptions(parent=self))

@@ -2,7 +2,9 @@
 
 A pool component creates (or, for `existing`, only names) the nodes of one spec pool and exposes:
 - `node_names`: the Kubernetes node names, known before anything exists (the serving layer labels them);
-- `addresses`: an Output of the addresses Ansible reaches them at, in the same order.
+- `addresses`: an Output of the addresses Ansible reaches them at, in the same order;
+- `connection_vars`: an Output of the inventory variables that say how Ansible gets there (a ProxyJump
+  through the pool's bastion), empty when the addresses are reachable directly.
 Node i of a pool is the planner's node i (`controlplane.gpu.plan.node_names`).
 """
 
@@ -13,10 +15,11 @@ from dataclasses import dataclass
 
 import pulumi
 
+from controlplane.names import POOL_LABEL
 from controlplane.spec import NodePool
 from infra.settings import StackSettings
 
-POOL_LABEL = "controlplane.io/pool"
+__all__ = ["POOL_LABEL", "GpuNodePool", "NodePoolArgs", "b64", "cloud_init", "proxy_jump_vars"]
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,23 @@ class GpuNodePool(pulumi.ComponentResource):
 
     node_names: list[str]
     addresses: pulumi.Output[list[str]]
+    connection_vars: pulumi.Output[dict[str, str]]
     pool_name: str
 
-    def _finish(self, args: NodePoolArgs, node_names: list[str], addresses: pulumi.Input[list[str]]) -> None:
+    def _finish(self, args: NodePoolArgs, node_names: list[str], addresses: pulumi.Input[list[str]],
+                connection_vars: pulumi.Input[dict[str, str]] | None = None) -> None:
         self.pool_name = args.pool.name
         self.node_names = node_names
         self.addresses = pulumi.Output.from_input(addresses)
+        self.connection_vars = pulumi.Output.from_input(connection_vars or {})
         self.register_outputs({"nodeNames": node_names, "addresses": self.addresses})
+
+
+def proxy_jump_vars(user: str, bastion_address: pulumi.Input[str]) -> pulumi.Output[dict[str, str]]:
+    """Inventory variables that send Ansible's SSH through a bastion (the nodes have no public address).
+    The bastion resolves and reaches the node's private address or name itself (`ssh -W`)."""
+    return pulumi.Output.from_input(bastion_address).apply(
+        lambda address: {"ansible_ssh_common_args": f"-o ProxyJump={user}@{address}"})
 
 
 def cloud_init(args: NodePoolArgs, hostname_command: str) -> str:

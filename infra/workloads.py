@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from controlplane.gpu.plan import Plan
-from controlplane.gpu.render import MIG_CONFIG_LABEL, config_names, replica_resources
+from controlplane.gpu.render import replica_resources
+from controlplane.provision.inventory import kubernetes_node_labels
 from controlplane.spec import ClusterSpec, Shard
 from infra.names import dns_label, unique_labels
 from infra.pools import POOL_LABEL
@@ -393,18 +394,10 @@ def device_plugin_config(slicing: dict[str, int]) -> str:
 
 
 def node_patches(plan: Plan, node_names: dict[str, str]) -> list[dict[str, Any]]:
-    """Labels per node: its pool (shards select on it) and, on GPU nodes, the mig-parted config to apply.
-    `node_names` maps the planner's node to its Kubernetes node name."""
-    configs = config_names(plan)
-    out = []
-    for pool in plan.pools:
-        for node in pool.nodes:
-            labels = {POOL_LABEL: dns_label(pool.pool)}
-            if node in configs:
-                labels[MIG_CONFIG_LABEL] = configs[node]
-            out.append({"apiVersion": "v1", "kind": "Node",
-                        "metadata": {"name": node_names.get(node, node), "labels": labels}})
-    return out
+    """Labels per node, the same the nodes register with at join (the inventory's `k8s_node_labels`): its
+    pool and, on GPU nodes, the mig-parted config. `node_names` maps the planner's node to its Kubernetes name."""
+    return [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_names.get(node, node), "labels": labels}}
+            for node, labels in kubernetes_node_labels(plan).items()]
 
 
 def nic_cluster_policy(link_types: list[str]) -> dict[str, Any]:

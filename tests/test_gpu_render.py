@@ -18,6 +18,7 @@ from controlplane.gpu.render import (
     node_labels,
     nvidia_smi_steps,
     replica_resources,
+    resource_name,
 )
 from controlplane.spec import load_spec
 from tests.test_gpu_plan import AUTO, SMALL, make_spec
@@ -123,3 +124,12 @@ def test_an_up_to_date_node_has_no_changes() -> None:
     _, desired = small_plan().node("p-0")
     current = [_gpu(0, True, [("3g.40gb", 0), ("1g.10gb", 4), ("1g.10gb", 5)]), _gpu(1, False, [])]
     assert not any(c.changes for c in diff_node(desired, current))
+
+
+def test_media_extension_profiles_become_the_device_plugins_dot_me_resource() -> None:
+    # The device plugin advertises `1g.10gb+me` as `nvidia.com/mig-1g.10gb.me` ('+' is not allowed in a
+    # resource name); a pod requesting `mig-1g.10gb+me` would be refused by the API server.
+    plan = small_plan()
+    gpu = plan.pools[0].gpus_of(plan.pools[0].nodes[0])[0]
+    assert resource_name(gpu, "1g.10gb+me") == "nvidia.com/mig-1g.10gb.me"
+    assert resource_name(gpu, "3g.40gb") == "nvidia.com/mig-3g.40gb"

@@ -59,8 +59,10 @@ def test_a_stack_without_an_ssh_key_is_refused() -> None:
         run_with("azure", azure='{"location": "eastus"}')
 
 
-def test_inventory_reaches_nodes_by_their_scale_set_host_names() -> None:
-    assert inventory_addresses(run_stack("azure")) == {"ndh100-0": "ndh100000000", "ndh100-1": "ndh100000001"}
+def test_inventory_names_nodes_by_their_scale_set_host_names() -> None:
+    # The inventory name is what `kubeadm join --node-name` registers, and what the label patches target.
+    assert inventory_addresses(run_stack("azure")) == {"ndh100000000": "ndh100000000",
+                                                       "ndh100000001": "ndh100000001"}
     assert scale_set_hostname("pool", 37) == "pool000011"
 
 
