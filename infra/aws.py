@@ -1,4 +1,5 @@
-"""`AwsGpuNodePool`: GPU nodes on EC2 with every EFA interface of the instance type, in one placement group.
+"""`AwsGpuNodePool`: GPU nodes on EC2 with every EFA interface of the instance type, in one placement group,
+in a private subnet of the pool's network (`infra.aws_network`: NAT out, a bastion in).
 
 What EFA needs, and where each need is met:
 - every network card gets an EFA interface (`interface_type: efa`, one per `network_card_index`): fewer
@@ -16,8 +17,9 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
+from infra.aws_network import BASTION_USER, AwsNetworkArgs, AwsPoolNetwork
 from infra.names import dns_label
-from infra.pools import GpuNodePool, NodePoolArgs, b64, cloud_init
+from infra.pools import GpuNodePool, NodePoolArgs, b64, cloud_init, proxy_jump_vars
 
 # Network cards (= EFA interfaces at full bandwidth) per instance type.
 EFA_INTERFACES: dict[str, int] = {
@@ -75,7 +77,8 @@ def efa_interfaces(count: int, security_group_id: pulumi.Input[str], subnet_id: 
 
 
 class AwsGpuNodePool(GpuNodePool):
-    """VPC, subnet, EFA security group, cluster placement group, launch template and the pool's instances."""
+    """Network (VPC, subnets, gateways, bastion), EFA security group, cluster placement group, launch template
+    and the pool's instances."""
 
     def __init__(self, name: str, args: NodePoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("controlplane:infra:AwsGpuNodePool", name, None, opts)
@@ -88,10 +91,9 @@ class AwsGpuNodePool(GpuNodePool):
                                 opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
-        vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=aws_settings.vpc_cidr, enable_dns_hostnames=True,
-                          enable_dns_support=True, tags={**tags, "Name": f"{args.cluster}-{pool.name}"}, opts=child)
-        subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=aws_settings.vpc_cidr,
-                                availability_zone=aws_settings.availability_zone, tags=tags, opts=child)
+        network = AwsPoolNetwork(f"{name}-net", AwsNetworkArgs(aws_settings, tags, f"{args.cluster}-{pool.name}"),
+                                 pulumi.ResourceOptions(parent=self, providers=[provider]))
+        vpc, subnet = network.vpc, network.node_subnet
         security_group = aws.ec2.SecurityGroup(
             f"{name}-efa",
             vpc_id=vpc.id,
@@ -157,4 +159,6 @@ class AwsGpuNodePool(GpuNodePool):
         self.security_group = security_group
         self.placement_group = placement
         self.launch_template = template
-        self._finish(args, names, pulumi.Output.all(*[inst.private_ip for inst in instances]))
+        self.network = network
+        self._finish(args, names, pulumi.Output.all(*[inst.private_ip for inst in instances]),
+                     proxy_jump_vars(BASTION_USER, network.bastion_address))

@@ -29,7 +29,11 @@ class AwsSettings:
     availability_zone: str = "us-east-1a"
     # A named profile of the AWS shared credentials file: a reference, never keys in the stack.
     profile: str | None = None
+    # Split in two: the GPU nodes' private subnet and the public one (NAT gateway, bastion).
     vpc_cidr: str = "10.42.0.0/16"
+    # Who may SSH to the bastion (the nodes themselves take SSH from inside the VPC only); unset: nobody.
+    ssh_ingress_cidr: str | None = None
+    bastion_instance_type: str = "t3.small"
     ssh_key_name: str | None = None
     # Overrides the Deep Learning AMI lookup (pin an AMI for reproducible nodes).
     ami_id: str | None = None
