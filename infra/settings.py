@@ -51,7 +51,11 @@ class AzureSettings:
     subscription_id: str | None = None
     admin_username: str = "azureuser"
     ssh_public_key: str = ""
+    # Split in two: the nodes' subnet (behind the NAT gateway) and the bastion's.
     vnet_cidr: str = "10.43.0.0/16"
+    # Who may SSH to the bastion; unset: nobody (the nodes have no public address).
+    ssh_ingress_cidr: str | None = None
+    bastion_vm_size: str = "Standard_B2s"
     os_disk_gib: int = 256
 
 
