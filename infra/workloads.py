@@ -35,6 +35,10 @@ TRITON_METRICS_PORT = 8002
 MODELS_DIR = "/models"  # the repository Triton serves: links named as the spec names the models
 IMAGE_MODELS_DIR = "/opt/models"  # where the shard image bakes the repository (images/Dockerfile.shard)
 GATEWAY_CONFIG_DIR = "/etc/controlplane"
+# The gateway's root filesystem is read-only; these emptyDir volumes are all it may write to: the run
+# directory (`cpctl gateway` keeps its state there, CPCTL_RUN_DIR) and the temp dir (TMPDIR, HOME).
+GATEWAY_RUN_DIR = "/run/controlplane"
+GATEWAY_WRITABLE_VOLUMES = {"run": GATEWAY_RUN_DIR, "tmp": "/tmp"}
 RDMA_RESOURCE = "rdma/rdma_shared_device_a"
 COMPONENT_LABEL = "controlplane.io/component"
 SHARD_LABEL = "controlplane.io/shard"
@@ -304,17 +308,21 @@ def gateway_deployment(spec: ClusterSpec, settings: KubernetesSettings, pull_sec
             "image": settings.controlplane_image,
             "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml",
                      "--endpoints", f"{GATEWAY_CONFIG_DIR}/endpoints.json"],
+            "env": [{"name": "CPCTL_RUN_DIR", "value": GATEWAY_RUN_DIR}, {"name": "TMPDIR", "value": "/tmp"},
+                    {"name": "HOME", "value": "/tmp"}],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             # The HPA scales on CPU utilisation, which is relative to this request.
             "resources": {"requests": {"cpu": scaling.cpu, "memory": scaling.memory},
                           "limits": {"memory": scaling.memory}},
             "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
             "livenessProbe": _probe("/v2/health/live", "http", 10, 3),
-            "volumeMounts": [{"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True}],
+            "volumeMounts": [{"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True},
+                             *({"name": name, "mountPath": path} for name, path in GATEWAY_WRITABLE_VOLUMES.items())],
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
         }],
-        "volumes": [{"name": "config", "configMap": {"name": "gateway-config"}}],
+        "volumes": [{"name": "config", "configMap": {"name": "gateway-config"}},
+                    *({"name": name, "emptyDir": {"sizeLimit": "256Mi"}} for name in GATEWAY_WRITABLE_VOLUMES)],
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
                                        "labelSelector": {"matchLabels": selector}}],
