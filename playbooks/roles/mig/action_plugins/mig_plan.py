@@ -13,7 +13,8 @@ Arguments (all optional; per GPU, `gpus` wins over `profiles`, which wins over `
   `cpctl inventory` writes from the plan. GPUs not listed are left alone.
 - `gpu_model`: the catalog model the inventory expects (e.g. H100-80GB); a different GPU fails the task.
 
-Returns `gpus` (per GPU: model, MIG mode, instances kept / destroyed / created), `commands` (argv lists, in
+Returns `gpus` (per GPU: model, MIG mode current and pending, `mode_change_pending` when a mode change waits
+for a GPU reset or reboot, instances kept / destroyed / created), `commands` (argv lists, in
 order: enable MIG, destroy what the layout does not keep, create what is missing) and `changes_needed`.
 Instances already at their planned placement are kept, so running workloads on them are not disturbed.
 In check mode the result is `changed` when commands are needed, with a diff when --diff is given.
@@ -125,7 +126,8 @@ class ActionModule(ActionBase):
             pending = row["mig.mode.pending"].strip()
             gpus.append({
                 "index": index, "name": row["name"], "model": model.name, "mig_current": mig_on,
-                "mig_pending": pending == "Enabled", "layout": None if desired is None else describe(desired),
+                "mig_pending": pending == "Enabled", "mode_change_pending": (pending == "Enabled") != mig_on,
+                "layout": None if desired is None else describe(desired),
                 "keep": keep, "destroy": destroy, "create": create, "commands": steps,
             })
             commands += steps
