@@ -74,6 +74,7 @@ class HostSpec:
     gpus: int = 1
     ib_devices: int = 1
     nvswitches: int = 0  # an HGX board's NVSwitches (PCI functions of class 0x068000)
+    mig_needs_reboot: bool = False  # a cloud VM's GPU: MIG mode changes wait for a reboot
 
 
 @dataclass
@@ -237,7 +238,8 @@ def _write_host_files(lab: Lab, host: TestHost) -> None:
         "etc/apt/sources.list.d/debian.sources": (
             f"Types: deb\nURIs: {lab.repo_url}/debian/\nSuites: /\nSigned-By: /etc/apt/keyrings/{KEY_NAME}\n"
         ),
-        "etc/fake-nvidia/hardware.json": json.dumps({"model": spec.gpu_model, "count": spec.gpus}),
+        "etc/fake-nvidia/hardware.json": json.dumps({"model": spec.gpu_model, "count": spec.gpus,
+                                                     "mig_needs_reboot": spec.mig_needs_reboot}),
         "usr/local/bin/ibstat": (FAKES / "ibstat").read_bytes(),
         "usr/local/bin/ibv_devices": (FAKES / "ibv_devices").read_bytes(),
     }
