@@ -108,7 +108,7 @@ def build_repos(root: Path, kernel: str) -> Repos:
 
 
 def _package(staging: Path, name: str, version: str, files: dict[str, bytes], description: str) -> Path:
-    tree = staging / name
+    tree = staging / f"{name}_{version}"
     (tree / "DEBIAN").mkdir(parents=True)
     (tree / "DEBIAN" / "control").write_text(
         f"Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: cpctl tests <test@cpctl.invalid>\n"
