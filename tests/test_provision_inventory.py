@@ -143,3 +143,14 @@ def test_every_inventory_variable_the_roles_read_is_written() -> None:
             written |= set(group["vars"])
     assert external, "no role reads the inventory: the pattern above broke"
     assert external <= written, f"roles read {external - written}, which no inventory carries"
+
+
+def test_cli_join_kubernetes_puts_every_pool_in_k8s_nodes(tmp_path: Path) -> None:
+    output = tmp_path / "hosts.yml"
+    result = CliRunner().invoke(app, ["inventory", "-f", str(GPU_SPEC), "-o", str(output), "--join-kubernetes"])
+    assert result.exit_code == 0, result.output
+    groups = yaml.safe_load(output.read_text())["all"]["children"]
+    assert groups["k8s_nodes"] == {"children": {"pool_existing": {}, "pool_burst": {}}}
+    # Each host carries the labels kubelet registers it with at join.
+    labels = groups["gpu_nodes"]["children"]["pool_existing"]["hosts"]["gpu-a"]["k8s_node_labels"]
+    assert labels["controlplane.io/pool"] == "existing" and labels["nvidia.com/mig.config"].startswith("existing-")
