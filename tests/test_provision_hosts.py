@@ -1,11 +1,13 @@
 """`cpctl provision` end to end over real SSH: site.yml on test hosts in network namespaces (tests/hosts/).
 
-Five hosts of tests/hosts/cluster.yaml's inventory: h1 and h2 (2 x H100 each, MIG layouts chosen by the
-planner; h1 an HGX board with NVSwitches), h3 and h4 (1 x H200, `all-balanced`), h4 kept fresh for the
-check-mode test, and `ghost`, an address where nothing listens; plus h5, a cloud VM's H100 whose MIG mode
-changes wait for a reboot (outside the spec, for the mig role's tests). h1 and h5 are Kubernetes nodes whose
-drain and uncordon hooks append to the fake nvidia-smi's log on the host, so their order relative to the MIG
-commands can be checked.
+The inventory is the one the Pulumi program exports (`ansibleInventory`, run under its offline mocks as an
+`existing` stack whose inventory names the hosts' addresses): the generated contract, groups gpu_nodes and
+k8s_nodes, drives the real site.yml. Five hosts of tests/hosts/cluster.yaml: h1 and h2 (2 x H100 each, MIG
+layouts chosen by the planner; h1 an HGX board with NVSwitches), h3 and h4 (1 x H200, `all-balanced`), h4
+kept fresh for the check-mode test, and `ghost`, an address where nothing listens; plus h5, a cloud VM's
+H100 whose MIG mode changes wait for a reboot (outside the spec, for the mig role's tests). h1 and h5 are
+Kubernetes nodes whose drain and uncordon hooks append to the fake nvidia-smi's log on the host, so their
+order relative to the MIG commands can be checked.
 
 The tests share one set of hosts and run in file order: the first run provisions h1-h3, the next ones
 build on that state. What the hosts hold is read over SSH with Fabric.
@@ -28,16 +30,20 @@ import yaml
 from typer.testing import CliRunner
 
 from controlplane.gpu.discover import parse_lgi
+from controlplane.infra.offline import ProgramRun
 from controlplane.provision.cli import inventory, provision
+from controlplane.provision.inventory import group_name
+from controlplane.spec import load_spec
 from tests.hosts.aptrepo import CUDA_RELEASE, DRIVER_BRANCH, DRIVER_VERSION
 from tests.hosts.lab import HostSpec, Lab, start_lab, stop_lab
+from tests.test_infra_support import k8s, required, run_with
 
 SPEC = Path(__file__).parent / "hosts" / "cluster.yaml"
 PROVISIONED = ["h1", "h2", "h3"]
 SMI_LOG = "/var/log/fake-nvidia-smi.log"
 
 app = typer.Typer()
-app.command("inventory")(inventory)
+app.command("inventory")(inventory)  # two commands keep Typer from collapsing the app into one
 app.command("provision")(provision)
 
 
@@ -62,21 +68,31 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def inventory_dir(lab: Lab) -> Path:
-    """The spec's inventory (`cpctl inventory`), plus the harness's connection settings beside it."""
+def exported(lab: Lab) -> ProgramRun:
+    """The Pulumi program run on the test spec as an `existing` stack (under its offline mocks), its pools'
+    hosts named in an inventory of the lab's addresses: what `pulumi stack output ansibleInventory` gives."""
+    addresses = lab.workdir / "addresses.yml"
+    pools = {group_name(pool.name): pool.hosts for pool in load_spec(SPEC).node_pools}
+    addresses.write_text(yaml.safe_dump({"all": {"children": {"gpu_nodes": {"children": {
+        group: {"hosts": {host: {"ansible_host": lab.hosts[host].address} for host in hosts}}
+        for group, hosts in pools.items()}}}}}))
+    return run_with("existing", spec=str(SPEC), inventory=str(addresses))
+
+
+@pytest.fixture(scope="module")
+def inventory_dir(lab: Lab, exported: ProgramRun) -> Path:
+    """The Pulumi program's inventory, plus the harness's connection settings and hosts beside it."""
     folder = lab.workdir / "inventory"
-    result = CliRunner().invoke(app, ["inventory", "-f", str(SPEC), "-o", str(folder / "hosts.yml")])
-    assert result.exit_code == 0, result.output
-    hosts: dict[str, dict] = {name: {"ansible_host": host.address} for name, host in lab.hosts.items()}
-    hosts["ghost"] = {"ansible_host": "10.213.0.99"}
-    hooks = {
+    folder.mkdir()
+    (folder / "hosts.yml").write_text(required(exported.outputs, "ansibleInventory"))
+    hosts: dict[str, dict] = {"ghost": {"ansible_host": "10.213.0.99"}, "h5": {"ansible_host": lab.hosts["h5"].address}}
+    hosts["h1"] = {
         "mig_kubernetes_node_name": "h1",
         "mig_drain_delegate_to": "h1",
         "mig_drain_command": ["sh", "-c", f"echo drain h1 >> {SMI_LOG}"],
         "mig_uncordon_command": ["sh", "-c", f"echo uncordon h1 >> {SMI_LOG}"],
         "rdma_ipoib_interfaces": [{"name": "ib0", "address": "192.168.100.11/24"}],
     }
-    hosts["h1"] |= hooks
     hosts["h5"] |= {
         "mig_kubernetes_node_name": "h5", "mig_drain_delegate_to": "h5",
         "mig_drain_command": ["sh", "-c", f"echo drain h5 >> {SMI_LOG}"],
@@ -135,7 +151,8 @@ def test_site_yml_provisions_every_host_and_reports_the_unreachable_one(first_ru
     assert "h4" not in rows and "h5" not in rows  # --limit kept the fresh hosts out
 
 
-def test_hosts_hold_driver_toolkit_runtime_rdma_and_planned_mig_layouts(lab: Lab, first_run: tuple) -> None:
+def test_hosts_hold_driver_toolkit_runtime_rdma_and_planned_mig_layouts(lab: Lab, exported: ProgramRun,
+                                                                           first_run: tuple) -> None:
     for host in PROVISIONED:
         packages = lab.run(host, f"dpkg-query -W -f '${{Package}} ${{Status}}\\n' cuda-drivers-{DRIVER_BRANCH} "
                                  "cuda-toolkit-12-6 nvidia-container-toolkit dkms linux-headers-$(uname -r)")
@@ -159,6 +176,15 @@ def test_hosts_hold_driver_toolkit_runtime_rdma_and_planned_mig_layouts(lab: Lab
     assert lab.run("h1", fabric_manager) == f"{DRIVER_VERSION}-1"
     assert lab.run("h2", fabric_manager).strip() == "absent"
     assert "Address=192.168.100.11/24" in lab.run("h1", "cat /etc/systemd/network/60-ib0.network")
+    # Joined under their inventory names with the labels the serving layer patches onto those nodes,
+    # written before the join so kubelet registers with them (the join itself needs a live system).
+    for host in PROVISIONED:
+        labels = required(k8s(exported, "Node", host), "metadata", "labels")
+        line = lab.run(host, "cat /etc/default/kubelet")
+        assert line.startswith("KUBELET_EXTRA_ARGS=--node-labels=") and line.endswith("\n"), line
+        registered = dict(pair.split("=", 1) for pair in line.strip().split("=", 2)[2].split(","))
+        assert registered == labels
+        assert lab.run(host, "dpkg --get-selections kubelet kubeadm kubectl").count("hold") == 3
     # The layouts `cpctl plan` chose for the H100 pool, and all-balanced on the H200.
     assert instances(lab, "h1") == {0: ["3g.40gb@0", "3g.40gb@4"]}
     assert instances(lab, "h2") == {0: ["1g.10gb@0", "1g.10gb@1", "1g.10gb@2"]}

@@ -138,6 +138,12 @@ class Lab:
             "cuda_toolkit_version": CUDA_RELEASE,
             "container_toolkit_repo_url": f"{self.repo_url}/libnvidia-container/",
             "container_toolkit_repo_key_url": key_url,
+            # k8s_node: packages from the stand-in repository; the join itself is skipped (not a live system).
+            "k8s_node_repo_url": f"{self.repo_url}/kubernetes/",
+            "k8s_node_repo_key_url": key_url,
+            "k8s_node_join_endpoint": f"{CONTROLLER_IP}:6443",
+            "k8s_node_join_token": "abcdef.0123456789abcdef",
+            "k8s_node_join_ca_cert_hash": "sha256:" + "0" * 64,
         }
 
     def connection(self, name: str):  # noqa: ANN201 - fabric.Connection, imported lazily
