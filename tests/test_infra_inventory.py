@@ -16,6 +16,7 @@ import yaml
 from controlplane.provision.inventory import inventory_from_spec
 from controlplane.spec import load_spec
 from tests.test_infra_support import ROOT, STACKS, inventory_of, required, run_stack, run_with
+from tests.test_provision_inventory import YAML_TYPES, role_options
 
 SITE = ROOT / "playbooks" / "site.yml"
 
@@ -68,3 +69,22 @@ def test_pulumi_and_cpctl_write_the_same_inventory_for_the_test_hosts() -> None:
             # Without controlplane:inventory, an existing pool's spec hosts are the addresses.
             assert host_vars.pop("ansible_host") == name
     assert exported == written
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_exported_host_carries_what_the_roles_read_as_they_declare_it(stack: str, tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yml"
+    path.write_text(required(run_stack(stack).outputs, "ansibleInventory"))
+    result = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(path), "--list"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    hostvars = json.loads(result.stdout)["_meta"]["hostvars"]
+    options = role_options()
+    assert hostvars
+    for host, variables in hostvars.items():
+        has_layout = {"mig_layout", "mig_profiles", "mig_gpus"} & set(variables)
+        missing = {"gpu_model", "gpu_count", "rdma_fabric", "k8s_node_labels", "ansible_host"} - set(variables)
+        assert has_layout and not missing, f"{stack}/{host} lacks {missing or 'a MIG layout'}"
+        for name in set(variables) & set(options):
+            for role, option in options[name].items():
+                assert isinstance(variables[name], YAML_TYPES[option["type"]]), f"{host}: {name} for role {role}"
