@@ -109,3 +109,11 @@ def test_nodes_go_out_through_a_nat_gateway_and_ansible_jumps_through_the_bastio
     pool_vars = required(inventory_of(run), "all", "children", "gpu_nodes", "children", "pool_ndh100", "vars")
     bastion_address = "<address of pool-ndh100-net-bastion-ip after pulumi up>"  # the mock's public address
     assert pool_vars["ansible_ssh_common_args"] == f"-o ProxyJump=azureuser@{bastion_address}"
+
+
+def test_every_tag_key_is_one_azure_accepts() -> None:
+    # Azure refuses tag names holding < > % & \ ? / (and more than 512 characters).
+    keys = set().union(*(set(r.inputs.get("tags") or {}) for r in run_stack("azure").resources
+                         if r.type.startswith("azure-native:")))
+    assert keys, "no tags recorded"
+    assert not {k for k in keys if set(k) & set("<>%&\\?/") or len(k) > 512}, keys
