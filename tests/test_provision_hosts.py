@@ -202,6 +202,19 @@ def test_second_run_changes_nothing(inventory_dir: Path, first_run: tuple) -> No
     }
 
 
+def test_the_drop_in_wins_over_containerds_full_default_configuration(lab: Lab, first_run: tuple) -> None:
+    # A host without config.toml gets containerd's full default from the role (runc on cgroupfs, runc the
+    # default runtime); imported as the role imports it, the drop-in must still decide both.
+    lab.run("h2", "containerd config default | grep -v '^imports' > /tmp/full.toml && "
+                  "sed -i '1i imports = [\"/etc/containerd/conf.d/*.toml\"]' /tmp/full.toml")
+    assert "SystemdCgroup = false" in lab.run("h2", "cat /tmp/full.toml")
+    cri = tomllib.loads(lab.run("h2", "containerd --config /tmp/full.toml config dump"))[
+        "plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["default_runtime_name"] == "nvidia"
+    assert cri["runtimes"]["runc"]["options"]["SystemdCgroup"] is True
+    assert cri["runtimes"]["nvidia"]["options"]["SystemdCgroup"] is True
+
+
 def test_check_diff_on_a_fresh_host_succeeds_and_changes_nothing(lab: Lab, inventory_dir: Path) -> None:
     snapshot = ("find /etc /usr /opt /var/lib/dpkg /var/lib/apt /var/lib/fake-nvidia -xdev "
                 "-printf '%p %s %T@\\n' 2>/dev/null | sort | md5sum")
