@@ -12,12 +12,12 @@ Why this shape:
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.pools import checked_ingress, split_range
 from infra.settings import AwsSettings
 
 # Canonical's Ubuntu 22.04 for the bastion (it only forwards SSH); the user its image logs in as.
@@ -25,15 +25,6 @@ BASTION_AMI_OWNER = "099720109477"
 BASTION_AMI_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
 BASTION_USER = "ubuntu"
 ANYWHERE = "0.0.0.0/0"
-
-
-def split_vpc(vpc_cidr: str) -> tuple[str, str]:
-    """(node subnet, public subnet): the two halves of the VPC's range; ValueError for a bad range."""
-    try:
-        nodes, public = ipaddress.ip_network(vpc_cidr).subnets(prefixlen_diff=1)
-    except ValueError as exc:
-        raise ValueError(f"controlplane:aws.vpcCidr '{vpc_cidr}': {exc}") from None
-    return str(nodes), str(public)
 
 
 @dataclass(frozen=True)
@@ -53,7 +44,8 @@ class AwsPoolNetwork(pulumi.ComponentResource):
             pulumi.log.warn("controlplane:aws.sshIngressCidr is not set: the bastion admits no SSH, so Ansible "
                             "cannot reach the nodes; set it to the addresses Ansible connects from (a.b.c.d/32)", self)
         child = pulumi.ResourceOptions(parent=self)
-        nodes_cidr, public_cidr = split_vpc(settings.vpc_cidr)
+        nodes_cidr, public_cidr = split_range(settings.vpc_cidr, "aws.vpcCidr")
+        ingress_cidr = checked_ingress(settings.ssh_ingress_cidr, "aws.sshIngressCidr")
 
         self.vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=settings.vpc_cidr, enable_dns_hostnames=True,
                                enable_dns_support=True, tags={**tags, "Name": args.name_tag}, opts=child)
@@ -69,7 +61,7 @@ class AwsPoolNetwork(pulumi.ComponentResource):
                                           availability_zone=settings.availability_zone, tags=tags, opts=child)
         self._route_all(f"{name}-nodes", self.node_subnet, {"nat_gateway_id": nat.id}, tags, child)
 
-        self.bastion = self._bastion(f"{name}-bastion", settings, public, tags, child)
+        self.bastion = self._bastion(f"{name}-bastion", settings, ingress_cidr, public, tags, child)
         self.bastion_address: pulumi.Output[str] = self.bastion.public_ip
         self.register_outputs({"bastionAddress": self.bastion_address})
 
@@ -80,11 +72,11 @@ class AwsPoolNetwork(pulumi.ComponentResource):
                                    routes=[{"cidr_block": ANYWHERE, **target}], tags=tags, opts=opts)
         aws.ec2.RouteTableAssociation(f"{name}-routes", subnet_id=subnet.id, route_table_id=table.id, opts=opts)
 
-    def _bastion(self, name: str, settings: AwsSettings, subnet: aws.ec2.Subnet, tags: dict[str, str],
-                 opts: pulumi.ResourceOptions) -> aws.ec2.Instance:
+    def _bastion(self, name: str, settings: AwsSettings, ingress_cidr: str | None, subnet: aws.ec2.Subnet,
+                 tags: dict[str, str], opts: pulumi.ResourceOptions) -> aws.ec2.Instance:
         # Closed unless the stack names who may connect: never SSH from anywhere by default.
-        ingress = [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr_blocks": [settings.ssh_ingress_cidr],
-                    "description": "SSH (Ansible) from sshIngressCidr"}] if settings.ssh_ingress_cidr else []
+        ingress = [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr_blocks": [ingress_cidr],
+                    "description": "SSH (Ansible) from sshIngressCidr"}] if ingress_cidr else []
         group = aws.ec2.SecurityGroup(
             name, vpc_id=self.vpc.id, description="Bastion: SSH from the operators only", ingress=ingress,
             egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": [ANYWHERE],

@@ -12,25 +12,16 @@ Why this shape:
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_azure_native as azure
 
+from infra.pools import checked_ingress, split_range
 from infra.settings import AzureSettings
 
 BASTION_IMAGE = {"publisher": "Canonical", "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2",
                  "version": "latest"}
-
-
-def split_vnet(vnet_cidr: str) -> tuple[str, str]:
-    """(node subnet, bastion subnet): the two halves of the virtual network's range."""
-    try:
-        nodes, bastion = ipaddress.ip_network(vnet_cidr).subnets(prefixlen_diff=1)
-    except ValueError as exc:
-        raise ValueError(f"controlplane:azure.vnetCidr '{vnet_cidr}': {exc}") from None
-    return str(nodes), str(bastion)
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,8 @@ class AzurePoolNetwork(pulumi.ComponentResource):
                             "cannot reach the nodes; set it to the addresses Ansible connects from (a.b.c.d/32)", self)
         child = pulumi.ResourceOptions(parent=self)
         located = {"resource_group_name": group, "location": settings.location}
-        nodes_cidr, bastion_cidr = split_vnet(settings.vnet_cidr)
+        nodes_cidr, bastion_cidr = split_range(settings.vnet_cidr, "azure.vnetCidr")
+        ingress_cidr = checked_ingress(settings.ssh_ingress_cidr, "azure.sshIngressCidr")
 
         vnet = azure.network.VirtualNetwork(f"{name}-vnet", **located,
                                             address_space={"address_prefixes": [settings.vnet_cidr]}, tags=tags,
@@ -64,9 +56,9 @@ class AzurePoolNetwork(pulumi.ComponentResource):
                                                 nat_gateway={"id": nat.id}, opts=child)
 
         ssh_rule = {"name": "ssh-from-operators", "priority": 100, "direction": "Inbound", "access": "Allow",
-                    "protocol": "Tcp", "source_address_prefix": settings.ssh_ingress_cidr, "source_port_range": "*",
+                    "protocol": "Tcp", "source_address_prefix": ingress_cidr, "source_port_range": "*",
                     "destination_address_prefix": "*", "destination_port_range": "22"}
-        rules = [ssh_rule] if settings.ssh_ingress_cidr else []
+        rules = [ssh_rule] if ingress_cidr else []
         security = azure.network.NetworkSecurityGroup(f"{name}-bastion", **located, security_rules=rules, tags=tags,
                                                       opts=child)
         bastion_subnet = azure.network.Subnet(f"{name}-bastion", resource_group_name=group,

@@ -11,6 +11,7 @@ Node i of a pool is the planner's node i (`controlplane.gpu.plan.node_names`).
 from __future__ import annotations
 
 import base64
+import ipaddress
 from dataclasses import dataclass
 
 import pulumi
@@ -19,7 +20,8 @@ from controlplane.names import POOL_LABEL
 from controlplane.spec import NodePool
 from infra.settings import StackSettings
 
-__all__ = ["POOL_LABEL", "GpuNodePool", "NodePoolArgs", "b64", "cloud_init", "proxy_jump_vars"]
+__all__ = ["POOL_LABEL", "GpuNodePool", "NodePoolArgs", "b64", "checked_ingress", "cloud_init", "proxy_jump_vars",
+           "split_range"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +79,23 @@ def cloud_init(args: NodePoolArgs, hostname_command: str) -> str:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def split_range(cidr: str, key: str) -> tuple[str, str]:
+    """The two halves of an address range (a VPC's, a vnet's); ValueError naming the stack key when bad."""
+    try:
+        first, second = ipaddress.ip_network(cidr).subnets(prefixlen_diff=1)
+    except ValueError as exc:
+        raise ValueError(f"controlplane:{key} '{cidr}': {exc}") from None
+    return str(first), str(second)
+
+
+def checked_ingress(cidr: str | None, key: str) -> str | None:
+    """The bastion's SSH source range, checked here rather than refused by the cloud API mid-`pulumi up`."""
+    if cidr:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as exc:
+            raise ValueError(f"controlplane:{key} '{cidr}': {exc} (expected an address range, e.g. "
+                             "203.0.113.7/32)") from None
+    return cidr or None

@@ -175,3 +175,8 @@ def test_without_an_ssh_ingress_cidr_the_bastion_admits_no_ssh() -> None:
     run = run_with("aws", aws='{"region": "us-east-1"}')
     group = next(g for g in run.of_type("aws:ec2/securityGroup:SecurityGroup") if g.name == "pool-efa-net-bastion")
     assert group.inputs.get("ingress", []) == []
+
+
+def test_a_malformed_ssh_ingress_cidr_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"controlplane:aws.sshIngressCidr 'office'.*203.0.113.7/32"):
+        run_with("aws", aws='{"sshIngressCidr": "office"}')
