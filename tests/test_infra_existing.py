@@ -59,3 +59,13 @@ def test_an_inventory_without_the_pools_group_names_the_group_it_needs(tmp_path:
     inventory.write_text("all:\n  children:\n    dgx:\n      hosts:\n        dgx-a:\n")
     with pytest.raises(ValueError, match="no group 'pool_dgx'"):
         run_with("existing", inventory=str(inventory))
+
+
+def test_a_malformed_inventory_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all: [not, a, mapping]\n")
+    with pytest.raises(ValueError, match="no group 'pool_dgx'"):
+        run_with("existing", inventory=str(inventory))
+    inventory.write_text("all: {children: {pool_dgx: {hosts: [\n")
+    with pytest.raises(ValueError, match="is not YAML"):
+        run_with("existing", inventory=str(inventory))

@@ -145,12 +145,17 @@ def inventory_from_spec(spec: ClusterSpec, plan: Plan | None = None, hosts: Mapp
     return Inventory({"all": {"children": groups}}, notes)
 
 
-def _find_group(children: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` when it is a mapping; an empty one for anything else (a hand-edited file may hold anything)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _find_group(children: dict[str, Any], name: str) -> dict[str, Any] | None:
     """The group called `name`, at any depth of `children` groups."""
     for group, body in children.items():
         if group == name:
-            return body or {}
-        found = _find_group((body or {}).get("children") or {}, name)
+            return _mapping(body)
+        found = _find_group(_mapping(_mapping(body).get("children")), name)
         if found is not None:
             return found
     return None
@@ -166,8 +171,8 @@ def read_pool_hosts(path: Path, pool: str) -> list[NodeHost]:
     except yaml.YAMLError as exc:
         raise ValueError(f"inventory {path} is not YAML: {exc}") from None
     name = group_name(pool)
-    body = _find_group((data.get("all") or {}).get("children") or {}, name) if isinstance(data, dict) else None
+    body = _find_group(_mapping(_mapping(_mapping(data).get("all")).get("children")), name)
     if body is None:
         raise ValueError(f"inventory {path} has no group '{name}' (the group of pool '{pool}') under all.children")
-    found = body.get("hosts") or {}
-    return [NodeHost(host, str((host_vars or {}).get("ansible_host", host))) for host, host_vars in found.items()]
+    found = _mapping(body.get("hosts"))
+    return [NodeHost(host, str(_mapping(host_vars).get("ansible_host", host))) for host, host_vars in found.items()]
