@@ -1,4 +1,5 @@
-"""`AwsGpuNodePool`: GPU nodes on EC2 with every EFA interface of the instance type, in one placement group.
+"""`AwsGpuNodePool`: GPU nodes on EC2 with every EFA interface of the instance type, in one placement group,
+in a private subnet of the pool's network (`infra.aws_network`: NAT out, a bastion in).
 
 What EFA needs, and where each need is met:
 - every network card gets an EFA interface (`interface_type: efa`, one per `network_card_index`): fewer
@@ -16,8 +17,9 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
+from infra.aws_network import BASTION_USER, AwsNetworkArgs, AwsPoolNetwork
 from infra.names import dns_label
-from infra.pools import POOL_LABEL, GpuNodePool, NodePoolArgs, b64, cloud_init
+from infra.pools import GpuNodePool, NodePoolArgs, b64, cloud_init, proxy_jump_vars
 
 # Network cards (= EFA interfaces at full bandwidth) per instance type.
 EFA_INTERFACES: dict[str, int] = {
@@ -31,6 +33,11 @@ EFA_INTERFACES: dict[str, int] = {
 # Ubuntu with the NVIDIA driver, the EFA installer and the AWS OFI NCCL plugin: the host stack EFA needs.
 GPU_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
 AMAZON_OWNER = "amazon"
+
+# Tag keys: instance tags are readable from instance metadata (below), and EC2 then refuses any instance
+# tag key holding `/` or a space, so the Kubernetes-style `controlplane.io/cluster` cannot be a tag key.
+CLUSTER_TAG = "controlplane.io:cluster"
+POOL_TAG = "controlplane.io:pool"
 
 # The instance tag named `Name` becomes the host name (via instance metadata tags), hence the node name.
 HOSTNAME_FROM_TAG = (
@@ -70,23 +77,23 @@ def efa_interfaces(count: int, security_group_id: pulumi.Input[str], subnet_id: 
 
 
 class AwsGpuNodePool(GpuNodePool):
-    """VPC, subnet, EFA security group, cluster placement group, launch template and the pool's instances."""
+    """Network (VPC, subnets, gateways, bastion), EFA security group, cluster placement group, launch template
+    and the pool's instances."""
 
     def __init__(self, name: str, args: NodePoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("controlplane:infra:AwsGpuNodePool", name, None, opts)
         pool, aws_settings = args.pool, args.settings.aws
         efa = args.pool.fabric == "efa"
         interfaces = efa_interface_count(pool.instance_type, aws_settings.efa_interfaces) if efa else 1
-        tags = {"controlplane.io/cluster": args.cluster, POOL_LABEL: pool.name}
+        tags = {CLUSTER_TAG: args.cluster, POOL_TAG: pool.name}
 
         provider = aws.Provider(f"{name}-aws", region=aws_settings.region, profile=aws_settings.profile,
                                 opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
-        vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=aws_settings.vpc_cidr, enable_dns_hostnames=True,
-                          enable_dns_support=True, tags={**tags, "Name": f"{args.cluster}-{pool.name}"}, opts=child)
-        subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=aws_settings.vpc_cidr,
-                                availability_zone=aws_settings.availability_zone, tags=tags, opts=child)
+        network = AwsPoolNetwork(f"{name}-net", AwsNetworkArgs(aws_settings, tags, f"{args.cluster}-{pool.name}"),
+                                 pulumi.ResourceOptions(parent=self, providers=[provider]))
+        vpc, subnet = network.vpc, network.node_subnet
         security_group = aws.ec2.SecurityGroup(
             f"{name}-efa",
             vpc_id=vpc.id,
@@ -152,4 +159,6 @@ class AwsGpuNodePool(GpuNodePool):
         self.security_group = security_group
         self.placement_group = placement
         self.launch_template = template
-        self._finish(args, names, pulumi.Output.all(*[inst.private_ip for inst in instances]))
+        self.network = network
+        self._finish(args, names, pulumi.Output.all(*[inst.private_ip for inst in instances]),
+                     proxy_jump_vars(BASTION_USER, network.bastion_address))

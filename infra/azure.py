@@ -7,7 +7,8 @@
 - Accelerated networking on the Ethernet NIC (SR-IOV) for the control traffic; the IB VFs need no setting.
 - Uniform orchestration without overprovisioning: instance ids are 0..count-1 on a new scale set, so host
   names (`<prefix><instance id in base 36, 6 digits>`) are known before the VMs exist and resolve through the
-  virtual network's DNS; Ansible reaches the nodes by those names.
+  virtual network's DNS; Ansible reaches the nodes by those names through the pool's bastion, and they
+  reach the internet through its NAT gateway (`infra.azure_network`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import pulumi
 import pulumi_azure_native as azure
 
+from infra.azure_network import AzureNetworkArgs, AzurePoolNetwork
 from infra.names import dns_label
-from infra.pools import POOL_LABEL, GpuNodePool, NodePoolArgs, b64, cloud_init
+from infra.pools import POOL_LABEL, GpuNodePool, NodePoolArgs, b64, cloud_init, proxy_jump_vars
 
 HPC_IMAGE = {"publisher": "microsoft-dsvm", "offer": "ubuntu-hpc", "sku": "2204", "version": "latest"}
 ND_H100_V5 = "Standard_ND96isr_H100_v5"
@@ -37,7 +39,7 @@ def scale_set_hostname(prefix: str, instance_id: int) -> str:
 
 
 class AzureGpuNodePool(GpuNodePool):
-    """Resource group, virtual network, proximity placement group and the pool's scale set."""
+    """Resource group, network (vnet, NAT gateway, bastion), proximity placement group and the scale set."""
 
     def __init__(self, name: str, args: NodePoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("controlplane:infra:AzureGpuNodePool", name, None, opts)
@@ -52,16 +54,9 @@ class AzureGpuNodePool(GpuNodePool):
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
         group = azure.resources.ResourceGroup(f"{name}-rg", location=settings.location, tags=tags, opts=child)
-        vnet = azure.network.VirtualNetwork(
-            f"{name}-vnet",
-            resource_group_name=group.name,
-            location=settings.location,
-            address_space={"address_prefixes": [settings.vnet_cidr]},
-            tags=tags,
-            opts=child,
-        )
-        subnet = azure.network.Subnet(f"{name}-subnet", resource_group_name=group.name,
-                                      virtual_network_name=vnet.name, address_prefix=settings.vnet_cidr, opts=child)
+        network = AzurePoolNetwork(f"{name}-net", AzureNetworkArgs(settings, group.name, tags),
+                                   pulumi.ResourceOptions(parent=self, providers=[provider]))
+        subnet = network.node_subnet
         placement = azure.compute.ProximityPlacementGroup(
             f"{name}-ppg",
             resource_group_name=group.name,
@@ -118,4 +113,6 @@ class AzureGpuNodePool(GpuNodePool):
         self.placement_group = placement
         hostnames = [scale_set_hostname(prefix, i) for i in range(pool.count)]
         # The names resolve inside the virtual network; they are known once the scale set exists.
-        self._finish(args, hostnames, scale_set.name.apply(lambda _: hostnames))
+        self.network = network
+        self._finish(args, hostnames, scale_set.name.apply(lambda _: hostnames),
+                     proxy_jump_vars(settings.admin_username, network.bastion_address))

@@ -1,9 +1,5 @@
-"""Kubernetes-safe names for spec names: the spec allows '_' and '.', a Service name (RFC 1035) does not.
+"""Kubernetes-safe names: they live in `controlplane.names`, which the Ansible inventory uses too."""
 
-The functions live with the shard objects (`controlplane.shards.manifests`), which the gateway's `kubernetes`
-backend reads too; infra/ modules import them from here.
-"""
+from controlplane.names import POOL_LABEL, dns_label, unique_labels
 
-from controlplane.shards.manifests import dns_label, unique_labels
-
-__all__ = ["dns_label", "unique_labels"]
+__all__ = ["POOL_LABEL", "dns_label", "unique_labels"]

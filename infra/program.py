@@ -5,12 +5,11 @@ from __future__ import annotations
 import pulumi
 
 from controlplane.gpu.plan import Plan
-from controlplane.gpu.render import config_names
+from controlplane.provision.inventory import NodeHost, inventory_from_spec
 from controlplane.spec import ClusterSpec, NodePool
 from infra.aws import AwsGpuNodePool
 from infra.azure import AzureGpuNodePool
 from infra.existing import ExistingNodePool
-from infra.inventory import InventoryGroup, InventoryNode, ansible_inventory
 from infra.names import unique_labels
 from infra.pools import GpuNodePool, NodePoolArgs
 from infra.serving import ServingClusterArgs
@@ -31,29 +30,23 @@ def node_pool(spec: ClusterSpec, plan: Plan, pool: NodePool, settings: StackSett
 
 
 def inventory_of(spec: ClusterSpec, plan: Plan, pools: list[GpuNodePool]) -> pulumi.Output[str]:
-    """The Ansible inventory of every pool, once the addresses are known."""
-    configs = config_names(plan)
-
-    def render(addresses: list[list[str]]) -> str:
-        groups = []
-        for pool, pool_addresses in zip(spec.node_pools, addresses, strict=True):
+    """The Ansible inventory of every pool (controlplane.provision.inventory's schema), once the addresses are
+    known: hosts under their Kubernetes node names (which the join uses and the node labels target), every
+    pool in k8s_nodes (the serving layer needs the nodes joined)."""
+    def render(values: list) -> str:
+        addresses, connections = values[:len(pools)], values[len(pools):]
+        hosts: dict[str, NodeHost] = {}
+        pool_vars: dict[str, dict[str, str]] = {}
+        for pool, component, pool_addresses, connection in zip(spec.node_pools, pools, addresses, connections,
+                                                                 strict=True):
             nodes = plan.pool(pool.name).nodes
-            group_vars: dict[str, object] = {"gpu_model": pool.gpu.model, "gpus_per_node": pool.gpu.per_node,
-                                             "fabric": pool.fabric}
-            node_configs = {configs[n] for n in nodes if n in configs}
-            host_vars: dict[str, dict[str, object]] = {n: {} for n in nodes}
-            if len(node_configs) == 1:
-                group_vars["mig_config"] = node_configs.pop()
-            else:  # nodes of an auto-planned pool may differ: then each host carries its own
-                for n in nodes:
-                    if n in configs:
-                        host_vars[n]["mig_config"] = configs[n]
-            groups.append(InventoryGroup(pool.name, [
-                InventoryNode(n, address, host_vars[n]) for n, address in zip(nodes, pool_addresses, strict=True)
-            ], group_vars))
-        return ansible_inventory(groups)
+            for node, name, address in zip(nodes, component.node_names, pool_addresses, strict=True):
+                hosts[node] = NodeHost(name, address)
+            pool_vars[pool.name] = connection
+        inventory = inventory_from_spec(spec, plan, hosts, pool_vars, join_kubernetes=True)
+        return inventory.to_yaml("the Pulumi program (`pulumi stack output ansibleInventory`)")
 
-    return pulumi.Output.all(*[p.addresses for p in pools]).apply(render)
+    return pulumi.Output.all(*[p.addresses for p in pools], *[p.connection_vars for p in pools]).apply(render)
 
 
 def serving_args(spec: ClusterSpec, plan: Plan, pools: list[GpuNodePool], settings: StackSettings

@@ -21,8 +21,8 @@ import pulumi_kubernetes as k8s
 
 from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import mig_parted_config
+from controlplane.names import dns_label
 from controlplane.shards import manifests
-from controlplane.shards.manifests import dns_label
 from controlplane.spec import ClusterSpec
 from infra import workloads
 from infra.settings import KubernetesSettings, RegistryCredentials

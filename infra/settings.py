@@ -31,7 +31,11 @@ class AwsSettings:
     availability_zone: str = "us-east-1a"
     # A named profile of the AWS shared credentials file: a reference, never keys in the stack.
     profile: str | None = None
+    # Split in two: the GPU nodes' private subnet and the public one (NAT gateway, bastion).
     vpc_cidr: str = "10.42.0.0/16"
+    # Who may SSH to the bastion (the nodes themselves take SSH from inside the VPC only); unset: nobody.
+    ssh_ingress_cidr: str | None = None
+    bastion_instance_type: str = "t3.small"
     ssh_key_name: str | None = None
     # Overrides the Deep Learning AMI lookup (pin an AMI for reproducible nodes).
     ami_id: str | None = None
@@ -49,7 +53,11 @@ class AzureSettings:
     subscription_id: str | None = None
     admin_username: str = "azureuser"
     ssh_public_key: str = ""
+    # Split in two: the nodes' subnet (behind the NAT gateway) and the bastion's.
     vnet_cidr: str = "10.43.0.0/16"
+    # Who may SSH to the bastion; unset: nobody (the nodes have no public address).
+    ssh_ingress_cidr: str | None = None
+    bastion_vm_size: str = "Standard_B2s"
     os_disk_gib: int = 256
 
 

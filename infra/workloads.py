@@ -18,16 +18,15 @@ from typing import Any
 import yaml
 
 from controlplane.gpu.plan import Plan
-from controlplane.gpu.render import MIG_CONFIG_LABEL, config_names, replica_resources
+from controlplane.gpu.render import replica_resources
+from controlplane.provision.inventory import kubernetes_node_labels
 from controlplane.shards.manifests import (
     COMPONENT_LABEL,
     GATEWAY_ACCOUNT,
     MODELS_DIR,
-    POOL_LABEL,
     RDMA_RESOURCE,
     TRITON_GRPC_PORT,
     TRITON_HTTP_PORT,
-    dns_label,
 )
 from controlplane.shards.manifests import http_probe as _probe
 from controlplane.shards.manifests import object_labels as _labels
@@ -36,6 +35,9 @@ from controlplane.spec import ClusterSpec, ShardsBackend
 from infra.settings import KubernetesSettings
 
 GATEWAY_CONFIG_DIR = "/etc/controlplane"
+# The gateway's root filesystem is read-only and the gateway writes nothing; Python and the libraries it
+# loads may still want a temp dir, so /tmp is an emptyDir (TMPDIR, HOME) and the only writable path.
+GATEWAY_WRITABLE_VOLUMES = {"tmp": "/tmp"}
 # The control-plane image's user (images/Dockerfile.controlplane).
 CONTROLPLANE_UID = 10001
 
@@ -110,17 +112,20 @@ def gateway_deployment(spec: ClusterSpec, settings: KubernetesSettings, pull_sec
             "name": "gateway",
             "image": settings.controlplane_image,
             "args": ["gateway", "--file", f"{GATEWAY_CONFIG_DIR}/cluster.yaml"],
+            "env": [{"name": "TMPDIR", "value": "/tmp"}, {"name": "HOME", "value": "/tmp"}],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             # The HPA scales on CPU utilisation, which is relative to this request.
             "resources": {"requests": {"cpu": scaling.cpu, "memory": scaling.memory},
                           "limits": {"memory": scaling.memory}},
             "readinessProbe": _probe("/v2/health/ready", "http", 5, 3),
             "livenessProbe": _probe("/v2/health/live", "http", 10, 3),
-            "volumeMounts": [{"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True}],
+            "volumeMounts": [{"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True},
+                             *({"name": name, "mountPath": path} for name, path in GATEWAY_WRITABLE_VOLUMES.items())],
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
         }],
-        "volumes": [{"name": "config", "configMap": {"name": "gateway-config"}}],
+        "volumes": [{"name": "config", "configMap": {"name": "gateway-config"}},
+                    *({"name": name, "emptyDir": {"sizeLimit": "256Mi"}} for name in GATEWAY_WRITABLE_VOLUMES)],
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
                                        "labelSelector": {"matchLabels": selector}}],
@@ -200,18 +205,10 @@ def device_plugin_config(slicing: dict[str, int]) -> str:
 
 
 def node_patches(plan: Plan, node_names: dict[str, str]) -> list[dict[str, Any]]:
-    """Labels per node: its pool (shards select on it) and, on GPU nodes, the mig-parted config to apply.
-    `node_names` maps the planner's node to its Kubernetes node name."""
-    configs = config_names(plan)
-    out = []
-    for pool in plan.pools:
-        for node in pool.nodes:
-            labels = {POOL_LABEL: dns_label(pool.pool)}
-            if node in configs:
-                labels[MIG_CONFIG_LABEL] = configs[node]
-            out.append({"apiVersion": "v1", "kind": "Node",
-                        "metadata": {"name": node_names.get(node, node), "labels": labels}})
-    return out
+    """Labels per node, the same the nodes register with at join (the inventory's `k8s_node_labels`): its
+    pool and, on GPU nodes, the mig-parted config. `node_names` maps the planner's node to its Kubernetes name."""
+    return [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_names.get(node, node), "labels": labels}}
+            for node, labels in kubernetes_node_labels(plan).items()]
 
 
 def nic_cluster_policy(link_types: list[str]) -> dict[str, Any]:

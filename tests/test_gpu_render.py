@@ -10,7 +10,14 @@ import yaml
 from controlplane.gpu.catalog import gpu_model
 from controlplane.gpu.layout import place
 from controlplane.gpu.plan import Plan, plan_cluster
-from controlplane.gpu.render import config_names, extended_resources, mig_parted_config, node_labels, replica_resources
+from controlplane.gpu.render import (
+    config_names,
+    extended_resources,
+    mig_parted_config,
+    node_labels,
+    replica_resources,
+    resource_name,
+)
 from controlplane.spec import load_spec
 from tests.test_gpu_plan import AUTO, SMALL, make_spec
 
@@ -71,3 +78,12 @@ def test_shared_instances_are_reported_for_time_slicing() -> None:
     ))
     shared = {r.replica.name: r.shared_with for r in replica_resources(plan)}
     assert shared == {"s-0": ("t-0",), "t-0": ("s-0",)}
+
+
+def test_media_extension_profiles_become_the_device_plugins_dot_me_resource() -> None:
+    # The device plugin advertises `1g.10gb+me` as `nvidia.com/mig-1g.10gb.me` ('+' is not allowed in a
+    # resource name); a pod requesting `mig-1g.10gb+me` would be refused by the API server.
+    plan = small_plan()
+    gpu = plan.pools[0].gpus_of(plan.pools[0].nodes[0])[0]
+    assert resource_name(gpu, "1g.10gb+me") == "nvidia.com/mig-1g.10gb.me"
+    assert resource_name(gpu, "3g.40gb") == "nvidia.com/mig-3g.40gb"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infra.azure import scale_set_hostname
-from tests.test_infra_support import inventory_addresses, k8s, only, required, run_stack, run_with
+from tests.test_infra_support import inventory_addresses, inventory_of, k8s, only, required, run_stack, run_with
 
 VMSS = "azure-native:compute:VirtualMachineScaleSet"
 
@@ -43,8 +43,7 @@ def test_nic_has_accelerated_networking_on_the_pool_subnet() -> None:
     nic = required(only(run, VMSS).inputs, "virtualMachineProfile", "networkProfile",
                    "networkInterfaceConfigurations", 0)
     assert required(nic, "enableAcceleratedNetworking") is True
-    subnet = only(run, "azure-native:network:Subnet")
-    assert required(nic, "ipConfigurations", 0, "subnet", "id") == f"{subnet.name}-offline-id"
+    assert required(nic, "ipConfigurations", 0, "subnet", "id") == "pool-ndh100-net-nodes-offline-id"
 
 
 def test_ssh_keys_only() -> None:
@@ -59,8 +58,10 @@ def test_a_stack_without_an_ssh_key_is_refused() -> None:
         run_with("azure", azure='{"location": "eastus"}')
 
 
-def test_inventory_reaches_nodes_by_their_scale_set_host_names() -> None:
-    assert inventory_addresses(run_stack("azure")) == {"ndh100-0": "ndh100000000", "ndh100-1": "ndh100000001"}
+def test_inventory_names_nodes_by_their_scale_set_host_names() -> None:
+    # The inventory name is what `kubeadm join --node-name` registers, and what the label patches target.
+    assert inventory_addresses(run_stack("azure")) == {"ndh100000000": "ndh100000000",
+                                                       "ndh100000001": "ndh100000001"}
     assert scale_set_hostname("pool", 37) == "pool000011"
 
 
@@ -79,3 +80,40 @@ def test_infiniband_pools_get_the_network_operator_and_rdma_shared_device_plugin
     assert config["configList"][0]["selectors"]["linkTypes"] == ["infiniband"]
     charts = {r.inputs["chart"] for r in run.of_type("kubernetes:helm.sh/v3:Release")}
     assert charts == {"gpu-operator", "network-operator"}
+
+
+def test_nodes_go_out_through_a_nat_gateway_and_ansible_jumps_through_the_bastion() -> None:
+    run = run_stack("azure")
+    ids = {r.name: f"{r.name}-offline-id" for r in run.resources}
+    subnets = {r.name: r.inputs for r in run.of_type("azure-native:network:Subnet")}
+    assert {n: s["addressPrefix"] for n, s in subnets.items()} == {"pool-ndh100-net-nodes": "10.43.0.0/17",
+                                                                   "pool-ndh100-net-bastion": "10.43.128.0/17"}
+    nat = only(run, "azure-native:network:NatGateway")
+    assert subnets["pool-ndh100-net-nodes"]["natGateway"] == {"id": ids[nat.name]}
+    assert nat.inputs["publicIpAddresses"] == [{"id": ids["pool-ndh100-net-nat-ip"]}]
+    addresses = {r.name: r.inputs for r in run.of_type("azure-native:network:PublicIPAddress")}
+    assert {a["sku"]["name"] for a in addresses.values()} == {"Standard"}  # a NAT gateway takes no Basic address
+    # The bastion: a public address on its NIC, in its own subnet whose security group admits SSH only from
+    # the stack's CIDR; the scale set's instances get no public address.
+    nic = next(r.inputs for r in run.of_type("azure-native:network:NetworkInterface"))
+    assert nic["ipConfigurations"][0]["publicIPAddress"] == {"id": ids["pool-ndh100-net-bastion-ip"]}
+    assert nic["ipConfigurations"][0]["subnet"] == {"id": ids["pool-ndh100-net-bastion"]}
+    vm = only(run, "azure-native:compute:VirtualMachine").inputs
+    assert vm["networkProfile"]["networkInterfaces"][0]["id"] == ids["pool-ndh100-net-bastion"]
+    security = only(run, "azure-native:network:NetworkSecurityGroup")
+    assert subnets["pool-ndh100-net-bastion"]["networkSecurityGroup"] == {"id": ids[security.name]}
+    assert [r["sourceAddressPrefix"] for r in security.inputs["securityRules"]] == ["198.51.100.0/24"]
+    vmss_ip = required(only(run, VMSS).inputs, "virtualMachineProfile", "networkProfile",
+                       "networkInterfaceConfigurations", 0, "ipConfigurations", 0)
+    assert "publicIPAddressConfiguration" not in vmss_ip
+    pool_vars = required(inventory_of(run), "all", "children", "gpu_nodes", "children", "pool_ndh100", "vars")
+    bastion_address = "<address of pool-ndh100-net-bastion-ip after pulumi up>"  # the mock's public address
+    assert pool_vars["ansible_ssh_common_args"] == f"-o ProxyJump=azureuser@{bastion_address}"
+
+
+def test_every_tag_key_is_one_azure_accepts() -> None:
+    # Azure refuses tag names holding < > % & \ ? / (and more than 512 characters).
+    keys = set().union(*(set(r.inputs.get("tags") or {}) for r in run_stack("azure").resources
+                         if r.type.startswith("azure-native:")))
+    assert keys, "no tags recorded"
+    assert not {k for k in keys if set(k) & set("<>%&\\?/") or len(k) > 512}, keys

@@ -27,7 +27,7 @@ def test_without_an_inventory_the_spec_hosts_are_the_addresses() -> None:
 
 def test_an_inventory_missing_a_planned_node_is_refused(tmp_path: Path) -> None:
     inventory = tmp_path / "inventory.yml"
-    inventory.write_text("all:\n  children:\n    dgx:\n      hosts:\n        dgx-a: {ansible_host: 192.0.2.11}\n")
+    inventory.write_text("all:\n  children:\n    pool_dgx:\n      hosts:\n        dgx-a: {ansible_host: 192.0.2.11}\n")
     with pytest.raises(ValueError, match="lacks host.*dgx-b"):
         run_with("existing", inventory=str(inventory))
 
@@ -45,10 +45,27 @@ def test_model_repository_claim_is_mounted_read_only() -> None:
     assert source["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
 
-def test_hosts_are_also_read_from_the_cpctl_inventory_format(tmp_path: Path) -> None:
-    # `cpctl inventory` (the Ansible side) nests pools as gpu_nodes -> pool_<name>, hosts keyed by address.
+def test_hosts_are_read_from_the_cpctl_inventory_format(tmp_path: Path) -> None:
+    # The one schema (controlplane/provision/inventory.py): gpu_nodes -> pool_<name>, hosts by node name.
     inventory = tmp_path / "inventory.yml"
     inventory.write_text("all:\n  children:\n    gpu_nodes:\n      children:\n        pool_dgx:\n"
                          "          hosts:\n            dgx-a: {ansible_host: 192.0.2.21}\n            dgx-b:\n")
     assert inventory_addresses(run_with("existing", inventory=str(inventory))) == {"dgx-a": "192.0.2.21",
                                                                                   "dgx-b": "dgx-b"}
+
+
+def test_an_inventory_without_the_pools_group_names_the_group_it_needs(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all:\n  children:\n    dgx:\n      hosts:\n        dgx-a:\n")
+    with pytest.raises(ValueError, match="no group 'pool_dgx'"):
+        run_with("existing", inventory=str(inventory))
+
+
+def test_a_malformed_inventory_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("all: [not, a, mapping]\n")
+    with pytest.raises(ValueError, match="no group 'pool_dgx'"):
+        run_with("existing", inventory=str(inventory))
+    inventory.write_text("all: {children: {pool_dgx: {hosts: [\n")
+    with pytest.raises(ValueError, match="is not YAML"):
+        run_with("existing", inventory=str(inventory))

@@ -66,13 +66,18 @@ def required(data: object, *path: str | int) -> object:
     return data
 
 
-def inventory_addresses(run: ProgramRun) -> dict[str, str]:
-    """host -> ansible_host of the run's inventory output; fails when an address is missing."""
+def inventory_of(run: ProgramRun) -> dict:
+    """The run's `ansibleInventory` output, parsed."""
     import yaml
 
-    inventory = yaml.safe_load(required(run.outputs, "ansibleInventory"))
+    return yaml.safe_load(required(run.outputs, "ansibleInventory"))
+
+
+def inventory_addresses(run: ProgramRun) -> dict[str, str]:
+    """host -> ansible_host of the run's inventory output (gpu_nodes -> pool groups); fails when an address
+    is missing."""
     out = {}
-    for group, body in required(inventory, "all", "children").items():
+    for group, body in required(inventory_of(run), "all", "children", "gpu_nodes", "children").items():
         for host, hostvars in required(body, "hosts").items():
             address = required(hostvars, "ansible_host")
             assert isinstance(address, str) and address, f"{group}/{host}: empty address"

@@ -76,3 +76,19 @@ def test_without_hardware_it_fails_like_nvidia_smi_without_a_driver(smi, tmp_pat
     (tmp_path / "etc/fake-nvidia/hardware.json").unlink()
     code, out = smi("-L")
     assert code == 9 and "couldn't communicate with the NVIDIA driver" in out
+
+
+def test_on_a_cloud_vm_a_mig_mode_change_stays_pending_until_a_reboot(smi, tmp_path: Path) -> None:  # noqa: ANN001
+    hardware = tmp_path / "etc/fake-nvidia/hardware.json"
+    hardware.write_text(json.dumps({"model": "h100-80gb-hbm3", "count": 1, "mig_needs_reboot": True}))
+    code, out = smi("-i", "0", "-mig", "1")
+    assert code == 0 and "pending enable state" in out and "Reboot the system" in out
+    assert smi("--query-gpu=mig.mode.current,mig.mode.pending", "--format=csv,noheader")[1] == "Disabled, Enabled\n"
+    assert smi("mig", "-i", "0", "-cgi", "9:0", "-C")[0] != 0  # not in MIG mode yet
+    smi("--fake-host-reboot")
+    boot_id = (tmp_path / "var/lib/fake-nvidia/boot_id").read_text()
+    assert smi("--query-gpu=mig.mode.current,mig.mode.pending", "--format=csv,noheader")[1] == "Enabled, Enabled\n"
+    assert smi("mig", "-i", "0", "-cgi", "9:0", "-C")[0] == 0
+    smi("--fake-host-reboot")  # instances do not survive a reboot; the boot id changes
+    assert smi("mig", "-lgi")[1].count("3g.40gb") == 0
+    assert (tmp_path / "var/lib/fake-nvidia/boot_id").read_text() != boot_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from controlplane.gpu.catalog import gpu_model
 from controlplane.gpu.layout import place
 from controlplane.gpu.plan import plan_cluster
 from controlplane.provision.cli import _extra_vars, inventory
-from controlplane.provision.inventory import group_name, inventory_from_spec
+from controlplane.provision.inventory import HOST_VARIABLES, POOL_VARIABLES, group_name, inventory_from_spec
 from controlplane.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,9 +62,11 @@ priority_classes: [{name: std, level: 1, default_deadline_ms: 100, share: 1}]
     result = inventory_from_spec(spec)
     pools = result.data["all"]["children"]["gpu_nodes"]["children"]
     assert group_name("gpu.pool-1") == "pool_gpu_pool_1"
-    assert pools == {"pool_gpu_pool_1": {"hosts": {"n1": None},
-                                         "vars": {"gpu_model": "A100-80GB", "gpu_count": 4, "rdma_fabric": "none",
-                                                  "mig_layout": "all-disabled"}}}
+    assert pools == {"pool_gpu_pool_1": {
+        "hosts": {"n1": {"k8s_node_labels": {"controlplane.io/pool": "gpu-pool-1",
+                                             "nvidia.com/mig.config": "all-disabled"}}},
+        "vars": {"gpu_model": "A100-80GB", "gpu_count": 4, "rdma_fabric": "none", "mig_layout": "all-disabled"}}}
+    assert "k8s_nodes" not in result.data["all"]["children"]  # joining Kubernetes is asked for, not assumed
     assert any("'cpu' has no GPUs" in note for note in result.notes)
 
 
@@ -89,3 +92,65 @@ def test_extra_vars_accept_key_value_mappings_and_files(tmp_path: Path) -> None:
     (tmp_path / "vars.yml").write_text("mig_layout: all-1g.10gb\n")
     merged = _extra_vars(["a=1", '{"mig_gpus": [{"index": 0, "profiles": null}]}', f"@{tmp_path / 'vars.yml'}"])
     assert merged == {"a": 1, "mig_gpus": [{"index": 0, "profiles": None}], "mig_layout": "all-1g.10gb"}
+
+
+SPECS = sorted(ROOT.glob("examples/*/cluster.yaml")) + [ROOT / "tests" / "hosts" / "cluster.yaml"]
+ROLES = ROOT / "playbooks" / "roles"
+YAML_TYPES = {"str": str, "int": int, "list": list, "dict": dict, "bool": bool}
+
+
+def role_options() -> dict[str, dict[str, dict]]:
+    """variable -> role -> its argument spec, over every role."""
+    options: dict[str, dict[str, dict]] = {}
+    for specs in ROLES.glob("*/meta/argument_specs.yml"):
+        for name, option in yaml.safe_load(specs.read_text())["argument_specs"]["main"]["options"].items():
+            options.setdefault(name, {})[specs.parent.parent.name] = option
+    return options
+
+
+def test_every_inventory_variable_is_declared_by_the_roles_that_read_it_with_its_type() -> None:
+    options = role_options()
+    seen: set[str] = set()
+    for spec_file in SPECS:
+        inventory = inventory_from_spec(load_spec(spec_file), join_kubernetes=True)
+        for group in inventory.pool_groups().values():
+            host_vars = [v for v in (group.get("hosts") or {}).values()]
+            for variables in [group["vars"], *host_vars]:
+                for name, value in variables.items():
+                    if name.startswith("ansible_"):
+                        continue  # Ansible's own connection variables
+                    seen.add(name)
+                    assert name in options, f"{spec_file.name}: inventory variable {name} is read by no role"
+                    for role, option in options[name].items():
+                        assert isinstance(value, YAML_TYPES[option["type"]]), (
+                            f"{name}={value!r} is not the {option['type']} role {role} declares")
+                        assert value in option.get("choices", [value]), f"{name}={value!r} not in {role}'s choices"
+    assert seen == set(POOL_VARIABLES + HOST_VARIABLES) - {"mig_profiles"}  # no example lists explicit profiles
+
+
+def test_every_inventory_variable_the_roles_read_is_written() -> None:
+    # What the roles' defaults take from the inventory: `{{ name | default(...) }}` of a name that is no
+    # role's own variable. gpu_node_live_system is the operator's statement about the host, not the plan's.
+    read = set()
+    for defaults in ROLES.glob("*/defaults/main.yml"):
+        read |= set(re.findall(r"\{\{\s*([a-z_]+)\s*\|\s*default", defaults.read_text()))
+    own = set(role_options())
+    external = {name for name in read if name not in own or name in POOL_VARIABLES + HOST_VARIABLES} - {
+        "gpu_node_live_system"}
+    written = set()
+    for spec_file in SPECS:
+        for group in inventory_from_spec(load_spec(spec_file)).pool_groups().values():
+            written |= set(group["vars"])
+    assert external, "no role reads the inventory: the pattern above broke"
+    assert external <= written, f"roles read {external - written}, which no inventory carries"
+
+
+def test_cli_join_kubernetes_puts_every_pool_in_k8s_nodes(tmp_path: Path) -> None:
+    output = tmp_path / "hosts.yml"
+    result = CliRunner().invoke(app, ["inventory", "-f", str(GPU_SPEC), "-o", str(output), "--join-kubernetes"])
+    assert result.exit_code == 0, result.output
+    groups = yaml.safe_load(output.read_text())["all"]["children"]
+    assert groups["k8s_nodes"] == {"children": {"pool_existing": {}, "pool_burst": {}}}
+    # Each host carries the labels kubelet registers it with at join.
+    labels = groups["gpu_nodes"]["children"]["pool_existing"]["hosts"]["gpu-a"]["k8s_node_labels"]
+    assert labels["controlplane.io/pool"] == "existing" and labels["nvidia.com/mig.config"].startswith("existing-")

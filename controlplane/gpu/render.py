@@ -85,8 +85,11 @@ def node_labels(plan: Plan) -> dict[str, dict[str, str]]:
 
 
 def resource_name(gpu: GpuPlan, profile: str | None) -> str:
-    """The device plugin's resource for an instance under the `mixed` strategy; whole GPUs are nvidia.com/gpu."""
-    return f"nvidia.com/mig-{profile}" if profile is not None and gpu.layout is not None else "nvidia.com/gpu"
+    """The device plugin's resource for an instance under the `mixed` strategy; whole GPUs are nvidia.com/gpu.
+    Resource names cannot hold '+': the device plugin advertises `1g.10gb+me` as `mig-1g.10gb.me`."""
+    if profile is None or gpu.layout is None:
+        return "nvidia.com/gpu"
+    return "nvidia.com/mig-" + profile.replace("+", ".")
 
 
 def extended_resources(plan: Plan) -> dict[str, dict[str, int]]:

@@ -156,8 +156,12 @@ def _make_mocks(address_of: Callable[[str], str]) -> Any:
             self.resources.append(Recorded(args.typ, args.name, inputs))
             outputs = dict(inputs)
             outputs.setdefault("name", args.name)
-            if args.typ == "aws:ec2/instance:Instance":
+            if args.typ == "aws:ec2/instance:Instance" and inputs.get("associatePublicIpAddress"):
+                outputs["publicIp"] = placeholder_address(args.name)  # a bastion
+            elif args.typ == "aws:ec2/instance:Instance":
                 outputs["privateIp"] = address_of(args.name)
+            elif args.typ == "azure-native:network:PublicIPAddress":
+                outputs["ipAddress"] = placeholder_address(args.name)
             elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
                 outputs["latestVersion"] = 1
             return f"{args.name}-offline-id", outputs

@@ -32,6 +32,8 @@ OUTPUT_OPTION = typer.Option(
     None, "-o", "--output", help="Write the inventory to this file (e.g. inventories/gpu-demo/hosts.yml); "
     "default: print it."
 )
+JOIN_OPTION = typer.Option(False, "--join-kubernetes", help="Put every pool in k8s_nodes: site.yml then joins "
+                           "the hosts to Kubernetes (k8s_node role), with their node labels.")
 INVENTORY_OPTION = typer.Option(..., "-i", "--inventory", help="Inventory file or folder.")
 CHECK_OPTION = typer.Option(False, "--check", help="Report what would change; change nothing.")
 DIFF_OPTION = typer.Option(False, "--diff", help="Show the changes to files and MIG layouts.")
@@ -46,24 +48,26 @@ DOCTOR_INVENTORY_OPTION = typer.Option(
 
 
 @provision_app.command("inventory")
-def inventory(spec_file: Path = SPEC_OPTION, output: Path | None = OUTPUT_OPTION) -> None:
-    """Write the Ansible inventory of the spec's GPU pools: groups, GPU model and count, fabric, MIG layouts.
+def inventory(spec_file: Path = SPEC_OPTION, output: Path | None = OUTPUT_OPTION,
+              join_kubernetes: bool = JOIN_OPTION) -> None:
+    """Write the Ansible inventory of the spec's GPU pools: groups, GPU model and count, fabric, MIG layouts,
+    node labels (the schema: controlplane/provision/inventory.py).
 
     Example: cpctl inventory -f examples/gpu/cluster.yaml -o inventories/gpu-demo/hosts.yml
     """
     from controlplane.provision.inventory import inventory_from_spec
 
     try:
-        result = inventory_from_spec(load(spec_file))
+        result = inventory_from_spec(load(spec_file), join_kubernetes=join_kubernetes)
     except PlanError as exc:
         fail(f"{spec_file}: {exc}")
-    text = result.to_yaml(str(spec_file))
+    text = result.to_yaml(f"`cpctl inventory -f {spec_file}`")
     if output is None:
         print(text, end="")
         return
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    hosts = sum(len(g.get("hosts") or {}) for g in result.data["all"]["children"]["gpu_nodes"]["children"].values())
+    hosts = sum(len(g.get("hosts") or {}) for g in result.pool_groups().values())
     console.print(f"[green]wrote[/green] {output}: {hosts} host(s)" + "".join(f"\n  note: {n}" for n in result.notes),
                   highlight=False, soft_wrap=True)
 

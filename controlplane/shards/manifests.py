@@ -15,7 +15,6 @@ while it keeps running.
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Protocol
 
 from controlplane.gpu.plan import Plan
 from controlplane.gpu.render import replica_resources
+from controlplane.names import POOL_LABEL, dns_label, unique_labels
 from controlplane.spec import ClusterSpec, Shard
 
 TRITON_HTTP_PORT = 8000
@@ -37,34 +37,9 @@ DEPLOYMENT_LABEL = "controlplane.io/deployment"
 STANDBY_LABEL = "controlplane.io/standby"
 # In the shard Service's selector: "false" takes a pod out of rotation (an admin drain) without stopping it.
 SERVING_LABEL = "controlplane.io/serving"
-POOL_LABEL = "controlplane.io/pool"
 # The Triton image's own non-root user.
 TRITON_UID = 1000
 
-_LABEL_MAX = 63
-
-
-def dns_label(name: str) -> str:
-    """`name` as an RFC 1035 label: lower case, '-' for '_' and '.', starting with a letter."""
-    label = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
-    if not label or not label[0].isalpha():
-        label = f"x-{label}"
-    if len(label) > _LABEL_MAX:
-        raise ValueError(f"'{name}' is longer than a Kubernetes name may be ({_LABEL_MAX} characters)")
-    return label
-
-
-def unique_labels(names: list[str], what: str) -> dict[str, str]:
-    """spec name -> dns_label, refusing two spec names that map to one label (e.g. 'a_b' and 'a.b')."""
-    out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for name in names:
-        label = dns_label(name)
-        if label in seen and seen[label] != name:
-            raise ValueError(f"{what} '{seen[label]}' and '{name}' both become Kubernetes name '{label}'; rename one")
-        seen[label] = name
-        out[name] = label
-    return out
 
 
 class ShardPodSettings(Protocol):

@@ -1,10 +1,12 @@
 """Local apt repositories for the test hosts: dummy NVIDIA packages signed with a throwaway key.
 
-Three flat repositories, laid out like the real ones the roles point at, served over HTTP inside the test
+Four flat repositories, laid out like the real ones the roles point at, served over HTTP inside the test
 network only:
 - `cuda/`: NVIDIA's CUDA repository stand-in: `cuda-drivers-BRANCH` (ships the fake `nvidia-smi`, the real
-  nvidia-smi captures it replays and the driver version) and `cuda-toolkit-12-X` (a fake `nvcc`).
+  nvidia-smi captures it replays and the driver version), `cuda-toolkit-12-X` (a fake `nvcc`) and
+  `nvidia-fabricmanager-BRANCH` twice: at the driver's version and at a newer one apt would prefer.
 - `libnvidia-container/`: `nvidia-container-toolkit` (a fake `nvidia-ctk` that edits containerd/docker configs).
+- `kubernetes/`: pkgs.k8s.io's stand-in: `kubelet`, `kubeadm`, `kubectl` (empty programs: nothing joins).
 - `debian/`: the distribution mirror stand-in, with the kernel headers package for the running kernel (the
   hosts share this machine's kernel, which no Debian mirror carries headers for).
 
@@ -27,11 +29,14 @@ from pathlib import Path
 FAKES = Path(__file__).resolve().parent.parent / "fakes"
 CAPTURES = Path(__file__).resolve().parent.parent / "data" / "nvidia-smi"
 
-DRIVER_BRANCH = "570"
-DRIVER_VERSION = "570.172.08"
+DRIVER_BRANCH = "580"
+DRIVER_VERSION = "580.95.05"
+# A newer Fabric Manager of the branch than the driver: what apt would pick, and must not.
+NEWER_FABRIC_MANAGER_VERSION = "580.105.08"
 CUDA_RELEASE = "12.6"
 CUDA_BUILD = "12.6.85"
 CONTAINER_TOOLKIT_VERSION = "1.17.8"
+KUBERNETES_VERSION = "1.31.4"
 KEY_NAME = "cpctl-test-archive-keyring.asc"
 
 
@@ -70,6 +75,12 @@ def build_repos(root: Path, kernel: str) -> Repos:
         "usr/bin/nvidia-ctk": (FAKES / "nvidia-ctk").read_bytes(),
         "usr/bin/nvidia-container-runtime": b"#!/bin/sh\nexec runc \"$@\"\n",
     }, "NVIDIA Container Toolkit (test dummy: fake nvidia-ctk)")
+    fabric_managers = [_package(staging, f"nvidia-fabricmanager-{DRIVER_BRANCH}", f"{version}-1", {
+        "usr/bin/nv-fabricmanager": b"#!/bin/sh\nexit 0\n",
+        "usr/share/fake-nvidia/fabricmanager-version": f"{version}\n".encode(),
+    }, "NVIDIA Fabric Manager (test dummy)") for version in (DRIVER_VERSION, NEWER_FABRIC_MANAGER_VERSION)]
+    kubernetes = [_package(staging, tool, f"{KUBERNETES_VERSION}-1.1", {f"usr/bin/{tool}": b"#!/bin/sh\nexit 0\n"},
+                           f"Kubernetes {tool} (test dummy)") for tool in ("kubelet", "kubeadm", "kubectl")]
     headers = _package(staging, f"linux-headers-{kernel}", "1.0-1", {
         f"usr/src/linux-headers-{kernel}/Makefile": b"# test dummy\n",
     }, "Header files for the running kernel (test dummy)")
@@ -81,7 +92,9 @@ def build_repos(root: Path, kernel: str) -> Repos:
         subprocess.run([*gpg, "--quick-gen-key", "cpctl test archive <test@cpctl.invalid>", "ed25519", "sign",
                         "1d"], env=env, check=True, capture_output=True)
         key = subprocess.run([*gpg, "--armor", "--export"], env=env, check=True, capture_output=True).stdout
-        for name, debs in (("cuda", [driver, toolkit]), ("libnvidia-container", [ctk]), ("debian", [headers])):
+        repositories = {"cuda": [driver, toolkit, *fabric_managers], "libnvidia-container": [ctk],
+                        "kubernetes": kubernetes, "debian": [headers]}
+        for name, debs in repositories.items():
             repo = root / name
             repo.mkdir()
             for deb in debs:
@@ -100,7 +113,7 @@ def build_repos(root: Path, kernel: str) -> Repos:
 
 
 def _package(staging: Path, name: str, version: str, files: dict[str, bytes], description: str) -> Path:
-    tree = staging / name
+    tree = staging / f"{name}_{version}"
     (tree / "DEBIAN").mkdir(parents=True)
     (tree / "DEBIAN" / "control").write_text(
         f"Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: cpctl tests <test@cpctl.invalid>\n"

@@ -44,6 +44,7 @@ REPO_PORT = 8080
 
 # PCI IDs the fake sysfs tree reports (pci.ids: 10de:2330 H100 SXM5 80GB, 10de:2335 H200, 15b3:1021 ConnectX-7).
 PCI_DEVICE = {"h100-80gb-hbm3": "0x2330", "h200": "0x2335"}
+NVSWITCH_DEVICE = "0x22a3"  # the third-generation NVSwitch of HGX H100/H200 boards
 
 SSHD_CONFIG = """\
 ListenAddress 0.0.0.0:22
@@ -72,6 +73,8 @@ class HostSpec:
     gpu_model: str = "h100-80gb-hbm3"
     gpus: int = 1
     ib_devices: int = 1
+    nvswitches: int = 0  # an HGX board's NVSwitches (PCI functions of class 0x068000)
+    mig_needs_reboot: bool = False  # a cloud VM's GPU: MIG mode changes wait for a reboot
 
 
 @dataclass
@@ -135,6 +138,12 @@ class Lab:
             "cuda_toolkit_version": CUDA_RELEASE,
             "container_toolkit_repo_url": f"{self.repo_url}/libnvidia-container/",
             "container_toolkit_repo_key_url": key_url,
+            # k8s_node: packages from the stand-in repository; the join itself is skipped (not a live system).
+            "k8s_node_repo_url": f"{self.repo_url}/kubernetes/",
+            "k8s_node_repo_key_url": key_url,
+            "k8s_node_join_endpoint": f"{CONTROLLER_IP}:6443",
+            "k8s_node_join_token": "abcdef.0123456789abcdef",
+            "k8s_node_join_ca_cert_hash": "sha256:" + "0" * 64,
         }
 
     def connection(self, name: str):  # noqa: ANN201 - fabric.Connection, imported lazily
@@ -235,7 +244,8 @@ def _write_host_files(lab: Lab, host: TestHost) -> None:
         "etc/apt/sources.list.d/debian.sources": (
             f"Types: deb\nURIs: {lab.repo_url}/debian/\nSuites: /\nSigned-By: /etc/apt/keyrings/{KEY_NAME}\n"
         ),
-        "etc/fake-nvidia/hardware.json": json.dumps({"model": spec.gpu_model, "count": spec.gpus}),
+        "etc/fake-nvidia/hardware.json": json.dumps({"model": spec.gpu_model, "count": spec.gpus,
+                                                     "mig_needs_reboot": spec.mig_needs_reboot}),
         "usr/local/bin/ibstat": (FAKES / "ibstat").read_bytes(),
         "usr/local/bin/ibv_devices": (FAKES / "ibv_devices").read_bytes(),
     }
@@ -243,6 +253,10 @@ def _write_host_files(lab: Lab, host: TestHost) -> None:
         device = f"sys/bus/pci/devices/0000:{0x18 + 0x10 * i:02x}:00.0"
         files |= {f"{device}/vendor": "0x10de\n", f"{device}/device": f"{PCI_DEVICE[spec.gpu_model]}\n",
                   f"{device}/class": "0x030200\n"}
+    for i in range(spec.nvswitches):
+        device = f"sys/bus/pci/devices/0000:{0x05 + i:02x}:00.0"
+        files |= {f"{device}/vendor": "0x10de\n", f"{device}/device": f"{NVSWITCH_DEVICE}\n",
+                  f"{device}/class": "0x068000\n"}
     for i in range(spec.ib_devices):
         device = f"sys/bus/pci/devices/0000:{0x1a + 0x10 * i:02x}:00.0"
         files |= {f"{device}/vendor": "0x15b3\n", f"{device}/device": "0x1021\n", f"{device}/class": "0x020700\n"}

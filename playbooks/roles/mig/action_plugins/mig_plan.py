@@ -15,8 +15,10 @@ Arguments (all optional; per GPU, `gpus` wins over `profiles`, which wins over `
   `cpctl inventory` writes from the plan. GPUs not listed are left alone.
 - `gpu_model`: the catalog model the inventory expects (e.g. H100-80GB); a different GPU fails the task.
 
-Returns `gpus` (per GPU: model, MIG mode, instances kept / destroyed / created, commands), `commands` (argv
-lists, in order) and `changes_needed`. In check mode the result is `changed` when commands are needed,
+Returns `gpus` (per GPU: model, MIG mode change, current and pending MIG mode, `mode_change_pending` when a
+mode change waits for a GPU reset or reboot, instances kept / destroyed / created, commands), `commands`
+(argv lists, in order) and `changes_needed`. Instances already at their planned placement are kept, so
+running workloads on them are not disturbed. In check mode the result is `changed` when commands are needed,
 with a diff when --diff is given.
 """
 
@@ -60,7 +62,11 @@ class ActionModule(ActionBase):
         if node.problems:
             raise AnsibleActionFail("; ".join(node.problems) + "; nothing was changed")
 
+        found = {gpu.index: gpu for gpu in current}
         gpus = [{"index": g.index, "model": g.model, "mig_mode": g.mig_mode,
+                 "mig_current": bool(found[g.index].mig_current), "mig_pending": bool(found[g.index].mig_pending),
+                 # set when a mode change waits for a GPU reset (on cloud VMs: a reboot)
+                 "mode_change_pending": bool(found[g.index].mig_pending) != bool(found[g.index].mig_current),
                  "layout": None if g.layout is None else describe(g.layout), "keep": list(g.keep),
                  "destroy": list(g.destroy), "create": list(g.create), "commands": [list(c) for c in g.commands]}
                 for g in node.gpus]
