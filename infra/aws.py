@@ -17,8 +17,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
+from controlplane.names import dns_label
 from infra.aws_network import BASTION_USER, AwsNetworkArgs, AwsPoolNetwork
-from infra.names import dns_label
 from infra.pools import GpuNodePool, NodePoolArgs, b64, cloud_init, proxy_jump_vars
 
 # Network cards (= EFA interfaces at full bandwidth) per instance type.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_azure_native as azure
 
+from controlplane.names import dns_label
 from infra.azure_network import AzureNetworkArgs, AzurePoolNetwork
-from infra.names import dns_label
 from infra.pools import POOL_LABEL, GpuNodePool, NodePoolArgs, b64, cloud_init, proxy_jump_vars
 
 HPC_IMAGE = {"publisher": "microsoft-dsvm", "offer": "ubuntu-hpc", "sku": "2204", "version": "latest"}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pulumi
 
 from controlplane.gpu.plan import Plan
+from controlplane.names import unique_labels
 from controlplane.provision.inventory import NodeHost, inventory_from_spec
 from controlplane.spec import ClusterSpec, NodePool
 from infra.aws import AwsGpuNodePool
 from infra.azure import AzureGpuNodePool
 from infra.existing import ExistingNodePool
-from infra.names import unique_labels
 from infra.pools import GpuNodePool, NodePoolArgs
 from infra.serving import ServingClusterArgs
 from infra.settings import StackSettings
