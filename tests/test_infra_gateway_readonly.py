@@ -6,12 +6,14 @@ overlay of this machine's root stands in for the image, mounted READ-ONLY; the C
 read-only tmpfs holding the ConfigMap's files; every emptyDir is a tmpfs at its mountPath; then the
 container's own command line (the image's entrypoint `cpctl` + the manifest's args) runs chrooted there,
 as the manifest's user, with only the manifest's environment. A write anywhere but the declared volumes
-fails with EROFS, as in the pod. Root is needed (mount namespaces, chroot).
+fails with EROFS, as in the pod. Root is needed (mount namespaces, chroot). The gateway's `kubernetes` shard
+backend talks to the wire-level fake API server (tests/fakes/kube_api.py) under the Role the program renders;
+its credentials, which a pod gets from its ServiceAccount, come from a kubeconfig in the ConfigMap's volume
+(`KUBECONFIG`, the one variable added to the manifest's environment).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -24,7 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controlplane.gpu.plan import plan_cluster
 from controlplane.procs import ManagedProcess
+from controlplane.shards.manifests import gateway_access, shard_groups
+from controlplane.spec import load_spec
+from tests.fakes.kube_api import FakeKubeApi
 from tests.test_infra_support import k8s, required, run_stack
 
 ENTRYPOINT = Path(sys.executable).parent / "cpctl"  # the image's ENTRYPOINT ["cpctl"] (images/Dockerfile.controlplane)
@@ -36,7 +42,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def container_script(pod: dict, config: dict, staging: Path, scratch: Path) -> str:
+def container_script(pod: dict, config: dict, staging: Path, scratch: Path, extra_env: list[str]) -> str:
     """The shell script that builds the container's filesystem from the pod spec and execs its command."""
     container = required(pod, "containers", 0)
     volumes = {v["name"]: v for v in required(pod, "volumes")}
@@ -59,7 +65,7 @@ def container_script(pod: dict, config: dict, staging: Path, scratch: Path) -> s
     lines += [f"chmod o+x {root / folder.relative_to('/')}" for folder in interpreter.parents if folder != Path("/")]
     lines.append(f"mount -o remount,ro {root}")  # the image: nothing else is writable
     uid = required(pod, "securityContext", "runAsUser")
-    env = [f"{e['name']}={e['value']}" for e in container.get("env", [])] + ["PATH=/usr/bin:/bin"]
+    env = [f"{e['name']}={e['value']}" for e in container.get("env", [])] + ["PATH=/usr/bin:/bin", *extra_env]
     command = [str(ENTRYPOINT), *required(container, "args")]
     lines.append(f"exec chroot --userspec={uid}:{uid} {root} env -i {shlex.join(env)} {shlex.join(command)}")
     return "\n".join(lines) + "\n"
@@ -80,11 +86,17 @@ def test_gateway_command_runs_with_a_read_only_root_and_only_its_declared_volume
     spec = yaml.safe_load(required(config, "data", "cluster.yaml"))
     spec["gateway"].update(listen="127.0.0.1", port=port)
     (staging / "cluster.yaml").write_text(yaml.safe_dump(spec))
-    (staging / "endpoints.json").write_text(required(config, "data", "endpoints.json"))
+    served = load_spec(staging / "cluster.yaml")
+    namespace = served.shards_backend.namespace
+    role = next(o for o in gateway_access(served, shard_groups(served, plan_cluster(served)), namespace)
+                if o["kind"] == "Role")  # what the program binds to the gateway's account, from the same function
+    api = FakeKubeApi(role=role).__enter__()
+    (staging / "kubeconfig").write_text(yaml.safe_dump(api.kubeconfig(namespace)))
+    mount = next(m["mountPath"] for m in required(pod, "containers", 0, "volumeMounts") if m["name"] == "config")
     scratch = tmp_path / "container"
     scratch.mkdir()
     script = tmp_path / "container.sh"
-    script.write_text(container_script(pod, config, staging, scratch))
+    script.write_text(container_script(pod, config, staging, scratch, [f"KUBECONFIG={mount}/kubeconfig"]))
 
     log = tmp_path / "gateway.log"
     gateway = ManagedProcess(["unshare", "--mount", "--propagation", "private", "sh", str(script)], log_path=log)
@@ -104,9 +116,11 @@ def test_gateway_command_runs_with_a_read_only_root_and_only_its_declared_volume
         still_running = gateway.poll() is None
     finally:
         gateway.stop()
+        api.__exit__()
     output = log.read_text()
     assert live and status == 200, f"the gateway did not come up read-only:\n{output}"
     assert still_running, f"the gateway exited after start-up:\n{output}"
     assert "Read-only file system" not in output, output
-    assert json.loads((staging / "endpoints.json").read_text())  # the shard list it was given was not empty
+    assert any(path.startswith("/apis/discovery.k8s.io/v1/namespaces/") and "endpointslices" in path
+               for _, path, _ in api.requests)  # it followed the shards through the API, within its Role
     shutil.rmtree(scratch, ignore_errors=True)

@@ -163,18 +163,22 @@ def test_overloaded_gateway_serves_critical_and_refuses_the_rest_before_their_bo
         in overload["actions"]
 
 
-def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_released(tmp_path: Path) -> None:
+async def gateway_without_shards(spec_file: Path) -> tuple[GatewayServer, OverloadManager, int]:
+    """A real gateway app and server in this event loop, with no shard (an admitted request gets 503)."""
     from controlplane.gateway.app import GatewayApp
     from controlplane.gateway.routing import Router
     from controlplane.spec import load_spec
 
+    spec = load_spec(spec_file)
+    app = GatewayApp(spec, Router())
+    server = GatewayServer(app, spec.gateway.limits)
+    app.serve_on(server)
+    return server, app.overload, await server.start("127.0.0.1", 0)
+
+
+def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_released(tmp_path: Path) -> None:
     async def scenario(spec_file: Path):
-        spec = load_spec(spec_file)
-        app = GatewayApp(spec, Router())
-        server = GatewayServer(app, spec.gateway.limits)
-        app.serve_on(server)
-        port = await server.start("127.0.0.1", 0)
-        overload = app.overload
+        server, overload, port = await gateway_without_shards(spec_file)
         overload.refuses(CRITICAL)  # a critical request was seen: there is something to protect
         overload._set_level(1)
         overload.hold_quota = 1
@@ -214,17 +218,8 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
 def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_path: Path) -> None:
     """Clients send every class down one connection pool: a critical request that lands on a held connection
     is seen (peeked, left in the socket) and the connection is read again while the overload lasts."""
-    from controlplane.gateway.app import GatewayApp
-    from controlplane.gateway.routing import Router
-    from controlplane.spec import load_spec
-
     async def scenario(spec_file: Path):
-        spec = load_spec(spec_file)
-        app = GatewayApp(spec, Router())
-        server = GatewayServer(app, spec.gateway.limits)
-        app.serve_on(server)
-        port = await server.start("127.0.0.1", 0)
-        overload = app.overload
+        server, overload, port = await gateway_without_shards(spec_file)
         overload.refuses(CRITICAL)
         overload._set_level(2)  # stays overloaded throughout: nothing is released by the levels
         overload.hold_quota = UNLIMITED

@@ -35,6 +35,7 @@ from controlplane.provision.doctor import (
     check_rdma,
 )
 from controlplane.provision.runner import run_site
+from tests.hosts.aptrepo import DRIVER_VERSION
 from tests.hosts.lab import HostSpec, Lab, start_lab, stop_lab
 
 SPEC = Path(__file__).parent / "hosts" / "cluster.yaml"
@@ -208,7 +209,7 @@ def test_over_ssh_a_fresh_host_fails_the_driver_checks_and_a_provisioned_one_pas
         "NVIDIA container runtime": "pass", "Kubernetes >= 1.24": "warn", "RDMA / InfiniBand": "pass",
         "Fabric Manager": "pass"}
     assert ready["GPU model and MIG"]["found"] == "1 x NVIDIA H200 (H200-141GB); MIG mode Enabled"
-    assert ready["NVIDIA driver"]["found"] == "driver 570.172.08"
+    assert ready["NVIDIA driver"]["found"] == f"driver {DRIVER_VERSION}"
     assert ready["CUDA >= 12.0"]["found"] == "the driver supports CUDA 12.8; toolkit 12.6"
 
 
