@@ -51,6 +51,11 @@ def container_script(pod: dict, config: dict, staging: Path, scratch: Path, extr
              f"mount -t overlay overlay -o lowerdir=/,upperdir={scratch}/upper,workdir={scratch}/work {root}",
              f"mount --rbind /dev {root}/dev", f"mount -t proc proc {root}/proc"]
     for mount in required(container, "volumeMounts"):
+        # The image's files stand in for the image: a volume mounted over them would hide them.
+        hidden = [p for p in (ENTRYPOINT, Path(sys.prefix)) if str(p).startswith(mount["mountPath"].rstrip("/") + "/")]
+        if hidden:
+            pytest.fail(f"{hidden[0]} lies under {mount['mountPath']}, where the gateway container mounts its "
+                        f"'{mount['name']}' volume: run the tests from a checkout elsewhere (CI's is under /check)")
         # Resolved inside the image, as the runtime does (/var/run is a link to /run): never on this host.
         volume, path = volumes[mount["name"]], root / os.path.realpath(mount["mountPath"]).lstrip("/")
         lines += [f"mkdir -p {path}", f"mount -t tmpfs -o mode=1777 tmpfs {path}"]
