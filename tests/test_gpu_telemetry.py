@@ -9,7 +9,13 @@ allocator.py (the real vision and risk models read torch.cuda.memory_reserved/al
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import shutil
+import signal
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,11 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gpu.telemetry import AllocatorReading, read_devices, read_shard, read_telemetry
+from controlplane.procs import ManagedProcess
 from controlplane.shards.local import LocalShards
 from controlplane.spec import load_spec
 
-from .conftest import ROOT, RunningStack
+from .conftest import EXAMPLE_SPEC, ROOT, RunningStack
 from .test_gpu_discover import fake_nvml
+from .test_stack import cpctl
 
 ALLOCATOR = ROOT / "examples" / "models" / "vision" / "1" / "allocator.py"
 PROBE_MODEL = '''
@@ -72,6 +80,11 @@ tenants:
   - {{name: anonymous, default_class: standard, rate: 100, burst: 100}}
 gateway: {{allow_anonymous: true, anonymous_tenant: anonymous, workers: 1}}
 """
+
+
+def plain(terminal_output: str) -> str:
+    """Terminal output without its colour and cursor escapes."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal_output)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -149,3 +162,46 @@ def test_gateway_metrics_carry_gpu_telemetry_of_the_running_stack(stack: Running
     shards = {dict(labels)["shard"]: value for (name, labels), value in exported.items()
               if name == "cp_shard_metrics_up"}
     assert shards and shards == {name: 1 for name in stack.shard_pids()}  # every running shard was scraped
+
+
+def test_status_shows_the_gpus_or_says_there_are_none(stack: RunningStack) -> None:
+    result = cpctl("status", "-f", str(EXAMPLE_SPEC), "--json")
+    assert result.returncode == 0, result.stderr
+    gpu = json.loads(result.stdout)["gpu"]
+    assert gpu["no_gpu"].startswith("no GPU: ") and gpu["devices"] == []
+    assert {s["shard"]: s["up"] for s in gpu["shards"]} == {"main-0": True, "main-1": True}
+    text = cpctl("status", "-f", str(EXAMPLE_SPEC))
+    assert text.returncode == 0 and "no GPU: " in text.stdout and "no GPU in use" in text.stdout
+
+
+def test_top_once_prints_one_reading(stack: RunningStack) -> None:
+    result = cpctl("top", "-f", str(EXAMPLE_SPEC), "--once")
+    assert result.returncode == 0, result.stderr
+    assert "cluster 'local-demo'" in result.stdout and "no GPU: " in result.stdout
+    assert "main-0" in result.stdout and "main-1" in result.stdout
+
+
+def test_top_without_a_running_stack_says_so(tmp_path: Path) -> None:
+    spec = tmp_path / "idle.yaml"
+    spec.write_text(EXAMPLE_SPEC.read_text().replace("cluster: local-demo", "cluster: idle-top")
+                    .replace("model_repository: ../models", f"model_repository: {ROOT / 'examples' / 'models'}"))
+    result = cpctl("top", "-f", str(spec), "--once")
+    assert result.returncode == 0 and "no stack of cluster 'idle-top' is running" in result.stdout
+
+
+def test_top_refreshes_until_ctrl_c_then_leaves_cleanly(stack: RunningStack, tmp_path: Path) -> None:
+    shown = tmp_path / "top.out"
+    process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "top", "-f", str(EXAMPLE_SPEC),
+                              "--interval", "0.5"], cwd=ROOT, log_path=shown,
+                             env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200"})  # a terminal, for Live
+    try:
+        for _ in range(600):  # bounded: up to 60 s for two refreshes on a busy machine
+            if plain(shown.read_text()).count("cluster 'local-demo'") >= 2:
+                break
+            time.sleep(0.1)
+        process.signal_group(signal.SIGINT)
+        assert process.popen.wait(20) == 0
+    finally:
+        process.stop()
+    text = plain(shown.read_text())
+    assert text.count("cluster 'local-demo'") >= 2 and "no GPU: " in text and "Traceback" not in text
