@@ -19,7 +19,10 @@ def output_tensor(name: str, value):
 
         return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
     if NUMPY_2 and value.dtype != np.object_:
-        return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(value))
+        # DLPack 0.x cannot mark an array read-only, so numpy refuses to export one (an echoed input): copy it.
+        # (The stub logs a "PyCapsule_GetPointer called with incorrect name" ValueError per call and goes on: the
+        # output is right. Seen with numpy 2.2 on the CPU.)
+        return pb_utils.Tensor.from_dlpack(name, np.require(value, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
     return pb_utils.Tensor(name, np.ascontiguousarray(value))
 
 
