@@ -291,7 +291,7 @@ def _percent(ratio: float | None) -> str:
 def _gib(used: float | None, total: float | None = None) -> str:
     if used is None:
         return "-"
-    return f"{used / 2**30:.1f}" + ("" if total is None else f" / {total / 2**30:.1f} GiB")
+    return f"{used / 2**30:.1f}" + ("" if total is None else f" / {total / 2**30:.1f}") + " GiB"
 
 
 def _gpu_tables(telemetry: Telemetry) -> list[Table | str]:
