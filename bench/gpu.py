@@ -313,6 +313,11 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save) -> Non
         gpu_metrics = _get(state["shards"][0]["metrics_url"])
         results["serving"]["triton_gpu_metrics"] = [line for line in gpu_metrics.splitlines()
                                                     if line.startswith(("nv_gpu_utilization", "nv_gpu_memory"))][:8]
+        # The gateway's GPU telemetry after the load: NVML per GPU, the shard's Triton, the models' CUDA allocators.
+        gateway_metrics = _get(f"{state['gateway']}/metrics")
+        results["serving"]["gateway_gpu_metrics"] = [
+            line for line in gateway_metrics.splitlines()
+            if line.startswith(("cp_gpu_", "cp_shard_gpu_", "cp_shard_cuda_", "cp_shard_metrics_up"))][:40]
     finally:
         stack.close()
 

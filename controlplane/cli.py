@@ -1,7 +1,7 @@
 """`cpctl`: the command line. It only puts together the Typer app of each area; what commands share (errors,
 the spec option, `--json`, consoles) is in controlplane/clikit.py.
 
-    cpctl up|gateway|status|infer|validate|hash-key   serving            controlplane/serve_cli.py
+    cpctl up|gateway|status|top|infer|validate|hash-key serving   controlplane/serve_cli.py
     cpctl gpu list|plan|mig ...                        GPUs and MIG       controlplane/gpu/cli.py
     cpctl gpu convert|tune                             models on GPUs     controlplane/convert/, tune/
     cpctl inventory|provision                          Ansible            controlplane/provision/cli.py

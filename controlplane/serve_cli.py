@@ -1,4 +1,4 @@
-"""`cpctl up|gateway|status|infer|validate|hash-key`: the serving room's commands, one Typer app (`serve_app`)
+"""`cpctl up|gateway|status|top|infer|validate|hash-key`: the serving room's commands, one Typer app (`serve_app`)
 whose commands controlplane/cli.py puts at the top level.
 
 `up` owns the local run state (controlplane/runstate.py) that `status` and `infer` read; `gateway` runs the
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
@@ -24,6 +25,7 @@ from controlplane.clikit import FAILED, JSON_OPTION, SPEC_OPTION, area_app, cons
 from controlplane.spec import hash_api_key
 
 if TYPE_CHECKING:  # both import the gateway: loaded only by the commands that serve
+    from controlplane.gpu.telemetry import Telemetry
     from controlplane.runstate import RunState
     from controlplane.stack import ServingStack
 
@@ -223,7 +225,7 @@ def status(
     state = read_state(run_dir_for(spec))
     if state is None:
         fail(f"no stack of cluster '{spec.cluster}' is running (start one with `cpctl up -f {spec_file}`)", FAILED)
-    ready = asyncio.run(_ready_shards([s["url"] for s in state["shards"]]))
+    ready, telemetry = asyncio.run(_ready_and_gpus(state))
     shards = [
         {"name": s["name"], "url": s["url"], "ready": is_ready, "models": s["models"],
          "pid": s["pid"], "state": s["state"], "restarts": s["restarts"], "standby": s["standby"]}
@@ -231,11 +233,97 @@ def status(
     ]
     workers = [{**w, "alive": w["alive"] and pid_alive(w["pid"])} for w in state.get("workers", [])]
     if as_json:
-        print_json({"gateway": state["gateway"], "gateway_pid": state["pid"], "workers": workers, "shards": shards})
+        print_json({"gateway": state["gateway"], "gateway_pid": state["pid"], "workers": workers, "shards": shards,
+                    "gpu": telemetry.to_dict()})
         return
     state["workers"] = workers
     state["shards"] = [{**s, "state": s["state"] if s["ready"] or not s["url"] else "unready"} for s in shards]
-    console.print(_status_table(state))
+    console.print(_status_table(state), *_gpu_tables(telemetry))
+
+
+@serve_app.command()
+def top(
+    spec_file: Path = SPEC_OPTION,
+    interval: float = typer.Option(2.0, min=0.5, max=60.0, help="Seconds between refreshes (0.5 to 60)."),
+    once: bool = typer.Option(False, "--once", help="Print one reading and leave (for scripts and tests)."),
+) -> None:
+    """Watch the GPUs live: utilization and memory per GPU or MIG instance (NVML), and per shard what its Triton
+    and its models report (GPU gauges, the CUDA allocator's reserved, allocated and fragmentation). Ctrl-C leaves.
+
+    Example: cpctl top -f examples/gpu/h200.yaml
+    """
+    from controlplane.runstate import read_state, run_dir_for
+
+    spec = load(spec_file)
+    run_dir = run_dir_for(spec)
+
+    def reading() -> Group:
+        state = read_state(run_dir)  # read each time: shards restart on other ports, the stack may stop
+        _, telemetry = asyncio.run(_ready_and_gpus(state or {"shards": []}))
+        running = f"cluster '{spec.cluster}'" if state else f"no stack of cluster '{spec.cluster}' is running"
+        return Group(f"{running}   {time.strftime('%H:%M:%S')}", *_gpu_tables(telemetry))
+
+    if once:
+        console.print(reading())
+        return
+    try:
+        with Live(reading(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(reading(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+async def _ready_and_gpus(state: dict) -> tuple[list[bool], Telemetry]:
+    """Every shard's readiness (the shards' own probe) and the GPU telemetry of this machine and of every running
+    shard, at once."""
+    from controlplane.gpu.telemetry import read_telemetry
+
+    running = [(s["name"], s.get("metrics_url")) for s in state["shards"] if s.get("metrics_url")]
+    return await asyncio.gather(_ready_shards([s["url"] for s in state["shards"]]), read_telemetry(running))
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0%}"
+
+
+def _gib(used: float | None, total: float | None = None) -> str:
+    if used is None:
+        return "-"
+    return f"{used / 2**30:.1f}" + ("" if total is None else f" / {total / 2**30:.1f}") + " GiB"
+
+
+def _gpu_tables(telemetry: Telemetry) -> list[Table | str]:
+    """The GPUs of this machine, then per shard: its GPUs as its Triton sees them and its models' allocators."""
+    out: list[Table | str] = []
+    if telemetry.no_gpu:
+        out.append(f"[yellow]{telemetry.no_gpu}[/yellow]")
+    else:
+        devices = Table(title="GPUs (NVML)")
+        for column in ("gpu", "device", "name", "utilization", "memory"):
+            devices.add_column(column)
+        for d in telemetry.devices:
+            devices.add_row(str(d.gpu) if d.kind == "gpu" else f"  {d.gpu} (MIG)", d.uuid, d.name,
+                            _percent(d.utilization), _gib(d.memory_used_bytes, d.memory_total_bytes))
+        out.append(devices)
+    if telemetry.shards:
+        shards = Table(title="shards (Triton metrics; CUDA allocator per model)")
+        for column in ("shard", "device / model", "utilization", "memory / reserved", "allocated", "fragmentation"):
+            shards.add_column(column)
+        for shard in telemetry.shards:
+            if not shard.up:
+                shards.add_row(shard.shard, f"[red]metrics unreadable[/red]: {shard.error}", "", "", "", "")
+            elif not shard.gpus and not shard.allocators:
+                shards.add_row(shard.shard, "[dim]no GPU in use[/dim]", "", "", "", "")
+            for gpu in shard.gpus:
+                shards.add_row(shard.shard, gpu["uuid"], _percent(gpu.get("utilization")),
+                               _gib(gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")), "", "")
+            for a in shard.allocators:
+                shards.add_row(shard.shard, f"{a.model} ({a.device})", "", _gib(a.reserved_bytes),
+                               _gib(a.allocated_bytes), _percent(a.fragmentation))
+        out.append(shards)
+    return out
 
 
 def _example_inputs(metadata: dict, config: dict) -> list:

@@ -29,7 +29,7 @@ class ServingStack:
         self.port = spec.gateway.port if port is None else port
         self.shards = shards
         self.gateway = WorkerPool(spec, spec.gateway.worker_count(), self._set_standby, log_dir=worker_log_dir,
-                                  drain_elsewhere=shards.set_draining)
+                                  drain_elsewhere=shards.set_draining, read_gpu=self.gpu_telemetry)
         self.on_change = on_change
         self.url = ""
         self._standby_changes: set[asyncio.Task[None]] = set()
@@ -64,6 +64,15 @@ class ServingStack:
         self.gateway.update(endpoints)
         if self.url and self.on_change is not None:
             self.on_change()
+
+    async def gpu_telemetry(self) -> dict:
+        """The GPUs of this machine (NVML) and what each running shard's Triton and models report of theirs
+        (a stopped standby replica is not scraped: it is not down, it is not running)."""
+        from controlplane.gpu.telemetry import read_telemetry
+
+        running = [(s.name, s.metrics_url) for s in self.shards.status() if s.metrics_url]
+        telemetry = await read_telemetry(running)
+        return telemetry.to_dict()
 
     def snapshot(self) -> dict:
         gateway = self.gateway.snapshot()

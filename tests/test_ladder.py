@@ -24,3 +24,25 @@ def test_history_is_bounded_and_keeps_the_latest_moves() -> None:
     moves = ladder.snapshot()["history"]
     assert len(ladder.history) == len(moves) == HISTORY_KEPT
     assert moves[-1] == {"at": round(clock.now, 3), "step": 0, "why": moves[-1]["why"]}
+
+
+def test_on_the_gpu_spec_the_lowest_class_moves_to_vision_fp16_under_backlog() -> None:
+    from controlplane.gateway.app import GatewayApp
+    from controlplane.gateway.routing import Router
+
+    from .conftest import ROOT
+
+    spec = load_spec(ROOT / "examples" / "gpu" / "h200.yaml")  # vision's cheaper variant: vision_fp16
+    clock = ManualClock()
+    app = GatewayApp(spec, Router(clock=clock), clock)
+    config = spec.gateway.ladder
+    assert app.routed_model("vision", "sheddable") == "vision"
+    backlog = {"sheddable": config.backlog_high + 1}
+    app.ladder.tick(backlog)
+    clock.now += config.up_after_s
+    app.ladder.tick(backlog)  # no standby in this spec: the first step up is the variants' step
+    assert app.ladder.step == 2
+    assert app.routed_model("vision", "sheddable") == "vision_fp16"
+    assert app.routed_model("risk", "sheddable") == "risk_fp16"
+    assert app.routed_model("vision", "critical") == "vision"  # only the lowest class is degraded
+    assert app.routed_model("vision_bf16", "sheddable") == "vision_bf16"  # a model without a variant stays

@@ -53,7 +53,7 @@ def test_cpctl_infer_on_unknown_model_is_one_line_error(stack: RunningStack) -> 
     assert "unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["up", "status", "infer", "validate", "hash-key"])
+@pytest.mark.parametrize("command", ["up", "status", "top", "infer", "validate", "hash-key"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = cpctl(command, "--help")
     assert result.returncode == 0 and "Example:" in result.stdout

@@ -77,6 +77,13 @@ class GatewayApp:
         self._upkeep: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
+    def routed_model(self, model: str, band: str) -> str:
+        """The model that serves a request of class `band` for `model`: its cheaper variant for the lowest class
+        while the ladder is on step 2, else `model` itself."""
+        if band == self.lowest_class and self.ladder.use_variants:
+            return self.variants.get(model, model)
+        return model
+
     def serve_on(self, server: GatewayServer) -> None:
         """Screen the server's requests after their headers and protect it from overload."""
         server.screen = self

@@ -137,9 +137,9 @@ class Exchange:
             self._answer(error)
             return
         band, tenant = self.admitted.priority_class.name, self.admitted.tenant.name
-        if band == gateway.lowest_class and gateway.ladder.use_variants and self.model in gateway.variants:
-            self.model = gateway.variants[self.model]  # the ladder sends it to the cheaper variant
-            self.path = f"/v2/models/{self.model}/{self.action}"
+        routed = gateway.routed_model(self.model, band)
+        if routed != self.model:  # the ladder sends it to the cheaper variant
+            self.model, self.path = routed, f"/v2/models/{routed}/{self.action}"
         self.ticket = Ticket(model=self.model, tenant=tenant, band=band,
                              cost=self.checked.cost if self.checked else 1.0, size=len(request.body),
                              deadline=self.arrived + self.admitted.deadline_s,

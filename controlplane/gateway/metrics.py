@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway, served at /metrics.
 
 Per class and tenant: requests by outcome, sheds by reason; per class: queue depth, queue wait and
-end-to-end latency; per shard: in flight, concurrency limit, ejections; the degradation ladder's step.
+end-to-end latency; per shard: in flight, concurrency limit, ejections; the degradation ladder's step; GPU
+telemetry (per GPU or MIG instance, per shard, the models' CUDA allocators: controlplane/gpu/telemetry.py)
+when the supervisor reads it.
 
 The request path only bumps plain integers (prometheus-client's own Counter and Histogram take a lock per
 call, a measurable share of the gateway's time per request); a collector turns them into metric families
@@ -50,7 +52,8 @@ class GatewayMetrics:
         self.queue_wait: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.latency: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.retries = 0
-        self._state: tuple[list[dict], list[dict], int, dict | None, list[dict]] = ([], [], 0, None, [])
+        self._state: tuple[list[dict], list[dict], int, dict | None, list[dict], dict | None] = (
+            [], [], 0, None, [], None)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -76,13 +79,14 @@ class GatewayMetrics:
         self.retries += state["retries"]
 
     def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None,
-               workers: Sequence[dict] = ()) -> bytes:
-        """The exposition text; `workers` (several processes): [{"worker", "responses", "connections"}]."""
-        self._state = (bands, shards, ladder_step, overload, list(workers))
+               workers: Sequence[dict] = (), gpu: dict | None = None) -> bytes:
+        """The exposition text; `workers` (several processes): [{"worker", "responses", "connections"}];
+        `gpu`: a `Telemetry.to_dict()`."""
+        self._state = (bands, shards, ladder_step, overload, list(workers), gpu)
         return generate_latest(self.registry)
 
     def collect(self):  # noqa: ANN201 - the prometheus-client collector protocol
-        bands, shards, ladder_step, overload, workers = self._state
+        bands, shards, ladder_step, overload, workers, gpu = self._state
         requests = CounterMetricFamily("cp_requests", "Requests by class, tenant and outcome (admitted, completed, "
                                        "failed, shed).", labels=["class", "tenant", "outcome"])
         for labels, value in self.requests.items():
@@ -132,6 +136,8 @@ class GatewayMetrics:
                 connections.add_metric([str(worker["worker"])], worker["connections"])
             yield served
             yield connections
+        if gpu is not None:
+            yield from gpu_families(gpu)
 
 
 def overload_families(overload: dict):  # noqa: ANN201 - metric families
@@ -150,3 +156,57 @@ def overload_families(overload: dict):  # noqa: ANN201 - metric families
     for action in overload["actions"]:
         actions.add_metric([action["action"], action["class"]], action["count"])
     yield actions
+
+
+DEVICE_LABELS = ["gpu", "device", "kind", "name"]
+
+
+def gpu_families(telemetry: dict):  # noqa: ANN201 - metric families
+    """GPU telemetry (a `controlplane.gpu.telemetry.Telemetry.to_dict()`): NVML per GPU or MIG instance, and per
+    shard what its Triton and its models report."""
+    yield GaugeMetricFamily("cp_gpu_available", "1 when NVML read GPUs on the gateway's machine, 0 when it found "
+                            "none (no driver, no GPU, no nvidia-ml-py).", value=0 if telemetry["no_gpu"] else 1)
+    utilization = GaugeMetricFamily("cp_gpu_utilization_ratio", "GPU utilization (0..1) per GPU, from NVML; none "
+                                    "for a MIG instance (NVML has no per-instance utilization).", labels=DEVICE_LABELS)
+    used = GaugeMetricFamily("cp_gpu_memory_used_bytes", "GPU memory used per GPU or MIG instance, from NVML.",
+                             labels=DEVICE_LABELS)
+    total = GaugeMetricFamily("cp_gpu_memory_total_bytes", "GPU memory per GPU or MIG instance, from NVML.",
+                              labels=DEVICE_LABELS)
+    for device in telemetry["devices"]:
+        labels = [str(device["gpu"]), device["uuid"], device["kind"], device["name"]]
+        if device["utilization"] is not None:
+            utilization.add_metric(labels, device["utilization"])
+        used.add_metric(labels, device["memory_used_bytes"])
+        total.add_metric(labels, device["memory_total_bytes"])
+    yield from (utilization, used, total)
+    up = GaugeMetricFamily("cp_shard_metrics_up", "1 when the shard's Triton metrics port answered this scrape.",
+                           labels=["shard"])
+    shard_gauges = {key: GaugeMetricFamily(name, documentation, labels=["shard", "device"]) for key, name, documentation
+                    in (("utilization", "cp_shard_gpu_utilization_ratio", "GPU utilization (0..1) as the shard's "
+                         "Triton reports it (nv_gpu_utilization)."),
+                        ("memory_used_bytes", "cp_shard_gpu_memory_used_bytes", "GPU memory used as the shard's "
+                         "Triton reports it (nv_gpu_memory_used_bytes)."),
+                        ("memory_total_bytes", "cp_shard_gpu_memory_total_bytes", "GPU memory as the shard's "
+                         "Triton reports it (nv_gpu_memory_total_bytes)."))}
+    allocator_labels = ["shard", "model", "device"]
+    reserved = GaugeMetricFamily("cp_shard_cuda_reserved_bytes", "Bytes the CUDA caching allocator holds in a "
+                                 "model's process (torch.cuda.memory_reserved).", labels=allocator_labels)
+    allocated = GaugeMetricFamily("cp_shard_cuda_allocated_bytes", "Bytes of live tensors in a model's process "
+                                  "(torch.cuda.memory_allocated).", labels=allocator_labels)
+    fragmentation = GaugeMetricFamily("cp_shard_cuda_fragmentation_ratio", "CUDA allocator fragmentation of a "
+                                      "model's process: reserved but unallocated over reserved.",
+                                      labels=allocator_labels)
+    for shard in telemetry["shards"]:
+        up.add_metric([shard["shard"]], 1 if shard["up"] else 0)
+        for gpu in shard["gpus"]:
+            for key, family in shard_gauges.items():
+                if key in gpu:
+                    family.add_metric([shard["shard"], gpu["uuid"]], gpu[key])
+        for allocator in shard["allocators"]:
+            labels = [shard["shard"], allocator["model"], allocator["device"]]
+            reserved.add_metric(labels, allocator["reserved_bytes"])
+            allocated.add_metric(labels, allocator["allocated_bytes"])
+            fragmentation.add_metric(labels, allocator["fragmentation"])
+    yield up
+    yield from shard_gauges.values()
+    yield from (reserved, allocated, fragmentation)

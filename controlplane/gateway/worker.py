@@ -133,7 +133,7 @@ class GatewayWorker:
             merged.absorb(state["metrics"])
         body = merged.render(merge_classes(states), merge_shards(states), gathered["ladder"]["step"],
                              merge_overload([s["overload"] for s in states]),
-                             [{"worker": s["worker"], **s["counters"]} for s in states])
+                             [{"worker": s["worker"], **s["counters"]} for s in states], gathered.get("gpu"))
         return 200, body, PROMETHEUS_TEXT
 
     async def queues(self) -> Answered:

@@ -140,15 +140,22 @@ class WorkerSlot:
         return self.process is not None and self.process.poll() is None and self.ready.is_set()
 
 
+async def _nothing() -> None:
+    return None
+
+
 class WorkerPool:
     """N gateway worker processes on one port, and everything that must be global between them."""
 
     def __init__(self, spec: ClusterSpec, count: int, set_standby: Callable[[bool], None] | None = None,
                  log_dir: Path | None = None,
-                 drain_elsewhere: Callable[[str, bool], Awaitable[bool]] | None = None) -> None:
+                 drain_elsewhere: Callable[[str, bool], Awaitable[bool]] | None = None,
+                 read_gpu: Callable[[], Awaitable[dict]] | None = None) -> None:
         """`log_dir`: where each worker's log goes (`cpctl up`); None: to this process's stderr.
-        `drain_elsewhere`: the shard backend's side of an admin drain (True if it took the endpoint)."""
+        `drain_elsewhere`: the shard backend's side of an admin drain (True if it took the endpoint).
+        `read_gpu`: the GPU telemetry /metrics shows (a `controlplane.gpu.telemetry.Telemetry.to_dict()`)."""
         self.spec = spec
+        self.read_gpu = read_gpu
         self.drain_elsewhere = drain_elsewhere
         self.count = count
         self.log_dir = log_dir
@@ -246,7 +253,8 @@ class WorkerPool:
         elif op == "tick":
             slot.report, slot.reported_at = message, time.monotonic()
         elif op == "gather":
-            return {"workers": await self.gather(), "ladder": self.ladder.snapshot()}
+            workers, gpu = await asyncio.gather(self.gather(), self.read_gpu() if self.read_gpu else _nothing())
+            return {"workers": workers, "ladder": self.ladder.snapshot(), "gpu": gpu}
         elif op == "drain":
             return await self.drain(message["shard"], message["draining"])
         return None

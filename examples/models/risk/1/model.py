@@ -1,18 +1,22 @@
 """Risk scoring: a 16-32-16-1 MLP; weights from weights.npz (made by ../train.py).
 
 On a GPU instance (and torch importable) it runs in torch on that GPU, in the config's `precision` (fp32,
-fp16: the cheaper variant `risk_fp16`); otherwise in numpy on the CPU. Outputs are made through DLPack:
-this Triton build's `pb_utils.Tensor(name, numpy_array)` fails under numpy 2 (shared/design/FACTS.md).
+fp16: the cheaper variant `risk_fp16`); otherwise in numpy on the CPU. Tensors cross Triton as tensors.py
+says (numpy 1 and 2).
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tensors.py and allocator.py beside this file
+from allocator import cuda_allocator_gauges  # noqa: E402
+from tensors import input_array, output_tensor  # noqa: E402
+
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
 
 
 class TritonPythonModel:
@@ -24,6 +28,7 @@ class TritonPythonModel:
         weights = np.load(Path(__file__).parent / "weights.npz")
         layers = [(weights[f"w{i}"], weights[f"b{i}"]) for i in range(3)]
         self.torch = None
+        self.allocator = None  # the CUDA allocator's gauges, on a GPU (allocator.py)
         if args["model_instance_kind"] == "GPU":
             try:
                 import torch
@@ -36,6 +41,7 @@ class TritonPythonModel:
                 layers = [(torch.from_numpy(w).to(device, dtype), torch.from_numpy(b).to(device, dtype))
                           for w, b in layers]
                 self.device, self.dtype = device, dtype
+                self.allocator = cuda_allocator_gauges(args["model_name"], torch, device)
         if self.torch is None:
             layers = [(w.astype(NUMPY_DTYPES[precision]), b.astype(NUMPY_DTYPES[precision])) for w, b in layers]
             self.dtype = NUMPY_DTYPES[precision]
@@ -65,24 +71,15 @@ class TritonPythonModel:
             batches = [self.torch.from_dlpack(t.to_dlpack()) for t in inputs]
             scores = self.score_torch(self.torch.cat(batches))
         else:
-            batches = [np.from_dlpack(t) if NUMPY_2 else t.as_numpy() for t in inputs]
+            batches = [input_array(t) for t in inputs]
             scores = self.score_numpy(np.concatenate(batches))
         self.alive = [scores]
         responses, start = [], 0
         for batch in batches:
             part = scores[start:start + len(batch)]
             start += len(batch)
-            responses.append(pb_utils.InferenceResponse([_tensor("score", part)]))
+            responses.append(pb_utils.InferenceResponse([output_tensor("score", part)]))
+        if self.allocator is not None:
+            self.allocator.update()
         return responses
 
-
-def _tensor(name: str, value):
-    """An output tensor: torch through its DLPack capsule; numpy through DLPack under numpy 2 (where
-    `pb_utils.Tensor(name, array)` fails) and directly under numpy 1 (where from_dlpack of an array fails)."""
-    if not isinstance(value, np.ndarray):
-        from torch.utils.dlpack import to_dlpack
-
-        return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
-    if NUMPY_2:
-        return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(value))
-    return pb_utils.Tensor(name, np.ascontiguousarray(value))

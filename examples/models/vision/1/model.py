@@ -7,7 +7,8 @@ or Pillow). Tensors cross the Triton boundary through DLPack both ways: zero-cop
 Triton build's `pb_utils.Tensor(name, numpy_array)` fails under numpy 2 (shared/design/FACTS.md).
 
 config.pbtxt parameters: `arch` (resnet50 | resnet-tiny), `precision` (fp32 | fp16 | bf16), `image_size`,
-`weights` (a state dict file, relative to this folder; empty: the seeded init).
+`weights` (a state dict file, relative to this folder; empty: the seeded init). On a GPU the CUDA allocator's
+reserved and allocated bytes are reported on the shard's metrics port (allocator.py).
 """
 
 import io
@@ -20,7 +21,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # resnet.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # resnet.py and allocator.py beside this file
+from allocator import cuda_allocator_gauges  # noqa: E402
 from resnet import PRECISIONS, prepare, preprocess, resnet  # noqa: E402
 
 try:
@@ -43,6 +45,7 @@ class TritonPythonModel:
         weights = parameters.get("weights") or None
         network = resnet(parameters.get("arch", "resnet50"), Path(__file__).parent / weights if weights else None)
         self.model = prepare(network, self.device, self.precision)
+        self.allocator = cuda_allocator_gauges(args["model_name"], torch, self.device) if on_gpu else None
 
     def decode(self, encoded: list[bytes]) -> list[torch.Tensor]:
         """JPEG bytes -> uint8 [H, W, 3] tensors on the model's device."""
@@ -95,6 +98,8 @@ class TritonPythonModel:
                 if "logits" in wanted:
                     outputs.append(_tensor("logits", logits[rows]))
                 responses[i] = pb_utils.InferenceResponse(outputs)
+        if self.allocator is not None:
+            self.allocator.update()
         return responses
 
 

@@ -2,13 +2,18 @@
 
 A batch takes max(work_ms) + sum(per_item_ms x rows) over its requests: `work_ms` is the fixed cost of a
 launch, `per_item_ms` the cost of each row, so with per_item_ms > 0 the model has a bounded capacity like a
-GPU does, instead of absorbing any batch for free.
+GPU does, instead of absorbing any batch for free. Tensors cross Triton as tensors.py says (numpy 1 and 2).
 """
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tensors.py beside this file
+from tensors import input_array, output_tensor  # noqa: E402
 
 MAX_WORK_MS = 1000.0
 
@@ -28,7 +33,7 @@ class TritonPythonModel:
         self.spin = parameters.get("mode", {}).get("string_value", "sleep") == "spin"
 
     def execute(self, requests):
-        inputs = [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests]
+        inputs = [input_array(pb_utils.get_input_tensor_by_name(r, "x")) for r in requests]
         asked = [json.loads(r.parameters() or "{}") for r in requests]
         work_ms = max(bounded(a.get("work_ms", self.work_ms), self.work_ms) for a in asked)
         work_ms += sum(bounded(a.get("per_item_ms", self.per_item_ms), self.per_item_ms) * len(x)
@@ -40,4 +45,5 @@ class TritonPythonModel:
                 pass
         elif work_s > 0:
             time.sleep(work_s)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]) for x in inputs]
+        self.alive = inputs  # the echoed outputs point into these (DLPack), kept until the next batch
+        return [pb_utils.InferenceResponse([output_tensor("y", x)]) for x in inputs]

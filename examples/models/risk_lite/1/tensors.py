@@ -1,0 +1,1 @@
+../../risk/1/tensors.py
