@@ -10,11 +10,15 @@ Every key lives in the `controlplane:` namespace of the stack file (infra/stacks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pulumi
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from controlplane.spec import StrictModel
 
 CONFIG_NAMESPACE = "controlplane"
 # The Pulumi project's folder, where Pulumi.yaml says `main: infra/`: relative paths in a stack's config are
@@ -22,8 +26,14 @@ CONFIG_NAMESPACE = "controlplane"
 PULUMI_PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class AwsSettings:
+class StackSection(StrictModel):
+    """A `controlplane:` config object, validated like the spec (unknown keys are errors, not typos ignored);
+    its keys are camelCase, as Pulumi stack files write them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+class AwsSettings(StackSection):
     """Where and as whom AWS pools are created (`controlplane:aws`)."""
 
     region: str = "us-east-1"
@@ -44,8 +54,7 @@ class AwsSettings:
     root_volume_gib: int = 500
 
 
-@dataclass(frozen=True)
-class AzureSettings:
+class AzureSettings(StackSection):
     """Where and as whom Azure pools are created (`controlplane:azure`)."""
 
     location: str = "eastus"
@@ -61,8 +70,7 @@ class AzureSettings:
     os_disk_gib: int = 256
 
 
-@dataclass(frozen=True)
-class GatewayScaling:
+class GatewayScaling(StackSection):
     """The gateway's Deployment, Service and HPA (`controlplane:gateway`); the spec has no such fields yet."""
 
     replicas: int = 2
@@ -74,8 +82,7 @@ class GatewayScaling:
     memory: str = "512Mi"
 
 
-@dataclass(frozen=True)
-class KubernetesSettings:
+class KubernetesSettings(StackSection):
     """The serving layer (`controlplane:kubernetes`)."""
 
     # Off for the first `pulumi up` of a cloud stack: the nodes must have joined the cluster (Ansible)
@@ -92,7 +99,7 @@ class KubernetesSettings:
     # Driver, container toolkit and MOFED are installed on the hosts by the Ansible playbooks (or come with
     # the cloud image), so the operators must not install their own.
     preinstalled_driver: bool = True
-    gateway: GatewayScaling = field(default_factory=GatewayScaling)
+    gateway: GatewayScaling = Field(default_factory=GatewayScaling)
 
 
 @dataclass(frozen=True)
@@ -116,27 +123,14 @@ class StackSettings:
     registry: RegistryCredentials | None = None
 
 
-def _from_mapping(cls: type, data: dict[str, Any] | None, key: str) -> Any:
-    """Build a settings dataclass from a camelCase config object; unknown keys are errors, not typos ignored."""
-    data = dict(data or {})
-    fields = {name: name for name in cls.__dataclass_fields__}
-    camel = {_camel(name): name for name in fields}
-    kwargs: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        name = camel.get(raw_key) or fields.get(raw_key)
-        if name is None:
-            raise ValueError(
-                f"{CONFIG_NAMESPACE}:{key}: unknown key '{raw_key}' (expected one of: {', '.join(sorted(camel))})"
-            )
-        kwargs[name] = value
-    if cls is KubernetesSettings and "gateway" in kwargs:
-        kwargs["gateway"] = _from_mapping(GatewayScaling, kwargs["gateway"], f"{key}.gateway")
-    return cls(**kwargs)
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
+def _section(cls: type[StackSection], data: dict[str, Any] | None, key: str) -> Any:
+    """One config object, or ValueError naming each wrong key as `controlplane:KEY.FIELD: WHAT`."""
+    try:
+        return cls.model_validate(data or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{CONFIG_NAMESPACE}:{'.'.join(map(str, (key, *error['loc'])))}: {error['msg']}"
+                             for error in exc.errors())
+        raise ValueError(problems) from None
 
 
 def _resolve(path: str) -> Path:
@@ -155,9 +149,9 @@ def read_settings(config: pulumi.Config | None = None) -> StackSettings:
     inventory = config.get("inventory")
     return StackSettings(
         spec_path=_resolve(config.require("spec")),
-        aws=_from_mapping(AwsSettings, config.get_object("aws"), "aws"),
-        azure=_from_mapping(AzureSettings, config.get_object("azure"), "azure"),
-        kubernetes=_from_mapping(KubernetesSettings, config.get_object("kubernetes"), "kubernetes"),
+        aws=_section(AwsSettings, config.get_object("aws"), "aws"),
+        azure=_section(AzureSettings, config.get_object("azure"), "azure"),
+        kubernetes=_section(KubernetesSettings, config.get_object("kubernetes"), "kubernetes"),
         inventory_path=_resolve(inventory) if inventory else None,
         kubeconfig=config.get_secret("kubeconfig"),
         registry=registry,

@@ -132,3 +132,20 @@ def test_numbers_come_back_as_integers() -> None:
     # validation of `replicas: 2.0` and the interface counts below would compare floats.
     deployment = k8s(run_stack("aws"), "Deployment", "main")
     assert type(required(deployment, "spec", "replicas")) is int
+
+
+def test_stack_settings_take_camel_case_keys_and_name_a_wrong_one() -> None:
+    import pulumi
+
+    from infra.settings import read_settings
+
+    spec = str(ROOT / "examples" / "aws" / "cluster.yaml")
+    pulumi.runtime.set_all_config({"controlplane:spec": spec,
+                                   "controlplane:aws": '{"region": "eu-west-1", "sshIngressCidr": "203.0.113.0/24"}',
+                                   "controlplane:kubernetes": '{"gateway": {"maxReplicas": 4}}'})
+    settings = read_settings()
+    assert (settings.aws.region, settings.aws.ssh_ingress_cidr) == ("eu-west-1", "203.0.113.0/24")
+    assert settings.kubernetes.gateway.max_replicas == 4 and settings.kubernetes.gateway.min_replicas == 2
+    pulumi.runtime.set_all_config({"controlplane:spec": spec, "controlplane:aws": '{"regoin": "eu-west-1"}'})
+    with pytest.raises(ValueError, match=r"controlplane:aws\.regoin: Extra inputs are not permitted"):
+        read_settings()

@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from controlplane.bench.client import ClientError, HttpClient
+from controlplane.spec import StrictModel
 
 MAX_REQUESTS = 200_000
 MAX_DURATION_S = 600.0
 BEHIND_LAG_S = 0.005  # a send this late (P99) means the generator, not the server, set the pace
 
 
-class Flow(BaseModel):
+class Flow(StrictModel):
     """One part of the traffic mix."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Label in the report, usually the priority class.")
     weight: float = Field(gt=0, description="Share of the requests.")
     model: str = Field("work", description="Model to call.")
@@ -43,8 +43,7 @@ class Flow(BaseModel):
     body: dict = Field(default_factory=dict, description="The JSON infer request.")
 
 
-class Scenario(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Scenario(StrictModel):
     rate: float = Field(gt=0, le=50_000, description="Requests per second offered.")
     duration_s: float = Field(gt=0, le=MAX_DURATION_S, description="How long requests are sent.")
     arrivals: str = Field("poisson", pattern="^(poisson|constant)$")
