@@ -122,17 +122,25 @@ def _gpu_instance_handles_nvml(
     names = {p.profile_id: p.name for p in profiles}
     out = []
     for profile in profiles:
-        array = (nvml.c_nvmlGpuInstance_t * max(profile.total, 1))()
-        count = ctypes.c_uint(0)
-        try:
-            nvml.nvmlDeviceGetGpuInstances(handle, profile.profile_id, array, ctypes.byref(count))
-        except nvml.NVMLError:
-            continue
-        for i in range(count.value):
-            info = nvml.nvmlGpuInstanceGetInfo(array[i])
-            out.append((array[i], GpuInstanceInfo(info.id, info.profileId, names.get(info.profileId, "?"),
-                                                  info.placement.start, info.placement.size)))
+        for gi in _listed(nvml, nvml.nvmlDeviceGetGpuInstances, handle, profile.profile_id, profile.total,
+                          nvml.c_nvmlGpuInstance_t):
+            info = nvml.nvmlGpuInstanceGetInfo(gi)
+            out.append((gi, GpuInstanceInfo(info.id, info.profileId, names.get(info.profileId, "?"),
+                                            info.placement.start, info.placement.size)))
     return out
+
+
+def _listed(nvml: ModuleType, list_call: Any, owner: Any, profile_id: int, capacity: int, handle_type: Any
+            ) -> list[Any]:
+    """The handles an NVML list call fills in (the GPU or compute instances of one profile); none where the
+    call refuses (a profile the device does not offer)."""
+    array = (handle_type * max(capacity, 1))()
+    count = ctypes.c_uint(0)
+    try:
+        list_call(owner, profile_id, array, ctypes.byref(count))
+    except nvml.NVMLError:
+        return []
+    return [array[i] for i in range(count.value)]
 
 
 def _compute_instances_nvml(nvml: ModuleType, gi: Any, gi_info: GpuInstanceInfo) -> list[ComputeInstanceInfo]:
@@ -150,14 +158,9 @@ def _compute_instances_nvml(nvml: ModuleType, gi: Any, gi_info: GpuInstanceInfo)
         if info.id in seen:
             continue
         seen.add(info.id)
-        array = (nvml.c_nvmlComputeInstance_t * max(info.instanceCount, 1))()
-        count = ctypes.c_uint(0)
-        try:
-            nvml.nvmlGpuInstanceGetComputeInstances(gi, info.id, array, ctypes.byref(count))
-        except nvml.NVMLError:
-            continue
-        for i in range(count.value):
-            ci = nvml.nvmlComputeInstanceGetInfo(array[i])
+        for handle in _listed(nvml, nvml.nvmlGpuInstanceGetComputeInstances, gi, info.id, info.instanceCount,
+                              nvml.c_nvmlComputeInstance_t):
+            ci = nvml.nvmlComputeInstanceGetInfo(handle)
             name = _text(info.name).removeprefix("MIG ")
             out.append(ComputeInstanceInfo(gi_info.gi_id, ci.id, ci.profileId, name))
     return out
