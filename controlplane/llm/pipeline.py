@@ -15,6 +15,7 @@ tritonclient's HTTP clients are not thread-safe: one `PipelineClient` per thread
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,11 +109,10 @@ class PipelineClient:
             empty = np.zeros((0,), np.int64) if index == 0 else np.zeros((0, 0), np.float32)
             name = "input_ids" if index == 0 else "hidden"
             output = "next_token" if index == len(self.stages) - 1 else "hidden_out"
-            try:
+            # the stage evicts idle caches by itself: a release that fails is not worth an error
+            with contextlib.suppress(InferenceServerException):
                 stage.client.infer(stage.model, _step_tensors(sequence_id, END, name, empty), priority=priority,
                                    outputs=[httpclient.InferRequestedOutput(output, binary_data=True)])
-            except InferenceServerException:
-                pass  # the stage evicts idle caches by itself; a release is a courtesy
 
 
 def _step_tensors(sequence_id: int, flags: int, name: str, data: np.ndarray) -> list[httpclient.InferInput]:

@@ -23,8 +23,10 @@ class TritonPythonModel:
             checkpoint = Path(args["model_repository"]) / checkpoint
         stage, stages = parse_stage_name(args["model_name"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.stage = PipelineStage(checkpoint.resolve(), stage, stages, device=device,
-                                   dtype=getattr(torch, parameters.get("dtype", "float32")),
+        dtype = parameters.get("dtype", "auto")
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.stage = PipelineStage(checkpoint.resolve(), stage, stages, device=device, dtype=getattr(torch, dtype),
                                    max_sequences=int(parameters.get("max_sequences", "64")),
                                    idle_timeout_s=float(parameters.get("idle_timeout_s", "300")))
 
@@ -48,7 +50,8 @@ class TritonPythonModel:
         if tokens is None:
             return StageError("this stage needs " + ("`input_ids`" if self.stage.first else "`hidden`"))
         tokens = torch.from_numpy(np.ascontiguousarray(tokens[0]))
-        if not self.stage.first and (tokens.ndim != 2 or tokens.shape[1] != self.stage.config.hidden_size):
+        width = self.stage.config.hidden_size
+        if not self.stage.first and len(tokens) and (tokens.ndim != 2 or tokens.shape[1] != width):
             return StageError(f"`hidden` must be [1, T, {self.stage.config.hidden_size}]")
         return StepInput(int(read("sequence_id").reshape(-1)[0]), bool(flags & START), bool(flags & END), tokens)
 
