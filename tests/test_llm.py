@@ -240,3 +240,19 @@ def test_text_round_trips_through_the_byte_ids() -> None:
     assert decode(encode("héllo")) == "héllo"
     assert decode([1, 2, 0, 5000]) == ""
     assert END != START
+
+
+# --- the 7B example's placement ---------------------------------------------------------------------------------
+def test_planner_puts_each_7b_stage_on_a_mig_slice_of_its_own() -> None:
+    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "gpu", "plan", "-f",
+                           str(ROOT / "examples" / "llm" / "cluster.yaml"), "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    (gpu,) = json.loads(done.stdout)["pools"][0]["gpus"]
+    assert gpu["mig_enabled"]
+    placed = {r["shard"]: (i["profile"], r["models"], r["need_mib"], i["capacity_mib"])
+              for i in gpu["instances"] for r in i["replicas"]}
+    assert {shard: p[:2] for shard, p in placed.items()} == {
+        f"llm-stage{k}": ("1g.18gb", [f"llm_{k}of4"]) for k in range(1, 5)}
+    assert all(need <= capacity for _, _, need, capacity in placed.values())
+    assert len({i["start"] for i in gpu["instances"] if i["replicas"]}) == 4  # four distinct slices

@@ -1,16 +1,18 @@
 """Triton Python-backend face of one pipeline stage (stage.py): tensors in, one batched step, tensors out.
 
 The stage runs on the GPU when the server sees one (the shard's CUDA_VISIBLE_DEVICES), else on the CPU.
-Activations leave as FP32 (`hidden_out`), the last stage's answer as the greedy next token.
+Activations leave as FP32 (`hidden_out`), the last stage's answer as the greedy next token. Tensors cross
+through DLPack, not numpy: this Triton build's `pb_utils.Tensor(name, numpy_array)` fails under numpy 2 (the GPU
+machine's), shared/design/FACTS.md.
 """
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from stage import PipelineStage, StageError, StepInput, parse_stage_name
+from torch.utils.dlpack import to_dlpack
 
 START, END = 1, 2
 
@@ -43,13 +45,13 @@ class TritonPythonModel:
     def _step_input(self, request):
         def read(name):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            return None if tensor is None else tensor.as_numpy()
+            return None if tensor is None else torch.from_dlpack(tensor.to_dlpack())
 
         flags = int(read("flags").reshape(-1)[0])
         tokens = read("input_ids") if self.stage.first else read("hidden")
         if tokens is None:
             return StageError("this stage needs " + ("`input_ids`" if self.stage.first else "`hidden`"))
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens[0]))
+        tokens = tokens[0]
         width = self.stage.config.hidden_size
         if not self.stage.first and len(tokens) and (tokens.ndim != 2 or tokens.shape[1] != width):
             return StageError(f"`hidden` must be [1, T, {self.stage.config.hidden_size}]")
@@ -59,5 +61,5 @@ class TritonPythonModel:
         if isinstance(result, StageError):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
         name = "next_token" if self.stage.last else "hidden_out"
-        array = result.detach().to("cpu", torch.int64 if self.stage.last else torch.float32).numpy()
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, array[None])])
+        tensor = result.detach().to("cpu", torch.int64 if self.stage.last else torch.float32)[None].contiguous()
+        return pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor))])
