@@ -6,6 +6,7 @@ pipeline must give exactly its greedy tokens, for several sequences stepping at 
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -45,6 +46,9 @@ shards:
 priority_classes:
   - {{name: critical, level: 300, default_deadline_ms: 30000, share: 0.5}}
   - {{name: standard, level: 200, default_deadline_ms: 30000, share: 0.5}}
+pipelines:
+  - {{name: llm, stages: [llm_1of2, llm_2of2], max_sequences: {max_sequences}, max_tokens: 400}}
+  - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 1, max_tokens: 400}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
 gateway: {{allow_anonymous: true, anonymous_tenant: anonymous, workers: 1}}
@@ -81,7 +85,8 @@ def served(checkpoint: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFac
     config = repository / "llm_stage" / "config.pbtxt"
     text = config.read_text().replace('string_value: "checkpoint"', f'string_value: "{checkpoint}"')
     config.write_text(text.replace('string_value: "64" } }', f'string_value: "{MAX_SEQUENCES}" }} }}'))
-    with stack_of(SPEC.format(cluster="llm", repository=repository), run_dir, "llm") as running:
+    spec = SPEC.format(cluster="llm", repository=repository, max_sequences=MAX_SEQUENCES - 1)
+    with stack_of(spec, run_dir, "llm") as running:
         yield running
 
 
@@ -256,3 +261,69 @@ def test_planner_puts_each_7b_stage_on_a_mig_slice_of_its_own() -> None:
         f"llm-stage{k}": ("1g.18gb", [f"llm_{k}of4"]) for k in range(1, 5)}
     assert all(need <= capacity for _, _, need, capacity in placed.values())
     assert len({i["start"] for i in gpu["instances"] if i["replicas"]}) == 4  # four distinct slices
+
+
+# --- through the gateway: the gateway drives the token loop ------------------------------------------------------
+def post(stack: RunningStack, path: str, body: object, headers: dict | None = None) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection(stack.address, timeout=120)
+    connection.request("POST", path, body=json.dumps(body), headers=headers or {})
+    return connection.getresponse()
+
+
+def events(response: http.client.HTTPResponse) -> list[dict]:
+    """The server-sent events of a whole stream."""
+    return [json.loads(line[len(b"data: "):]) for line in response.read().split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_gateway_streams_the_pipelines_greedy_tokens(served: RunningStack, reference: LlamaForCausalLM) -> None:
+    response = post(served, "/v2/models/llm/generate_stream", {"text_input": "through the gateway", "max_tokens": 8})
+    assert response.status == 200 and response.getheader("content-type") == "text/event-stream"
+    got = events(response)
+    assert [e["token_id"] for e in got] == greedy(reference, encode("through the gateway"), 8)
+    assert all(e["model_name"] == "llm" for e in got)
+
+
+def test_gateway_generate_answers_the_whole_continuation(served: RunningStack, reference: LlamaForCausalLM) -> None:
+    response = post(served, "/v2/models/llm/generate", {"text_input": "whole", "max_tokens": 5})
+    assert response.status == 200
+    answer = json.loads(response.read())
+    assert answer["token_ids"] == greedy(reference, encode("whole"), 5)
+    assert answer["text_output"] == decode(answer["token_ids"])
+
+
+@pytest.mark.parametrize(("body", "problem"), [({"max_tokens": 3}, "text_input"),
+                                               ({"text_input": "x", "max_tokens": 0}, "max_tokens"),
+                                               ({"text_input": "x", "max_tokens": 401}, "from 1 to 400"),
+                                               ([1, 2], "JSON object")])
+def test_gateway_answers_a_bad_generate_body_with_400(served: RunningStack, body: object, problem: str) -> None:
+    response = post(served, "/v2/models/llm/generate_stream", body)
+    assert response.status == 400
+    assert problem in json.loads(response.read())["error"]
+
+
+def test_a_pipeline_is_not_an_infer_model(served: RunningStack) -> None:
+    response = post(served, "/v2/models/llm/infer", {"inputs": []})
+    assert response.status == 405
+    assert "pipeline" in json.loads(response.read())["error"]
+
+
+def test_a_full_pipeline_sheds_a_new_sequence_before_its_first_token(served: RunningStack) -> None:
+    connection = http.client.HTTPConnection(served.address, timeout=120)
+    connection.request("POST", "/v2/models/llm_single/generate_stream",
+                       body=json.dumps({"text_input": "hold the only place", "max_tokens": 400}))
+    holding = connection.getresponse()
+    assert holding.status == 200
+    assert holding.readline().startswith(b"data: ") or holding.readline().startswith(b"data: ")  # a token came
+    refused = post(served, "/v2/models/llm_single/generate_stream", {"text_input": "me too", "max_tokens": 3})
+    assert refused.status == 429 and refused.getheader("retry-after") == "1"
+    assert "sequences in flight" in json.loads(refused.read())["error"]
+    connection.close()  # the client leaves: the gateway stops the sequence and releases its place
+
+
+def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:
+    response = post(served, "/v2/models/llm/generate_stream", {"text_input": "long", "max_tokens": 400},
+                    {"x-deadline-ms": "1500"})
+    assert response.status == 200
+    got = events(response)
+    assert got[-1]["error"] == "deadline"
+    assert got[-1]["tokens"] == len(got) - 1 and 0 < len(got) - 1 < 400

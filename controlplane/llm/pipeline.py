@@ -16,6 +16,7 @@ tritonclient's HTTP clients are not thread-safe: one `PipelineClient` per thread
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,3 +129,37 @@ def _step_tensors(sequence_id: int, flags: int, name: str, data: np.ndarray) -> 
 def _datatype(array: np.ndarray) -> str:
     return {np.dtype(np.uint64): "UINT64", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
             np.dtype(np.float32): "FP32"}[array.dtype]
+
+
+# --- the same step as raw HTTP bytes (the gateway's pooled upstream connections, no tritonclient) -------------
+_TRITON_DATATYPES = {np.dtype(np.uint64): "UINT64", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+                     np.dtype(np.float32): "FP32"}
+_NUMPY_DATATYPES = {name: dtype for dtype, name in _TRITON_DATATYPES.items()}
+
+
+def step_request_body(sequence_id: int, flags: int, input_name: str, data: np.ndarray, output_name: str,
+                      priority: int = 0, timeout_us: int = 0) -> tuple[bytes, int]:
+    """A KServe v2 binary-tensor infer body of one step, and its JSON header's length (the
+    Inference-Header-Content-Length header)."""
+    arrays = [("sequence_id", np.array([[sequence_id]], np.uint64)), ("flags", np.array([[flags]], np.int32)),
+              (input_name, np.ascontiguousarray(data[None]))]
+    parameters: dict[str, int] = {"priority": priority} if priority else {}
+    if timeout_us:
+        parameters["timeout"] = timeout_us
+    header = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": _TRITON_DATATYPES[array.dtype],
+                          "parameters": {"binary_data_size": array.nbytes}} for name, array in arrays],
+              "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
+              "parameters": parameters}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + b"".join(array.tobytes() for _, array in arrays), len(encoded)
+
+
+def step_response_tensor(body: bytes, header_length: int | None) -> np.ndarray:
+    """The one output tensor of a step's response (binary, or JSON `data` when the server chose it)."""
+    header = json.loads(body[:header_length] if header_length is not None else body)
+    (output,) = header["outputs"]
+    dtype = _NUMPY_DATATYPES[output["datatype"]]
+    if header_length is None:
+        return np.asarray(output["data"], dtype).reshape(output["shape"])
+    size = output["parameters"]["binary_data_size"]
+    return np.frombuffer(body[header_length:header_length + size], dtype).reshape(output["shape"])
