@@ -24,6 +24,7 @@ from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from controlplane.llm.pipeline import END, START, PipelineClient, PipelineError, decode, encode, stage_model_names
+from controlplane.spec import SpecError, parse_spec
 
 from .conftest import ROOT, RunningStack, stack_of
 
@@ -327,3 +328,14 @@ def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStac
     got = events(response)
     assert got[-1]["error"] == "deadline"
     assert got[-1]["tokens"] == len(got) - 1 and 0 < len(got) - 1 < 400
+
+
+def test_spec_pipelines_name_existing_stage_models_and_no_model_twice() -> None:
+    text = SPEC.format(cluster="bad", repository="/tmp", max_sequences=4)
+    text = text.replace("llm_2of2], max_sequences: 1", "llm_9of9], max_sequences: 1")
+    text = text.replace("{name: llm, stages", "{name: llm_1of2, stages")
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "bad.yaml")
+    message = "\n".join(info.value.lines)
+    assert "pipelines[0].name" in message and "also a model's name" in message
+    assert "pipelines[1].stages[1]" in message and "llm_9of9" in message
