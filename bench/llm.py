@@ -101,7 +101,7 @@ def spec_text(stages: int, checkpoint: Path, repository: Path, gpu: bool, max_to
     spec["models"] = [{"name": n, "path": "llm_stage", "memory_mb": 1024, "max_batch": 64} for n in names]
     spec["shards"] = [{"name": f"llm-stage{k + 1}", "models": [n], **({"gpu": 0} if gpu else {})}
                       for k, n in enumerate(names)]
-    spec["pipelines"] = [{"name": "llm", "stages": names, "max_sequences": 64, "max_tokens": max_tokens}]
+    spec["pipelines"] = [{**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens}]
     spec["gateway"]["port"] = 0
     return yaml.safe_dump(spec, sort_keys=False)
 

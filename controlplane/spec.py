@@ -105,6 +105,8 @@ class Pipeline(StrictModel):
     max_sequences: int = Field(64, ge=1, le=4096, description="Sequences in flight at most: past it a new one is "
                                "refused (429) before its first token. At most the stages' KV cache capacity.")
     max_tokens: int = Field(256, ge=1, le=65536, description="The most tokens a request may ask for.")
+    reserved_for_top_class: int = Field(0, ge=0, le=4096, description="Places of `max_sequences` only the highest "
+                                        "class may take: a flood of lower classes never fills the pipeline for it.")
 
 
 class Shard(StrictModel):
@@ -336,6 +338,9 @@ class ClusterSpec(StrictModel):
             if model.cheaper_variant is not None and model.cheaper_variant not in model_names - {model.name}:
                 problems.append(_unknown(("models", i, "cheaper_variant"), "model", model.cheaper_variant, model_names))
         for i, pipeline in enumerate(self.pipelines):
+            if pipeline.reserved_for_top_class >= pipeline.max_sequences:
+                problems.append(SpecProblem(("pipelines", i, "reserved_for_top_class"),
+                                            "must be below max_sequences (other classes need a place)"))
             if pipeline.name in model_names:
                 problems.append(SpecProblem(("pipelines", i, "name"), f"'{pipeline.name}' is also a model's name"))
             for j, name in enumerate(pipeline.stages):

@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from controlplane.llm.pipeline import END, START, PipelineClient, PipelineError, decode, encode, stage_model_names
-from controlplane.spec import SpecError, parse_spec
+from controlplane.spec import SpecError, hash_api_key, parse_spec
 
 from .conftest import ROOT, RunningStack, stack_of
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(STAGE_DIR / "1"))
 from stage import PipelineStage, StageError, StepInput, parse_stage_name, stage_layers  # noqa: E402
 
 MAX_SEQUENCES = 8
+DEMO_KEY = "cp-demo-key"
 SPEC = """
 cluster: {cluster}
 model_repository: {repository}
@@ -49,9 +50,12 @@ priority_classes:
   - {{name: standard, level: 200, default_deadline_ms: 30000, share: 0.5}}
 pipelines:
   - {{name: llm, stages: [llm_1of2, llm_2of2], max_sequences: {max_sequences}, max_tokens: 400}}
-  - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 1, max_tokens: 400}}
+  - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 2, max_tokens: 400,
+     reserved_for_top_class: 1}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
+  - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
+     rate: 1000, burst: 1000}}
 gateway: {{allow_anonymous: true, anonymous_tenant: anonymous, workers: 1}}
 """
 
@@ -86,7 +90,8 @@ def served(checkpoint: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFac
     config = repository / "llm_stage" / "config.pbtxt"
     text = config.read_text().replace('string_value: "checkpoint"', f'string_value: "{checkpoint}"')
     config.write_text(text.replace('string_value: "64" } }', f'string_value: "{MAX_SEQUENCES}" }} }}'))
-    spec = SPEC.format(cluster="llm", repository=repository, max_sequences=MAX_SEQUENCES - 1)
+    spec = SPEC.format(cluster="llm", repository=repository, max_sequences=MAX_SEQUENCES - 2,
+                       demo_key=hash_api_key(DEMO_KEY))
     with stack_of(spec, run_dir, "llm") as running:
         yield running
 
@@ -308,16 +313,19 @@ def test_a_pipeline_is_not_an_infer_model(served: RunningStack) -> None:
     assert "pipeline" in json.loads(response.read())["error"]
 
 
-def test_a_full_pipeline_sheds_a_new_sequence_before_its_first_token(served: RunningStack) -> None:
+def test_a_full_pipeline_sheds_before_the_first_token_and_keeps_a_place_for_critical(served: RunningStack) -> None:
     connection = http.client.HTTPConnection(served.address, timeout=120)
     connection.request("POST", "/v2/models/llm_single/generate_stream",
-                       body=json.dumps({"text_input": "hold the only place", "max_tokens": 400}))
+                       body=json.dumps({"text_input": "hold a place", "max_tokens": 400}))
     holding = connection.getresponse()
     assert holding.status == 200
     assert holding.readline().startswith(b"data: ") or holding.readline().startswith(b"data: ")  # a token came
     refused = post(served, "/v2/models/llm_single/generate_stream", {"text_input": "me too", "max_tokens": 3})
     assert refused.status == 429 and refused.getheader("retry-after") == "1"
-    assert "sequences in flight" in json.loads(refused.read())["error"]
+    assert "the most class 'standard' may have" in json.loads(refused.read())["error"]
+    critical = post(served, "/v2/models/llm_single/generate_stream", {"text_input": "urgent", "max_tokens": 3},
+                    {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+    assert critical.status == 200 and len(events(critical)) == 3  # the reserved place
     connection.close()  # the client leaves: the gateway stops the sequence and releases its place
 
 
@@ -331,11 +339,15 @@ def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStac
 
 
 def test_spec_pipelines_name_existing_stage_models_and_no_model_twice() -> None:
-    text = SPEC.format(cluster="bad", repository="/tmp", max_sequences=4)
-    text = text.replace("llm_2of2], max_sequences: 1", "llm_9of9], max_sequences: 1")
+    text = SPEC.format(cluster="bad", repository="/tmp", max_sequences=4, demo_key=hash_api_key(DEMO_KEY))
+    text = text.replace("llm_2of2], max_sequences: 2", "llm_9of9], max_sequences: 2")
     text = text.replace("{name: llm, stages", "{name: llm_1of2, stages")
     with pytest.raises(SpecError) as info:
         parse_spec(text, "bad.yaml")
     message = "\n".join(info.value.lines)
     assert "pipelines[0].name" in message and "also a model's name" in message
     assert "pipelines[1].stages[1]" in message and "llm_9of9" in message
+    too_many = SPEC.format(cluster="bad", repository="/tmp", max_sequences=4, demo_key=hash_api_key(DEMO_KEY))
+    with pytest.raises(SpecError) as info:
+        parse_spec(too_many.replace("reserved_for_top_class: 1", "reserved_for_top_class: 2"), "bad.yaml")
+    assert "must be below max_sequences" in "\n".join(info.value.lines)

@@ -86,9 +86,13 @@ class PipelineRun:
         name, labels = self.pipeline.name, (self.admitted.priority_class.name, self.admitted.tenant.name)
         try:
             prompt, max_tokens = check_generate_body(self.request.body, self.pipeline)
-            if sequences.in_flight[name] >= self.pipeline.max_sequences:
+            places = self.pipeline.max_sequences
+            if self.admitted.priority_class.name != self.app.top_class:
+                places -= self.pipeline.reserved_for_top_class
+            if sequences.in_flight[name] >= places:
                 self.app.count_shed(*labels, "queue_full")
-                raise HttpError(429, f"pipeline '{name}' has {self.pipeline.max_sequences} sequences in flight",
+                raise HttpError(429, f"pipeline '{name}' has {sequences.in_flight[name]} sequences in flight, "
+                                f"the most class '{self.admitted.priority_class.name}' may have",
                                 [(b"retry-after", b"1")])
             self.stages = self._pick_stages()
         except ANSWERED as error:
