@@ -153,7 +153,7 @@ def test_a_stage_loads_only_its_own_layers(checkpoint: Path) -> None:
 def test_in_process_stages_batch_sequences_of_different_lengths_exactly(
         checkpoint: Path, reference: LlamaForCausalLM) -> None:
     stages = [PipelineStage(checkpoint, k, 2) for k in range(2)]
-    prompts = [encode("hi"), encode("a longer prompt"), encode("x")]
+    prompts = [encode("hi"), encode("a longer prompt"), encode("x"), encode("y" * 124)]  # the last grows its cache
     inputs = [torch.tensor(p) for p in prompts]
     got: list[list[int]] = [[] for _ in prompts]
     for step in range(6):

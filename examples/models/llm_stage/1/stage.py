@@ -30,6 +30,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+CACHE_BLOCK = 128  # KV cache positions allocated at a time per sequence and layer
+
 
 class StageError(ValueError):
     """A request this stage cannot serve (its message is returned to the caller)."""
@@ -88,7 +90,8 @@ def _filled(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tenso
 
 @dataclass
 class SequenceCache:
-    """The keys and values of one sequence at every layer of this stage: [kv_heads, positions, head_dim]."""
+    """The keys and values of one sequence at every layer of this stage: [kv_heads, capacity, head_dim] buffers
+    whose first `length` positions are filled."""
 
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
@@ -232,13 +235,10 @@ class PipelineStage:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         outs, offset = [], 0
         for cache, n in zip(caches, lengths, strict=True):
-            new_k, new_v = k[0, :, offset:offset + n], v[0, :, offset:offset + n]
-            past_k, past_v = cache.keys[slot], cache.values[slot]
-            keys = new_k if past_k is None else torch.cat([past_k, new_k], dim=1)
-            values = new_v if past_v is None else torch.cat([past_v, new_v], dim=1)
-            cache.keys[slot], cache.values[slot] = keys, values
+            past = cache.length
+            cache.keys[slot], keys = _appended(cache.keys[slot], k[0, :, offset:offset + n], past)
+            cache.values[slot], values = _appended(cache.values[slot], v[0, :, offset:offset + n], past)
             # query t (at position past+t) sees keys 0..past+t
-            past = keys.shape[1] - n
             visible = (torch.arange(keys.shape[1], device=x.device)[None, :]
                        <= past + torch.arange(n, device=x.device)[:, None])
             out = F.scaled_dot_product_attention(q[:, :, offset:offset + n], keys[None], values[None],
@@ -246,6 +246,20 @@ class PipelineStage:
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
             offset += n
         return attn.o_proj(torch.cat(outs))
+
+
+def _appended(buffer: torch.Tensor | None, new: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write `new` [kv_heads, n, dim] after `past` positions of a cache buffer grown in blocks of CACHE_BLOCK
+    positions (a copy every block, not every token); the buffer and its filled part."""
+    needed = past + new.shape[1]
+    if buffer is None or buffer.shape[1] < needed:
+        capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+        grown = new.new_empty(new.shape[0], capacity, new.shape[2])
+        if buffer is not None:
+            grown[:, :past] = buffer[:, :past]
+        buffer = grown
+    buffer[:, past:needed] = new
+    return buffer, buffer[:, :needed]
 
 
 def _layer_tensor_names(config: LlamaConfig) -> list[str]:
