@@ -23,7 +23,18 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from controlplane.llm.pipeline import END, START, PipelineClient, PipelineError, decode, encode, stage_model_names
+from controlplane.gateway.workers import partition_spec
+from controlplane.llm.pipeline import (
+    END,
+    START,
+    PipelineClient,
+    PipelineError,
+    decode,
+    encode,
+    stage_model_names,
+    step_request_body,
+    step_response_tensor,
+)
 from controlplane.spec import SpecError, hash_api_key, parse_spec
 
 from .conftest import ROOT, RunningStack, stack_of
@@ -351,3 +362,27 @@ def test_spec_pipelines_name_existing_stage_models_and_no_model_twice() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec(too_many.replace("reserved_for_top_class: 1", "reserved_for_top_class: 2"), "bad.yaml")
     assert "must be below max_sequences" in "\n".join(info.value.lines)
+
+
+def test_gateway_workers_split_a_pipelines_places() -> None:
+    spec = parse_spec(SPEC.format(cluster="split", repository="/tmp", max_sequences=7, demo_key=hash_api_key(DEMO_KEY)))
+    parts = [partition_spec(spec, i, 3) for i in range(3)]
+    assert [p.pipelines[0].max_sequences for p in parts] == [3, 2, 2]  # llm: 7 places
+    single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
+    assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
+
+
+def test_a_step_body_carries_the_priority_and_raw_tensor_bytes() -> None:
+    hidden = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body, header_length = step_request_body(42, START, "hidden", hidden, "hidden_out", priority=1)
+    header = json.loads(body[:header_length])
+    assert header["parameters"] == {"priority": 1}
+    assert [(i["name"], i["shape"], i["datatype"]) for i in header["inputs"]] == [
+        ("sequence_id", [1, 1], "UINT64"), ("flags", [1, 1], "INT32"), ("hidden", [1, 2, 3], "FP32")]
+    assert body[header_length:] == np.array([42], np.uint64).tobytes() + np.array([START], np.int32).tobytes() \
+        + hidden.tobytes()
+    answer = json.dumps({"outputs": [{"name": "next_token", "datatype": "INT64", "shape": [1, 1],
+                                      "parameters": {"binary_data_size": 8}}]}).encode()
+    assert step_response_tensor(answer + np.array([7], np.int64).tobytes(), len(answer)).tolist() == [[7]]
+    as_json = json.dumps({"outputs": [{"name": "next_token", "datatype": "INT64", "shape": [1, 1], "data": [9]}]})
+    assert step_response_tensor(as_json.encode(), None).tolist() == [[9]]

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEADLINE_SLACK_S = 0.002  # a step's timeout is the time left: its timing out that close to the deadline is the deadline
+STAGE_FULL = "KV cache full"  # the stage's message when it holds max_sequences already (llm_stage/1/stage.py)
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -197,6 +198,10 @@ class PipelineRun:
 
     def _failed(self, message: str) -> str:
         log.warning("pipeline %s: %s", self.pipeline.name, message)
+        if not self.tokens and STAGE_FULL in message:  # a stage's caches are full: shed, as the gateway's bound does
+            self.app.count_shed(self.admitted.priority_class.name, self.admitted.tenant.name, "queue_full")
+            send_error(self.conn, HttpError(429, message, [(b"retry-after", b"1")]))
+            return "shed"
         if self.streaming and self.tokens:
             self._event({"error": message})
             self.conn.end_stream()
