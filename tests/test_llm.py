@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -325,6 +326,7 @@ def test_a_pipeline_is_not_an_infer_model(served: RunningStack) -> None:
 
 
 def test_a_full_pipeline_sheds_before_the_first_token_and_keeps_a_place_for_critical(served: RunningStack) -> None:
+    steps_before = model_stats(served, 0, "llm_1of2")["inference_count"]
     connection = http.client.HTTPConnection(served.address, timeout=120)
     connection.request("POST", "/v2/models/llm_single/generate_stream",
                        body=json.dumps({"text_input": "hold a place", "max_tokens": 400}))
@@ -338,6 +340,15 @@ def test_a_full_pipeline_sheds_before_the_first_token_and_keeps_a_place_for_crit
                     {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
     assert critical.status == 200 and len(events(critical)) == 3  # the reserved place
     connection.close()  # the client leaves: the gateway stops the sequence and releases its place
+    for _ in range(100):  # bounded: the gateway sees the closed connection within a few steps
+        again = post(served, "/v2/models/llm_single/generate", {"text_input": "my turn", "max_tokens": 1})
+        again.read()
+        if again.status == 200:
+            break
+        time.sleep(0.1)
+    assert again.status == 200, "the place of a client that left was never released"
+    steps = model_stats(served, 0, "llm_1of2")["inference_count"] - steps_before
+    assert steps < 400, f"{steps} steps at stage 1: the sequence of the client that left was not stopped"
 
 
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:
