@@ -307,6 +307,9 @@ def test_gateway_generate_answers_the_whole_continuation(served: RunningStack, r
     answer = json.loads(response.read())
     assert answer["token_ids"] == greedy(reference, encode("whole"), 5)
     assert answer["text_output"] == decode(answer["token_ids"])
+    with urllib.request.urlopen(f"http://{served.address}/metrics", timeout=10) as metrics:
+        text = metrics.read().decode()
+    assert 'cp_requests_total{class="standard",outcome="completed",tenant="anonymous"}' in text
 
 
 @pytest.mark.parametrize(("body", "problem"), [({"max_tokens": 3}, "text_input"),

@@ -102,7 +102,8 @@ class PipelineRun:
         sequences.in_flight[name] += 1
         try:
             outcome = await self._generate(encode(prompt), max_tokens)
-            self.app.metrics.requests[(*labels, outcome)] += 1
+            if outcome != "shed":  # count_shed counted those
+                self.app.metrics.requests[(*labels, outcome)] += 1
         finally:
             sequences.in_flight[name] -= 1
             if self.stages and not self.ended_caches:
@@ -139,7 +140,7 @@ class PipelineRun:
                 break
             step_input = np.asarray([token], np.int64)
         self._finish()
-        return "ok"
+        return "completed"
 
     async def _step(self, flags: int, data: np.ndarray) -> int:
         carried = data
@@ -189,12 +190,12 @@ class PipelineRun:
             send_error(self.conn, HttpError(429, "the deadline passed before the first token", [(b"retry-after",
                                                                                                   b"1")]))
             return "shed"
-        if self.streaming:
+        if self.streaming:  # a 200 stream whose last event says why it ended
             self._event({"error": "deadline", "tokens": len(self.tokens)})
             self.conn.end_stream()
-        else:
-            send_error(self.conn, HttpError(504, f"the deadline passed after {len(self.tokens)} tokens"))
-        return "deadline"
+            return "completed"
+        send_error(self.conn, HttpError(504, f"the deadline passed after {len(self.tokens)} tokens"))
+        return "failed"
 
     def _failed(self, message: str) -> str:
         log.warning("pipeline %s: %s", self.pipeline.name, message)
@@ -207,7 +208,7 @@ class PipelineRun:
             self.conn.end_stream()
         else:
             send_error(self.conn, HttpError(502, message))
-        return "error"
+        return "failed"
 
     async def _release(self) -> None:
         """Free the sequence's caches at every stage (best effort: a stage also evicts idle sequences)."""
