@@ -191,6 +191,13 @@ def test_a_stage_refuses_unknown_sequences_and_a_full_cache(checkpoint: Path) ->
     assert set(stage.caches) == {2}
 
 
+def test_a_stage_refuses_a_sequence_past_the_positions_its_cache_was_sized_for(checkpoint: Path) -> None:
+    stage = PipelineStage(checkpoint, 0, 2, max_positions=8)
+    assert stage.max_positions == 8 and PipelineStage(checkpoint, 0, 2).max_positions == 512  # tiny's maximum
+    (too_long,) = stage.step([StepInput(1, True, False, torch.arange(9))])
+    assert "would exceed 8 positions" in str(too_long)
+
+
 def test_idle_sequences_are_evicted(checkpoint: Path) -> None:
     stage = PipelineStage(checkpoint, 0, 2, idle_timeout_s=10)
     stage.step([StepInput(1, True, False, torch.tensor([5]))])

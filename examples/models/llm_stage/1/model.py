@@ -30,7 +30,8 @@ class TritonPythonModel:
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.stage = PipelineStage(checkpoint.resolve(), stage, stages, device=device, dtype=getattr(torch, dtype),
                                    max_sequences=int(parameters.get("max_sequences", "64")),
-                                   idle_timeout_s=float(parameters.get("idle_timeout_s", "300")))
+                                   idle_timeout_s=float(parameters.get("idle_timeout_s", "300")),
+                                   max_positions=int(parameters.get("max_positions", "0")))
 
     def execute(self, requests):
         batch = [self._step_input(request) for request in requests]

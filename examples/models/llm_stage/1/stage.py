@@ -109,11 +109,14 @@ class StepInput:
 
 class PipelineStage:
     def __init__(self, checkpoint: Path, stage: int, stages: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_sequences: int = 64, idle_timeout_s: float = 300.0) -> None:
+                 dtype: torch.dtype = torch.float32, max_sequences: int = 64, idle_timeout_s: float = 300.0,
+                 max_positions: int = 0) -> None:
         checkpoint = Path(checkpoint)
         self.config = LlamaConfig.from_pretrained(checkpoint)
         self.config._attn_implementation = "sdpa"
         self.layer_ids = stage_layers(self.config.num_hidden_layers, stage, stages)
+        # the positions a sequence may reach: what the KV cache was sized for (0: all the model knows)
+        self.max_positions = min(self.config.max_position_embeddings, max_positions or 1 << 62)
         self.first, self.last = stage == 0, stage == stages - 1
         self.device, self.dtype = device, dtype
         self.max_sequences, self.idle_timeout_s = max_sequences, idle_timeout_s
@@ -188,9 +191,8 @@ class PipelineStage:
                     results[index] = torch.zeros(0, dtype=torch.int64)
                     continue
                 cache = self._cache_for(item, now)
-                if cache.length + len(item.tokens) > self.config.max_position_embeddings:
-                    raise StageError(f"sequence {item.sequence_id} would exceed "
-                                     f"{self.config.max_position_embeddings} positions")
+                if cache.length + len(item.tokens) > self.max_positions:
+                    raise StageError(f"sequence {item.sequence_id} would exceed {self.max_positions} positions")
                 live.append((index, item, cache))
             except StageError as error:
                 results[index] = error
