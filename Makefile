@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 SPEC ?= examples/local/cluster.yaml
 # Extras of pyproject.toml the test suite needs (each issue's tools come in their own extra).
-TEST_EXTRAS ?= test,bench,infra,provision,models
+TEST_EXTRAS ?= test,bench,infra,provision,models,llm
 
 .PHONY: up test lint system-deps clean
 

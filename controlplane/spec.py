@@ -95,6 +95,20 @@ class Model(StrictModel):
     )
 
 
+class Pipeline(StrictModel):
+    """A decoder split into pipeline stages (each a model of `models`, on its own shard), served by the gateway
+    as one model: `/generate` and `/generate_stream` of `name`, the gateway driving the token loop."""
+
+    name: Name = Field(description="The model name clients call; must not also be a name in `models`.")
+    stages: list[Name] = Field(min_length=1, description="The stage models in order (examples/models/llm_stage "
+                               "serves them as `<name>_<k>of<n>`).")
+    max_sequences: int = Field(64, ge=1, le=4096, description="Sequences in flight at most: past it a new one is "
+                               "refused (429) before its first token. At most the stages' KV cache capacity.")
+    max_tokens: int = Field(256, ge=1, le=65536, description="The most tokens a request may ask for.")
+    reserved_for_top_class: int = Field(0, ge=0, le=4096, description="Places of `max_sequences` only the highest "
+                                        "class may take: a flood of lower classes never fills the pipeline for it.")
+
+
 class Shard(StrictModel):
     """A group of identical Triton servers serving the same models."""
 
@@ -291,13 +305,14 @@ class ClusterSpec(StrictModel):
     priority_classes: list[PriorityClass] = Field(min_length=1, description="Request classes.")
     tenants: list[Tenant] = Field(default_factory=list, description="Who may call the gateway.")
     gateway: Gateway = Field(default_factory=Gateway, description="The HTTP endpoint clients call.")
+    pipelines: list[Pipeline] = Field(default_factory=list, description="Models split into pipeline stages.")
     shards_backend: ShardsBackend = Field(default_factory=ShardsBackend,
                                           description="How `cpctl gateway` finds shards run elsewhere.")
 
     @model_validator(mode="after")
     def _check_references(self) -> ClusterSpec:
         problems: list[SpecProblem] = []
-        for section in ("node_pools", "models", "shards", "priority_classes", "tenants"):
+        for section in ("node_pools", "models", "shards", "priority_classes", "tenants", "pipelines"):
             problems += _duplicate_names(section, getattr(self, section))
         keys: dict[str, str] = {}
         for i, tenant in enumerate(self.tenants):
@@ -322,6 +337,15 @@ class ClusterSpec(StrictModel):
         for i, model in enumerate(self.models):
             if model.cheaper_variant is not None and model.cheaper_variant not in model_names - {model.name}:
                 problems.append(_unknown(("models", i, "cheaper_variant"), "model", model.cheaper_variant, model_names))
+        for i, pipeline in enumerate(self.pipelines):
+            if pipeline.reserved_for_top_class >= pipeline.max_sequences:
+                problems.append(SpecProblem(("pipelines", i, "reserved_for_top_class"),
+                                            "must be below max_sequences (other classes need a place)"))
+            if pipeline.name in model_names:
+                problems.append(SpecProblem(("pipelines", i, "name"), f"'{pipeline.name}' is also a model's name"))
+            for j, name in enumerate(pipeline.stages):
+                if name not in model_names:
+                    problems.append(_unknown(("pipelines", i, "stages", j), "model", name, model_names))
         for i, shard in enumerate(self.shards):
             for j, name in enumerate(shard.models):
                 if name not in model_names:

@@ -30,6 +30,7 @@ from controlplane.gateway.inference import BadRequest, InferHeader, ModelSignatu
 from controlplane.gateway.ladder import DegradationLadder
 from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.overload import OverloadManager
+from controlplane.gateway.pipeline_stream import PipelineRun, PipelineSequences
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
 from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
@@ -60,6 +61,7 @@ class GatewayApp:
         self.router = router
         self.clock = clock
         self.models = {m.name for m in spec.models}
+        self.pipeline_sequences = PipelineSequences(spec.pipelines)  # models whose token loop the gateway drives
         self.limits = spec.gateway.limits
         self.admission = Admission(spec, clock)
         self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
@@ -172,6 +174,13 @@ class GatewayApp:
                 self.server_route(request, conn)
                 return None
             model, action = match["model"], match["action"]
+            pipeline = self.pipeline_sequences.pipelines.get(model)
+            if pipeline is not None:
+                if action not in ("generate", "generate_stream") or request.method != b"POST":
+                    raise HttpError(405, f"'{model}' is a pipeline: POST /generate or /generate_stream")
+                admitted = request.admitted or self.admission.admit(request.headers)
+                return self._spawn(PipelineRun(self, request, conn, pipeline, admitted,
+                                               streaming=action == "generate_stream").run())
             if model not in self.models:
                 raise HttpError(404, f"unknown model '{model}' (served: {', '.join(sorted(self.models))})")
             if action in ("infer", "generate", "generate_stream"):

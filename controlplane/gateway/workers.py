@@ -97,7 +97,12 @@ def partition_spec(spec: ClusterSpec, index: int, count: int) -> ClusterSpec:
     classes = [c.model_copy(update={"max_queue": share_of(c.max_queue, index, count),
                                     "max_queue_bytes": share_of(c.max_queue_bytes, index, count)})
                for c in spec.priority_classes]
-    return spec.model_copy(update={"priority_classes": classes, "gateway": gateway.model_copy(
+    pipelines = []
+    for pipeline in spec.pipelines:  # the stages' KV cache places, split like the queues
+        places = share_of(pipeline.max_sequences, index, count)
+        reserved = min(share_of(pipeline.reserved_for_top_class, index, count), max(0, places - 1))
+        pipelines.append(pipeline.model_copy(update={"max_sequences": places, "reserved_for_top_class": reserved}))
+    return spec.model_copy(update={"priority_classes": classes, "pipelines": pipelines, "gateway": gateway.model_copy(
         update={"limits": limits, "concurrency": concurrency})})
 
 

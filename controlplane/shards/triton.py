@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +79,22 @@ class TritonInstall:
     def env(self, cuda_visible_devices: str | None) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-        env["LD_LIBRARY_PATH"] = f"{self.lib_dir}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+        library_path = [str(self.lib_dir), *_own_libpython_dir(), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = ":".join(library_path).rstrip(":")
         if cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         return env
+
+
+def _own_libpython_dir() -> list[str]:
+    """The directory of this interpreter's own libpython, when it has one (a pyenv or self-built Python).
+
+    The stub links `libpython3.X.so.1.0` by name: without this it takes the distribution's, whose patch level
+    may differ from this interpreter's extension modules (Debian's 3.11.2 lacks `_PyModule_Add`, which the
+    3.11.7 `_ssl` extension needs, so anything importing `ssl` in a model, e.g. transformers, failed to load).
+    """
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    return [libdir] if libdir and soname and (Path(libdir) / soname).is_file() else []
 
 
 def _prepare_backend_dir(root: Path) -> Path:

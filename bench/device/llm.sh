@@ -1,0 +1,18 @@
+#!/bin/bash
+# On the GPU machine: unpack what bench/device/pack.sh built (setup.sh), then run bench/llm.py of this checkout
+# (the 7B llm example: transformers baseline, 1 stage shard, 4 stage shards, mixed-priority overload), writing
+# into OUT. transformers and safetensors are the machine's own (its torch venv); nothing of them travels.
+# Usage: bench/device/llm.sh CARRY OUT [bench/llm.py options]
+#   CARRY: the carried folder (.devicecarry: wheels, triton.tar.xz, tools.tar.xz); OUT: $OUT of the device run.
+set -euo pipefail
+CARRY=$(realpath "${1:?usage: llm.sh CARRY OUT [options]}")
+OUT=$(realpath -m "${2:?usage: llm.sh CARRY OUT [options]}")
+shift 2
+source "$(dirname "$0")/setup.sh"
+
+python3 -c 'import torch, transformers, safetensors; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+    "transformers", transformers.__version__, "safetensors", safetensors.__version__)' 2>&1 | tee -a "$OUT/device-env.txt" || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee -a "$OUT/device-env.txt" || true
+cd "$REPO"
+set -o pipefail
+python3 bench/llm.py "$OUT" "$@" 2>&1 | tee "$OUT/llm.log"

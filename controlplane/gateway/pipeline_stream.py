@@ -1,0 +1,219 @@
+"""`/generate` and `/generate_stream` of a pipeline (spec `pipelines`): the gateway drives the token loop.
+
+One sequence, top to bottom: admitted after its headers (tenant, class, bucket, deadline: the common screen)
+-> body checked (`text_input`, `max_tokens`) -> a place among the pipeline's `max_sequences`, or 429 before
+any token -> one replica per stage picked for the whole sequence (its KV cache lives there) -> steps: each
+walks the stages as binary-tensor infers with the class's Triton priority, so a critical sequence's steps go
+first at every stage -> each token is sent as it comes (a server-sent event, or gathered for /generate) ->
+released: the last step ends the caches, an early end (deadline, client gone, failure) sends a release.
+
+Once its first token is sent a stream is never cut by load: it ends at `max_tokens`, at end of text, or at
+its own deadline (a last event `{"error": "deadline"}`). Before the first token, a passed deadline is a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+
+from controlplane.gateway.admission import Admitted
+from controlplane.gateway.errors import ANSWERED, RETRY_AFTER_NO_SHARD, HttpError, send_error
+from controlplane.gateway.inference import BadRequest
+from controlplane.gateway.routing import Target
+from controlplane.gateway.server import ClientConnection, Request
+from controlplane.gateway.upstream import fetch, request_bytes
+from controlplane.llm.pipeline import END, EOS, START, decode, encode, step_request_body, step_response_tensor
+from controlplane.spec import Pipeline
+
+if TYPE_CHECKING:
+    from controlplane.gateway.app import GatewayApp
+
+log = logging.getLogger(__name__)
+DEADLINE_SLACK_S = 0.002  # a step's timeout is the time left: its timing out that close to the deadline is the deadline
+STAGE_FULL = "KV cache full"  # the stage's message when it holds max_sequences already (llm_stage/1/stage.py)
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class StageFailed(Exception):
+    pass
+
+
+class PipelineSequences:
+    """How many sequences of each pipeline are in flight (the bound that sheds before the first token)."""
+
+    def __init__(self, pipelines: list[Pipeline]) -> None:
+        self.pipelines = {p.name: p for p in pipelines}
+        self.in_flight = dict.fromkeys(self.pipelines, 0)
+
+
+def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
+    """The prompt and the number of tokens asked, or BadRequest naming the problem."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the body must be a JSON object with `text_input` and `max_tokens`")
+    prompt, max_tokens = document.get("text_input"), document.get("max_tokens", 16)
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("`text_input` must be a non-empty string")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= pipeline.max_tokens:
+        raise BadRequest(f"`max_tokens` must be an integer from 1 to {pipeline.max_tokens}")
+    return prompt, max_tokens
+
+
+class PipelineRun:
+    """One sequence of a pipeline, from its checked body to its release."""
+
+    def __init__(self, app: GatewayApp, request: Request, conn: ClientConnection, pipeline: Pipeline,
+                 admitted: Admitted, streaming: bool) -> None:
+        self.app, self.request, self.conn, self.pipeline = app, request, conn, pipeline
+        self.admitted, self.streaming = admitted, streaming
+        self.deadline_at = app.clock() + admitted.deadline_s
+        self.priority = app.triton_priority[admitted.priority_class.name]
+        self.sequence_id = secrets.randbits(63) or 1
+        self.stages: list[Target] = []
+        self.tokens: list[int] = []
+        self.ended_caches = False
+
+    async def run(self) -> None:
+        sequences = self.app.pipeline_sequences
+        name, labels = self.pipeline.name, (self.admitted.priority_class.name, self.admitted.tenant.name)
+        try:
+            prompt, max_tokens = check_generate_body(self.request.body, self.pipeline)
+            places = self.pipeline.max_sequences
+            if self.admitted.priority_class.name != self.app.top_class:
+                places -= self.pipeline.reserved_for_top_class
+            if sequences.in_flight[name] >= places:
+                self.app.count_shed(*labels, "queue_full")
+                raise HttpError(429, f"pipeline '{name}' has {sequences.in_flight[name]} sequences in flight, "
+                                f"the most class '{self.admitted.priority_class.name}' may have",
+                                [(b"retry-after", b"1")])
+            self.stages = self._pick_stages()
+        except ANSWERED as error:
+            send_error(self.conn, error)
+            return
+        sequences.in_flight[name] += 1
+        try:
+            outcome = await self._generate(encode(prompt), max_tokens)
+            if outcome != "shed":  # count_shed counted those
+                self.app.metrics.requests[(*labels, outcome)] += 1
+        finally:
+            sequences.in_flight[name] -= 1
+            if self.stages and not self.ended_caches:
+                await self._release()
+
+    def _pick_stages(self) -> list[Target]:
+        stages = []
+        for model in self.pipeline.stages:
+            target = self.app.router.any_target(model)
+            if target is None:
+                raise HttpError(503, f"no ready shard serves stage '{model}'", RETRY_AFTER_NO_SHARD)
+            stages.append(target)
+        return stages
+
+    async def _generate(self, prompt: list[int], max_tokens: int) -> str:
+        step_input = np.asarray(prompt, np.int64)
+        for step in range(max_tokens):
+            if self.app.clock() >= self.deadline_at:
+                return self._deadline()
+            last = step == max_tokens - 1
+            try:
+                token = await self._step((START if step == 0 else 0) | (END if last else 0), step_input)
+            except StageFailed as failure:
+                if self.app.clock() >= self.deadline_at - DEADLINE_SLACK_S:  # the step was cut by the deadline
+                    return self._deadline()
+                return self._failed(str(failure))
+            self.tokens.append(token)
+            self.ended_caches = last
+            if self.streaming:
+                if step == 0:
+                    self.conn.start_stream(200, SSE_HEADERS)
+                self._event({"model_name": self.pipeline.name, "text_output": decode([token]), "token_id": token})
+            if token == EOS:
+                break
+            step_input = np.asarray([token], np.int64)
+        self._finish()
+        return "completed"
+
+    async def _step(self, flags: int, data: np.ndarray) -> int:
+        carried = data
+        for index, target in enumerate(self.stages):
+            first, last = index == 0, index == len(self.stages) - 1
+            remaining_s = self.deadline_at - self.app.clock()
+            carried = await self._infer(target, self.pipeline.stages[index], flags,
+                                        "input_ids" if first else "hidden", carried,
+                                        "next_token" if last else "hidden_out", remaining_s)
+            carried = carried[0]
+        return int(carried[0])
+
+    async def _infer(self, target: Target, model: str, flags: int, input_name: str, data: np.ndarray,
+                     output_name: str, remaining_s: float) -> np.ndarray:
+        body, header_length = step_request_body(self.sequence_id, flags, input_name, data, output_name,
+                                                self.priority)
+        headers = [b"content-type: application/octet-stream\r\n",
+                   b"inference-header-content-length: %d\r\n" % header_length]
+        timeout_s = max(0.001, min(remaining_s, self.app.limits.upstream_timeout_s))
+        try:
+            answer = await fetch(target.pool, request_bytes(b"POST", f"/v2/models/{model}/infer", headers, body),
+                                 timeout_s)
+        except Exception as exc:  # any upstream failure ends this sequence with a message, never a hang
+            raise StageFailed(f"stage {model} on {target.name}: {exc or type(exc).__name__}") from None
+        payload = b"".join(answer.parts)
+        if answer.status != 200:
+            raise StageFailed(f"stage {model} on {target.name} answered {answer.status}: "
+                              f"{payload[:300].decode(errors='replace')}")
+        length = dict(answer.headers).get(b"inference-header-content-length")
+        return step_response_tensor(payload, int(length) if length is not None else None)
+
+    # --- endings -------------------------------------------------------------------------------------------
+    def _event(self, document: dict) -> None:
+        self.conn.send_chunk(b"data: " + orjson.dumps(document) + b"\n\n")
+
+    def _finish(self) -> None:
+        if self.streaming:
+            self.conn.end_stream()
+        else:
+            self.conn.send_json(200, orjson.dumps({"model_name": self.pipeline.name,
+                                                   "text_output": decode(self.tokens), "token_ids": self.tokens}))
+
+    def _deadline(self) -> str:
+        labels = (self.admitted.priority_class.name, self.admitted.tenant.name)
+        if not self.tokens:  # nothing sent yet: shed, like any request whose deadline cannot be met
+            self.app.count_shed(*labels, "deadline")
+            send_error(self.conn, HttpError(429, "the deadline passed before the first token", [(b"retry-after",
+                                                                                                  b"1")]))
+            return "shed"
+        if self.streaming:  # a 200 stream whose last event says why it ended
+            self._event({"error": "deadline", "tokens": len(self.tokens)})
+            self.conn.end_stream()
+            return "completed"
+        send_error(self.conn, HttpError(504, f"the deadline passed after {len(self.tokens)} tokens"))
+        return "failed"
+
+    def _failed(self, message: str) -> str:
+        log.warning("pipeline %s: %s", self.pipeline.name, message)
+        if not self.tokens and STAGE_FULL in message:  # a stage's caches are full: shed, as the gateway's bound does
+            self.app.count_shed(self.admitted.priority_class.name, self.admitted.tenant.name, "queue_full")
+            send_error(self.conn, HttpError(429, message, [(b"retry-after", b"1")]))
+            return "shed"
+        if self.streaming and self.tokens:
+            self._event({"error": message})
+            self.conn.end_stream()
+        else:
+            send_error(self.conn, HttpError(502, message))
+        return "failed"
+
+    async def _release(self) -> None:
+        """Free the sequence's caches at every stage (best effort: a stage also evicts idle sequences)."""
+        for index, target in enumerate(self.stages):
+            empty = np.zeros((0,), np.int64) if index == 0 else np.zeros((0, 0), np.float32)
+            with contextlib.suppress(StageFailed, asyncio.CancelledError):
+                await self._infer(target, self.pipeline.stages[index], END, "input_ids" if index == 0 else "hidden",
+                                  empty, "next_token" if index == len(self.stages) - 1 else "hidden_out", 5.0)

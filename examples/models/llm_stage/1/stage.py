@@ -1,0 +1,274 @@
+"""One pipeline stage of a Llama-architecture decoder: a contiguous range of its layers, with the KV cache of
+every sequence that passes through it, stepping many sequences in one batch.
+
+Loading is real: the stage reads `config.json` into transformers' `LlamaConfig`, builds transformers' own
+modules (`LlamaDecoderLayer`, embeddings, norm, head) and fills them with only its own tensors, read from the
+checkpoint's safetensors files (through the index when the checkpoint is sharded), so a 4-stage 7B model
+never holds more than a quarter of the weights in one process.
+
+A step is continuous batching over packed sequences: each request of a batch is one sequence's new tokens
+(a prompt to prefill, or one decode token), all concatenated into one [tokens, hidden] matrix, so the
+projections and the MLP (where the weights are read) run once for the whole batch; only attention runs per
+sequence, against that sequence's own cache. A sequence may join or leave at any step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from safetensors import safe_open
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+CACHE_BLOCK = 128  # KV cache positions allocated at a time per sequence and layer
+
+
+class StageError(ValueError):
+    """A request this stage cannot serve (its message is returned to the caller)."""
+
+
+def stage_layers(num_layers: int, stage: int, stages: int) -> range:
+    """The decoder layers of stage `stage` (0-based) of `stages`: contiguous, as even as the count allows."""
+    if not 0 <= stage < stages <= num_layers:
+        raise StageError(f"stage {stage} of {stages} is impossible for {num_layers} layers")
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def parse_stage_name(model_name: str) -> tuple[int, int]:
+    """`llm_2of4` -> (1, 4): Triton knows the model by its directory name, which says which stage it is."""
+    try:
+        stage, stages = model_name.rsplit("_", 1)[1].split("of")
+        return int(stage) - 1, int(stages)
+    except (IndexError, ValueError):
+        raise StageError(f"model name '{model_name}' does not end in _<stage>of<stages> (e.g. llm_1of2)") from None
+
+
+def _checkpoint_files(checkpoint: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: checkpoint / file for name, file in weight_map.items()}
+    single = checkpoint / "model.safetensors"
+    if not single.is_file():
+        raise StageError(f"{checkpoint} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open has keys(), not iteration)
+
+
+def _load_tensors(checkpoint: Path, wanted: list[str], device: str) -> dict[str, torch.Tensor]:
+    files = _checkpoint_files(checkpoint)
+    missing = [name for name in wanted if name not in files]
+    if missing:
+        raise StageError(f"checkpoint {checkpoint} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted({files[name] for name in wanted}):
+        with safe_open(file, framework="pt", device=device) as f:
+            for name in wanted:
+                if files[name] == file:
+                    tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _filled(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    state = {key[len(prefix):]: value.to(dtype) for key, value in tensors.items() if key.startswith(prefix)}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+@dataclass
+class SequenceCache:
+    """The keys and values of one sequence at every layer of this stage: [kv_heads, capacity, head_dim] buffers
+    whose first `length` positions are filled."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    length: int = 0
+    last_used: float = 0.0
+
+
+@dataclass
+class StepInput:
+    sequence_id: int
+    start: bool          # a new sequence: its old cache (if any) is dropped
+    end: bool            # its last step here: the cache is freed after it
+    tokens: torch.Tensor  # [T] token ids (first stage) or [T, hidden] activations (other stages)
+
+
+class PipelineStage:
+    def __init__(self, checkpoint: Path, stage: int, stages: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_sequences: int = 64, idle_timeout_s: float = 300.0,
+                 max_positions: int = 0) -> None:
+        checkpoint = Path(checkpoint)
+        self.config = LlamaConfig.from_pretrained(checkpoint)
+        self.config._attn_implementation = "sdpa"
+        self.layer_ids = stage_layers(self.config.num_hidden_layers, stage, stages)
+        # the positions a sequence may reach: what the KV cache was sized for (0: all the model knows)
+        self.max_positions = min(self.config.max_position_embeddings, max_positions or 1 << 62)
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.device, self.dtype = device, dtype
+        self.max_sequences, self.idle_timeout_s = max_sequences, idle_timeout_s
+        self.caches: dict[int, SequenceCache] = {}
+        self._load(checkpoint)
+
+    def _load(self, checkpoint: Path) -> None:
+        config = self.config
+        wanted = [f"model.layers.{i}.{name}" for i in self.layer_ids
+                  for name in _layer_tensor_names(config)]
+        if self.first:
+            wanted.append("model.embed_tokens.weight")
+        if self.last:
+            wanted += ["model.norm.weight",
+                       "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        tensors = _load_tensors(checkpoint, sorted(set(wanted)), self.device)
+        with torch.device("meta"):
+            layers = [LlamaDecoderLayer(config, i) for i in self.layer_ids]
+            embed = torch.nn.Embedding(config.vocab_size, config.hidden_size) if self.first else None
+            norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.last else None
+            head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.last else None
+        self.layers = [_filled(layer, f"model.layers.{i}.", tensors, self.dtype)
+                       for layer, i in zip(layers, self.layer_ids, strict=True)]
+        if embed is not None:
+            self.embed = _filled(embed, "model.embed_tokens.", tensors, self.dtype)
+        if norm is not None and head is not None:
+            self.norm = _filled(norm, "model.norm.", tensors, self.dtype)
+            head_prefix = "model.embed_tokens." if config.tie_word_embeddings else "lm_head."
+            self.head = _filled(head, head_prefix, tensors, self.dtype)
+        self.rotary = LlamaRotaryEmbedding(config).to(self.device)
+
+    # --- the KV caches ----------------------------------------------------------------------------------------
+    def _cache_for(self, item: StepInput, now: float) -> SequenceCache:
+        if item.start:
+            self.caches.pop(item.sequence_id, None)
+        cache = self.caches.get(item.sequence_id)
+        if cache is None:
+            if not item.start:
+                raise StageError(f"sequence {item.sequence_id} is unknown here (not started, ended, or evicted)")
+            if len(self.caches) >= self.max_sequences:
+                raise StageError(f"KV cache full: {self.max_sequences} sequences in flight at this stage")
+            empty = [None] * len(self.layers)
+            cache = self.caches[item.sequence_id] = SequenceCache(list(empty), list(empty))
+        cache.last_used = now
+        return cache
+
+    def evict_idle(self, now: float) -> list[int]:
+        """Drop the caches of sequences whose driver went away (no step for `idle_timeout_s`)."""
+        idle = [sid for sid, cache in self.caches.items() if now - cache.last_used > self.idle_timeout_s]
+        for sid in idle:
+            del self.caches[sid]
+        return idle
+
+    # --- one batched step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, batch: list[StepInput]) -> list[torch.Tensor | StageError]:
+        """Advance every sequence of `batch` by its new tokens.
+
+        Returns, per input, [T, hidden] activations for the next stage, or (last stage) the greedy next token
+        as a [1] tensor, or the StageError that sequence met (the others still step).
+        """
+        now = time.monotonic()
+        self.evict_idle(now)
+        results: list[torch.Tensor | StageError] = [StageError("not stepped")] * len(batch)
+        live: list[tuple[int, StepInput, SequenceCache]] = []
+        for index, item in enumerate(batch):
+            try:
+                if len(item.tokens) == 0:  # a release: the driver stopped early
+                    if not item.end:
+                        raise StageError("an empty step must be a release (end flag)")
+                    self.caches.pop(item.sequence_id, None)
+                    results[index] = torch.zeros(0, dtype=torch.int64)
+                    continue
+                cache = self._cache_for(item, now)
+                if cache.length + len(item.tokens) > self.max_positions:
+                    raise StageError(f"sequence {item.sequence_id} would exceed {self.max_positions} positions")
+                live.append((index, item, cache))
+            except StageError as error:
+                results[index] = error
+        if not live:
+            return results
+        outputs = self._forward([item for _, item, _ in live], [cache for _, _, cache in live])
+        for (index, item, _), output in zip(live, outputs, strict=True):
+            results[index] = output
+            if item.end:
+                self.caches.pop(item.sequence_id, None)
+        return results
+
+    def _forward(self, items: list[StepInput], caches: list[SequenceCache]) -> list[torch.Tensor]:
+        lengths = [len(item.tokens) for item in items]
+        if self.first:
+            hidden = self.embed(torch.cat([item.tokens.to(self.device) for item in items]))
+        else:
+            hidden = torch.cat([item.tokens.to(self.device, self.dtype) for item in items])
+        positions = torch.cat([torch.arange(c.length, c.length + n, device=self.device)
+                               for c, n in zip(caches, lengths, strict=True)])
+        cos, sin = self.rotary(hidden, positions[None])
+        for slot, layer in enumerate(self.layers):
+            residual = hidden
+            attention = self._attention(layer, slot, layer.input_layernorm(hidden), cos, sin, caches, lengths)
+            hidden = residual + attention
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        for cache, n in zip(caches, lengths, strict=True):
+            cache.length += n
+        pieces = list(torch.split(hidden, lengths))
+        if not self.last:
+            return pieces
+        final = self.norm(torch.stack([piece[-1] for piece in pieces]))
+        return list(self.head(final).argmax(dim=-1, keepdim=True).to(torch.int64).unbind(0))
+
+    def _attention(self, layer: LlamaDecoderLayer, slot: int, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, caches: list[SequenceCache], lengths: list[int]) -> torch.Tensor:
+        attn = layer.self_attn
+        tokens, head_dim = x.shape[0], attn.head_dim
+        q = attn.q_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)   # [1, heads, tokens, dim]
+        k = attn.k_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)   # [1, kv_heads, tokens, dim]
+        v = attn.v_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        outs, offset = [], 0
+        for cache, n in zip(caches, lengths, strict=True):
+            past = cache.length
+            cache.keys[slot], keys = _appended(cache.keys[slot], k[0, :, offset:offset + n], past)
+            cache.values[slot], values = _appended(cache.values[slot], v[0, :, offset:offset + n], past)
+            # query t (at position past+t) sees keys 0..past+t
+            visible = (torch.arange(keys.shape[1], device=x.device)[None, :]
+                       <= past + torch.arange(n, device=x.device)[:, None])
+            out = F.scaled_dot_product_attention(q[:, :, offset:offset + n], keys[None], values[None],
+                                                 attn_mask=visible, scale=attn.scaling, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(n, -1))
+            offset += n
+        return attn.o_proj(torch.cat(outs))
+
+
+def _appended(buffer: torch.Tensor | None, new: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write `new` [kv_heads, n, dim] after `past` positions of a cache buffer grown in blocks of CACHE_BLOCK
+    positions (a copy every block, not every token); the buffer and its filled part."""
+    needed = past + new.shape[1]
+    if buffer is None or buffer.shape[1] < needed:
+        capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+        grown = new.new_empty(new.shape[0], capacity, new.shape[2])
+        if buffer is not None:
+            grown[:, :past] = buffer[:, :past]
+        buffer = grown
+    buffer[:, past:needed] = new
+    return buffer, buffer[:, :needed]
+
+
+def _layer_tensor_names(config: LlamaConfig) -> list[str]:
+    names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    if getattr(config, "attention_bias", False):
+        names += [f"self_attn.{p}_proj.bias" for p in "qkvo"]
+    names += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    if getattr(config, "mlp_bias", False):
+        names += [f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
+    return names + ["input_layernorm.weight", "post_attention_layernorm.weight"]
