@@ -83,9 +83,9 @@ def test_bad_arguments_and_inventories_are_one_line_errors(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "empty.yml")])
     assert result.exit_code == 2 and "empty.yml: no hosts" in result.stderr
     (tmp_path / "jump.yml").write_text(yaml.safe_dump({"all": {"hosts": {"gpu-a": {
-        "ansible_host": "10.0.0.5", "ansible_ssh_common_args": "-J bastion.example"}}}}))
+        "ansible_host": "10.0.0.5", "ansible_ssh_common_args": "-J a.example,b.example"}}}}))
     result = CliRunner().invoke(app, ["doctor", "-i", str(tmp_path / "jump.yml")])
-    assert result.exit_code == 2 and "host gpu-a: ansible_ssh_common_args uses ProxyJump" in result.stderr
+    assert result.exit_code == 2 and "host gpu-a: ansible_ssh_common_args: one ProxyJump host" in result.stderr
     result = CliRunner().invoke(app, ["doctor", "--help"])
     assert result.exit_code == 0 and "Example: cpctl doctor -i" in result.stdout
 
@@ -147,6 +147,22 @@ def test_kubernetes_below_1_24_fails_and_is_required_on_k8s_nodes() -> None:
     missing = check_kubernetes(ReplayHost({}), Expected(kubernetes_node=True))
     assert missing.status is Status.FAIL and "role k8s_node" in missing.fix
     assert check_kubernetes(ReplayHost({"kubelet --version": "Kubernetes v1.31.4\n"}), Expected()).status is Status.PASS
+
+
+def test_a_bastion_in_the_inventory_is_the_connections_gateway(tmp_path: Path) -> None:
+    """Cloud pools are reached through a bastion: the inventory's ProxyJump (as `cpctl inventory` and the Pulumi
+    program write it) becomes Fabric's gateway connection. (The jump itself is not exercised here: the SSH
+    test hosts are reached through a ProxyCommand relay.)"""
+    from controlplane.provision.doctor import inventory_hosts
+
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"vars": {"ansible_user": "ubuntu"}, "hosts": {
+        "gpu-a": {"ansible_host": "10.0.1.5", "ansible_ssh_common_args": "-o ProxyJump=admin@203.0.113.7:2222"},
+        "gpu-b": {"ansible_host": "10.0.1.6", "ansible_ssh_common_args": "-J 203.0.113.7"}}}}))
+    (a, _), (b, _) = inventory_hosts(str(tmp_path / "hosts.yml"))
+    jump_a, jump_b = a.connection.gateway, b.connection.gateway
+    assert (a.connection.host, a.connection.user) == ("10.0.1.5", "ubuntu")
+    assert (jump_a.host, jump_a.user, jump_a.port) == ("203.0.113.7", "admin", 2222)
+    assert (jump_b.host, jump_b.user, jump_b.port) == ("203.0.113.7", "ubuntu", 22)
 
 
 def test_rdma_is_required_when_the_inventory_names_a_fabric() -> None:

@@ -380,8 +380,9 @@ def inventory_hosts(inventory: str, limit: str | None = None) -> list[tuple[SshH
     with a Fabric connection from its connection variables and what the inventory expects of it.
 
     Connection variables used: ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file, and
-    a ProxyCommand in ansible_ssh_common_args / ansible_ssh_extra_args (ProxyJump is not supported yet: use
-    the equivalent `ProxyCommand=ssh -W %h:%p JUMPHOST`). Values are used as written, not templated.
+    a ProxyCommand or a ProxyJump (`-o ProxyJump=[USER@]HOST[:PORT]` or `-J ...`, as the inventory writes for
+    pools behind a bastion; one jump host) in ansible_ssh_common_args / ansible_ssh_extra_args. Values are used
+    as written, not templated.
     ValueError names a bad inventory.
     """
     from ansible.errors import AnsibleError
@@ -415,18 +416,28 @@ def _connection(name: str, hostvars: dict[str, Any]) -> Any:
     """A fabric.Connection from Ansible's connection variables."""
     from fabric import Connection
 
-    proxy = None
-    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-        for token in shlex.split(str(hostvars.get(key) or "")):
-            if token.startswith("ProxyCommand="):
-                proxy = token.split("=", 1)[1]
-            elif token == "-J" or token.startswith("ProxyJump="):
-                raise ValueError(f"host {name}: {key} uses ProxyJump, which cpctl doctor does not support yet; "
-                                 "write it as -o ProxyCommand=\"ssh -W %h:%p JUMPHOST\"")
     key_file = hostvars.get("ansible_ssh_private_key_file")
     connect: dict[str, Any] = {"look_for_keys": key_file is None, "allow_agent": key_file is None}
     if key_file:
         connect["key_filename"] = str(key_file)
-    return Connection(str(hostvars.get("ansible_host") or name), user=hostvars.get("ansible_user"),
+    user = hostvars.get("ansible_user")
+    proxy: Any = None
+    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        tokens = shlex.split(str(hostvars.get(key) or ""))
+        for i, token in enumerate(tokens):
+            jump = tokens[i + 1] if token == "-J" and i + 1 < len(tokens) else token.removeprefix("ProxyJump=")
+            if proxy is not None:  # as ssh does: the first proxy given wins
+                break
+            if token.startswith("ProxyCommand="):
+                proxy = token.split("=", 1)[1]
+            elif token == "-J" or token.startswith("ProxyJump="):
+                if "," in jump or not jump:
+                    raise ValueError(f"host {name}: {key}: one ProxyJump host is supported, not '{jump}'")
+                jump_user, _, address = jump.rpartition("@")
+                host, _, port = address.partition(":")
+                # The jump host is reached as the node is (same key), as its user when the jump names none.
+                proxy = Connection(host, user=jump_user or user, port=int(port or 22), connect_kwargs=connect,
+                                   connect_timeout=10)
+    return Connection(str(hostvars.get("ansible_host") or name), user=user,
                       port=int(hostvars.get("ansible_port") or 22), gateway=proxy, connect_kwargs=connect,
                       connect_timeout=10)
