@@ -18,9 +18,9 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   then no longer read (held: its client meets TCP back-pressure, which costs the gateway nothing), or, when
   connections or memory are the pressure, its keep-alive is withdrawn (closed after the answer). How many:
   while the pressure stays at level 1, each refresh refuses as many requests as half the low-class
-  connections still read (multiplicative decrease); below it, none, and once the levels are left held
-  connections are read again. So the gateway reads less, not nothing, and settles where the lag stays under
-  the threshold;
+  connections still read (multiplicative decrease); below it, none, and once the levels are left one held
+  connection is read again per calm refresh (additive increase). So the gateway reads less, not nothing,
+  and settles where the lag stays under the threshold;
 - 2 (`shed_all_but_top_at`, 0.95): every request of a class but the highest is refused so, and new
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
@@ -28,10 +28,10 @@ to protect, shedding would only lose work. The highest class is never refused he
 always read. A held connection is not read but is looked at: the request its client sends next is peeked
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
-behind a hold. Once the levels are left, held connections are read again oldest first, one on the first calm
-refresh and twice as many on each next (TCP's slow start); one held longer than `hold_max_s` is read again
-at once (so no client waits unanswered longer: its request is refused if the overload lasts), and one whose
-client has closed it (looked at once a second: a connection not read never sees the client's FIN) is closed.
+behind a hold. Once the levels are left, held connections are read again oldest first, one per calm refresh;
+one held longer than `hold_max_s` is read again at once (so no client waits unanswered longer: its request is
+refused if the overload lasts), and one whose client has closed it (looked at once a second: a connection not
+read never sees the client's FIN) is closed.
 """
 
 from __future__ import annotations
@@ -105,7 +105,6 @@ class OverloadManager:
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
         self.held: dict[ClientConnection, Held] = {}
-        self.release_step = 1  # held connections read again at the next calm refresh
         self._expected = 0.0
         self._held_checked_at = clock()
         self._window_start = (clock(), time.process_time())
@@ -154,10 +153,7 @@ class OverloadManager:
         self.lags_s = []
         pressure = max(self.pressure.values())
         if self.level == 0 and self.server.held and pressure < config.shed_lowest_at - config.hysteresis:
-            self._release(self.release_step)  # slow start: 1, 2, 4... held connections per calm refresh
-            self.release_step *= 2
-        else:
-            self.release_step = 1
+            self._release(1)  # additive increase: one more low-class connection is read again per calm refresh
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
         self.hold_quota = self._quota(wanted)
         if wanted >= self.level:
