@@ -80,9 +80,9 @@ class Channel:
         try:
             while True:
                 message = await read_message(self.reader)
-                answered = self.waiting.get(message.get("re"))
-                if answered is not None:
-                    if not answered.done():
+                if "re" in message:  # an answer: to a question still waiting, or a late one (dropped)
+                    answered = self.waiting.get(message["re"])
+                    if answered is not None and not answered.done():
                         answered.set_result(message)
                     continue
                 task = asyncio.get_running_loop().create_task(self._handle(message))
