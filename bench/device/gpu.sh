@@ -9,9 +9,7 @@ OUT=$(realpath -m "${2:?usage: gpu.sh CARRY OUT [options]}")
 shift 2
 source "$(dirname "$0")/setup.sh"
 
-python3 -c 'import torch, torchvision, PIL; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-    "torchvision", torchvision.__version__, "pillow", PIL.__version__)' 2>&1 | tee -a "$OUT/device-env.txt" || true
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee -a "$OUT/device-env.txt" || true
+record_gpu_env 'import torch, torchvision, PIL; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "torchvision", torchvision.__version__, "pillow", PIL.__version__)'
 cd "$REPO"
 set -o pipefail
 python3 bench/gpu.py "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"

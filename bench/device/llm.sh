@@ -10,9 +10,7 @@ OUT=$(realpath -m "${2:?usage: llm.sh CARRY OUT [options]}")
 shift 2
 source "$(dirname "$0")/setup.sh"
 
-python3 -c 'import torch, transformers, safetensors; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-    "transformers", transformers.__version__, "safetensors", safetensors.__version__)' 2>&1 | tee -a "$OUT/device-env.txt" || true
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee -a "$OUT/device-env.txt" || true
+record_gpu_env 'import torch, transformers, safetensors; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "safetensors", safetensors.__version__)'
 cd "$REPO"
 set -o pipefail
 python3 bench/llm.py "$OUT" "$@" 2>&1 | tee "$OUT/llm.log"

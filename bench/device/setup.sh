@@ -41,3 +41,10 @@ print("numpy", numpy.__version__, "pydantic", pydantic.VERSION, "uvloop", uvloop
         || echo "tritonserver and the 3.12 stub: all libraries found"
 ) 2>&1 | tee "$OUT/device-env.txt"
 
+
+# record_gpu_env PYTHON_LINE: the versions a GPU benchmark depends on (PYTHON_LINE prints them) and the GPU.
+record_gpu_env() {
+    python3 -c "$1" 2>&1 | tee -a "$OUT/device-env.txt" || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 \
+        | tee -a "$OUT/device-env.txt" || true
+}

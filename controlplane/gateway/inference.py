@@ -98,12 +98,7 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
                 f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
             )
         header_bytes, binary = body[:header_length], memoryview(body)[header_length:]
-    try:
-        header = orjson.loads(header_bytes)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"inference header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise BadRequest("inference header must be a JSON object")
+    header = json_object(header_bytes, "inference header", "a JSON object")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("'inputs' must be a non-empty list")
@@ -160,18 +155,24 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
     return InferHeader(header, header_length, cost)
 
 
+def json_object(data: bytes | memoryview, what: str, shape: str) -> dict:
+    """`data` parsed as a JSON object, or BadRequest naming `what` and the `shape` it must have."""
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest(f"{what} must be {shape}")
+    return document
+
+
 def check_generate_request(body: bytes, signature: ModelSignature) -> dict:
     """Validate a /generate body: a JSON object whose model-input keys hold a scalar or a flat list.
 
     Triton's generate extension maps each key to the input of that name; others are request parameters.
     It answers nested lists and wrong types with 500, so they are refused here with 400.
     """
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("body must be a JSON object of input names to values")
+    payload = json_object(body, "body", "a JSON object of input names to values")
     for name, value in payload.items():
         expected = signature.inputs.get(name)
         if expected is None:

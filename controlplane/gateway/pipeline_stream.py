@@ -24,7 +24,7 @@ import orjson
 
 from controlplane.gateway.admission import Admitted
 from controlplane.gateway.errors import ANSWERED, RETRY_AFTER_NO_SHARD, HttpError, send_error
-from controlplane.gateway.inference import BadRequest
+from controlplane.gateway.inference import BadRequest, json_object
 from controlplane.gateway.routing import Target
 from controlplane.gateway.server import ClientConnection, Request
 from controlplane.gateway.upstream import fetch, request_bytes
@@ -54,12 +54,7 @@ class PipelineSequences:
 
 def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
     """The prompt and the number of tokens asked, or BadRequest naming the problem."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("the body must be a JSON object with `text_input` and `max_tokens`")
+    document = json_object(body, "the body", "a JSON object with `text_input` and `max_tokens`")
     prompt, max_tokens = document.get("text_input"), document.get("max_tokens", 16)
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("`text_input` must be a non-empty string")
