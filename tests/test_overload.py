@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from controlplane.gateway.overload import UNLIMITED, OverloadManager
 from controlplane.gateway.server import GatewayServer
@@ -76,6 +78,26 @@ def test_level_one_refuses_half_the_low_connections_per_refresh_and_level_two_al
     assert overload.refuses(SHEDDABLE) and not overload.refuses(SHEDDABLE)  # quota spent: the next one passes
     refresh(overload, clock, lag_ms=10)
     assert overload.hold_quota == UNLIMITED
+
+
+def test_every_waiting_connection_is_accepted_in_one_loop_turn() -> None:
+    """Under a flood one loop turn lasts tens of milliseconds: a listener that accepts one connection a turn
+    (uvloop's own server) kept new clients, critical ones among them, unaccepted and unclassified for seconds."""
+    async def turns_until_all_accepted(clients: int) -> int:
+        server = GatewayServer(lambda request, conn: None, GatewayLimits())
+        port = await server.start("127.0.0.1", 0)
+        # the kernel completes each handshake on its own: all of them now wait in the accept queue
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(clients)]
+        turns = 0
+        while len(server.connections) < clients and turns < 10 * clients:
+            await asyncio.sleep(0)
+            turns += 1
+        await server.stop()
+        for sock in sockets:
+            sock.close()
+        return turns
+
+    assert uvloop.run(turns_until_all_accepted(64)) <= 4
 
 
 def test_memory_pressure_withdraws_keep_alive_instead_of_holding() -> None:

@@ -16,6 +16,8 @@ follows ~14 s of gateway idleness (idle, or another setup's flood) starts with e
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +28,7 @@ from pathlib import Path
 from controlplane.bench import suite
 from controlplane.bench.suite import API_KEY, Setups, critical_run, work_body, wrk_script
 
+STACKS = os.environ.get("DIAG_STACKS") == "1"  # py-spy dumps of the gateway during gateway runs
 WATCHED = ("cp_overload_level", 'cp_queue_depth{class="critical"', "cp_shard_in_flight", "cp_shard_concurrency_limit",
            "cp_shard_ejections", "cp_retries", "cp_overload_held")
 
@@ -41,6 +44,16 @@ def sample_metrics(url: str, stop: threading.Event, rows: list) -> None:
             row = repr(exc)
         rows.append((round(time.monotonic() - started, 2), row))
         time.sleep(0.2)
+
+
+def dump_stacks(pid: int, stop: threading.Event, rows: list) -> None:
+    """The gateway's Python stacks every 0.3 s (py-spy dump), to see what its loop does while critical waits."""
+    started = time.monotonic()
+    while not stop.is_set():
+        dump = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--nonblocking", "-p", str(pid)],
+                              capture_output=True, text=True, timeout=10).stdout
+        rows.append((round(time.monotonic() - started, 2), dump))
+        time.sleep(0.3)
 
 
 def main(plan: str) -> None:
@@ -61,16 +74,24 @@ def main(plan: str) -> None:
             stop, rows = threading.Event(), []
             sampler = threading.Thread(target=sample_metrics, args=(setups.urls["gateway"][0], stop, rows))
             sampler.start()
+            stacks: list = []
+            if STACKS and setup == "gateway":
+                dumper = threading.Thread(target=dump_stacks, args=(setups.gateway_pids()[0], stop, stacks))
+                dumper.start()
             samples, _, _ = critical_run(setups, setup, 0, 5.0, lua if mode == "flood" else None)
             stop.set()
             sampler.join()
+            if stacks:
+                dumper.join()
             latencies = [round(s.latency_s * 1000, 1) for s in samples]
             slow = [(i, ms) for i, ms in enumerate(latencies) if ms > 50]
-            print(f"{setup:8s} {mode:6s} max {max(latencies):8.1f} ms, {len(slow)} slow (> 50 ms): {slow[:5]}",
-                  flush=True)
+            print(f"{setup:8s} {mode:6s} max {max(latencies):8.1f} ms, {len(slow)} slow (> 50 ms): {slow[:5]}, "
+                  f"at indices {[i for i, _ in slow][:60]}", flush=True)
             if setup == "gateway" and slow:
                 for row in rows[:12]:
                     print("   ", row, flush=True)
+                for at, dump in stacks[:8]:
+                    print(f"  stack at {at} s:\n{dump}", flush=True)
     finally:
         setups.close()
 
