@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from controlplane.gateway.overload import UNLIMITED, OverloadManager
+from controlplane.gateway.overload import LAG_PROBE_S, UNLIMITED, OverloadManager
 from controlplane.gateway.server import GatewayServer
 from controlplane.spec import GatewayLimits, Overload, PriorityClass, hash_api_key
 
@@ -222,7 +222,7 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
         held_again = len(server.held)
         writer.close()
         await asyncio.sleep(0.1)
-        overload._close_held(overload.now)
+        overload._close_held()
         await asyncio.sleep(0.1)
         left = (len(server.held), server.counters.connections)
         await server.stop()
@@ -262,7 +262,7 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
         overload._look_at_held(overload.now + 1)  # peeks back off while a client sends nothing whole
         answer = await asyncio.wait_for(reader2.readuntil(b"\r\n\r\n"), 5)  # no shard here: a 503, not a wait
         left_held, actions = len(server.held), dict(overload.actions)
-        overload._close_held(overload.now + 61)  # past hold_max_s: the parked request gets its answer
+        overload._look_at_held(overload.now + 61)  # past hold_max_s: the parked request gets its answer
         late_answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         for w in (writer, writer2):
             w.close()
@@ -278,3 +278,30 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
     assert answer.startswith(b"HTTP/1.1 503") and b"retry-after" in answer.lower()
     assert left_held == 1 and actions["connection_released", "-"] == 1
     assert late_answer.startswith(b"HTTP/1.1 429")  # read again, still overloaded: refused, not left waiting
+
+
+def test_connections_held_together_are_read_again_spread_over_the_probes(tmp_path: Path) -> None:
+    """Held in one burst, expired in one burst, they would all be read in one loop turn: a stall for every
+    client each `hold_max_s`. Past it they come back oldest first, len(held) * probe / hold_max_s a probe."""
+    async def scenario(spec_file: Path) -> list[int]:
+        server, overload, port = await gateway_without_shards(spec_file)
+        overload.refuses(CRITICAL)
+        overload._set_level(2)
+        overload.hold_quota = UNLIMITED
+        writers = []
+        for _ in range(4):
+            _, _, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+            writers.append(writer)
+        held = [len(server.held)]
+        overload._looked_at = overload.now + 61  # every one is past hold_max_s (60 s here)...
+        for probe in range(1, 5):
+            overload._look_at_held(overload.now + 61 + probe * LAG_PROBE_S)  # ...looked at once a probe
+            held.append(len(server.held))
+        for writer in writers:
+            writer.close()
+        await server.stop()
+        return held
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC)
+    assert asyncio.run(scenario(spec_file)) == [4, 3, 2, 1, 0]  # ceil(4 * 0.05 / 60) = one a probe

@@ -29,15 +29,16 @@ always read. A held connection is not read but is looked at: the request its cli
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
 behind a hold. Once the levels are left, held connections are read again oldest first, one per calm refresh;
-one held longer than `hold_max_s` is read again at once (so no client waits unanswered longer: its request is
-refused if the overload lasts), and one whose client has closed it (looked at once a second: a connection not
-read never sees the client's FIN) is closed.
+those held longer than `hold_max_s` are read again oldest first, spread over the probes (so no client waits
+unanswered much longer: its request is refused if the overload lasts), and one whose client has closed it
+(looked at once a second: a connection not read never sees the client's FIN) is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import statistics
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
 TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
-HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients and `hold_max_s`
+HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients
 PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
 UNLIMITED = 1 << 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -107,6 +108,7 @@ class OverloadManager:
         self.held: dict[ClientConnection, Held] = {}
         self._expected = 0.0
         self._held_checked_at = clock()
+        self._looked_at = clock()  # when held connections were last looked at
         self._window_start = (clock(), time.process_time())
         self._timer: asyncio.TimerHandle | None = None
         server.connection_gate = self.refuse_connection
@@ -136,7 +138,7 @@ class OverloadManager:
             self._look_at_held(now)
         if now - self._held_checked_at >= HELD_CHECK_S:
             self._held_checked_at = now
-            self._close_held(now)
+            self._close_held()
         self._expected = self.clock() + LAG_PROBE_S
         self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
 
@@ -237,8 +239,13 @@ class OverloadManager:
 
     def _look_at_held(self, now: float) -> None:
         """Read again each held connection whose waiting request is of a class not refused now (at least the
-        lowest class stays held: it comes back one connection per calm refresh)."""
+        lowest class stays held: it comes back one connection per calm refresh), and those held past
+        `hold_max_s`, oldest first, spread over the probes (as many as the time since the last look is of
+        `hold_max_s`): connections held in one burst would otherwise all be read in one loop turn, a stall of
+        tens of milliseconds for everyone every `hold_max_s`."""
         read_from = self.refused_below_at(max(self.level, 1))
+        expiring = math.ceil(len(self.held) * max(LAG_PROBE_S, now - self._looked_at) / self.config.hold_max_s)
+        self._looked_at = now
         for conn, held in list(self.held.items()):
             if conn not in self.server.held:
                 del self.held[conn]
@@ -248,7 +255,9 @@ class OverloadManager:
                 if held.waiting_level is None:  # nothing (whole) sent yet: look again later, less often
                     held.peek_wait_s = min(PEEK_MAX_WAIT_S, held.peek_wait_s * 2)
                     held.peek_at = now + held.peek_wait_s
-            if held.waiting_level is not None and held.waiting_level >= read_from:
+            expired = expiring > 0 and now - held.since > self.config.hold_max_s
+            if expired or (held.waiting_level is not None and held.waiting_level >= read_from):
+                expiring -= expired
                 del self.held[conn]
                 self.server.release(conn)
                 self._count("connection_released", "-")
@@ -272,21 +281,16 @@ class OverloadManager:
         level = self.server.screen.class_level(*head)
         return self.top if level is None else level
 
-    def _close_held(self, now: float) -> None:
-        """Read again connections held too long (their clients wait for an answer), and close those whose client
-        has gone: a connection that is not read never sees its client's FIN, and would count against the
-        connection limits for nothing."""
-        for conn, held in list(self.held.items()):
+    def _close_held(self) -> None:
+        """Close held connections whose client has gone: a connection that is not read never sees its client's
+        FIN, and would count against the connection limits for nothing."""
+        for conn in list(self.held):
             if conn not in self.server.held:
                 del self.held[conn]
             elif client_gone(conn):
                 del self.held[conn]
                 self._count("held_connection_closed", "-")
                 conn.transport.close()
-            elif now - held.since > self.config.hold_max_s:
-                del self.held[conn]
-                self.server.release(conn)
-                self._count("connection_released", "-")
 
     def _count(self, action: str, class_name: str) -> None:
         key = (action, class_name)
