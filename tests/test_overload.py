@@ -28,6 +28,7 @@ CLASSES = [PriorityClass(name="critical", level=300, default_deadline_ms=250, sh
            PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3),
            PriorityClass(name="sheddable", level=100, default_deadline_ms=2000, share=0.2)]
 CRITICAL, STANDARD, SHEDDABLE = CLASSES
+CONN = object()  # a client connection the manager has no record of
 
 
 def manager(**config) -> tuple[OverloadManager, ManualClock]:
@@ -47,19 +48,19 @@ def test_nothing_is_refused_without_a_higher_class_to_protect() -> None:
     overload, clock = manager(lag_saturated_ms=5)
     refresh(overload, clock, lag_ms=10)  # saturated: level 2
     assert overload.level == 2
-    assert not overload.refuses(SHEDDABLE)  # only sheddable traffic: shedding it would protect nobody
-    overload.refuses(CRITICAL)  # a critical request arrives...
-    assert overload.refuses(SHEDDABLE) and overload.refuses(STANDARD)  # ...now the lower classes make way
-    assert not overload.refuses(CRITICAL)  # the highest class is never refused here
+    assert not overload.refuses(CONN, SHEDDABLE)  # only sheddable traffic: shedding it would protect nobody
+    overload.refuses(CONN, CRITICAL)  # a critical request arrives...
+    assert overload.refuses(CONN, SHEDDABLE) and overload.refuses(CONN, STANDARD)  # ...now the lower classes make way
+    assert not overload.refuses(CONN, CRITICAL)  # the highest class is never refused here
 
 
 def test_levels_climb_at_once_and_step_down_after_the_cool_down() -> None:
     overload, clock = manager(lag_saturated_ms=5, shed_lowest_at=0.8, shed_all_but_top_at=0.95, hysteresis=0.1,
                               cool_down_s=1.0)
-    overload.refuses(CRITICAL)
+    overload.refuses(CONN, CRITICAL)
     refresh(overload, clock, lag_ms=4.2)  # pressure 0.84
     assert (overload.level, overload.refused_below) == (1, STANDARD.level)
-    assert overload.refuses(SHEDDABLE) and not overload.refuses(STANDARD)
+    assert overload.refuses(CONN, SHEDDABLE) and not overload.refuses(CONN, STANDARD)
     refresh(overload, clock, lag_ms=3.8)  # 0.76: under the threshold but within the hysteresis: stays
     assert overload.level == 1
     for _ in range(3):
@@ -67,15 +68,15 @@ def test_levels_climb_at_once_and_step_down_after_the_cool_down() -> None:
     assert overload.level == 1
     for _ in range(3):
         refresh(overload, clock, lag_ms=1)
-    assert overload.level == 0 and not overload.refuses(SHEDDABLE)
+    assert overload.level == 0 and not overload.refuses(CONN, SHEDDABLE)
 
 
 def test_level_one_refuses_half_the_low_connections_per_refresh_and_level_two_all() -> None:
     overload, clock = manager(lag_saturated_ms=5)
-    overload.refuses(CRITICAL)
+    overload.refuses(CONN, CRITICAL)
     refresh(overload, clock, lag_ms=4.5)  # level 1, no low-class connection known yet: one refusal
     assert overload.hold_quota == 1
-    assert overload.refuses(SHEDDABLE) and not overload.refuses(SHEDDABLE)  # quota spent: the next one passes
+    assert overload.refuses(CONN, SHEDDABLE) and not overload.refuses(CONN, SHEDDABLE)  # quota spent: next passes
     refresh(overload, clock, lag_ms=10)
     assert overload.hold_quota == UNLIMITED
 
@@ -201,7 +202,7 @@ async def gateway_without_shards(spec_file: Path) -> tuple[GatewayServer, Overlo
 def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_released(tmp_path: Path) -> None:
     async def scenario(spec_file: Path):
         server, overload, port = await gateway_without_shards(spec_file)
-        overload.refuses(CRITICAL)  # a critical request was seen: there is something to protect
+        overload.refuses(CONN, CRITICAL)  # a critical request was seen: there is something to protect
         overload._set_level(1)
         overload.hold_quota = 1
         refused, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
@@ -242,7 +243,7 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
     is seen (peeked, left in the socket) and the connection is read again while the overload lasts."""
     async def scenario(spec_file: Path):
         server, overload, port = await gateway_without_shards(spec_file)
-        overload.refuses(CRITICAL)
+        overload.refuses(CONN, CRITICAL)
         overload._set_level(2)  # stays overloaded throughout: nothing is released by the levels
         overload.hold_quota = UNLIMITED
         refused, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
@@ -282,26 +283,34 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
 
 def test_connections_held_together_are_read_again_spread_over_the_probes(tmp_path: Path) -> None:
     """Held in one burst, expired in one burst, they would all be read in one loop turn: a stall for every
-    client each `hold_max_s`. Past it they come back oldest first, len(held) * probe / hold_max_s a probe."""
-    async def scenario(spec_file: Path) -> list[int]:
+    client each `hold_max_s`. Past it they come back oldest first, len(held) * probe / hold_max_s a probe, and
+    the request waiting in one is answered: refused while its class is, whatever the refusal quota."""
+    async def scenario(spec_file: Path) -> tuple[list[int], bytes]:
         server, overload, port = await gateway_without_shards(spec_file)
-        overload.refuses(CRITICAL)
+        overload.refuses(CONN, CRITICAL)
         overload._set_level(2)
         overload.hold_quota = UNLIMITED
-        writers = []
+        clients = []
         for _ in range(4):
-            _, _, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
-            writers.append(writer)
+            _, reader, writer = await exchange(("127.0.0.1", port), head("sheddable", len(BODY)), BODY)
+            writer.write(head("sheddable", len(BODY)) + BODY)  # waits unread in the held connection
+            clients.append((reader, writer))
+        await asyncio.sleep(0.1)
+        overload._set_level(1)
+        overload.hold_quota = 0  # no refusal left this refresh: a request read now would pass...
         held = [len(server.held)]
         overload._looked_at = overload.now + 61  # every one is past hold_max_s (60 s here)...
         for probe in range(1, 5):
             overload._look_at_held(overload.now + 61 + probe * LAG_PROBE_S)  # ...looked at once a probe
             held.append(len(server.held))
-        for writer in writers:
+        answer = await asyncio.wait_for(clients[0][0].readuntil(b"\r\n\r\n"), 5)  # ...but an overdue one is refused
+        for _, writer in clients:
             writer.close()
         await server.stop()
-        return held
+        return held, answer
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC)
-    assert asyncio.run(scenario(spec_file)) == [4, 3, 2, 1, 0]  # ceil(4 * 0.05 / 60) = one a probe
+    held, answer = asyncio.run(scenario(spec_file))
+    assert held == [4, 3, 2, 1, 0]  # ceil(4 * 0.05 / 60) = one a probe
+    assert answer.startswith(b"HTTP/1.1 429")

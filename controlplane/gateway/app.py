@@ -139,7 +139,7 @@ class GatewayApp:
             if priority_class.level > conn.top_level:
                 conn.top_level = priority_class.level
             overload = self.overload
-            if overload is not None and overload.refuses(priority_class):
+            if overload is not None and overload.refuses(conn, priority_class):
                 self.count_shed(priority_class.name, admitted.tenant.name, "overload")
                 overload.refused(conn, priority_class)
                 return Rejection(429, f"the gateway is overloaded: class '{priority_class.name}' is refused for now",

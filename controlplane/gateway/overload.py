@@ -106,6 +106,7 @@ class OverloadManager:
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
         self.held: dict[ClientConnection, Held] = {}
+        self.overdue: dict[ClientConnection, bool] = {}  # read again after `hold_max_s`: next request refused
         self._expected = 0.0
         self._held_checked_at = clock()
         self._looked_at = clock()  # when held connections were last looked at
@@ -196,15 +197,18 @@ class OverloadManager:
         self.refused_below = self.refused_below_at(level)
 
     # --- actions -------------------------------------------------------------------------------------
-    def refuses(self, priority_class: PriorityClass) -> bool:
-        """Whether a request of this class is refused right after its headers (and notes that it came)."""
+    def refuses(self, conn: ClientConnection, priority_class: PriorityClass) -> bool:
+        """Whether a request of this class is refused right after its headers (and notes that it came). The
+        request of a connection read again because it was held past `hold_max_s` is refused while its class is,
+        whatever the quota: it gets its answer, not a way past the hold."""
         level = priority_class.level
         self.last_seen[level] = self.now
-        if level >= self.refused_below or self.hold_quota == 0:
+        overdue = self.overdue.pop(conn, False)
+        if level >= self.refused_below or (self.hold_quota == 0 and not overdue):
             return False
         window = self.config.protect_window_s
         if any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
-            self.hold_quota -= 1
+            self.hold_quota -= not overdue
             return True
         return False
 
@@ -258,6 +262,8 @@ class OverloadManager:
             expired = expiring > 0 and now - held.since > self.config.hold_max_s
             if expired or (held.waiting_level is not None and held.waiting_level >= read_from):
                 expiring -= expired
+                if expired:
+                    self.overdue[conn] = True
                 del self.held[conn]
                 self.server.release(conn)
                 self._count("connection_released", "-")
@@ -284,6 +290,8 @@ class OverloadManager:
     def _close_held(self) -> None:
         """Close held connections whose client has gone: a connection that is not read never sees its client's
         FIN, and would count against the connection limits for nothing."""
+        for conn in [c for c in self.overdue if c not in self.server.connections]:
+            del self.overdue[conn]
         for conn in list(self.held):
             if conn not in self.server.held:
                 del self.held[conn]
