@@ -239,9 +239,8 @@ class Overload(StrictModel):
     hysteresis: float = Field(0.1, ge=0, lt=1, description="A level is left only this far below its threshold...")
     cool_down_s: float = Field(1.0, ge=0, description="...and after the pressure stayed there this long.")
     protect_window_s: float = Field(
-        30.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
-        "would protect nothing). Long, because a higher class that is not yet seen cannot be protected: its first "
-        "requests after a longer absence meet a gateway saturated by the lower ones (~0.1-0.2 s on 2 cores)."
+        5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
+        "would protect nothing)."
     )
     hold_max_s: float = Field(1.0, gt=0, description="A connection not read for overload this long is read again "
                               "(its waiting request is answered, refused if the overload lasts): how long a "
