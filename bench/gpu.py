@@ -236,6 +236,8 @@ def spec_text(repository: Path, workers: int) -> str:
     spec = yaml.safe_load((ROOT / "examples" / "gpu" / "h200.yaml").read_text())
     spec["model_repository"] = str(repository)
     spec["models"] = [m for m in spec["models"] if m["name"] in served]
+    for model in spec["models"]:  # the ladder's smaller-batch variant is not served here
+        model.pop("smaller_batch_variant", None)
     spec["shards"][0]["models"] = served
     spec["gateway"].update(port=0, workers=workers)
     return yaml.safe_dump(spec, sort_keys=False)
