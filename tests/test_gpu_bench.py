@@ -52,3 +52,14 @@ def test_the_markdown_report_lists_targets_and_runs() -> None:
     assert "| direct / in-process ceiling, FP16 img/s | 0.85 | >= 0.8 | yes |" in text
     assert "| fp16 b256 | pipeline_graph | 1000.0 | 256.0 |" in text
     assert "| gateway fp32 pixels c16 | 4000.0 |" in text
+
+
+def test_the_gateway_worker_imports_without_tritonclient() -> None:
+    """The GPU machine has no tritonclient (nothing can be installed there): the gateway must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tritonclient'] = None; sys.modules['tritonclient.http'] = None; "
+            "import controlplane.gateway.worker, controlplane.gateway.workers, controlplane.cli")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
