@@ -144,22 +144,12 @@ def test_a_stub_python_that_is_not_an_interpreter_is_a_clear_error(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def numpy2_server(numpy2_python: Path, tmp_path_factory: pytest.TempPathFactory):
-    install = TritonInstall.find()
-    port = free_port()
-    env = install.env(None)
+    env = TritonInstall.find().env(None)
     env["PATH"] = f"{numpy2_python}:{env['PATH']}"  # the stub's python3, and so its numpy, is the numpy 2 venv's
-    log = tmp_path_factory.mktemp("numpy2-log") / "tritonserver.log"
-    server = ManagedProcess(install.argv(MODELS, ["risk", "risk_lite", "work"], port, free_port()), env=env,
-                            log_path=log)
+    server, address = serve(MODELS, ["risk", "risk_lite", "work"], env,
+                            tmp_path_factory.mktemp("numpy2-log") / "tritonserver.log")
     try:
-        for _ in range(600):  # bounded: up to 60 s for three Python models to load
-            if asyncio.run(probe_ready("127.0.0.1", port, 0.2)):
-                break
-            assert server.poll() is None, server.log_tail()
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"tritonserver did not become ready: {server.log_tail()}")
-        yield httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=30)
+        yield httpclient.InferenceServerClient(address, network_timeout=30)
     finally:
         server.stop()
 
