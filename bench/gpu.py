@@ -629,8 +629,8 @@ def markdown(results: dict) -> str:
         lines += [f"| {key} | {mode} | {m['img_s']} | {m['ms_per_batch']} |" for mode, m in row.items()]
     compiled = results.get("compiled")
     if compiled:
-        lines += ["", f"torch.compile: compile {compiled.get('compile_s')} s, "
-                  f"errors `{json.dumps(compiled['errors'])}`"]
+        errors = {mode: " ".join(text.split())[:300] for mode, text in compiled["errors"].items()}
+        lines += ["", f"torch.compile: compile {compiled.get('compile_s')} s, errors `{json.dumps(errors)}`"]
     serving = results.get("serving", {})
     lines += ["", f"## Served (closed loop, {serving.get('batch')} images a request as binary tensors; "
               f"{serving.get('instances')} instances of vision_fp16, 1 of the others)", "",
