@@ -1,23 +1,28 @@
-"""The GPU benchmark: ResNet-50 in-process (the ceiling) vs Triton direct vs through the gateway, plus convert.
+"""The GPU benchmark: ResNet-50 in-process (the ceiling) vs Triton direct vs through the gateway, and more.
 
 Meant for the GPU machine (bench/device/gpu.sh runs it there); `--small` runs the same steps on a CPU with a tiny
-ResNet on 64 px images, to check the script before spending device time. Steps, each bounded in time:
+ResNet on 64 px images, to check the script before spending device time. Steps, each bounded in time, in the
+order of their importance (a run cut short keeps what came first):
   1. the machine: GPU, driver, torch, CUDA, Python;
   2. the ceiling, in process, per precision and batch: the model alone on preprocessed device tensors (eager,
      and replayed as a CUDA graph on a GPU), and the served path's work on the same inputs as clients send:
      uint8 images in host memory -> device -> preprocess -> model -> top-1 back (CUDA graph on a GPU);
   3. torchvision's resnet50 weights load into the example's network and give the same outputs (where
      torchvision is importable);
-  4. `cpctl up -f examples/gpu/h200.yaml` (the vision variants only), then closed-loop clients (separate
-     processes, uint8 images as binary tensors, `--batch` a request) against Triton direct and the gateway, at
-     each `--connections` level, after an unrecorded warm-up per model; one JPEG run on each (numpy 1 only:
-     under numpy 2 this Triton build's Python backend stub crashes on BYTES inputs);
-  5. top-1 agreement of the served FP16/BF16 variants with FP32 on a fixed image set, and `cpctl convert`
-     of the same network (fp32, fp16, bf16) verified in its own tritonserver.
-Writes OUT/gpu-<date>.{json,md} after every step (a run cut short still leaves what it measured), with
-`targets` (issue 11). Torch.compile is not measured (its compile time does not fit the device budget).
+  4. `cpctl up -f examples/gpu/h200.yaml` (the vision variants, `--instances` instances of the FP16 one, and risk),
+     then closed-loop clients (separate processes, uint8 images as binary tensors, `--batch` a request) against
+     Triton direct and the gateway, after an unrecorded warm-up per model; per run, where the time went: Triton's
+     statistics per request (queue, input, infer, output), batches formed, GPU utilization (NVML, sampled), CPU
+     cores used by the gateway and by Triton; the same with JPEG bytes (decoded on the GPU) when the stubs' numpy
+     reads BYTES (numpy 1: CPCTL_STUB_PYTHON, bench/device/stub_env.sh); the mixed-priority overload scenario
+     through the gateway (the CPU suite's mix and capacity search, on small images that the GPU resizes); risk
+     FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included);
+  5. torch.compile of the served path's work in process (a separate process, bounded: compiling takes a while);
+     the best in-process mode is the ceiling;
+  6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) verified in their own tritonserver.
+Writes OUT/gpu-<date>.{json,md} after every step, with `targets` (issue 11).
 
-    python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 4,16]
+    python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 8,32] [--skip convert]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +53,10 @@ from controlplane.procs import ManagedProcess  # noqa: E402
 
 API_KEY = "cp-demo-key"  # the demo tenant of examples/gpu/h200.yaml
 VARIANTS = {"fp16": "vision_fp16", "bf16": "vision_bf16", "fp32": "vision"}
+RISK = ("risk", "risk_fp16")
+RISK_BATCH = 64
+OVERLOAD_MULTIPLES = (0.5, 1, 2, 3)  # the CPU suite's
+OVERLOAD_GOAL = 1.5
 GOALS = {"gateway": 0.7, "direct": 0.8}  # of the in-process ceiling at FP16 (issue 11)
 AGREEMENT_GOAL = 0.99
 
@@ -85,18 +95,33 @@ def timed(step, batch: int, seconds: float, synchronize) -> dict:
     return {"img_s": round(count * batch / elapsed, 1), "ms_per_batch": round(elapsed / count * 1e3, 3)}
 
 
-def ceiling(arch: str, size: int, batches: list[int], seconds: float) -> dict:
+def served_work(model, host, size: int, dtype, device):
+    """The served path's work on `host` uint8 images: copy to the device, preprocess, model, top-1."""
+    from resnet import preprocess
+
+    staged = host.to(device)
+
+    def work():
+        staged.copy_(host, non_blocking=True)
+        return model(preprocess(staged, size, dtype)).argmax(1)
+
+    return work
+
+
+def ceiling(arch: str, size: int, batches: list[int], seconds: float, precisions: list[str]) -> dict:
     import torch
-    from resnet import PRECISIONS, prepare, preprocess, resnet, sample_images
+    from resnet import PRECISIONS, capture, prepare, preprocess, resnet, sample_images
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True
     results = {}
-    for precision, dtype in PRECISIONS.items():
+    for precision in precisions:
+        dtype = PRECISIONS[precision]
         model = prepare(resnet(arch), device, precision)
-        for batch in batches:
+        # FP16 (the targets' precision) at every batch size; the others at the largest only (device time).
+        for batch in batches if precision == "fp16" else batches[-1:]:
             key = f"{precision} b{batch}"
             images = sample_images(batch, size, seed=batch)
             host = images.pin_memory() if cuda else images
@@ -104,43 +129,68 @@ def ceiling(arch: str, size: int, batches: list[int], seconds: float) -> dict:
             row = {}
             with torch.inference_mode():
                 row["model_eager"] = timed(lambda m=model, x=x: m(x), batch, seconds, synchronize)
-                served = {"x": host.to(device)}
-
-                def pipeline(m=model, served=served, host=host, dtype=dtype):
-                    served["x"].copy_(host, non_blocking=True)
-                    return m(preprocess(served["x"], size, dtype)).argmax(1)
-
+                work = served_work(model, host, size, dtype, device)
                 if cuda:
-                    row["model_graph"] = timed(graphed(lambda m=model, x=x: m(x)), batch, seconds, synchronize)
-                    replay = graphed(pipeline)
+                    row["model_graph"] = timed(capture(lambda m=model, x=x: m(x)), batch, seconds, synchronize)
+                    replay = capture(work)
                     row["pipeline_graph"] = timed(lambda r=replay: r().cpu(), batch, seconds, synchronize)
                 else:
-                    row["pipeline_eager"] = timed(lambda p=pipeline: p().cpu(), batch, seconds, synchronize)
+                    row["pipeline_eager"] = timed(lambda w=work: w().cpu(), batch, seconds, synchronize)
             results[key] = row
             log(f"ceiling {key}: {json.dumps(row)}")
         del model
     return results
 
 
-def graphed(step):
-    """`step` captured as a CUDA graph (after a warm-up on a side stream); returns a replay that gives its output."""
+def compiled_ceiling(args: argparse.Namespace, workdir: Path, results: dict) -> dict:
+    """torch.compile of the served path's work (FP16, the largest batch) in its own process, bounded in time:
+    compiling ResNet-50 takes tens of seconds. Its rows join results["ceiling"]."""
+    batch = int(args.batches.split(",")[-1])
+    out = workdir / "compiled.json"
+    argv = [sys.executable, str(Path(__file__).resolve()), "compiled", args.arch, str(args.size), str(batch),
+            str(args.seconds), str(out)]
+    process = ManagedProcess(argv, log_path=workdir / "compiled.log")
+    deadline = time.monotonic() + args.compile_timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.stop(grace_s=2)
+    if not out.exists():
+        raise RuntimeError(f"torch.compile run gave no result in {args.compile_timeout_s:g} s: "
+                           f"{process.log_tail(800)}")
+    found = json.loads(out.read_text())
+    results.setdefault("ceiling", {}).setdefault(f"fp16 b{batch}", {}).update(found["modes"])
+    return found
+
+
+def compiled_main(arch: str, size: int, batch: int, seconds: float, out: Path) -> None:
+    """One process: the served path's work compiled by torch.compile (default mode), then that compiled work
+    replayed as a CUDA graph on a GPU; what it measured goes to `out`, whatever failed is named there."""
     import torch
+    from resnet import PRECISIONS, capture, prepare, resnet, sample_images
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = step()
-
-    def replay():
-        graph.replay()
-        return output
-
-    return replay
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    model = prepare(resnet(arch), device, "fp16")
+    dtype = PRECISIONS["fp16"]
+    images = sample_images(batch, size, seed=batch)
+    host = images.pin_memory() if cuda else images
+    found: dict = {"modes": {}, "errors": {}}
+    with torch.inference_mode():
+        started = time.monotonic()
+        compiled = torch.compile(served_work(model, host, size, dtype, device))
+        compiled()
+        found["compile_s"] = round(time.monotonic() - started, 1)
+        found["modes"]["pipeline_compile"] = timed(lambda: compiled().cpu(), batch, seconds, synchronize)
+        out.write_text(json.dumps(found))
+        if cuda:
+            try:
+                replay = capture(compiled)
+                found["modes"]["pipeline_compile_graph"] = timed(lambda: replay().cpu(), batch, seconds, synchronize)
+            except Exception as exc:  # recorded: the compiled graph may not be capturable
+                found["errors"]["pipeline_compile_graph"] = f"{type(exc).__name__}: {exc}"[:500]
+    out.write_text(json.dumps(found))
 
 
 # --- 3. torchvision equivalence ------------------------------------------------------------------------------
@@ -163,34 +213,108 @@ def torchvision_check(size: int) -> dict:
 
 
 # --- 4. serving ----------------------------------------------------------------------------------------------
-def model_repository(directory: Path, arch: str, size: int) -> Path:
-    """The vision variants, with the benchmark's architecture and image size in their configs."""
-    for name in VARIANTS.values():
+def model_repository(directory: Path, arch: str, size: int, instances: int) -> Path:
+    """The vision variants (with the benchmark's architecture and image size; `instances` instances of the FP16
+    variant, whose speed the targets are about, one of the others: each instance is a process that loads torch
+    and captures its CUDA graphs, which costs start-up time on the device) and risk."""
+    for precision, name in VARIANTS.items():
         target = directory / name
         shutil.copytree(ROOT / "examples" / "models" / name, target, symlinks=False)
         config = (target / "config.pbtxt").read_text()
         config = config.replace('string_value: "resnet50"', f'string_value: "{arch}"')
-        (target / "config.pbtxt").write_text(config.replace('string_value: "224"', f'string_value: "{size}"'))
+        config = config.replace('string_value: "224"', f'string_value: "{size}"')
+        (target / "config.pbtxt").write_text(config.replace("instance_group [ { count: 1 } ]",
+                                                            f"instance_group [ {{ count: "
+                                                            f"{instances if precision == 'fp16' else 1} }} ]"))
+    for name in RISK:
+        shutil.copytree(ROOT / "examples" / "models" / name, directory / name, symlinks=False)
     return directory
 
 
 def spec_text(repository: Path, workers: int) -> str:
+    served = [*VARIANTS.values(), *RISK]
     spec = yaml.safe_load((ROOT / "examples" / "gpu" / "h200.yaml").read_text())
     spec["model_repository"] = str(repository)
-    spec["models"] = [m for m in spec["models"] if m["name"] in VARIANTS.values()]
-    spec["shards"][0]["models"] = list(VARIANTS.values())
+    spec["models"] = [m for m in spec["models"] if m["name"] in served]
+    for model in spec["models"]:  # the ladder's smaller-batch variant is not served here
+        model.pop("smaller_batch_variant", None)
+    spec["shards"][0]["models"] = served
     spec["gateway"].update(port=0, workers=workers)
     return yaml.safe_dump(spec, sort_keys=False)
 
 
+class ServerSide:
+    """Where a run's time went, read around it: Triton's statistics of the model (per request: queue, input,
+    infer, output; batches formed), GPU utilization sampled through NVML, CPU cores used by the gateway's
+    processes and by tritonserver (its stubs, which do the model's Python work, are not counted)."""
+
+    def __init__(self, state: dict, model: str) -> None:
+        from controlplane.bench import procstat
+
+        self.procstat = procstat
+        self.state, self.model, self.url = state, model, state["shards"][0]["url"]
+        self.gateway_pids = procstat.gateway_pids(state)
+        self.triton_pid = int(state["shards"][0]["pid"])
+        self.samples: list[int] = []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> ServerSide:
+        self.before = (self._stats(), self.procstat.total_cpu_seconds(self.gateway_pids),
+                       self.procstat.cpu_seconds(self.triton_pid), time.monotonic())
+        self.sampler = threading.Thread(target=self._sample_gpu, daemon=True)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.sampler.join(timeout=5)
+        stats, gateway_cpu, triton_cpu, now = (self._stats(), self.procstat.total_cpu_seconds(self.gateway_pids),
+                                               self.procstat.cpu_seconds(self.triton_pid), time.monotonic())
+        elapsed = now - self.before[3]
+        self.found = {"gateway_cores": round((gateway_cpu - self.before[1]) / elapsed, 2),
+                      "triton_cores": round((triton_cpu - self.before[2]) / elapsed, 2),
+                      "gpu_util_mean": round(sum(self.samples) / len(self.samples), 1) if self.samples else None,
+                      **_stats_delta(self.before[0], stats)}
+
+    def _stats(self) -> dict:
+        return json.loads(_get(f"{self.url}/v2/models/{self.model}/stats"))["model_stats"][0]
+
+    def _sample_gpu(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML here (a CPU machine): no GPU utilization to report
+            return
+        while not self.stop.wait(0.2):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    """Per request ms of Triton's phases and the batches formed, between two reads of the statistics extension."""
+    def delta(phase: str, field: str) -> int:
+        return int(after["inference_stats"][phase][field]) - int(before["inference_stats"][phase][field])
+
+    requests = delta("success", "count")
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    found = {"requests": requests, "executions": executions,
+             "images_per_execution": round(inferences / executions, 1) if executions else None}
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        found[f"{phase}_ms"] = round(delta(phase, "ns") / requests / 1e6, 2) if requests else None
+    return found
+
+
 def run_clients(url: str, model: str, body: Path, connections: int, seconds: float, headers: dict[str, str],
-                workdir: Path) -> dict:
-    """`connections` closed-loop connections over up to 4 client processes; their counts summed."""
-    clients = min(4, connections)
+                workdir: Path, clients: int = 4) -> dict:
+    """`connections` closed-loop connections over up to `clients` client processes; their counts summed."""
+    clients = min(clients, connections)
     connections //= clients
     started = []
     for i in range(clients):
         out = workdir / f"client-{model}-{i}.json"
+        out.unlink(missing_ok=True)
         argv = [sys.executable, str(Path(__file__).resolve()), "client", url, model, str(body), str(connections),
                 str(seconds), json.dumps(headers), str(out)]
         started.append((ManagedProcess(argv, log_path=workdir / f"client-{i}.log"), out))
@@ -251,14 +375,23 @@ def client_main(url: str, model: str, body_file: Path, connections: int, seconds
                                "first_error": first_error}))
 
 
+def write_request(workdir: Path, kind: str, inputs: dict, outputs: list[str], batch: int) -> Path:
+    """A binary request body the clients send (`kind`.bin) and its headers and row count (`kind`.json)."""
+    from controlplane.bench.tensors import infer_body
+
+    request = infer_body(inputs, outputs)
+    path = workdir / f"{kind}.bin"
+    path.write_bytes(request.body)
+    path.with_suffix(".json").write_text(json.dumps({"batch": batch, "headers": request.headers}))
+    return path
+
+
 def request_files(workdir: Path, size: int, batch: int) -> dict[str, Path]:
-    """The request bodies the clients send: uint8 pixels, and JPEG bytes (quality 90) of the same images."""
+    """The request bodies: uint8 pixels, JPEG bytes (quality 90) of the same images, risk's features."""
     import io
 
     from PIL import Image
     from resnet import sample_images
-
-    from controlplane.bench.tensors import infer_body
 
     images = sample_images(batch, size, seed=1).numpy()
     jpegs = []
@@ -266,60 +399,144 @@ def request_files(workdir: Path, size: int, batch: int) -> dict[str, Path]:
         encoded = io.BytesIO()
         Image.fromarray(image).save(encoded, format="JPEG", quality=90)
         jpegs.append(encoded.getvalue())
-    files = {}
-    for kind, inputs in (("pixels", {"pixels": images}), ("jpeg", {"jpeg": jpegs})):
-        request = infer_body(inputs, ["top1"])
-        path = workdir / f"{kind}.bin"
-        path.write_bytes(request.body)
-        path.with_suffix(".json").write_text(json.dumps({"batch": batch, "headers": request.headers}))
-        files[kind] = path
-    return files
+    features = np.random.default_rng(5).standard_normal((RISK_BATCH, 16)).astype(np.float32)
+    return {"pixels": write_request(workdir, "pixels", {"pixels": images}, ["top1"], batch),
+            "jpeg": write_request(workdir, "jpeg", {"jpeg": jpegs}, ["top1"], batch),
+            "risk": write_request(workdir, "risk", {"features": features}, ["score"], RISK_BATCH)}
 
 
-def serving(args: argparse.Namespace, workdir: Path, results: dict, save) -> None:
+def stubs_read_bytes() -> tuple[bool, str]:
+    """Whether the Python-backend stubs' numpy is 1.x (this Triton build's stub misreads BYTES under numpy 2)."""
+    from controlplane.shards.triton import stub_python
+
+    python = stub_python()
+    found = subprocess.run([str(python), "-c", "import numpy; print(numpy.__version__)"], capture_output=True,
+                           text=True, timeout=60)
+    version = found.stdout.strip() or found.stderr.strip()[-200:]
+    return version.startswith("1."), f"{python}: numpy {version}"
+
+
+def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: set[str]) -> None:
     from scaling import Stack
 
-    repository = model_repository(workdir / "models", args.arch, args.size)
+    repository = model_repository(workdir / "models", args.arch, args.size, args.instances)
     started = time.monotonic()
     stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300)
     try:
         state = stack.state()
-        shard = state["shards"][0]["url"]
-        results["serving"] = {"start_s": round(time.monotonic() - started, 1), "shard": state["shards"][0]["name"],
-                              "gateway_workers": len(state.get("workers", [])), "batch": args.batch, "runs": {}}
-        log(f"stack up in {results['serving']['start_s']} s: gateway {state['gateway']}, shard {shard}")
+        shard, gateway = state["shards"][0]["url"], state["gateway"]
+        served = results["serving"] = {
+            "start_s": round(time.monotonic() - started, 1), "shard": state["shards"][0]["name"],
+            "gateway_workers": len(state.get("workers", [])), "batch": args.batch, "instances": args.instances,
+            "runs": {}}
+        log(f"stack up in {served['start_s']} s: gateway {gateway}, shard {shard}")
         files = request_files(workdir, args.size, args.batch)
         agreement_inputs(shard, args, results)
         save()
         auth = {"Authorization": f"Bearer {API_KEY}"}
         levels = [int(c) for c in args.connections.split(",")]
+
+        def measured(name: str, url: str, model: str, body: Path, connections: int, headers: dict) -> None:
+            with ServerSide(state, model) as server:
+                run = run_clients(url, model, body, connections, args.seconds, headers, workdir, args.clients)
+            served["runs"][name] = run | {"server": server.found}
+            log(f"{name}: {json.dumps(served['runs'][name])}")
+            save()
+
         for precision, model in VARIANTS.items():
-            # Not recorded: cuDNN tunes each new batch size that dynamic batching forms (benchmark mode).
-            run_clients(shard, model, files["pixels"], max(levels), 2.0, {}, workdir)
-            for setup, url, headers in (("direct", shard, {}), ("gateway", state["gateway"], auth)):
-                for connections in levels:
-                    run = run_clients(url, model, files["pixels"], connections, args.seconds, headers, workdir)
-                    results["serving"]["runs"][f"{setup} {precision} pixels c{connections}"] = run
-                    log(f"{setup} {precision} c{connections}: {json.dumps(run)}")
-                    save()
-        if int(np.__version__.split(".")[0]) >= 2:
-            results["serving"]["jpeg"] = ("not run: under numpy 2 this Triton build's Python backend stub crashes on "
-                                          "any BYTES input (it reads garbage lengths) before the model's code runs")
-        else:
-            for setup, url, headers in (("direct", shard, {}), ("gateway", state["gateway"], auth)):
-                run = run_clients(url, VARIANTS["fp16"], files["jpeg"], min(levels), args.seconds, headers, workdir)
-                results["serving"]["runs"][f"{setup} fp16 jpeg c{min(levels)}"] = run
-                log(f"{setup} fp16 jpeg: {json.dumps(run)}")
-        gpu_metrics = _get(state["shards"][0]["metrics_url"])
-        results["serving"]["triton_gpu_metrics"] = [line for line in gpu_metrics.splitlines()
-                                                    if line.startswith(("nv_gpu_utilization", "nv_gpu_memory"))][:8]
+            # Not recorded: the first seconds of traffic on a model are not its speed (allocations, caches).
+            run_clients(shard, model, files["pixels"], max(levels), 2.0, {}, workdir, args.clients)
+            for setup, url, headers in (("direct", shard, {}), ("gateway", gateway, auth)):
+                # FP16 (the targets' precision) at every level; the others at the highest only (device time).
+                for connections in levels if precision == "fp16" else levels[-1:]:
+                    measured(f"{setup} {precision} pixels c{connections}", url, model, files["pixels"], connections,
+                             headers)
+        if "jpeg" not in skip:
+            reads_bytes, served["stub_numpy"] = stubs_read_bytes()
+            if not reads_bytes:
+                served["jpeg"] = ("not run: the Python backend stubs run numpy 2, under which this Triton build's "
+                                  "stub crashes on any BYTES input (set CPCTL_STUB_PYTHON: bench/device/stub_env.sh)")
+            else:
+                for setup, url, headers in (("direct", shard, {}), ("gateway", gateway, auth)):
+                    measured(f"{setup} fp16 jpeg c{levels[-1]}", url, VARIANTS["fp16"], files["jpeg"], levels[-1],
+                             headers)
+        served["triton_gpu_metrics"] = [line for line in _get(state["shards"][0]["metrics_url"]).splitlines()
+                                        if line.startswith(("nv_gpu_utilization", "nv_gpu_memory"))][:8]
         # The gateway's GPU telemetry after the load: NVML per GPU, the shard's Triton, the models' CUDA allocators.
-        gateway_metrics = _get(f"{state['gateway']}/metrics")
-        results["serving"]["gateway_gpu_metrics"] = [
-            line for line in gateway_metrics.splitlines()
+        served["gateway_gpu_metrics"] = [
+            line for line in _get(f"{gateway}/metrics").splitlines()
             if line.startswith(("cp_gpu_", "cp_shard_gpu_", "cp_shard_cuda_", "cp_shard_metrics_up"))][:40]
+        save()
+        for name, step in (("overload", lambda: overload_on_gpu(gateway, args)),
+                           ("risk", lambda: risk_runs(shard, files["risk"], args, workdir)),
+                           ("tune", lambda: tune_vision(shard, args, workdir))):
+            if name in skip:
+                continue
+            begun = time.monotonic()
+            try:
+                results[name] = step()
+            except Exception as exc:  # recorded; the next step still runs
+                results["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+            log(f"{name}: {time.monotonic() - begun:.1f} s {json.dumps(results.get(name))[:3000]}")
+            save()
     finally:
         stack.close()
+
+
+def overload_on_gpu(gateway: str, args: argparse.Namespace) -> dict:
+    """The CPU suite's mixed-priority overload scenario (its mix, its capacity search, its multiples) on the GPU,
+    through the gateway: each request `--overload-batch` 32 px images of vision_fp16 (resized to the network's
+    size on the GPU: the GPU's work is the full network's, while the load generator stays able to offer 3x)."""
+    from resnet import sample_images
+
+    from controlplane.bench.loadgen import Flow
+    from controlplane.bench.suite import MIX, find_capacity, open_loop
+    from controlplane.bench.tensors import infer_body
+
+    request = infer_body({"pixels": sample_images(args.overload_batch, 32, seed=3).numpy()}, ["top1"])
+    flows = [Flow(name=name, weight=weight, model=VARIANTS["fp16"], priority=name, api_key=API_KEY,
+                  deadline_ms=deadline, binary_body=request.body, binary_headers=request.headers)
+             for name, weight, deadline in MIX]
+    capacity = find_capacity([gateway], flows, log, start=args.overload_start)["rate"]
+    if capacity <= 0:
+        raise RuntimeError(f"no rate from {args.overload_start:g} req/s down met the capacity test (P99 within the "
+                           "SLO, 97% answered): lower --overload-start or --overload-batch")
+    found: dict = {"images_per_request": args.overload_batch, "capacity_rps": capacity, "multiples": {}}
+    for multiple in OVERLOAD_MULTIPLES:
+        summary = open_loop([gateway], capacity * multiple, args.overload_seconds, flows)
+        found["multiples"][str(multiple)] = {"flows": summary["flows"], "all": summary["all"],
+                                             "generator_lag_p99_ms": summary["generator_lag_p99_ms"]}
+        log(f"  {multiple}x: " + "  ".join(f"{c} P99 {f['ok_p99_ms']:.0f} ms ok {f['ok']}/{f['sent']}"
+                                           for c, f in summary["flows"].items())
+            + f"  5xx {summary['all']['errors_5xx']}")
+    return found
+
+
+def risk_runs(shard: str, body: Path, args: argparse.Namespace, workdir: Path) -> dict:
+    """risk (FP32) vs risk_fp16 on the GPU, Triton direct, closed loop: rows scored per second and latency."""
+    return {model: run_clients(shard, model, body, args.connections_risk, args.seconds, {}, workdir, args.clients)
+            for model in RISK}
+
+
+def tune_vision(shard: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """`cpctl gpu tune vision` with its FP16 variant on the running shard (the seed's start, batch 32 FP32 on an
+    H200, is among the points), bounded in time; its --json report."""
+    out = workdir / "tune.json"
+    argv = [sys.executable, "-m", "controlplane.cli", "gpu", "tune", VARIANTS["fp32"], "--url", shard,
+            "--variants", VARIANTS["fp16"], "--max-batch", args.tune_batches, "--queue-delay-us", "2000",
+            "--instances", args.tune_instances, "--batch", "16", "--rate", str(args.tune_rate),
+            "--seconds", str(args.seconds), "--p99-ms", "200", "--json", "-o", str(workdir / "tuned.pbtxt")]
+    process = ManagedProcess(argv, log_path=out, cwd=ROOT)
+    deadline = time.monotonic() + args.tune_timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finished = process.poll() is not None
+    process.stop(grace_s=2)
+    text = out.read_text()
+    try:
+        return json.loads(text[text.index("{"):])
+    except ValueError:
+        raise RuntimeError(f"tune {'failed' if finished else 'ran out of time'}: {text[-1500:]}") from None
 
 
 # --- 5. agreement --------------------------------------------------------------------------------------------
@@ -365,10 +582,16 @@ def convert_check(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 # --- report --------------------------------------------------------------------------------------------------
+def best_ceiling(results: dict) -> tuple[str | None, float]:
+    """The in-process ceiling: the best FP16 img/s of the served path's work (any batch, any mode)."""
+    rows = [(f"{key} {mode}", m["img_s"]) for key, row in results.get("ceiling", {}).items() if key.startswith("fp16")
+            for mode, m in row.items() if mode.startswith("pipeline")]
+    return max(rows, key=lambda row: row[1], default=(None, 0.0))
+
+
 def targets(results: dict) -> list[dict]:
     found = []
-    best = max((row.get("pipeline_graph", row.get("pipeline_eager", {})).get("img_s", 0)
-                for key, row in results.get("ceiling", {}).items() if key.startswith("fp16")), default=0)
+    _, best = best_ceiling(results)
     runs = results.get("serving", {}).get("runs", {})
     for setup, goal in GOALS.items():
         served = max((run.get("img_s") or 0 for key, run in runs.items() if key.startswith(f"{setup} fp16 pixels")),
@@ -381,8 +604,15 @@ def targets(results: dict) -> list[dict]:
         agree = next((c["top1_agreement"] for c in checks if c["precision"] == precision), None)
         found.append(_target(f"convert: {precision.upper()} top-1 agreement with FP32", agree,
                              f">= {AGREEMENT_GOAL}", agree is not None and agree >= AGREEMENT_GOAL))
-    found.append(_target("critical P99 at 3x overload / at 0.5x, on the GPU, zero 5xx", None, "<= 1.5",
-                         False) | {"note": "not run in this benchmark"})
+    multiples = results.get("overload", {}).get("multiples", {})
+    calm, over = multiples.get("0.5"), multiples.get("3")
+    ratio = None
+    if calm and over and calm["flows"].get("critical", {}).get("ok_p99_ms"):
+        ratio = over["flows"]["critical"]["ok_p99_ms"] / calm["flows"]["critical"]["ok_p99_ms"]
+    errors_5xx = sum(m["all"]["errors_5xx"] for m in multiples.values())
+    found.append(_target("critical P99 at 3x overload / at 0.5x, on the GPU, zero 5xx", ratio,
+                         f"<= {OVERLOAD_GOAL}", ratio is not None and ratio <= OVERLOAD_GOAL and errors_5xx == 0)
+                 | {"errors_5xx": errors_5xx if multiples else None})
     return found
 
 
@@ -392,15 +622,59 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |"
               for t in results["targets"]]
-    lines += ["", "## In-process ceiling (img/s; ms per batch)", "", "| precision, batch | mode | img/s | ms |",
-              "|---|---|---|---|"]
+    best_key, best = best_ceiling(results)
+    lines += ["", "## In-process ceiling (img/s; ms per batch)", "", f"Ceiling: {best_key}, {best} img/s.", "",
+              "| precision, batch | mode | img/s | ms |", "|---|---|---|---|"]
     for key, row in results.get("ceiling", {}).items():
         lines += [f"| {key} | {mode} | {m['img_s']} | {m['ms_per_batch']} |" for mode, m in row.items()]
-    lines += ["", "## Served (closed loop, uint8 images or JPEG as binary tensors)", "",
-              "| run | img/s | P50 ms | P99 ms | statuses |", "|---|---|---|---|---|"]
-    for key, run in results.get("serving", {}).get("runs", {}).items():
+    compiled = results.get("compiled")
+    if compiled:
+        errors = {mode: " ".join(text.split())[:300] for mode, text in compiled["errors"].items()}
+        lines += ["", f"torch.compile: compile {compiled.get('compile_s')} s, errors `{json.dumps(errors)}`"]
+    serving = results.get("serving", {})
+    lines += ["", f"## Served (closed loop, {serving.get('batch')} images a request as binary tensors; "
+              f"{serving.get('instances')} instances of vision_fp16, 1 of the others)", "",
+              "Server side per run: Triton's per-request ms (queue / input / infer / output), images per execution, "
+              "mean GPU utilization (NVML), CPU cores used by the gateway and by tritonserver.", "",
+              "| run | img/s | P50 ms | P99 ms | statuses | queue/in/infer/out ms | img/exec | GPU % | gw cores | "
+              "triton cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, run in serving.get("runs", {}).items():
+        side = run.get("server", {})
+        phases = "/".join(str(side.get(f"{p}_ms")) for p in ("queue", "compute_input", "compute_infer",
+                                                               "compute_output"))
         lines.append(f"| {key} | {run.get('img_s')} | {run.get('p50_ms')} | {run.get('p99_ms')} | "
-                     f"{run.get('statuses', run.get('error'))} {run.get('first_error') or ''} |")
+                     f"{run.get('statuses', run.get('error'))} {run.get('first_error') or ''} | {phases} | "
+                     f"{side.get('images_per_execution')} | {side.get('gpu_util_mean')} | "
+                     f"{side.get('gateway_cores')} | {side.get('triton_cores')} |")
+    if "jpeg" in serving or "stub_numpy" in serving:
+        lines += ["", f"JPEG: {serving.get('jpeg', 'run (above)')}; stubs' Python: {serving.get('stub_numpy')}"]
+    overload = results.get("overload")
+    if overload:
+        lines += ["", f"## Mixed-priority overload on the GPU (through the gateway; capacity "
+                  f"{overload['capacity_rps']} req/s of {overload['images_per_request']} images)", "",
+                  "| multiple | critical P99 ms (ok/sent) | standard P99 ms (ok/sent) | sheddable P99 ms (ok/sent) | "
+                  "5xx | generator lag P99 ms |", "|---|---|---|---|---|---|"]
+        for multiple, m in overload["multiples"].items():
+            cells = [f"{m['flows'][c]['ok_p99_ms']:.1f} ({m['flows'][c]['ok']}/{m['flows'][c]['sent']})"
+                     if c in m["flows"] else "-" for c in ("critical", "standard", "sheddable")]
+            lines.append(f"| {multiple}x | {' | '.join(cells)} | {m['all']['errors_5xx']} | "
+                         f"{m['generator_lag_p99_ms']} |")
+    risk = results.get("risk")
+    if risk:
+        lines += ["", f"## risk FP32 vs FP16 on the GPU (Triton direct, {RISK_BATCH} rows a request)", "",
+                  "| model | rows/s | P50 ms | P99 ms | statuses |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {r.get('img_s')} | {r.get('p50_ms')} | {r.get('p99_ms')} | {r.get('statuses')} |"
+                  for m, r in risk.items()]
+    tune = results.get("tune")
+    if tune:
+        lines += ["", "## cpctl gpu tune vision (FP32 and FP16 variants)", "",
+                  f"GPU `{tune.get('gpu')}`; seed's start `{json.dumps(tune.get('seed_default'))}`; "
+                  f"best `{json.dumps(tune.get('best'))}`", "",
+                  "| model, max batch, instances | goodput/s | P99 ms | ok/sent | 5xx |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r.get('model')} b{r.get('max_batch')} x{r.get('instances')} | {r.get('goodput_rps')} | "
+                  f"{r.get('p99_ms')} | {r.get('ok')}/{r.get('sent')} | {r.get('errors_5xx')} |"
+                  for r in tune.get("points", [])]
     lines += ["", "## Agreement", "", f"Served variants vs FP32: `{json.dumps(results.get('served_agreement'))}`", ""]
     for c in results.get("convert", {}).get("checks", []):
         lines.append(f"- convert {c['variant']} ({c['precision']}): relative error {c['relative_error']:.3g} "
@@ -417,20 +691,38 @@ def main(argv: list[str] | None = None) -> None:
         url, model, body, connections, seconds, headers, out = argv[1:8]
         client_main(url, model, Path(body), int(connections), float(seconds), headers, Path(out))
         return
+    if argv and argv[0] == "compiled":
+        arch, size, batch, seconds, out = argv[1:6]
+        compiled_main(arch, int(size), int(batch), float(seconds), Path(out))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--small", action="store_true", help="resnet-tiny on 64 px images (a CPU check)")
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--batches", default="64,256", help="ceiling batch sizes")
+    parser.add_argument("--batches", default="64,256", help="ceiling batch sizes (the last: torch.compile's)")
+    parser.add_argument("--precisions", default="fp16,bf16,fp32", help="ceiling precisions")
     parser.add_argument("--batch", type=int, default=64, help="images per request of the clients")
-    parser.add_argument("--connections", default="4,16", help="closed-loop connections of the served runs (each)")
+    parser.add_argument("--connections", default="8,32", help="closed-loop connections of the served runs (each)")
+    parser.add_argument("--clients", type=int, default=8, help="client processes at most")
+    parser.add_argument("--instances", type=int, default=3, help="Triton instances of vision_fp16 (others: 1)")
     parser.add_argument("--workers", type=int, default=4, help="gateway workers")
     parser.add_argument("--samples", type=int, default=512, help="images of the agreement set")
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,serving,convert")
+    parser.add_argument("--overload-batch", type=int, default=16, help="images per request of the overload mix")
+    parser.add_argument("--overload-start", type=float, default=100.0, help="the capacity search's first rate")
+    parser.add_argument("--overload-seconds", type=float, default=4.0, help="seconds per overload multiple")
+    parser.add_argument("--connections-risk", type=int, default=8, help="closed-loop connections of the risk runs")
+    parser.add_argument("--tune-batches", default="64,256", help="max batch sizes `cpctl gpu tune` tries")
+    parser.add_argument("--tune-instances", default="2", help="instance counts `cpctl gpu tune` tries")
+    parser.add_argument("--tune-rate", type=float, default=800.0, help="req/s (16 images each) tune offers")
+    parser.add_argument("--tune-timeout-s", type=float, default=150.0)
+    parser.add_argument("--compile-timeout-s", type=float, default=150.0)
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,serving,"
+                        "jpeg,overload,risk,tune,compile,convert")
     args = parser.parse_args(argv)
     if not 0.5 <= args.seconds <= 30 or max(int(c) for c in args.connections.split(",")) > 256 \
-            or args.samples > 10_000:
-        parser.error("bounds: 0.5 <= seconds <= 30, connections <= 256, samples <= 10000")
+            or args.samples > 10_000 or not 1 <= args.instances <= 8 or not 1 <= args.clients <= 32:
+        parser.error("bounds: 0.5 <= seconds <= 30, connections <= 256, samples <= 10000, 1 <= instances <= 8, "
+                     "1 <= clients <= 32")
     args.arch, args.size = ("resnet-tiny", 64) if args.small else ("resnet50", 224)
     skip = set(args.skip.split(",")) - {""}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -446,12 +738,13 @@ def main(argv: list[str] | None = None) -> None:
     log(f"machine: {results['machine']}")
     with tempfile.TemporaryDirectory(prefix="cpctl-gpu-bench-") as tmp:
         steps = [("ceiling", lambda: ceiling(args.arch, args.size, [int(b) for b in args.batches.split(",")],
-                                             args.seconds)),
+                                             args.seconds, args.precisions.split(","))),
+                 ("compiled", lambda: compiled_ceiling(args, Path(tmp), results)),
                  ("torchvision", lambda: torchvision_check(args.size)),
-                 ("serving", lambda: serving(args, Path(tmp), results, save)),
+                 ("serving", lambda: serving(args, Path(tmp), results, save, skip)),
                  ("convert", lambda: convert_check(args, Path(tmp)))]
         for name, step in steps:
-            if name in skip:
+            if name in skip or (name == "compiled" and "compile" in skip):
                 continue
             started = time.monotonic()
             try:

@@ -93,6 +93,10 @@ class Model(StrictModel):
     cheaper_variant: Name | None = Field(
         None, description="Another model of this spec that may serve low classes of this model under backlog."
     )
+    smaller_batch_variant: Name | None = Field(
+        None, description="Another model of this spec: the same network with a smaller max batch, which serves the "
+        "lowest class of this model on the ladder's last step (after `cheaper_variant`, if any, was taken)."
+    )
 
 
 class Pipeline(StrictModel):
@@ -210,7 +214,8 @@ class Ejection(StrictModel):
 
 
 class Ladder(StrictModel):
-    """The degradation ladder: 1) wake standby shards, 2) send the lowest class to cheaper model variants."""
+    """The degradation ladder: 1) wake standby shards, 2) send the lowest class to cheaper model variants,
+    3) and on to smaller-batch variants."""
 
     backlog_high: int = Field(32, ge=1, description="Queued requests of a class that count as sustained backlog.")
     backlog_low: int = Field(4, ge=0, description="Every class at or below this counts as cleared.")
@@ -335,8 +340,10 @@ class ClusterSpec(StrictModel):
         class_names = {c.name for c in self.priority_classes}
         tenant_names = {t.name for t in self.tenants}
         for i, model in enumerate(self.models):
-            if model.cheaper_variant is not None and model.cheaper_variant not in model_names - {model.name}:
-                problems.append(_unknown(("models", i, "cheaper_variant"), "model", model.cheaper_variant, model_names))
+            for field in ("cheaper_variant", "smaller_batch_variant"):
+                variant = getattr(model, field)
+                if variant is not None and variant not in model_names - {model.name}:
+                    problems.append(_unknown(("models", i, field), "model", variant, model_names))
         for i, pipeline in enumerate(self.pipelines):
             if pipeline.reserved_for_top_class >= pipeline.max_sequences:
                 problems.append(SpecProblem(("pipelines", i, "reserved_for_top_class"),

@@ -52,3 +52,50 @@ def test_the_markdown_report_lists_targets_and_runs() -> None:
     assert "| direct / in-process ceiling, FP16 img/s | 0.85 | >= 0.8 | yes |" in text
     assert "| fp16 b256 | pipeline_graph | 1000.0 | 256.0 |" in text
     assert "| gateway fp32 pixels c16 | 4000.0 |" in text
+
+
+def test_the_gateway_worker_imports_without_tritonclient() -> None:
+    """The GPU machine has no tritonclient (nothing can be installed there): the gateway must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tritonclient'] = None; sys.modules['tritonclient.http'] = None; "
+            "import controlplane.gateway.worker, controlplane.gateway.workers, controlplane.cli")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def overload(calm_p99: float, over_p99: float, errors_5xx: int) -> dict:
+    def multiple(p99: float, errors: int) -> dict:
+        flow = {"sent": 10, "ok": 10, "ok_p99_ms": p99}
+        return {"flows": {"critical": flow, "sheddable": flow}, "all": {"errors_5xx": errors},
+                "generator_lag_p99_ms": 1.0}
+
+    return {"images_per_request": 16, "capacity_rps": 750.0,
+            "multiples": {"0.5": multiple(calm_p99, 0), "1": multiple(calm_p99, 0),
+                          "3": multiple(over_p99, errors_5xx)}}
+
+
+def test_the_overload_target_is_critical_p99_at_3x_over_0_5x_with_no_5xx() -> None:
+    name = "critical P99 at 3x overload / at 0.5x, on the GPU, zero 5xx"
+    data = results(direct=850.0, gateway=650.0, fp16_agreement=0.98)
+    found = {t["name"]: t for t in gpu_bench.targets(data | {"overload": overload(20.0, 28.0, 0)})}
+    assert found[name]["value"] == 1.4 and found[name]["met"] and found[name]["errors_5xx"] == 0
+    found = {t["name"]: t for t in gpu_bench.targets(data | {"overload": overload(20.0, 28.0, 3)})}
+    assert found[name]["value"] == 1.4 and not found[name]["met"]  # a 5xx fails it whatever the latency
+    found = {t["name"]: t for t in gpu_bench.targets(data | {"overload": overload(18.0, 204.0, 0)})}
+    assert found[name]["value"] == 11.333 and not found[name]["met"]
+
+
+def test_the_ceiling_is_the_best_fp16_mode_of_the_served_work() -> None:
+    data = results(direct=850.0, gateway=650.0, fp16_agreement=0.98)
+    data["ceiling"]["fp16 b256"]["pipeline_compile"] = {"img_s": 2000.0, "ms_per_batch": 128.0}
+    data["ceiling"]["fp16 b256"]["model_graph"] = {"img_s": 5000.0, "ms_per_batch": 51.2}  # the model alone: no
+    assert gpu_bench.best_ceiling(data) == ("fp16 b256 pipeline_compile", 2000.0)
+    found = {t["name"]: t for t in gpu_bench.targets(data)}
+    assert found["direct / in-process ceiling, FP16 img/s"]["value"] == 0.425
+    data["overload"] = overload(18.0, 204.0, 0)
+    data["targets"] = gpu_bench.targets(data)
+    text = gpu_bench.markdown(data)
+    assert "Ceiling: fp16 b256 pipeline_compile, 2000.0 img/s." in text
+    assert "| 3x | 204.0 (10/10) | - | 204.0 (10/10) | 0 | 1.0 |" in text

@@ -46,3 +46,31 @@ def test_on_the_gpu_spec_the_lowest_class_moves_to_vision_fp16_under_backlog() -
     assert app.routed_model("risk", "sheddable") == "risk_fp16"
     assert app.routed_model("vision", "critical") == "vision"  # only the lowest class is degraded
     assert app.routed_model("vision_bf16", "sheddable") == "vision_bf16"  # a model without a variant stays
+
+
+def test_on_the_gpu_spec_the_last_step_sends_the_lowest_class_to_batches_of_16() -> None:
+    from controlplane.gateway.app import GatewayApp
+    from controlplane.gateway.routing import Router
+
+    from .conftest import ROOT
+
+    spec = load_spec(ROOT / "examples" / "gpu" / "h200.yaml")  # vision -> vision_fp16 -> vision_fp16_b16
+    clock = ManualClock()
+    app = GatewayApp(spec, Router(clock=clock), clock)
+    config = spec.gateway.ladder
+    assert app.ladder.steps == [0, 2, 3]
+    backlog = {"sheddable": config.backlog_high + 1}
+    app.ladder.tick(backlog)
+    for _ in range(2):
+        clock.now += config.up_after_s
+        app.ladder.tick(backlog)
+    assert app.ladder.step == 3
+    assert app.routed_model("vision", "sheddable") == "vision_fp16_b16"  # FP32 -> FP16, then batch 256 -> 16
+    assert app.routed_model("vision_fp16", "sheddable") == "vision_fp16_b16"
+    assert app.routed_model("risk", "sheddable") == "risk_fp16"  # no smaller-batch variant: step 2's stays
+    assert app.routed_model("vision", "critical") == "vision"
+    low = {"sheddable": config.backlog_low}
+    app.ladder.tick(low)
+    clock.now += config.down_after_s
+    app.ladder.tick(low)  # one step down: back to the FP16 variant at full batch
+    assert app.ladder.step == 2 and app.routed_model("vision", "sheddable") == "vision_fp16"

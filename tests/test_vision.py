@@ -34,12 +34,13 @@ node_pools:
   - {{name: local, provider: existing, instance_type: this-machine}}
 models:
   - {{name: vision, path: vision, memory_mb: 64, max_batch: 256, cheaper_variant: vision_fp16}}
-  - {{name: vision_fp16, path: vision_fp16, memory_mb: 64, max_batch: 256}}
+  - {{name: vision_fp16, path: vision_fp16, memory_mb: 64, max_batch: 256, smaller_batch_variant: vision_fp16_b16}}
+  - {{name: vision_fp16_b16, path: vision_fp16_b16, memory_mb: 64, max_batch: 16}}
   - {{name: vision_bf16, path: vision_bf16, memory_mb: 64, max_batch: 256}}
   - {{name: risk, path: risk, memory_mb: 64, max_batch: 64, cheaper_variant: risk_fp16}}
   - {{name: risk_fp16, path: risk_fp16, memory_mb: 64, max_batch: 64}}
 shards:
-  - {{name: main, models: [vision, vision_fp16, vision_bf16, risk, risk_fp16]}}
+  - {{name: main, models: [vision, vision_fp16, vision_fp16_b16, vision_bf16, risk, risk_fp16]}}
 priority_classes:
   - {{name: standard, level: 200, default_deadline_ms: 30000, share: 1.0}}
 tenants:
@@ -50,7 +51,7 @@ gateway: {{allow_anonymous: true, anonymous_tenant: anonymous, workers: 1}}
 
 def small_repository(target: Path) -> Path:
     """The examples' model directories (links resolved), the vision ones with the tiny network at 64 px."""
-    for name in ("vision", "vision_fp16", "vision_bf16", "risk", "risk_fp16"):
+    for name in ("vision", "vision_fp16", "vision_fp16_b16", "vision_bf16", "risk", "risk_fp16"):
         shutil.copytree(ROOT / "examples" / "models" / name, target / name)
         config = target / name / "config.pbtxt"
         text = config.read_text().replace('string_value: "resnet50"', 'string_value: "resnet-tiny"')
@@ -118,6 +119,17 @@ def test_reduced_precision_variants_stay_close_to_fp32(served: RunningStack, mod
     variant = classify(served, model, "pixels", images, "UINT8")["logits"]
     assert np.abs(variant - reference).max() / np.abs(reference).max() <= tolerance
     assert np.mean(variant.argmax(1) == reference.argmax(1)) >= 0.9
+
+
+def test_the_smaller_batch_variant_classifies_like_its_model_and_refuses_bigger_batches(served: RunningStack) -> None:
+    """The ladder's "batch 32 -> 16" step: vision_fp16_b16 is vision_fp16 with batches of at most 16."""
+    images = sample_images(16, SIZE, seed=21).numpy()
+    small = classify(served, "vision_fp16_b16", "pixels", images, "UINT8")
+    full = classify(served, "vision_fp16", "pixels", images, "UINT8")
+    assert np.array_equal(small["top1"], full["top1"])
+    np.testing.assert_allclose(small["logits"], full["logits"], rtol=0, atol=1e-3)
+    with pytest.raises(InferenceServerException, match="batch"):
+        classify(served, "vision_fp16_b16", "pixels", sample_images(17, SIZE, seed=22).numpy(), "UINT8")
 
 
 def test_a_request_without_images_is_a_clear_client_error(served: RunningStack) -> None:

@@ -41,6 +41,10 @@ class Flow(StrictModel):
     deadline_ms: float = Field(1000, gt=0, description="Deadline sent as x-deadline-ms; goodput counts within it.")
     send_deadline: bool = Field(True, description="Send x-deadline-ms (peers without flow control ignore it).")
     body: dict = Field(default_factory=dict, description="The JSON infer request.")
+    binary_body: bytes | None = Field(None, description="A binary infer request (the KServe binary tensor "
+                                      "extension) sent instead of `body`, with its `binary_headers`.")
+    binary_headers: dict[str, str] = Field(default_factory=dict, description="Headers of `binary_body`, e.g. "
+                                           "Inference-Header-Content-Length.")
 
 
 class Scenario(StrictModel):
@@ -140,7 +144,10 @@ async def run(scenario: Scenario, urls: list[str], progress: Callable[[int, int]
             headers["Authorization"] = f"Bearer {flow.api_key}"
         if flow.send_deadline:
             headers["x-deadline-ms"] = str(int(flow.deadline_ms))
-        prepared.append((flow, f"/v2/models/{flow.model}/infer", json.dumps(flow.body).encode(), headers))
+        if flow.binary_body is not None:
+            headers |= flow.binary_headers
+        body = flow.binary_body if flow.binary_body is not None else json.dumps(flow.body).encode()
+        prepared.append((flow, f"/v2/models/{flow.model}/infer", body, headers))
     samples: list[Sample] = []
     pending: set[asyncio.Task[None]] = set()
 

@@ -74,17 +74,19 @@ class GatewayApp:
         self.lowest_class = ranked[-1].name
         self.top_class = ranked[0].name
         self.variants = {m.name: m.cheaper_variant for m in spec.models if m.cheaper_variant}
+        self.smaller_batches = {m.name: m.smaller_batch_variant for m in spec.models if m.smaller_batch_variant}
         self.signatures: dict[str, ModelSignature] = {}
         self._signature_lookups: dict[str, asyncio.Future[ModelSignature]] = {}
         self._upkeep: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def routed_model(self, model: str, band: str) -> str:
-        """The model that serves a request of class `band` for `model`: its cheaper variant for the lowest class
-        while the ladder is on step 2, else `model` itself."""
-        if band == self.lowest_class and self.ladder.use_variants:
-            return self.variants.get(model, model)
-        return model
+        """The model that serves a request of class `band` for `model`: for the lowest class, its cheaper variant
+        from ladder step 2 and then that one's smaller-batch variant from step 3; else `model` itself."""
+        if band != self.lowest_class or not self.ladder.use_variants:
+            return model
+        model = self.variants.get(model, model)
+        return self.smaller_batches.get(model, model) if self.ladder.use_smaller_batches else model
 
     def serve_on(self, server: GatewayServer) -> None:
         """Screen the server's requests after their headers and protect it from overload."""

@@ -1,9 +1,12 @@
 """The degradation ladder: automatic, reversible steps under sustained backlog, with hysteresis.
 
 Step 0: normal. Step 1: standby shards are woken. Step 2: the lowest class is sent to the cheaper variant of
-its model where the spec names one. A step is climbed when some class has had more than `backlog_high`
-requests queued for `up_after_s`; a step is descended when every class has stayed at or below `backlog_low`
-for `down_after_s`. Steps that the spec gives nothing to do (no standby, no variants) are skipped.
+its model where the spec names one (e.g. FP32 -> FP16). Step 3: the lowest class is sent on to the smaller-batch
+variant of the model it is on where the spec names one (e.g. max batch 32 -> 16: shorter batches on the GPU, so a
+batch of the lowest class holds the GPU for less time).
+A step is climbed when some class has had more than `backlog_high` requests queued for `up_after_s`; a step
+is descended when every class has stayed at or below `backlog_low` for `down_after_s`. Steps that the spec
+gives nothing to do (no standby, no variants) are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from controlplane.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
-STEP_NAMES = {0: "normal", 1: "standby shards awake", 2: "lowest class on cheaper variants"}
+STEP_NAMES = {0: "normal", 1: "standby shards awake", 2: "lowest class on cheaper variants",
+              3: "lowest class on smaller-batch variants"}
 HISTORY_KEPT = 20  # the last moves shown in /admin/queues; older ones live in the log
 
 
@@ -28,7 +32,9 @@ class DegradationLadder:
         self.set_standby = set_standby
         has_standby = set_standby is not None and any(s.standby for s in spec.shards)
         has_variants = any(m.cheaper_variant for m in spec.models)
-        self.steps = [0] + ([1] if has_standby else []) + ([2] if has_variants else [])
+        has_smaller_batches = any(m.smaller_batch_variant for m in spec.models)
+        self.steps = ([0] + ([1] if has_standby else []) + ([2] if has_variants else [])
+                      + ([3] if has_smaller_batches else []))
         self.position = 0  # index into self.steps
         self.high_since: float | None = None
         self.low_since: float | None = None
@@ -72,6 +78,10 @@ class DegradationLadder:
     @property
     def use_variants(self) -> bool:
         return self.step >= 2
+
+    @property
+    def use_smaller_batches(self) -> bool:
+        return self.step >= 3
 
     def snapshot(self) -> dict:
         return {"step": self.step, "name": STEP_NAMES[self.step], "steps": self.steps,

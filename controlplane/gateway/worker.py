@@ -58,6 +58,10 @@ class FollowedLadder:
     def use_variants(self) -> bool:
         return self.step >= 2
 
+    @property
+    def use_smaller_batches(self) -> bool:
+        return self.step >= 3
+
     def tick(self, queued_per_class: dict[str, int]) -> None:
         """The supervisor's ladder climbs; this worker's backlog reaches it in the tick reports."""
 

@@ -78,12 +78,27 @@ class TritonInstall:
 
     def env(self, cuda_visible_devices: str | None) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["PATH"] = f"{stub_python().parent}:{env.get('PATH', '/usr/bin:/bin')}"
         library_path = [str(self.lib_dir), *_own_libpython_dir(), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = ":".join(library_path).rstrip(":")
         if cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         return env
+
+
+def stub_python() -> Path:
+    """The Python whose environment the Python-backend stubs run in (they find it as `python3` on PATH):
+    `$CPCTL_STUB_PYTHON` when set, else this interpreter. The variable exists for numpy 2 machines: this Triton
+    build's stub was compiled against numpy 1 and misreads BYTES tensors under numpy 2, so there the stubs are
+    given an environment with numpy 1.26 first (bench/device/setup.sh builds one) while cpctl itself keeps numpy 2.
+    """
+    chosen = os.environ.get("CPCTL_STUB_PYTHON")
+    if not chosen:
+        return Path(sys.executable)
+    path = Path(chosen)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise TritonNotFound(f"CPCTL_STUB_PYTHON={chosen}: not an executable Python interpreter")
+    return path
 
 
 def _own_libpython_dir() -> list[str]:

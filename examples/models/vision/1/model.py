@@ -7,8 +7,10 @@ or Pillow). Tensors cross the Triton boundary through DLPack both ways: zero-cop
 Triton build's `pb_utils.Tensor(name, numpy_array)` fails under numpy 2 (shared/design/FACTS.md).
 
 config.pbtxt parameters: `arch` (resnet50 | resnet-tiny), `precision` (fp32 | fp16 | bf16), `image_size`,
-`weights` (a state dict file, relative to this folder; empty: the seeded init). On a GPU the CUDA allocator's
-reserved and allocated bytes are reported on the shard's metrics port (allocator.py).
+`weights` (a state dict file, relative to this folder; empty: the seeded init), `cuda_graph_batches` (batch sizes
+captured as CUDA graphs at load on a GPU, e.g. "8,16,32,64,128,192,256": a batch runs as the graph of the next
+size up, padded; empty: eager). On a GPU the CUDA allocator's reserved and allocated bytes are reported on the
+shard's metrics port (allocator.py).
 """
 
 import io
@@ -23,7 +25,7 @@ from torch.utils.dlpack import to_dlpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # resnet.py and allocator.py beside this file
 from allocator import cuda_allocator_gauges  # noqa: E402
-from resnet import PRECISIONS, prepare, preprocess, resnet  # noqa: E402
+from resnet import PRECISIONS, GraphedBatches, prepare, preprocess, resnet  # noqa: E402
 
 try:
     from torchvision.io import decode_jpeg
@@ -45,6 +47,10 @@ class TritonPythonModel:
         weights = parameters.get("weights") or None
         network = resnet(parameters.get("arch", "resnet50"), Path(__file__).parent / weights if weights else None)
         self.model = prepare(network, self.device, self.precision)
+        graph_batches = [int(b) for b in parameters.get("cuda_graph_batches", "").split(",") if b.strip()]
+        if on_gpu and graph_batches:  # the captures also run cuDNN's tuning for those sizes, before traffic
+            self.model = GraphedBatches(self.model, graph_batches, self.image_size, PRECISIONS[self.precision],
+                                        self.device)
         self.allocator = cuda_allocator_gauges(args["model_name"], torch, self.device) if on_gpu else None
 
     def decode(self, encoded: list[bytes]) -> list[torch.Tensor]:

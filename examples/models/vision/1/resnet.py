@@ -10,6 +10,7 @@ no weights can be downloaded on the machines this project runs on, so a seeded n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,6 +134,53 @@ def preprocess(images: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Ten
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     mean, std = _normalization(x.device)
     return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def capture(step: Callable[[], torch.Tensor], pool=None) -> Callable[[], torch.Tensor]:
+    """`step` captured as a CUDA graph (after a warm-up on a side stream, which also lets cuDNN's benchmark mode
+    pick its algorithms outside the capture); returns a replay that gives the graph's output tensor."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return output
+
+    return replay
+
+
+class GraphedBatches:
+    """`model` replayed as one CUDA graph per batch size in `sizes` (a batch is padded up to the next one; larger
+    batches run eagerly): the launch overhead of ~160 kernels per batch is gone, as in the in-process ceiling.
+    The graphs share one memory pool, captured largest first so the smaller ones fit in what it already holds.
+    An output is a view of the graph's own buffer: use it before the next call."""
+
+    def __init__(self, model: nn.Module, sizes: list[int], image_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.sizes = sorted(sizes)
+        self.replays: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size in reversed(self.sizes):
+                x = torch.zeros(size, 3, image_size, image_size, dtype=dtype, device=device)
+                x = x.contiguous(memory_format=torch.channels_last)
+                self.replays[size] = (x, capture(lambda m=model, x=x: m(x), pool))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        size = next((s for s in self.sizes if s >= len(x)), None)
+        if size is None:
+            return self.model(x)
+        static_input, replay = self.replays[size]
+        static_input[:len(x)].copy_(x)
+        return replay()[:len(x)]
 
 
 _NORMALIZATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,0 +1,1 @@
+../../vision/1/allocator.py
