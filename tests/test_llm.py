@@ -25,11 +25,10 @@ from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from controlplane.gateway.workers import partition_spec
+from controlplane.llm.client import PipelineClient, PipelineError
 from controlplane.llm.pipeline import (
     END,
     START,
-    PipelineClient,
-    PipelineError,
     decode,
     encode,
     stage_model_names,
