@@ -63,6 +63,7 @@ pipelines:
   - {{name: llm, stages: [llm_1of2, llm_2of2], max_sequences: {max_sequences}, max_tokens: 400}}
   - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 2, max_tokens: 400,
      reserved_for_top_class: 1}}
+  - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -358,6 +359,58 @@ def test_a_full_pipeline_sheds_before_the_first_token_and_keeps_a_place_for_crit
     assert again.status == 200, "the place of a client that left was never released"
     steps = model_stats(served, 0, "llm_1of2")["inference_count"] - steps_before
     assert steps < 400, f"{steps} steps at stage 1: the sequence of the client that left was not stopped"
+
+
+def shard_metric(stack: RunningStack, name: str) -> dict[str, float]:
+    """A per-shard gauge of the gateway's /metrics, by shard."""
+    with urllib.request.urlopen(f"http://{stack.address}/metrics", timeout=10) as metrics:
+        lines = metrics.read().decode().splitlines()
+    found = {}
+    for line in lines:
+        if line.startswith(name + '{shard="'):
+            shard, value = line[len(name) + 8:].split('"} ')
+            found[shard] = float(value)
+    return found
+
+
+def test_pipeline_steps_are_counted_on_their_stage_shards_like_requests(served: RunningStack) -> None:
+    before = shard_metric(served, "cp_shard_served")
+    response = post(served, "/v2/models/llm/generate", {"text_input": "count my steps", "max_tokens": 6})
+    assert response.status == 200
+    assert len(json.loads(response.read())["token_ids"]) == 6  # no early end of text: no release step either
+    after = shard_metric(served, "cp_shard_served")
+    assert {shard: after[shard] - before.get(shard, 0) for shard in after} == {"llm-stage1-0": 6, "llm-stage2-0": 6}
+    assert shard_metric(served, "cp_shard_in_flight") == {"llm-stage1-0": 0, "llm-stage2-0": 0}
+
+
+def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:
+    """`llm_gated` lets one step at a time into each stage: standard sequences already streaming, a critical one
+    that comes last still ends first, because at every stage its step takes the next place."""
+    finished: list[str] = []
+    streaming = threading.Barrier(5, timeout=60)
+
+    def standard(index: int) -> None:
+        response = post(served, "/v2/models/llm_gated/generate_stream",
+                        {"text_input": f"standard {index}", "max_tokens": 40})
+        assert response.status == 200
+        response.readline()  # its first token: it is under way
+        streaming.wait()
+        got = [json.loads(line[len(b"data: "):]) for line in response.read().split(b"\n")
+               if line.startswith(b"data: ")]
+        assert len(got) == 39 and "error" not in got[-1]
+        finished.append("standard")
+
+    threads = [threading.Thread(target=standard, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()
+    critical = post(served, "/v2/models/llm_gated/generate", {"text_input": "urgent", "max_tokens": 40},
+                    {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+    assert critical.status == 200 and len(json.loads(critical.read())["token_ids"]) == 40
+    finished.append("critical")
+    for thread in threads:
+        thread.join(timeout=120)
+    assert finished[0] == "critical", f"finishing order {finished}: critical steps waited behind standard ones"
 
 
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:

@@ -115,6 +115,7 @@ class GatewayMetrics:
             ("cp_shard_in_flight", "in_flight", "Requests in flight per shard."),
             ("cp_shard_concurrency_limit", "limit", "Adaptive concurrency limit per shard."),
             ("cp_shard_ejections", "ejections", "Times a shard was ejected since it joined."),
+            ("cp_shard_served", "served", "Requests (pipeline steps included) a shard answered since it joined."),
         ):
             family = GaugeMetricFamily(name, documentation, labels=["shard"])
             for shard in shards:
