@@ -431,6 +431,8 @@ def main() -> None:
     results.setdefault("served", {})
     results.update(date=datetime.date.today().isoformat(), config=config, tokens=args.tokens,
                    device=torch.cuda.get_device_name(0) if gpu else "cpu")
+    results.setdefault("runs", []).append({"parts": parts, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime())})
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         checkpoint = work / "checkpoint"
