@@ -445,6 +445,25 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
 
 
+@pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),
+                         [(0, "llm_1of2", "input_ids", np.zeros((0,), np.int64), "hidden_out"),
+                          (1, "llm_2of2", "hidden", np.zeros((0, 0), np.float32), "next_token")])
+def test_a_release_step_answer_is_read_as_an_empty_tensor(served: RunningStack, stage: int, model: str,
+                                                          input_name: str, empty: np.ndarray, output_name: str
+                                                          ) -> None:
+    """What the gateway sends when a sequence ends early (end of text): the stage's answer carries an empty
+    tensor, which Triton writes with no data at all; the gateway must read it (seen on the H200 run)."""
+    body, header_length = step_request_body(12345, END, input_name, empty, output_name)
+    connection = http.client.HTTPConnection(stage_urls(served)[stage], timeout=30)
+    connection.request("POST", f"/v2/models/{model}/infer", body=body,
+                       headers={"inference-header-content-length": str(header_length)})
+    answer = connection.getresponse()
+    payload, length = answer.read(), answer.getheader("inference-header-content-length")
+    connection.close()
+    assert answer.status == 200, payload
+    assert step_response_tensor(payload, int(length) if length is not None else None).size == 0
+
+
 def test_a_step_body_carries_the_priority_and_raw_tensor_bytes() -> None:
     hidden = np.arange(6, dtype=np.float32).reshape(2, 3)
     body, header_length = step_request_body(42, START, "hidden", hidden, "hidden_out", priority=1)

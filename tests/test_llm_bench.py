@@ -21,7 +21,8 @@ def run(tokens_per_s: float, ttft_p99_ms: float = 100.0, statuses: dict | None =
 
 
 def results(four: float, one: float, critical_loaded_ms: float, errors: int) -> dict:
-    return {"date": "2026-11-30", "device": "test", "config": "7b", "tokens": 64, "baseline": {"1": run(100.0), "32": run(900.0)},
+    return {"date": "2026-11-30", "device": "test", "config": "7b", "tokens": 64,
+            "baseline": {"1": run(100.0), "32": run(900.0)},
             "served": {"1": {"32": run(one)}, "4": {"32": run(four)}},
             "overload": {"critical_clients": 4, "standard_clients": 96, "critical_alone": run(0, ttft_p99_ms=100.0),
                          "mixed": {"critical": run(0, ttft_p99_ms=critical_loaded_ms),

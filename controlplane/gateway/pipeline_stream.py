@@ -219,7 +219,10 @@ class PipelineRun:
             raise StageFailed(f"stage {model} on {target.name} answered {answer.status}: "
                               f"{payload[:300].decode(errors='replace')}")
         length = dict(answer.headers).get(b"inference-header-content-length")
-        return step_response_tensor(payload, int(length) if length is not None else None)
+        try:
+            return step_response_tensor(payload, int(length) if length is not None else None)
+        except (ValueError, KeyError, TypeError) as exc:  # a sequence ends with a message, never a task's traceback
+            raise StageFailed(f"stage {model} on {target.name}: unreadable answer ({exc!r})") from None
 
     # --- endings -------------------------------------------------------------------------------------------
     def _event(self, document: dict) -> None:
