@@ -443,6 +443,8 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     assert [p.pipelines[0].max_sequences for p in parts] == [3, 2, 2]  # llm: 7 places
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
+    steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
+    assert steps == [[0, 0, 1]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
 
 
 @pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),
