@@ -6,6 +6,7 @@ pipeline must give exactly its greedy tokens, for several sequences stepping at 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from controlplane.gateway.pipeline_stream import StepGate
 from controlplane.gateway.workers import partition_spec
 from controlplane.llm.client import PipelineClient, PipelineError
 from controlplane.llm.pipeline import (
@@ -411,6 +413,30 @@ def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert finished[0] == "critical", f"finishing order {finished}: critical steps waited behind standard ones"
+
+
+def test_step_gate_gives_freed_places_in_class_order_and_skips_steps_that_left() -> None:
+    async def scenario() -> list[str]:
+        gate, replica, order = StepGate(1), object(), []
+
+        async def step(name: str, priority: int) -> None:
+            await gate.enter(replica, priority)
+            order.append(name)
+
+        await step("running", 2)  # holds the one place
+        waiting = {name: asyncio.create_task(step(name, priority))
+                   for name, priority in (("standard", 2), ("gone", 1), ("critical", 1))}
+        await asyncio.sleep(0)
+        waiting["gone"].cancel()  # its client left while it waited
+        await asyncio.sleep(0)
+        for _ in range(3):  # running leaves, then whoever got its place
+            gate.leave(replica)
+            await asyncio.sleep(0)
+        await asyncio.gather(waiting["standard"], waiting["critical"])
+        assert gate.in_flight == {} and gate.waiting == {}  # nothing kept for an idle replica
+        return order
+
+    assert asyncio.run(scenario()) == ["running", "critical", "standard"]
 
 
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:

@@ -81,6 +81,9 @@ class StepGate:
                 place.set_result(None)
                 return
         self.in_flight[target] -= 1
+        if not self.in_flight[target]:  # nothing kept for an idle replica (replicas come and go)
+            del self.in_flight[target]
+            self.waiting.pop(target, None)
 
 
 class PipelineSequences:
