@@ -19,7 +19,7 @@ Writes OUT/llm-<date>.{json,md} after every step, with `targets` (issue 12). `--
 earlier run's JSON (a benchmark split over two device calls).
 
     python bench/llm.py OUT [--small] [--parts baseline,shards4,overload,shards1] [--concurrency 1,8,32,64]
-                            [--tokens 64] [--requests-per-client 2] [--merge FILE]
+                            [--tokens 64] [--requests-per-client 2] [--max-steps-per-stage N] [--merge FILE]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def baseline(checkpoint: Path, device: str, dtype: str, levels: list[int], reque
 
 
 # --- served ----------------------------------------------------------------------------------------------------
-def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int) -> str:
+def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0) -> str:
     names = [f"llm_{k}of{stages}" for k in range(1, stages + 1)]
     spec = yaml.safe_load((ROOT / "examples" / "llm" / "cluster.yaml").read_text())
     spec["cluster"] = f"llm-bench-{stages}"
@@ -138,7 +138,8 @@ def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int) -> str:
     spec["shards"] = [{"name": f"llm-stage{k + 1}", "models": [n], **({"gpu": 0} if gpu else {})}
                       for k, n in enumerate(names)]
     spec["pipelines"] = [{**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens,
-                          "max_sequences": PIPELINE_PLACES, "reserved_for_top_class": TOP_CLASS_RESERVE}]
+                          "max_sequences": PIPELINE_PLACES, "reserved_for_top_class": TOP_CLASS_RESERVE,
+                          "max_steps_per_stage": max_steps_per_stage}]
     # One worker holds all the places: with several, the clients' connections split unevenly between workers
     # and a worker's share sheds before the pipeline is full.
     spec["gateway"].update(port=0, workers=1)
@@ -373,7 +374,7 @@ def make_checkpoint(checkpoint: Path, config: str, dtype: str, device: str) -> N
 def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argparse.Namespace, levels: list[int],
               results: dict, with_levels: bool, with_overload: bool) -> None:
     spec = work / f"llm-{stages}.yaml"
-    spec.write_text(spec_text(stages, repository, gpu, args.tokens))
+    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage))
     run_dir = work / f"run-{stages}"
     run_dir.mkdir()
     started = time.perf_counter()
@@ -415,6 +416,8 @@ def main() -> None:
     parser.add_argument("--critical-clients", type=int, default=4)
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--start-timeout-s", type=float, default=180.0)
+    parser.add_argument("--max-steps-per-stage", type=int, default=0,
+                        help="the pipeline's gate: steps in flight at a stage, the rest wait in class order (0: off)")
     parser.add_argument("--merge", type=Path, help="an earlier run's JSON to add this run's results to")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -430,6 +433,7 @@ def main() -> None:
     results: dict = json.loads(args.merge.read_text()) if args.merge else {}
     results.setdefault("served", {})
     results.update(date=datetime.date.today().isoformat(), config=config, tokens=args.tokens,
+                   max_steps_per_stage=args.max_steps_per_stage,
                    device=torch.cuda.get_device_name(0) if gpu else "cpu")
     results.setdefault("runs", []).append({"parts": parts, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())})
