@@ -250,7 +250,7 @@ class PipelineStage:
 def _causal(past: int, new: int, device: torch.device) -> dict:
     """SDPA's causal arguments for `new` queries after `past` cached positions: query t (at position past+t)
     sees keys 0..past+t. A decode step (one query) sees everything and a fresh prompt is plain causal: no mask
-    to build for those (the mask's three kernels a sequence and layer were a third of a decode step's cost)."""
+    to build for those (three small kernels fewer per sequence and layer, in a loop over sequences)."""
     if new == 1:
         return {}
     if past == 0:
