@@ -182,6 +182,23 @@ def test_in_process_stages_batch_sequences_of_different_lengths_exactly(
     assert all(not stage.caches for stage in stages)  # every sequence's last step freed its caches
 
 
+def test_a_prompt_sent_in_two_pieces_gives_the_same_tokens(checkpoint: Path, reference: LlamaForCausalLM) -> None:
+    """The second piece attends to the cached first one through a mask (the path decode steps and fresh prompts
+    skip)."""
+    stages = [PipelineStage(checkpoint, k, 2) for k in range(2)]
+    prompt = encode("a prompt in two pieces")
+    pieces = [torch.tensor(prompt[:7]), torch.tensor(prompt[7:])]
+    got = []
+    for step in range(5):
+        item = StepInput(9, step == 0, step == 4, pieces[step] if step < 2 else torch.tensor([got[-1]]))
+        for stage in stages:
+            (out,) = stage.step([item])
+            item = StepInput(9, item.start, item.end, out)
+        if step >= 1:  # the first piece's answer is not a continuation of the whole prompt
+            got.append(int(item.tokens[0]))
+    assert got == greedy(reference, prompt, 4)
+
+
 def test_a_stage_refuses_unknown_sequences_and_a_full_cache(checkpoint: Path) -> None:
     stage = PipelineStage(checkpoint, 0, 2, max_sequences=2)
     one_token = torch.tensor([5])
