@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, served at /metrics.
 
 Per class and tenant: requests by outcome, sheds by reason; per class: queue depth, queue wait and
-end-to-end latency; per shard: in flight, concurrency limit, ejections; the degradation ladder's step; GPU
+end-to-end latency; per shard: in flight, concurrency limit, ejections, served; the degradation ladder's step; GPU
 telemetry (per GPU or MIG instance, per shard, the models' CUDA allocators: controlplane/gpu/telemetry.py)
 when the supervisor reads it.
 
