@@ -1,18 +1,25 @@
 """The llm benchmark (issue 12): tokens/s, time to first token and inter-token latency of the 7B example.
 
 Meant for the GPU machine (bench/device/llm.sh runs it there); `--small` runs the same steps on a CPU with the
-tiny config and few tokens, to check the script before spending device time. Steps:
-  1. a seeded checkpoint (examples/llm/make_checkpoint.py; 7b in bfloat16, or tiny with --small);
-  2. the baseline: single-process transformers `generate` on the same device, the requests one at a time;
-  3. `cpctl up` of a generated spec per setup: the whole model as 1 stage shard, and 4 stage shards (on one
-     GPU without MIG: the card's MIG mode is never changed here), each behind the gateway's `pipelines`;
-     closed-loop streaming clients (`/generate_stream`) at each `--concurrency`, recording time to first token,
-     every inter-token gap, and the aggregate tokens/s;
-  4. mixed priority on the 4-shard setup: critical sequences alone, then the same critical load beside
-     standard sequences at `--overload` x the concurrency that setup served best; critical TTFT P99 and 5xx.
-Writes OUT/llm-<date>.{json,md} after every step, with `targets` (issue 12).
+tiny config and few tokens, to check the script before spending device time. Parts (`--parts`, in that order):
+  checkpoint  always: a seeded checkpoint (examples/llm/make_checkpoint.py; 7b in bfloat16 initialised on the
+              GPU, or tiny with --small), read by the real loading code of every stage;
+  baseline    single-process transformers `generate` on the same device: a batch of N identical prompts at
+              each concurrency N (N=1: the requests one at a time), timed token by token through a streamer;
+  shards4     `cpctl up` of a generated spec with 4 stage shards on one GPU (MIG mode is never changed here:
+              the stages share the whole card) behind the gateway's `pipelines` (one gateway worker); closed-
+              loop streaming clients (`/generate_stream`) at each `--concurrency`, recording time to first
+              token, every inter-token gap, aggregate tokens/s, and each stage's Triton statistics (batches
+              formed, queue and compute time) for the profile;
+  overload    on the 4-shard setup: critical sequences alone, then the same critical load beside a standard
+              flood of `--overload` x the reference concurrency (32); a shed (429) standard client waits its
+              Retry-After before it asks again; critical TTFT P99 and 5xx;
+  shards1     the same levels with the whole model as 1 stage shard.
+Writes OUT/llm-<date>.{json,md} after every step, with `targets` (issue 12). `--merge FILE` starts from an
+earlier run's JSON (a benchmark split over two device calls).
 
-    python bench/llm.py OUT [--small] [--concurrency 1,8,32,64] [--tokens 128] [--requests-per-client 4]
+    python bench/llm.py OUT [--small] [--parts baseline,shards4,overload,shards1] [--concurrency 1,8,32,64]
+                            [--tokens 64] [--requests-per-client 2] [--max-steps-per-stage N] [--merge FILE]
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import datetime
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -39,6 +48,13 @@ from controlplane.procs import ManagedProcess  # noqa: E402
 
 API_KEY = "cp-demo-key"  # the demo tenant of examples/llm/cluster.yaml
 PROMPT = "Serving a seven billion parameter model split into four pipeline stages. " * 2
+PARTS = ("baseline", "shards4", "overload", "shards1")
+REFERENCE_CONCURRENCY = 32  # the issue's targets are read at 32 sequences
+# The bench's pipeline: 64 places for standard sequences (every level runs unshed) plus 8 kept for critical
+PIPELINE_PLACES, TOP_CLASS_RESERVE = 72, 8
+# The stages' own bound (and their batch: every waiting step joins the next one) stays above the gateway's
+STAGE_MAX_SEQUENCES = 128
+SHED_WAIT_S = 1.0  # what the gateway's Retry-After asks of a shed client
 
 
 def log(message: str) -> None:
@@ -56,41 +72,60 @@ def summary(ttfts: list[float], gaps: list[float], tokens: int, seconds: float, 
 
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
             "ttft_p50_ms": ms(ttfts, 0.5), "ttft_p99_ms": ms(ttfts, 0.99),
-            "itl_p50_ms": ms(gaps, 0.5), "itl_p99_ms": ms(gaps, 0.99), "statuses": statuses}
+            "itl_p50_ms": ms(gaps, 0.5), "itl_p99_ms": ms(gaps, 0.99),
+            "itl_mean_ms": round(sum(gaps) / len(gaps) * 1e3, 2) if gaps else float("nan"),
+            "sequences": len(ttfts), "statuses": statuses}
 
 
-# --- 2. the baseline ---------------------------------------------------------------------------------------------
-def baseline(checkpoint: Path, device: str, dtype: str, requests: int, tokens: int) -> dict:
+# --- the baseline ------------------------------------------------------------------------------------------------
+def baseline(checkpoint: Path, device: str, dtype: str, levels: list[int], requests: int, tokens: int) -> dict:
+    """transformers `generate`, one process, a batch of `level` identical prompts (no padding) per level."""
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenTimes(BaseStreamer):
+        """When each new token of the batch exists (generate hands the prompt first, then a token per step)."""
+
+        def __init__(self) -> None:
+            self.prompt_seen, self.times = False, []
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())  # value came to the CPU: the step is done
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
 
     model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
-    prompt = torch.tensor([encode(PROMPT)], device=device)
+    prompt = encode(PROMPT)
 
-    def generate(new_tokens: int) -> None:
+    def generate(batch: int, new_tokens: int) -> tuple[float, list[float]]:
+        ids = torch.tensor([prompt] * batch, device=device)
+        times = TokenTimes()
+        started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=times)
+        return started, times.times
 
-    generate(2)  # warm-up
-    ttfts, gaps, started = [], [], time.perf_counter()
-    for _ in range(requests):
-        t0 = time.perf_counter()
-        generate(1)
-        ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        generate(tokens)
-        total = time.perf_counter() - t1
-        ttfts.append(ttft)
-        gaps.append((total - ttft) / max(1, tokens - 1))
-    # the requests one at a time: the TTFT runs are measurement, not service; count the full generations only
-    seconds = time.perf_counter() - started - sum(ttfts)
-    return summary(ttfts, gaps, requests * tokens, seconds, {"200": requests})
+    generate(1, 2)  # warm-up
+    results = {}
+    for level in levels:
+        ttfts, gaps, seconds = [], [], 0.0
+        for _ in range(requests):
+            started, times = generate(level, tokens)
+            ttfts += [times[0] - started] * level
+            gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+            seconds += times[-1] - started
+        results[str(level)] = summary(ttfts, gaps, level * tokens * requests, seconds, {"200": level * requests})
+        log(f"   baseline {level}: {results[str(level)]['tokens_per_s']} tokens/s")
+    return results
 
 
-# --- 3. served -------------------------------------------------------------------------------------------------
-def spec_text(stages: int, checkpoint: Path, repository: Path, gpu: bool, max_tokens: int) -> str:
+# --- served ----------------------------------------------------------------------------------------------------
+def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0) -> str:
     names = [f"llm_{k}of{stages}" for k in range(1, stages + 1)]
     spec = yaml.safe_load((ROOT / "examples" / "llm" / "cluster.yaml").read_text())
     spec["cluster"] = f"llm-bench-{stages}"
@@ -98,20 +133,28 @@ def spec_text(stages: int, checkpoint: Path, repository: Path, gpu: bool, max_to
     spec["node_pools"][0].pop("mig")  # MIG mode is never changed here: the stages share the whole GPU
     if not gpu:
         spec["node_pools"][0]["gpu"] = {"model": "none", "per_node": 0}
-    spec["models"] = [{"name": n, "path": "llm_stage", "memory_mb": 1024, "max_batch": 64} for n in names]
+    spec["models"] = [{"name": n, "path": "llm_stage", "memory_mb": 1024, "max_batch": STAGE_MAX_SEQUENCES}
+                      for n in names]
     spec["shards"] = [{"name": f"llm-stage{k + 1}", "models": [n], **({"gpu": 0} if gpu else {})}
                       for k, n in enumerate(names)]
-    spec["pipelines"] = [{**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens}]
-    spec["gateway"]["port"] = 0
+    spec["pipelines"] = [{**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens,
+                          "max_sequences": PIPELINE_PLACES, "reserved_for_top_class": TOP_CLASS_RESERVE,
+                          "max_steps_per_stage": max_steps_per_stage}]
+    # One worker holds all the places: with several, the clients' connections split unevenly between workers
+    # and a worker's share sheds before the pipeline is full.
+    spec["gateway"].update(port=0, workers=1)
     return yaml.safe_dump(spec, sort_keys=False)
 
 
 def stage_repository(target: Path, checkpoint: Path) -> Path:
-    import shutil
-
-    shutil.copytree(ROOT / "examples" / "models" / "llm_stage", target / "llm_stage")
+    shutil.copytree(ROOT / "examples" / "models" / "llm_stage", target / "llm_stage",
+                    ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
     config = target / "llm_stage" / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "checkpoint"', f'string_value: "{checkpoint}"'))
+    text = config.read_text().replace('string_value: "checkpoint"', f'string_value: "{checkpoint}"')
+    text = text.replace('{ key: "max_sequences", value: { string_value: "64" } }',
+                        f'{{ key: "max_sequences", value: {{ string_value: "{STAGE_MAX_SEQUENCES}" }} }}')
+    text = text.replace("max_batch_size: 64", f"max_batch_size: {STAGE_MAX_SEQUENCES}")
+    config.write_text(text)
     return target
 
 
@@ -121,24 +164,41 @@ class Served:
     def __init__(self, spec: Path, run_dir: Path, timeout_s: float) -> None:
         env = {**os.environ, "CPCTL_RUN_DIR": str(run_dir)}
         self.state_file = run_dir / yaml.safe_load(spec.read_text())["cluster"] / "state.json"
-        self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec), "--port", "0"],
+        self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec), "--port", "0",
+                                       "--ready-timeout", str(timeout_s)],
                                       env=env, log_path=run_dir / "cpctl.log", cwd=ROOT)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s + 30
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"cpctl up did not serve: {self.process.log_tail()}")
             time.sleep(0.5)
 
+    def state(self) -> dict:
+        return json.loads(self.state_file.read_text())
+
     def ready(self) -> bool:
         if not self.state_file.exists():
             return False
-        state = json.loads(self.state_file.read_text())
-        return all(s["state"] == "ready" for s in state["shards"])
+        shards = self.state()["shards"]
+        return bool(shards) and all(s["state"] == "ready" for s in shards)
 
     @property
     def address(self) -> str:
-        return json.loads(self.state_file.read_text())["gateway"].removeprefix("http://")
+        return self.state()["gateway"].removeprefix("http://")
+
+    def stage_stats(self) -> dict[str, dict]:
+        """Each stage model's Triton statistics (cumulative): requests, batches, queue and compute time."""
+        found = {}
+        for shard in self.state()["shards"]:
+            for model in shard["models"]:
+                with urllib.request.urlopen(f"{shard['url']}/v2/models/{model}/stats", timeout=10) as answer:
+                    stats = json.load(answer)["model_stats"][0]
+                inference = stats["inference_stats"]
+                found[model] = {"requests": stats["inference_count"], "batches": stats["execution_count"],
+                                "success_ns": inference["success"]["ns"], "queue_ns": inference["queue"]["ns"],
+                                "compute_ns": inference["compute_infer"]["ns"]}
+        return found
 
     def stop(self) -> None:
         self.process.popen.send_signal(2)
@@ -146,6 +206,20 @@ class Served:
             self.process.popen.wait(timeout=60)
         finally:
             self.process.stop(grace_s=5)
+
+
+def stage_profile(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """Per stage over one run: steps, batches, mean batch size, mean queue wait and batch compute per step."""
+    profile = {}
+    for model, end in after.items():
+        delta = {key: end[key] - before.get(model, {}).get(key, 0) for key in end}
+        steps, batches = delta["requests"], max(1, delta["batches"])
+        per_step = max(1, steps)
+        profile[model] = {"steps": steps, "batches": delta["batches"], "mean_batch": round(steps / batches, 2),
+                          "queue_ms": round(delta["queue_ns"] / per_step / 1e6, 3),
+                          "compute_ms": round(delta["compute_ns"] / per_step / 1e6, 3),  # a step's batch time
+                          "in_server_ms": round(delta["success_ns"] / per_step / 1e6, 3)}
+    return profile
 
 
 def stream_once(address: str, tokens: int, priority: str) -> tuple[int, float | None, list[float], int]:
@@ -170,12 +244,17 @@ def stream_once(address: str, tokens: int, priority: str) -> tuple[int, float | 
     return 200, arrivals[0] - started, [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)], len(arrivals)
 
 
-def closed_loop(address: str, clients: int, per_client: int, tokens: int, priority: str) -> dict:
+def closed_loop(address: str, clients: int, per_client: int, tokens: int, priority: str,
+                stop: threading.Event | None = None) -> dict:
+    """`clients` threads, each streaming `per_client` sequences one after another (or, with `stop`, until it is
+    set, at most `per_client`); a shed client waits SHED_WAIT_S before asking again."""
     ttfts, gaps, statuses, received = [], [], {}, [0]
     lock = threading.Lock()
 
     def client() -> None:
         for _ in range(per_client):
+            if stop is not None and stop.is_set():
+                return
             status, ttft, between, count = stream_once(address, tokens, priority)
             with lock:
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
@@ -183,6 +262,8 @@ def closed_loop(address: str, clients: int, per_client: int, tokens: int, priori
                 if ttft is not None:
                     ttfts.append(ttft)
                 gaps.extend(between)
+            if status == 429:
+                time.sleep(SHED_WAIT_S)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     started = time.perf_counter()
@@ -193,120 +274,187 @@ def closed_loop(address: str, clients: int, per_client: int, tokens: int, priori
     return summary(ttfts, gaps, received[0], time.perf_counter() - started, statuses)
 
 
-def mixed(address: str, critical_clients: int, standard_clients: int, per_client: int, tokens: int) -> dict:
-    results: dict = {}
+def overload(address: str, critical_clients: int, critical_requests: int, standard_clients: int,
+             tokens: int) -> dict:
+    """Critical sequences alone, then the same critical load while a standard flood runs (until they end)."""
+    alone = closed_loop(address, critical_clients, critical_requests, tokens, "critical")
+    stop, flood = threading.Event(), {}
 
-    def run(name: str, clients: int, priority: str) -> None:
-        results[name] = closed_loop(address, clients, per_client, tokens, priority)
+    def standard() -> None:
+        flood["standard"] = closed_loop(address, standard_clients, 10_000, tokens, "standard", stop)
 
-    background = threading.Thread(target=run, args=("standard", standard_clients, "standard"))
+    background = threading.Thread(target=standard)
     background.start()
-    time.sleep(1.0)  # the standard flood is under way before critical sequences arrive
-    run("critical", critical_clients, "critical")
+    time.sleep(2.0)  # the standard flood fills the pipeline before critical sequences arrive
+    critical = closed_loop(address, critical_clients, critical_requests, tokens, "critical")
+    stop.set()
     background.join(timeout=1800)
-    return results
+    return {"critical_clients": critical_clients, "standard_clients": standard_clients,
+            "critical_alone": alone, "mixed": {"critical": critical, "standard": flood["standard"]}}
+
+
+def serve_levels(served: Served, levels: list[int], per_client: int, tokens: int) -> dict:
+    found = {}
+    for clients in levels:
+        before = served.stage_stats()
+        found[str(clients)] = closed_loop(served.address, clients, per_client, tokens, "standard")
+        found[str(clients)]["stages"] = stage_profile(before, served.stage_stats())
+        log(f"   {clients} sequences: {found[str(clients)]['tokens_per_s']} tokens/s, "
+            f"ITL P50 {found[str(clients)]['itl_p50_ms']} ms")
+    return found
 
 
 # --- the report --------------------------------------------------------------------------------------------------
-def targets(results: dict, reference_concurrency: int) -> list[dict]:
+def targets(results: dict) -> list[dict]:
     found = []
-    four = results.get("served", {}).get("4", {}).get(str(reference_concurrency))
-    one = results.get("served", {}).get("1", {}).get(str(reference_concurrency))
-    base = results.get("baseline")
-    if four and base:
-        value = four["tokens_per_s"] / base["tokens_per_s"]
-        found.append({"name": f"4 shards, {reference_concurrency} sequences: tokens/s over the baseline",
+    reference = str(REFERENCE_CONCURRENCY)
+    four = results.get("served", {}).get("4", {}).get(reference)
+    one = results.get("served", {}).get("1", {}).get(reference)
+    alone = results.get("baseline", {}).get("1")
+    if four and alone:
+        value = four["tokens_per_s"] / alone["tokens_per_s"]
+        found.append({"name": f"4 shards, {reference} sequences: tokens/s over the baseline one at a time",
                       "value": round(value, 2), "target": 4.0, "met": value >= 4.0})
     if four and one:
         value = four["tokens_per_s"] / one["tokens_per_s"]
-        found.append({"name": f"4 shards over 1 shard at {reference_concurrency} sequences, tokens/s",
+        found.append({"name": f"4 shards over 1 shard at {reference} sequences, tokens/s",
                       "value": round(value, 2), "target": 0.8, "met": value >= 0.8})
-    overload = results.get("overload")
-    if overload:
-        alone, loaded = overload["critical_alone"]["ttft_p99_ms"], overload["mixed"]["critical"]["ttft_p99_ms"]
-        value = loaded / alone if alone else float("inf")
+    load = results.get("overload")
+    if load:
+        alone_p99, loaded = load["critical_alone"]["ttft_p99_ms"], load["mixed"]["critical"]["ttft_p99_ms"]
+        value = loaded / alone_p99 if alone_p99 else float("inf")
         found.append({"name": "critical TTFT P99 under overload over alone", "value": round(value, 2),
                       "target": 1.5, "met": value <= 1.5})
-        errors = sum(n for part in (overload["mixed"]["critical"], overload["mixed"]["standard"])
+        errors = sum(n for part in (load["mixed"]["critical"], load["mixed"]["standard"])
                      for status, n in part["statuses"].items() if status.startswith("5"))
         found.append({"name": "5xx under overload", "value": errors, "target": 0, "met": errors == 0})
     return found
 
 
-def write(out: Path, results: dict, reference_concurrency: int) -> None:
-    results["targets"] = targets(results, reference_concurrency)
+def write(out: Path, results: dict) -> None:
+    results["targets"] = targets(results)
     name = f"llm-{results['date']}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = [f"# llm benchmark ({results['date']}, {results['device']}, config {results['config']})", "",
+    lines = [f"# llm benchmark ({results['date']}, {results['device']}, config {results['config']}, "
+             f"{results['tokens']} tokens a sequence)", "",
              "| setup | sequences | tokens/s | TTFT P50 ms | TTFT P99 ms | ITL P50 ms | ITL P99 ms | statuses |",
              "|---|---|---|---|---|---|---|---|"]
-    rows = [("baseline (transformers, one at a time)", "1", results["baseline"])] if "baseline" in results else []
+    rows = [("baseline (transformers generate, a batch of N)", c, r) for c, r in results.get("baseline", {}).items()]
     for stages, levels in results.get("served", {}).items():
         rows += [(f"{stages} shard(s) via the gateway", c, r) for c, r in levels.items()]
+    load = results.get("overload")
+    if load:
+        rows += [("overload: critical alone", load["critical_clients"], load["critical_alone"]),
+                 ("overload: critical beside the flood", load["critical_clients"], load["mixed"]["critical"]),
+                 ("overload: the standard flood", load["standard_clients"], load["mixed"]["standard"])]
     for label, clients, r in rows:
         lines.append(f"| {label} | {clients} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
                      f"{r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['statuses']} |")
+    lines += ["", "Per stage (Triton's statistics over each run): mean batch formed, queue wait and batch compute "
+              "per step, ms.", "", "| setup | sequences | stage | steps | mean batch | queue ms | compute ms |",
+              "|---|---|---|---|---|---|---|"]
+    for stages, levels in results.get("served", {}).items():
+        for clients, r in levels.items():
+            for model, p in r.get("stages", {}).items():
+                lines.append(f"| {stages} shard(s) | {clients} | {model} | {p['steps']} | {p['mean_batch']} | "
+                             f"{p['queue_ms']} | {p['compute_ms']} |")
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['target']} | {t['met']} |" for t in results["targets"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def make_checkpoint(checkpoint: Path, config: str, dtype: str, device: str) -> None:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "examples" / "llm" / "make_checkpoint.py"), "--config", config,
+                    "--dtype", dtype, "--device", device, "--out", str(checkpoint)], check=True)
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    log(f"   checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
+
+
+def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argparse.Namespace, levels: list[int],
+              results: dict, with_levels: bool, with_overload: bool) -> None:
+    spec = work / f"llm-{stages}.yaml"
+    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage))
+    run_dir = work / f"run-{stages}"
+    run_dir.mkdir()
+    started = time.perf_counter()
+    served = Served(spec, run_dir, args.start_timeout_s)
+    log(f"   serving after {time.perf_counter() - started:.1f} s")
+    try:
+        closed_loop(served.address, 1, 1, 4, "standard")  # warm-up, unrecorded
+        if with_levels:
+            results["served"][str(stages)] = {}
+            for level in levels:
+                results["served"][str(stages)].update(serve_levels(served, [level], args.requests_per_client,
+                                                                   args.tokens))
+                write(args.out, results)
+        if with_overload:
+            log("   mixed priority overload")
+            results["overload"] = overload(served.address, args.critical_clients, 2 * args.requests_per_client,
+                                           max(1, int(args.overload * REFERENCE_CONCURRENCY)), args.tokens)
+            write(args.out, results)
+    finally:
+        served.stop()
+        keep_logs(run_dir, args.out / f"logs-{stages}")
+
+
+def keep_logs(run_dir: Path, target: Path) -> None:
+    """The stack's logs (cpctl, gateway, each tritonserver) next to the results: the run directory is temporary."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in run_dir.rglob("*.log"):
+        shutil.copy(path, target / "-".join(path.relative_to(run_dir).parts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--small", action="store_true", help="tiny config, CPU-sized load (checks the script)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {', '.join(PARTS)} to run")
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--critical-clients", type=int, default=4)
     parser.add_argument("--overload", type=float, default=3.0)
-    parser.add_argument("--start-timeout-s", type=float, default=300.0)
+    parser.add_argument("--start-timeout-s", type=float, default=180.0)
+    parser.add_argument("--max-steps-per-stage", type=int, default=0,
+                        help="the pipeline's gate: steps in flight at a stage, the rest wait in class order (0: off)")
+    parser.add_argument("--merge", type=Path, help="an earlier run's JSON to add this run's results to")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
     import torch
 
     gpu = torch.cuda.is_available()
     levels = [int(c) for c in args.concurrency.split(",")]
     config, dtype = ("tiny", "float32") if args.small else ("7b", "bfloat16" if gpu else "float32")
+    device = "cuda" if gpu else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"date": datetime.date.today().isoformat(), "config": config, "tokens": args.tokens,
-                     "device": torch.cuda.get_device_name(0) if gpu else "cpu", "served": {}}
-    reference = 32 if 32 in levels else levels[-1]
+    results: dict = json.loads(args.merge.read_text()) if args.merge else {}
+    results.setdefault("served", {})
+    results.update(date=datetime.date.today().isoformat(), config=config, tokens=args.tokens,
+                   max_steps_per_stage=args.max_steps_per_stage,
+                   device=torch.cuda.get_device_name(0) if gpu else "cpu")
+    results.setdefault("runs", []).append({"parts": parts, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime())})
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         checkpoint = work / "checkpoint"
-        log(f"1. checkpoint {config} ({dtype})")
-        subprocess.run([sys.executable, str(ROOT / "examples" / "llm" / "make_checkpoint.py"), "--config", config,
-                        "--dtype", dtype, "--out", str(checkpoint)], check=True)
-        log("2. baseline")
-        results["baseline"] = baseline(checkpoint, "cuda" if gpu else "cpu", dtype, args.requests_per_client,
-                                       args.tokens)
-        write(args.out, results, reference)
+        log(f"checkpoint {config} ({dtype}, initialised on {device})")
+        make_checkpoint(checkpoint, config, dtype, device)
+        if "baseline" in parts:
+            log("baseline")
+            results["baseline"] = baseline(checkpoint, device, dtype, levels, args.requests_per_client, args.tokens)
+            write(args.out, results)
+            if gpu:
+                torch.cuda.empty_cache()  # the baseline's weights leave the card before the stages load theirs
         repository = stage_repository(work / "models", checkpoint)
-        for stages in (1, 4):
-            log(f"3. {stages} stage shard(s)")
-            spec = work / f"llm-{stages}.yaml"
-            spec.write_text(spec_text(stages, checkpoint, repository, gpu, args.tokens))
-            run_dir = work / f"run-{stages}"
-            run_dir.mkdir()
-            served = Served(spec, run_dir, args.start_timeout_s)
-            try:
-                closed_loop(served.address, 1, 1, 4, "standard")  # warm-up, unrecorded
-                results["served"][str(stages)] = {}
-                for clients in levels:
-                    results["served"][str(stages)][str(clients)] = closed_loop(
-                        served.address, clients, args.requests_per_client, args.tokens, "standard")
-                    write(args.out, results, reference)
-                if stages == 4:
-                    log("4. mixed priority overload")
-                    critical = max(1, levels[0])
-                    alone = closed_loop(served.address, critical, args.requests_per_client, args.tokens, "critical")
-                    standard = max(1, int(args.overload * reference))
-                    results["overload"] = {"critical_clients": critical, "standard_clients": standard,
-                                           "critical_alone": alone,
-                                           "mixed": mixed(served.address, critical, standard,
-                                                          args.requests_per_client, args.tokens)}
-                    write(args.out, results, reference)
-            finally:
-                served.stop()
+        if "shards4" in parts or "overload" in parts:
+            log("4 stage shards")
+            run_setup(4, work, repository, gpu, args, levels, results, "shards4" in parts, "overload" in parts)
+        if "shards1" in parts:
+            log("1 stage shard")
+            run_setup(1, work, repository, gpu, args, levels, results, True, False)
     log(f"done: {args.out}")
 
 

@@ -61,6 +61,8 @@ def up(
     spec_file: Path = SPEC_OPTION,
     port: int = typer.Option(None, help="Gateway port (default: the spec's; 0 picks a free one)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every shard state change."),
+    ready_timeout: float = typer.Option(60.0, "--ready-timeout", min=1.0,
+                                        help="Seconds the shards have to load their models (large models: more)."),
 ) -> None:
     """Start the spec's Triton shards and the gateway, show live status until Ctrl-C, then stop everything.
 
@@ -77,7 +79,7 @@ def up(
     run = RunState(run_dir_for(spec))
     try:
         run.claim(spec.cluster)
-        shards = LocalShards(spec, run.run_dir)
+        shards = LocalShards(spec, run.run_dir, ready_timeout_s=ready_timeout)
     except StackAlreadyRunning as exc:
         fail(str(exc), FAILED)
     except TritonNotFound as exc:

@@ -111,6 +111,10 @@ class Pipeline(StrictModel):
     max_tokens: int = Field(256, ge=1, le=65536, description="The most tokens a request may ask for.")
     reserved_for_top_class: int = Field(0, ge=0, le=4096, description="Places of `max_sequences` only the highest "
                                         "class may take: a flood of lower classes never fills the pipeline for it.")
+    max_steps_per_stage: int = Field(0, ge=0, le=4096, description="Steps in flight at one stage replica at most "
+                                     "(0: no bound; the stage's batch is the natural bound): more wait at the "
+                                     "gateway in class order, so a critical sequence's step takes the next place. "
+                                     "Split among gateway workers like `max_sequences` (each keeps at least 1).")
 
 
 class Shard(StrictModel):

@@ -6,6 +6,7 @@ pipeline must give exactly its greedy tokens, for several sequences stepping at 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -24,12 +25,12 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from controlplane.gateway.pipeline_stream import StepGate
 from controlplane.gateway.workers import partition_spec
+from controlplane.llm.client import PipelineClient, PipelineError
 from controlplane.llm.pipeline import (
     END,
     START,
-    PipelineClient,
-    PipelineError,
     decode,
     encode,
     stage_model_names,
@@ -64,6 +65,7 @@ pipelines:
   - {{name: llm, stages: [llm_1of2, llm_2of2], max_sequences: {max_sequences}, max_tokens: 400}}
   - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 2, max_tokens: 400,
      reserved_for_top_class: 1}}
+  - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -178,6 +180,23 @@ def test_in_process_stages_batch_sequences_of_different_lengths_exactly(
             inputs[i] = item.tokens
     assert got == [greedy(reference, p, 6) for p in prompts]
     assert all(not stage.caches for stage in stages)  # every sequence's last step freed its caches
+
+
+def test_a_prompt_sent_in_two_pieces_gives_the_same_tokens(checkpoint: Path, reference: LlamaForCausalLM) -> None:
+    """The second piece attends to the cached first one through a mask (the path decode steps and fresh prompts
+    skip)."""
+    stages = [PipelineStage(checkpoint, k, 2) for k in range(2)]
+    prompt = encode("a prompt in two pieces")
+    pieces = [torch.tensor(prompt[:7]), torch.tensor(prompt[7:])]
+    got = []
+    for step in range(5):
+        item = StepInput(9, step == 0, step == 4, pieces[step] if step < 2 else torch.tensor([got[-1]]))
+        for stage in stages:
+            (out,) = stage.step([item])
+            item = StepInput(9, item.start, item.end, out)
+        if step >= 1:  # the first piece's answer is not a continuation of the whole prompt
+            got.append(int(item.tokens[0]))
+    assert got == greedy(reference, prompt, 4)
 
 
 def test_a_stage_refuses_unknown_sequences_and_a_full_cache(checkpoint: Path) -> None:
@@ -361,6 +380,82 @@ def test_a_full_pipeline_sheds_before_the_first_token_and_keeps_a_place_for_crit
     assert steps < 400, f"{steps} steps at stage 1: the sequence of the client that left was not stopped"
 
 
+def shard_metric(stack: RunningStack, name: str) -> dict[str, float]:
+    """A per-shard gauge of the gateway's /metrics, by shard."""
+    with urllib.request.urlopen(f"http://{stack.address}/metrics", timeout=10) as metrics:
+        lines = metrics.read().decode().splitlines()
+    found = {}
+    for line in lines:
+        if line.startswith(name + '{shard="'):
+            shard, value = line[len(name) + 8:].split('"} ')
+            found[shard] = float(value)
+    return found
+
+
+def test_pipeline_steps_are_counted_on_their_stage_shards_like_requests(served: RunningStack) -> None:
+    before = shard_metric(served, "cp_shard_served")
+    response = post(served, "/v2/models/llm/generate", {"text_input": "count my steps", "max_tokens": 6})
+    assert response.status == 200
+    assert len(json.loads(response.read())["token_ids"]) == 6  # no early end of text: no release step either
+    after = shard_metric(served, "cp_shard_served")
+    assert {shard: after[shard] - before.get(shard, 0) for shard in after} == {"llm-stage1-0": 6, "llm-stage2-0": 6}
+    assert shard_metric(served, "cp_shard_in_flight") == {"llm-stage1-0": 0, "llm-stage2-0": 0}
+
+
+def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:
+    """`llm_gated` lets one step at a time into each stage: standard sequences already streaming, a critical one
+    that comes last still ends first, because at every stage its step takes the next place."""
+    finished: list[str] = []
+    streaming = threading.Barrier(5, timeout=60)
+
+    def standard(index: int) -> None:
+        response = post(served, "/v2/models/llm_gated/generate_stream",
+                        {"text_input": f"standard {index}", "max_tokens": 40})
+        assert response.status == 200
+        response.readline()  # its first token: it is under way
+        streaming.wait()
+        got = [json.loads(line[len(b"data: "):]) for line in response.read().split(b"\n")
+               if line.startswith(b"data: ")]
+        assert len(got) == 39 and "error" not in got[-1]
+        finished.append("standard")
+
+    threads = [threading.Thread(target=standard, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()
+    critical = post(served, "/v2/models/llm_gated/generate", {"text_input": "urgent", "max_tokens": 40},
+                    {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+    assert critical.status == 200 and len(json.loads(critical.read())["token_ids"]) == 40
+    finished.append("critical")
+    for thread in threads:
+        thread.join(timeout=120)
+    assert finished[0] == "critical", f"finishing order {finished}: critical steps waited behind standard ones"
+
+
+def test_step_gate_gives_freed_places_in_class_order_and_skips_steps_that_left() -> None:
+    async def scenario() -> list[str]:
+        gate, replica, order = StepGate(1), object(), []
+
+        async def step(name: str, priority: int) -> None:
+            await gate.enter(replica, priority)
+            order.append(name)
+
+        await step("running", 2)  # holds the one place
+        waiting = {name: asyncio.create_task(step(name, priority))
+                   for name, priority in (("standard", 2), ("gone", 1), ("critical", 1))}
+        await asyncio.sleep(0)
+        waiting["gone"].cancel()  # its client left while it waited
+        await asyncio.sleep(0)
+        for _ in range(3):  # running leaves, then whoever got its place
+            gate.leave(replica)
+            await asyncio.sleep(0)
+        await asyncio.gather(waiting["standard"], waiting["critical"])
+        assert gate.in_flight == {} and gate.waiting == {}  # nothing kept for an idle replica
+        return order
+
+    assert asyncio.run(scenario()) == ["running", "critical", "standard"]
+
+
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:
     response = post(served, "/v2/models/llm/generate_stream", {"text_input": "long", "max_tokens": 400},
                     {"x-deadline-ms": "1500"})
@@ -391,6 +486,27 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     assert [p.pipelines[0].max_sequences for p in parts] == [3, 2, 2]  # llm: 7 places
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
+    steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
+    assert steps == [[0, 0, 1]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+
+
+@pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),
+                         [(0, "llm_1of2", "input_ids", np.zeros((0,), np.int64), "hidden_out"),
+                          (1, "llm_2of2", "hidden", np.zeros((0, 0), np.float32), "next_token")])
+def test_a_release_step_answer_is_read_as_an_empty_tensor(served: RunningStack, stage: int, model: str,
+                                                          input_name: str, empty: np.ndarray, output_name: str
+                                                          ) -> None:
+    """What the gateway sends when a sequence ends early (end of text): the stage's answer carries an empty
+    tensor, which Triton writes with no data at all; the gateway must read it (seen on the H200 run)."""
+    body, header_length = step_request_body(12345, END, input_name, empty, output_name)
+    connection = http.client.HTTPConnection(stage_urls(served)[stage], timeout=30)
+    connection.request("POST", f"/v2/models/{model}/infer", body=body,
+                       headers={"inference-header-content-length": str(header_length)})
+    answer = connection.getresponse()
+    payload, length = answer.read(), answer.getheader("inference-header-content-length")
+    connection.close()
+    assert answer.status == 200, payload
+    assert step_response_tensor(payload, int(length) if length is not None else None).size == 0
 
 
 def test_a_step_body_carries_the_priority_and_raw_tensor_bytes() -> None:

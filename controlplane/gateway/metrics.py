@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, served at /metrics.
 
 Per class and tenant: requests by outcome, sheds by reason; per class: queue depth, queue wait and
-end-to-end latency; per shard: in flight, concurrency limit, ejections; the degradation ladder's step; GPU
+end-to-end latency; per shard: in flight, concurrency limit, ejections, served; the degradation ladder's step; GPU
 telemetry (per GPU or MIG instance, per shard, the models' CUDA allocators: controlplane/gpu/telemetry.py)
 when the supervisor reads it.
 
@@ -115,6 +115,7 @@ class GatewayMetrics:
             ("cp_shard_in_flight", "in_flight", "Requests in flight per shard."),
             ("cp_shard_concurrency_limit", "limit", "Adaptive concurrency limit per shard."),
             ("cp_shard_ejections", "ejections", "Times a shard was ejected since it joined."),
+            ("cp_shard_served", "served", "Requests (pipeline steps included) a shard answered since it joined."),
         ):
             family = GaugeMetricFamily(name, documentation, labels=["shard"])
             for shard in shards:

@@ -3,8 +3,10 @@
 One sequence, top to bottom: admitted after its headers (tenant, class, bucket, deadline: the common screen)
 -> body checked (`text_input`, `max_tokens`) -> a place among the pipeline's `max_sequences`, or 429 before
 any token -> one replica per stage picked for the whole sequence (its KV cache lives there) -> steps: each
-walks the stages as binary-tensor infers with the class's Triton priority, so a critical sequence's steps go
-first at every stage -> each token is sent as it comes (a server-sent event, or gathered for /generate) ->
+walks the stages as binary-tensor infers, each counted on its stage replica like any request (the shard's
+in-flight count, limit, failures and ejection, the class's service statistics) and, past the pipeline's
+`max_steps_per_stage` at a replica, held here in class order, so a critical sequence's step takes the next
+place at every stage -> each token is sent as it comes (a server-sent event, or gathered for /generate) ->
 released: the last step ends the caches, an early end (deadline, client gone, failure) sends a release.
 
 Once its first token is sent a stream is never cut by load: it ends at `max_tokens`, at end of text, or at
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -44,12 +48,52 @@ class StageFailed(Exception):
     pass
 
 
+class StepGate:
+    """A pipeline's steps in flight at each stage replica, at most `limit` (0: no bound); the others wait here in
+    class order (Triton priority, 1 first), then arrival order, and take the places as they free up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight: dict[Target, int] = {}
+        self.waiting: dict[Target, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self.arrivals = itertools.count()
+
+    async def enter(self, target: Target, priority: int) -> None:
+        in_flight, waiting = self.in_flight.get(target, 0), self.waiting.setdefault(target, [])
+        if not self.limit or (in_flight < self.limit and not waiting):
+            self.in_flight[target] = in_flight + 1
+            return
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(waiting, (priority, next(self.arrivals), place))
+        try:
+            await place
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():  # handed a place just as it left: pass it on
+                self.leave(target)
+            raise
+
+    def leave(self, target: Target) -> None:
+        """A step left `target`: its place goes to the first waiting step still waiting, else it frees."""
+        waiting = self.waiting.get(target, [])
+        while waiting:
+            _, _, place = heapq.heappop(waiting)
+            if not place.done():
+                place.set_result(None)
+                return
+        self.in_flight[target] -= 1
+        if not self.in_flight[target]:  # nothing kept for an idle replica (replicas come and go)
+            del self.in_flight[target]
+            self.waiting.pop(target, None)
+
+
 class PipelineSequences:
-    """How many sequences of each pipeline are in flight (the bound that sheds before the first token)."""
+    """How many sequences of each pipeline are in flight (the bound that sheds before the first token), and
+    each pipeline's step gate."""
 
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.name: p for p in pipelines}
         self.in_flight = dict.fromkeys(self.pipelines, 0)
+        self.gates = {p.name: StepGate(p.max_steps_per_stage) for p in pipelines}
 
 
 def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
@@ -154,18 +198,34 @@ class PipelineRun:
                                                 self.priority)
         headers = [b"content-type: application/octet-stream\r\n",
                    b"inference-header-content-length: %d\r\n" % header_length]
-        timeout_s = max(0.001, min(remaining_s, self.app.limits.upstream_timeout_s))
+        gate, router = self.app.pipeline_sequences.gates[self.pipeline.name], self.app.router
+        asked_at = self.app.clock()
+        await gate.enter(target, self.priority)
+        router.hold(target)
+        sent_at, ok = self.app.clock(), False
         try:
+            remaining_s -= sent_at - asked_at  # the wait at the gate came out of it
+            timeout_s = max(0.001, min(remaining_s, self.app.limits.upstream_timeout_s))
             answer = await fetch(target.pool, request_bytes(b"POST", f"/v2/models/{model}/infer", headers, body),
                                  timeout_s)
+            ok = answer.status < 500  # as for any request: a 5xx or no answer counts against the shard
         except Exception as exc:  # any upstream failure ends this sequence with a message, never a hang
             raise StageFailed(f"stage {model} on {target.name}: {exc or type(exc).__name__}") from None
+        finally:
+            gate.leave(target)
+            service_s = self.app.clock() - sent_at
+            router.release(target, service_s, ok)  # the shard's limit, failure count and ejection
+            if ok:
+                self.app.scheduler.completed(service_s, self.admitted.priority_class.name)  # class statistics
         payload = b"".join(answer.parts)
         if answer.status != 200:
             raise StageFailed(f"stage {model} on {target.name} answered {answer.status}: "
                               f"{payload[:300].decode(errors='replace')}")
         length = dict(answer.headers).get(b"inference-header-content-length")
-        return step_response_tensor(payload, int(length) if length is not None else None)
+        try:
+            return step_response_tensor(payload, int(length) if length is not None else None)
+        except (ValueError, KeyError, TypeError) as exc:  # a sequence ends with a message, never a task's traceback
+            raise StageFailed(f"stage {model} on {target.name}: unreadable answer ({exc!r})") from None
 
     # --- endings -------------------------------------------------------------------------------------------
     def _event(self, document: dict) -> None:

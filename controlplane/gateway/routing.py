@@ -132,6 +132,13 @@ class Router:
             self.retry_tokens = min(RETRY_BUDGET_CAP, self.retry_tokens + self.retry_budget)
         return best
 
+    def hold(self, target: Target) -> None:
+        """Count a request sent to `target` outside the free-slot rule: a pipeline step must go to the replica
+        that holds its sequence's cache. It is released (`release`) like any other, feeding the same limits,
+        failure counts and ejection, and other traffic sees the shard's load."""
+        target.outstanding += 1
+        target.used = max(target.used, target.outstanding)
+
     def unreserve(self, target: Target) -> None:
         """Give back a slot that was never used (the request was not sent)."""
         target.outstanding -= 1

@@ -101,7 +101,9 @@ def partition_spec(spec: ClusterSpec, index: int, count: int) -> ClusterSpec:
     for pipeline in spec.pipelines:  # the stages' KV cache places, split like the queues
         places = share_of(pipeline.max_sequences, index, count)
         reserved = min(share_of(pipeline.reserved_for_top_class, index, count), max(0, places - 1))
-        pipelines.append(pipeline.model_copy(update={"max_sequences": places, "reserved_for_top_class": reserved}))
+        steps = pipeline.max_steps_per_stage and max(1, share_of(pipeline.max_steps_per_stage, index, count))
+        pipelines.append(pipeline.model_copy(update={"max_sequences": places, "reserved_for_top_class": reserved,
+                                                     "max_steps_per_stage": steps}))
     return spec.model_copy(update={"priority_classes": classes, "pipelines": pipelines, "gateway": gateway.model_copy(
         update={"limits": limits, "concurrency": concurrency})})
 

@@ -36,7 +36,7 @@ class TritonPythonModel:
     def execute(self, requests):
         batch = [self._step_input(request) for request in requests]
         valid = [item for item in batch if not isinstance(item, StageError)]
-        stepped = iter(self.stage.step(valid))
+        stepped = iter(self._on_host(self.stage.step(valid)))
         responses = []
         for item in batch:
             result = item if isinstance(item, StageError) else next(stepped)
@@ -57,6 +57,18 @@ class TritonPythonModel:
         if not self.stage.first and len(tokens) and (tokens.ndim != 2 or tokens.shape[1] != width):
             return StageError(f"`hidden` must be [1, T, {self.stage.config.hidden_size}]")
         return StepInput(int(read("sequence_id").reshape(-1)[0]), bool(flags & START), bool(flags & END), tokens)
+
+    def _on_host(self, results):
+        """The batch's outputs in host memory through ONE copy (one wait for the device, not one a sequence:
+        with several stage processes on one GPU, each wait also waits out the others' time slices)."""
+        dtype = torch.int64 if self.stage.last else torch.float32
+        on_device = [r for r in results if isinstance(r, torch.Tensor) and r.device.type != "cpu"]
+        if not on_device:
+            return results
+        flat = torch.cat([r.reshape(-1).to(dtype) for r in on_device]).cpu()
+        pieces = iter(flat.split([r.numel() for r in on_device]))
+        return [next(pieces).view(r.shape) if isinstance(r, torch.Tensor) and r.device.type != "cpu" else r
+                for r in results]
 
     def _response(self, result):
         if isinstance(result, StageError):
