@@ -74,9 +74,8 @@ def config_pbtxt(source: Source, variant: Variant, serving: Serving) -> str:
                 f'dims: [ {", ".join(map(str, s.dims))} ] }}' for s in specs]
         return "[\n" + ",\n".join(rows) + "\n]"
 
-    # priority levels: Triton's queue takes the gateway's class (1 = highest of 3), so critical skips it
-    batching = (f"dynamic_batching {{\n  max_queue_delay_microseconds: {serving.queue_delay_us}\n"
-                f"  priority_levels: 3\n  default_priority_level: 3\n}}\n" if serving.max_batch > 0 else "")
+    batching = (f"dynamic_batching {{\n  max_queue_delay_microseconds: {serving.queue_delay_us}\n}}\n"
+                if serving.max_batch > 0 else "")
     return (f"# Written by `cpctl convert` ({source.kind} source, {variant.precision}).\n"
             f'name: "{variant.name}"\nbackend: "python"\nmax_batch_size: {serving.max_batch}\n'
             f"input {tensors(source.inputs)}\noutput {tensors(source.outputs)}\n"
