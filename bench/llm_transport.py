@@ -15,7 +15,6 @@ Writes bench/results/llm-transport-<date>.{json,md}: a plain measurement (no tar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -33,9 +32,8 @@ import tritonclient.http as httpclient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controlplane.procs import ManagedProcess, free_port  # noqa: E402
-from controlplane.shards.base import probe_ready  # noqa: E402
-from controlplane.shards.triton import TritonInstall  # noqa: E402
+from controlplane.procs import ManagedProcess  # noqa: E402
+from controlplane.shards.triton import start_ready  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -91,18 +89,8 @@ def start_stage(workdir: Path) -> tuple[ManagedProcess, str]:
     shutil.copytree(ROOT / "examples" / "models" / "llm_stage", repository / "llm_2of2")
     config = repository / "llm_2of2" / "config.pbtxt"
     config.write_text(config.read_text().replace('string_value: "checkpoint"', f'string_value: "{checkpoint}"'))
-    triton = TritonInstall.find()
-    port = free_port()
-    process = ManagedProcess(triton.argv(repository, ["llm_2of2"], port, free_port()), env=triton.env(None),
-                             log_path=workdir / "tritonserver.log")
-    for _ in range(600):  # 60 s at most
-        if asyncio.run(probe_ready("127.0.0.1", port)):
-            return process, f"127.0.0.1:{port}"
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.stop()
-    raise SystemExit(f"the stage server did not become ready: {process.log_tail()}")
+    process, port = start_ready(repository, ["llm_2of2"], workdir / "tritonserver.log")
+    return process, f"127.0.0.1:{port}"
 
 
 def report(results: dict) -> str:

@@ -10,19 +10,16 @@ tested here instead: bench/device/stub_env.sh makes the stubs an environment of 
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from controlplane.procs import ManagedProcess, free_port
-from controlplane.shards.base import probe_ready
-from controlplane.shards.triton import TritonInstall, TritonNotFound, stub_python
+from controlplane.procs import ManagedProcess
+from controlplane.shards.triton import TritonInstall, TritonNotFound, start_ready, stub_python
 
 from .conftest import ROOT
 
@@ -45,17 +42,8 @@ def numpy2_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def serve(models: Path, names: list[str], env: dict[str, str], log: Path) -> tuple[ManagedProcess, str]:
     """A tritonserver on `models`, ready (bounded wait), and its address."""
-    install = TritonInstall.find()
-    port = free_port()
-    server = ManagedProcess(install.argv(models, names, port, free_port()), env=env, log_path=log)
-    for _ in range(600):  # bounded: up to 60 s for the Python models to load
-        if asyncio.run(probe_ready("127.0.0.1", port, 0.2)):
-            return server, f"127.0.0.1:{port}"
-        if server.poll() is not None:
-            break
-        time.sleep(0.1)
-    server.stop()
-    raise AssertionError(f"tritonserver did not become ready: {server.log_tail()}")
+    server, port = start_ready(models, names, log, env)
+    return server, f"127.0.0.1:{port}"
 
 
 BYTES_MODEL = """

@@ -19,7 +19,6 @@ gateway keeps class order (pipeline `max_steps_per_stage`).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import sys
@@ -33,9 +32,8 @@ import tritonclient.http as httpclient
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from controlplane.procs import ManagedProcess, free_port  # noqa: E402
-from controlplane.shards.base import probe_ready  # noqa: E402
-from controlplane.shards.triton import TritonInstall  # noqa: E402
+from controlplane.procs import ManagedProcess  # noqa: E402
+from controlplane.shards.triton import start_ready  # noqa: E402
 
 PLAIN = "  max_queue_delay_microseconds: 200\n}"
 VARIANTS = {  # name: (dynamic_batching's ending, the priority the requests carry)
@@ -54,17 +52,7 @@ def serve(workdir: Path, checkpoint: Path, variant: str) -> tuple[ManagedProcess
     if PLAIN not in text:
         raise SystemExit("the stage's dynamic_batching block changed: update this script")
     config.write_text(text.replace(PLAIN, VARIANTS[variant][0]))
-    triton, port = TritonInstall.find(), free_port()
-    process = ManagedProcess(triton.argv(repository, ["llm_2of2"], port, free_port()), env=triton.env(None),
-                             log_path=workdir / f"tritonserver-{variant}.log")
-    for _ in range(600):  # 60 s at most
-        if asyncio.run(probe_ready("127.0.0.1", port)):
-            return process, port
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.stop()
-    raise SystemExit(f"the stage did not become ready: {process.log_tail()}")
+    return start_ready(repository, ["llm_2of2"], workdir / f"tritonserver-{variant}.log")
 
 
 def measure(port: int, steps: int, priority: int) -> str:

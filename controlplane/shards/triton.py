@@ -8,12 +8,17 @@ pointing at the wheel's bundled libraries (else the stub hangs ~30 s looking for
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from controlplane.procs import ManagedProcess, free_port
+from controlplane.shards.base import probe_ready
 
 
 class TritonNotFound(RuntimeError):
@@ -84,6 +89,24 @@ class TritonInstall:
         if cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         return env
+
+
+def start_ready(repository: Path, models: list[str], log_path: Path, env: dict[str, str] | None = None,
+                timeout_s: float = 60.0) -> tuple[ManagedProcess, int]:
+    """One tritonserver serving `models` of `repository`, waited for until ready (bounded), for the tests,
+    benchmarks and diagnostics that drive a server by hand: the process and its HTTP port. RuntimeError with the
+    tail of its log when it exits or is not ready in time."""
+    install = TritonInstall.find()
+    port = free_port()
+    process = ManagedProcess(install.argv(repository, models, port, free_port()),
+                             env=install.env(None) if env is None else env, log_path=log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if asyncio.run(probe_ready("127.0.0.1", port, 0.2)):
+            return process, port
+        time.sleep(0.1)
+    process.stop()
+    raise RuntimeError(f"tritonserver did not become ready: {process.log_tail()}")
 
 
 def stub_python() -> Path:
