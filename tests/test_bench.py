@@ -109,8 +109,9 @@ def test_scaling_spec_is_valid_and_targets_say_what_was_not_run(tmp_path: Path) 
         sys.path.remove(str(ROOT / "bench"))
     from controlplane.spec import parse_spec
 
-    repository = scaling.model_repository(tmp_path / "models", instances=3, dlpack=True)
+    repository = scaling.model_repository(tmp_path / "models", instances=3)
     assert "count: 3" in (repository / "work" / "config.pbtxt").read_text()
+    assert (repository / "work" / "1" / "tensors.py").is_file()  # the model imports it (numpy 1 and 2)
     spec = parse_spec(scaling.spec_text(repository, shards=4, workers=1))  # W=1 needs no `workers` field
     assert spec.shards[0].replicas == 4
     assert "workers: 8" in scaling.spec_text(repository, shards=4, workers=8)
