@@ -125,13 +125,15 @@ def test_tenants_only_ever_see_their_own_data(flow_stack: RunningStack) -> None:
         assert received == [sent, sent]
 
 
-def burst(stack: RunningStack, sheddable: int, critical: int, work_ms: float = 20) -> list[tuple[str, int, float]]:
-    """Send a burst far over capacity; (class, status, seconds) per request."""
+def burst(stack: RunningStack, sheddable: int, critical: int, work_ms: float = 20
+          ) -> list[tuple[str, int, float, str]]:
+    """Send a burst far over capacity; (class, status, seconds, error message or "") per request."""
     async def one(client: HttpClient, cls: str, delay: float):
         await asyncio.sleep(delay)
         started = time.monotonic()
         response = await infer(client, {**DEMO, "x-priority": cls}, work_body([1.0], work_ms))
-        return cls, response.status, time.monotonic() - started
+        error = json.loads(response.body)["error"] if response.status != 200 else ""
+        return cls, response.status, time.monotonic() - started, error
 
     async def scenario(client: HttpClient):
         jobs = [one(client, "sheddable", 0.0) for _ in range(sheddable)]
@@ -143,13 +145,15 @@ def burst(stack: RunningStack, sheddable: int, critical: int, work_ms: float = 2
 
 def test_overload_burst_keeps_critical_fast_and_sheds_the_rest_early(flow_stack: RunningStack) -> None:
     results = burst(flow_stack, sheddable=600, critical=40)
-    by_class = {cls: Counter(status for c, status, _ in results if c == cls) for cls in ("critical", "sheddable")}
+    by_class = {cls: Counter(status for c, status, _, _ in results if c == cls) for cls in ("critical", "sheddable")}
     assert by_class["critical"] == {200: 40}  # every critical request succeeds...
-    assert max(t for c, _, t in results if c == "critical") < 3.0  # ...within its deadline
+    assert max(t for c, _, t, _ in results if c == "critical") < 3.0  # ...within its deadline
     assert by_class["sheddable"][429] > 100 and set(by_class["sheddable"]) <= {200, 429}
-    assert all(status < 500 for _, status, _ in results)
-    sheds = [t for c, status, t in results if status == 429]
-    assert sorted(sheds)[len(sheds) // 2] < 0.5  # most sheds are answered early, not after a wasted wait
+    assert all(status < 500 for _, status, _, _ in results)
+    # Most sheds are answered on arrival (queue full, deadline out of reach) or when displaced, not after a
+    # wait that used up their deadline (what the clock says depends on how loaded the machine is; this does not).
+    sheds = [error for _, status, _, error in results if status == 429]
+    assert sum("passed while queued" in error for error in sheds) < len(sheds) / 2, Counter(sheds).most_common(4)
 
 
 def admin(stack: RunningStack, method: str, path: str, headers: dict):
