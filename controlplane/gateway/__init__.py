@@ -15,3 +15,21 @@ A request's path, top to bottom:
 - `workers`, `worker`, `channel`, `shared_buckets`: several worker processes on one port, their supervisor,
   the socketpair messages between them and the shared tenant buckets (a memfd: nothing on disk).
 """
+
+import importlib.machinery
+from pathlib import Path
+
+
+def _refuse_stale_extensions() -> None:
+    """Python imports a compiled module (scripts/compile-gateway) in place of its source: one older than its
+    .py would silently run old code, so refuse to start instead."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for built in here.glob(f"*{suffix}"):
+            source = built.with_name(built.name.removesuffix(suffix) + ".py")
+            if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+                raise ImportError(f"{source} changed after it was compiled: run `make .venv/.stamp-compiled` to "
+                                  f"compile it again, or `scripts/compile-gateway --clean` to run the sources")
+
+
+_refuse_stale_extensions()
