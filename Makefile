@@ -41,7 +41,7 @@ up: $(VENV)/.stamp-core $(VENV)/.stamp-compiled
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check controlplane tests examples bench infra
 
-test: $(VENV)/.stamp-test system-deps lint
+test: system-deps $(VENV)/.stamp-test lint
 	$(VENV)/bin/python -m pytest -q
 
 clean:

@@ -20,16 +20,18 @@ import importlib.machinery
 from pathlib import Path
 
 
-def _refuse_stale_extensions() -> None:
-    """Python imports a compiled module (scripts/compile-gateway) in place of its source: one older than its
-    .py would silently run old code, so refuse to start instead."""
-    here = Path(__file__).parent
+def stale_extensions(directory: Path) -> list[Path]:
+    """The .py files in `directory` changed after they were compiled (scripts/compile-gateway)."""
+    stale = []
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for built in here.glob(f"*{suffix}"):
+        for built in directory.glob(f"*{suffix}"):
             source = built.with_name(built.name.removesuffix(suffix) + ".py")
             if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
-                raise ImportError(f"{source} changed after it was compiled: run `make .venv/.stamp-compiled` to "
-                                  f"compile it again, or `scripts/compile-gateway --clean` to run the sources")
+                stale.append(source)
+    return stale
 
 
-_refuse_stale_extensions()
+# Python imports a compiled module in place of its source: one older than its .py would silently run old code.
+if stale := stale_extensions(Path(__file__).parent):
+    raise ImportError(f"{', '.join(map(str, stale))} changed after being compiled: run `make .venv/.stamp-compiled` "
+                      "to compile again, or `scripts/compile-gateway --clean` to run the sources")
