@@ -30,7 +30,7 @@ rm -rf "$DEST/wheels" && mkdir -p "$DEST/wheels"
 pins=$($VENV_PY - <<'PY'
 from importlib.metadata import version
 names = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "orjson",
-         "httptools"]
+         "httptools", "mypy-extensions"]
 print(" ".join(f"{n}=={version(n)}" for n in names))
 PY
 )
@@ -39,7 +39,7 @@ $VENV_PY -m pip download -q --disable-pip-version-check --no-deps --only-binary=
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$DEST/wheels" $pins 2>&1 | grep -v "^WARNING: Location" || true
 ls "$DEST/wheels"
-[ "$(ls "$DEST/wheels" | wc -l)" -eq 7 ] || { echo "expected 7 wheels" >&2; exit 1; }
+[ "$(ls "$DEST/wheels" | wc -l)" -eq 8 ] || { echo "expected 8 wheels" >&2; exit 1; }
 
 echo "== triton"
 STAGE=$(mktemp -d)

@@ -15,3 +15,23 @@ A request's path, top to bottom:
 - `workers`, `worker`, `channel`, `shared_buckets`: several worker processes on one port, their supervisor,
   the socketpair messages between them and the shared tenant buckets (a memfd: nothing on disk).
 """
+
+import importlib.machinery
+from pathlib import Path
+
+
+def stale_extensions(directory: Path) -> list[Path]:
+    """The .py files in `directory` changed after they were compiled (scripts/compile-gateway)."""
+    stale = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for built in directory.glob(f"*{suffix}"):
+            source = built.with_name(built.name.removesuffix(suffix) + ".py")
+            if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+                stale.append(source)
+    return stale
+
+
+# Python imports a compiled module in place of its source: one older than its .py would silently run old code.
+if stale := stale_extensions(Path(__file__).parent):
+    raise ImportError(f"{', '.join(map(str, stale))} changed after being compiled: run `make .venv/.stamp-compiled` "
+                      "to compile again, or `scripts/compile-gateway --clean` to run the sources")

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from controlplane.spec import GatewayLimits, PriorityClass
 
 QUANTUM = 8.0  # cost units a flow earns per round-robin turn
@@ -86,6 +88,7 @@ def _ignore_shed(shed: Shed) -> None:
     pass
 
 
+@mypyc_attr(native_class=False)  # compiled, mypyc cannot make a generic dataclass its own kind of class
 @dataclass(eq=False, slots=True)
 class Ticket(Generic[SlotT]):
     """One admitted request while the scheduler holds it; it learns its fate through its two callbacks."""
@@ -149,6 +152,7 @@ class ServiceTime:
         return self.mean_s + 4 * self.dev_s + LOOP_ALLOWANCE_S
 
 
+@mypyc_attr(native_class=False)
 @dataclass(eq=False)
 class Band(Generic[SlotT]):
     """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""

@@ -17,10 +17,10 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 import orjson
@@ -46,7 +46,7 @@ class Request:
     headers: dict[bytes, bytes]  # names lower-cased; a repeated header keeps its last value
     body: bytes
     keep_alive: bool
-    admitted: object = None  # what the screen said about the request after its headers
+    admitted: Any = None  # what the screen said after the headers (Any: a compiled dataclass rejects `object`)
 
 
 @dataclass
@@ -366,7 +366,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(self._head(status, headers, b"content-length: %d\r\n" % len(body)) + body)
         self._response_done()
 
-    def send_json(self, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    def send_json(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.send(status, body, [(b"content-type", b"application/json"), *extra])
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
