@@ -106,7 +106,7 @@ class OverloadManager:
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
         self.held: dict[ClientConnection, Held] = {}
-        self.overdue: dict[ClientConnection, bool] = {}  # read again after `hold_max_s`: next request refused
+        self.overdue: set[ClientConnection] = set()  # read again after `hold_max_s`: next request refused
         self._expected = 0.0
         self._held_checked_at = clock()
         self._looked_at = clock()  # when held connections were last looked at
@@ -203,7 +203,8 @@ class OverloadManager:
         whatever the quota: it gets its answer, not a way past the hold."""
         level = priority_class.level
         self.last_seen[level] = self.now
-        overdue = self.overdue.pop(conn, False)
+        overdue = conn in self.overdue
+        self.overdue.discard(conn)
         if level >= self.refused_below or (self.hold_quota == 0 and not overdue):
             return False
         window = self.config.protect_window_s
@@ -263,7 +264,7 @@ class OverloadManager:
             if expired or (held.waiting_level is not None and held.waiting_level >= read_from):
                 expiring -= expired
                 if expired:
-                    self.overdue[conn] = True
+                    self.overdue.add(conn)
                 del self.held[conn]
                 self.server.release(conn)
                 self._count("connection_released", "-")
@@ -289,9 +290,8 @@ class OverloadManager:
 
     def _close_held(self) -> None:
         """Close held connections whose client has gone: a connection that is not read never sees its client's
-        FIN, and would count against the connection limits for nothing."""
-        for conn in [c for c in self.overdue if c not in self.server.connections]:
-            del self.overdue[conn]
+        FIN, and would count against the connection limits for nothing. Forget overdue ones that have closed."""
+        self.overdue &= self.server.connections
         for conn in list(self.held):
             if conn not in self.server.held:
                 del self.held[conn]
