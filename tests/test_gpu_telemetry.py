@@ -137,7 +137,14 @@ def test_models_report_their_allocator_on_the_shard_metrics_port_and_the_gateway
         backend = LocalShards(load_spec(tmp_path / "spec.yaml"), tmp_path / "run")
         await backend.start()
         try:
-            return await read_telemetry([(s.name, s.metrics_url) for s in backend.status()])
+            # Triton reports ready once its HTTP service listens; its metrics service starts just after (a CI
+            # run read in between and was refused): a reading of a shard not up yet is read again, bounded.
+            for _ in range(50):
+                telemetry = await read_telemetry([(s.name, s.metrics_url) for s in backend.status()])
+                if all(shard.up for shard in telemetry.shards):
+                    break
+                await asyncio.sleep(0.1)
+            return telemetry
         finally:
             await backend.stop()
 
