@@ -24,7 +24,21 @@ STEP_NAMES = {0: "normal", 1: "standby shards awake", 2: "lowest class on cheape
 HISTORY_KEPT = 20  # the last moves shown in /admin/queues; older ones live in the log
 
 
-class DegradationLadder:
+class LadderSteps:
+    """What the step in force means for routing (the step: `step`, climbed here or followed from the supervisor)."""
+
+    step: int
+
+    @property
+    def use_variants(self) -> bool:
+        return self.step >= 2
+
+    @property
+    def use_smaller_batches(self) -> bool:
+        return self.step >= 3
+
+
+class DegradationLadder(LadderSteps):
     def __init__(self, spec: ClusterSpec, clock: Callable[[], float],
                  set_standby: Callable[[bool], None] | None = None) -> None:
         self.config = spec.gateway.ladder
@@ -74,14 +88,6 @@ class DegradationLadder:
         self.history.append((now, after, why))
         if self.set_standby is not None and (before < 1 <= after or after < 1 <= before):
             self.set_standby(after >= 1)
-
-    @property
-    def use_variants(self) -> bool:
-        return self.step >= 2
-
-    @property
-    def use_smaller_batches(self) -> bool:
-        return self.step >= 3
 
     def snapshot(self) -> dict:
         return {"step": self.step, "name": STEP_NAMES[self.step], "steps": self.steps,

@@ -30,6 +30,7 @@ from controlplane.gateway.admission import Refused
 from controlplane.gateway.app import ADMIN_SHARD_ROUTE, GatewayApp
 from controlplane.gateway.channel import Channel, ChannelClosed, read_message
 from controlplane.gateway.errors import send_error
+from controlplane.gateway.ladder import LadderSteps
 from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Request, json_error
@@ -47,20 +48,12 @@ Answered = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, body, headers
 Answer = Coroutine[Any, Any, Answered]
 
 
-class FollowedLadder:
+class FollowedLadder(LadderSteps):
     """The degradation ladder as this worker sees it: the step the supervisor decides on the global backlog."""
 
     def __init__(self) -> None:
         self.step = 0
         self.view: dict = {"step": 0, "name": "normal", "steps": [0], "history": []}
-
-    @property
-    def use_variants(self) -> bool:
-        return self.step >= 2
-
-    @property
-    def use_smaller_batches(self) -> bool:
-        return self.step >= 3
 
     def tick(self, queued_per_class: dict[str, int]) -> None:
         """The supervisor's ladder climbs; this worker's backlog reaches it in the tick reports."""
