@@ -168,20 +168,25 @@ def test_a_stage_loads_only_its_own_layers(checkpoint: Path) -> None:
 
 def test_in_process_stages_batch_sequences_of_different_lengths_exactly(
         checkpoint: Path, reference: LlamaForCausalLM) -> None:
+    """Decode steps of sequences at different lengths attend in one batched call, each masked to its own length;
+    the second round reuses the KV pool rows the first left behind (longer sequences' stale keys beyond each
+    new sequence's length must stay masked)."""
     stages = [PipelineStage(checkpoint, k, 2) for k in range(2)]
-    prompts = [encode("hi"), encode("a longer prompt"), encode("x"), encode("y" * 124)]  # the last grows its cache
-    inputs = [torch.tensor(p) for p in prompts]
-    got: list[list[int]] = [[] for _ in prompts]
-    for step in range(6):
-        batch = [StepInput(i, step == 0, step == 5, x) for i, x in enumerate(inputs)]
-        for stage in stages:
-            outputs = stage.step(batch)
-            batch = [StepInput(b.sequence_id, b.start, b.end, out) for b, out in zip(batch, outputs, strict=True)]
-        for i, item in enumerate(batch):
-            got[i].append(int(item.tokens[0]))
-            inputs[i] = item.tokens
-    assert got == [greedy(reference, p, 6) for p in prompts]
-    assert all(not stage.caches for stage in stages)  # every sequence's last step freed its caches
+    prompts = [encode("hi"), encode("a longer prompt"), encode("x"), encode("y" * 124)]  # the last grows the pool
+    for round_prompts in (prompts, prompts[::-1]):
+        inputs = [torch.tensor(p) for p in round_prompts]
+        got: list[list[int]] = [[] for _ in round_prompts]
+        for step in range(6):
+            batch = [StepInput(i, step == 0, step == 5, x) for i, x in enumerate(inputs)]
+            for stage in stages:
+                outputs = stage.step(batch)
+                batch = [StepInput(b.sequence_id, b.start, b.end, out) for b, out in zip(batch, outputs, strict=True)]
+            for i, item in enumerate(batch):
+                got[i].append(int(item.tokens[0]))
+                inputs[i] = item.tokens
+        assert got == [greedy(reference, p, 6) for p in round_prompts]
+        assert all(not stage.caches for stage in stages)  # every sequence's last step freed its caches
+    assert all(len(stage.pool.free_rows) == stage.max_sequences for stage in stages)
 
 
 def test_a_prompt_sent_in_two_pieces_gives_the_same_tokens(checkpoint: Path, reference: LlamaForCausalLM) -> None:

@@ -8,12 +8,15 @@ never holds more than a quarter of the weights in one process.
 
 A step is continuous batching over packed sequences: each request of a batch is one sequence's new tokens
 (a prompt to prefill, or one decode token), all concatenated into one [tokens, hidden] matrix, so the
-projections and the MLP (where the weights are read) run once for the whole batch; only attention runs per
-sequence, against that sequence's own cache. A sequence may join or leave at any step.
+projections and the MLP (where the weights are read) run once for the whole batch. The KV caches live in one
+pool per layer, a row per sequence, so the decode tokens of a batch (the common step) attend in one batched
+call, each masked to its own length; only a prompt (several new tokens) attends on its own. A sequence may
+join or leave at any step.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -90,13 +93,46 @@ def _filled(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tenso
 
 @dataclass
 class SequenceCache:
-    """The keys and values of one sequence at every layer of this stage: [kv_heads, capacity, head_dim] buffers
-    whose first `length` positions are filled."""
+    """Where one sequence's keys and values are: its row of the KV pool, whose first `length` positions are
+    filled at every layer of this stage."""
 
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
+    row: int
     length: int = 0
     last_used: float = 0.0
+
+
+class KVPool:
+    """The keys and values of every sequence at every layer: per layer two [rows, kv_heads, capacity, head_dim]
+    tensors, a row per sequence in flight. Rows are as many as the stage admits sequences; the capacity grows
+    in blocks of CACHE_BLOCK positions to the longest sequence in flight (a copy every block, not every
+    token), so memory follows what is in flight, not the model's maximum."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int) -> None:
+        self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, positions: int, like: torch.Tensor) -> None:
+        """Make room for `positions` positions in every row (`like` gives the dtype and device)."""
+        if positions <= self.capacity:
+            return
+        capacity = -(-positions // CACHE_BLOCK) * CACHE_BLOCK
+        old = self.capacity
+
+        def grown(buffer: torch.Tensor | None) -> torch.Tensor:
+            # zeros, not empty: a masked position still enters the batched product, and 0 x NaN is NaN
+            new = like.new_zeros(self.rows, self.kv_heads, capacity, self.head_dim)
+            if buffer is not None:
+                new[:, :, :old] = buffer
+            return new
+
+        self.keys = [grown(self.keys[i] if self.keys else None) for i in range(self.layers)]
+        self.values = [grown(self.values[i] if self.values else None) for i in range(self.layers)]
 
 
 @dataclass
@@ -122,6 +158,8 @@ class PipelineStage:
         self.max_sequences, self.idle_timeout_s = max_sequences, idle_timeout_s
         self.caches: dict[int, SequenceCache] = {}
         self._load(checkpoint)
+        attention = self.layers[0].self_attn
+        self.pool = KVPool(len(self.layers), max_sequences, self.config.num_key_value_heads, attention.head_dim)
 
     def _load(self, checkpoint: Path) -> None:
         config = self.config
@@ -151,23 +189,27 @@ class PipelineStage:
     # --- the KV caches ----------------------------------------------------------------------------------------
     def _cache_for(self, item: StepInput, now: float) -> SequenceCache:
         if item.start:
-            self.caches.pop(item.sequence_id, None)
+            self._drop(item.sequence_id)
         cache = self.caches.get(item.sequence_id)
         if cache is None:
             if not item.start:
                 raise StageError(f"sequence {item.sequence_id} is unknown here (not started, ended, or evicted)")
-            if len(self.caches) >= self.max_sequences:
+            if not self.pool.free_rows:
                 raise StageError(f"KV cache full: {self.max_sequences} sequences in flight at this stage")
-            empty = [None] * len(self.layers)
-            cache = self.caches[item.sequence_id] = SequenceCache(list(empty), list(empty))
+            cache = self.caches[item.sequence_id] = SequenceCache(self.pool.free_rows.pop())
         cache.last_used = now
         return cache
+
+    def _drop(self, sequence_id: int) -> None:
+        cache = self.caches.pop(sequence_id, None)
+        if cache is not None:
+            self.pool.free_rows.append(cache.row)
 
     def evict_idle(self, now: float) -> list[int]:
         """Drop the caches of sequences whose driver went away (no step for `idle_timeout_s`)."""
         idle = [sid for sid, cache in self.caches.items() if now - cache.last_used > self.idle_timeout_s]
         for sid in idle:
-            del self.caches[sid]
+            self._drop(sid)
         return idle
 
     # --- one batched step ------------------------------------------------------------------------------------
@@ -187,7 +229,7 @@ class PipelineStage:
                 if len(item.tokens) == 0:  # a release: the driver stopped early
                     if not item.end:
                         raise StageError("an empty step must be a release (end flag)")
-                    self.caches.pop(item.sequence_id, None)
+                    self._drop(item.sequence_id)
                     results[index] = torch.zeros(0, dtype=torch.int64)
                     continue
                 cache = self._cache_for(item, now)
@@ -202,7 +244,7 @@ class PipelineStage:
         for (index, item, _), output in zip(live, outputs, strict=True):
             results[index] = output
             if item.end:
-                self.caches.pop(item.sequence_id, None)
+                self._drop(item.sequence_id)
         return results
 
     def _forward(self, items: list[StepInput], caches: list[SequenceCache]) -> list[torch.Tensor]:
@@ -214,9 +256,11 @@ class PipelineStage:
         positions = torch.cat([torch.arange(c.length, c.length + n, device=self.device)
                                for c, n in zip(caches, lengths, strict=True)])
         cos, sin = self.rotary(hidden, positions[None])
+        self.pool.reserve(max(c.length + n for c, n in zip(caches, lengths, strict=True)), hidden)
+        layout = StepLayout(caches, lengths, self.device)
         for slot, layer in enumerate(self.layers):
             residual = hidden
-            attention = self._attention(layer, slot, layer.input_layernorm(hidden), cos, sin, caches, lengths)
+            attention = self._attention(layer, slot, layer.input_layernorm(hidden), cos, sin, layout)
             hidden = residual + attention
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         for cache, n in zip(caches, lengths, strict=True):
@@ -228,23 +272,53 @@ class PipelineStage:
         return list(self.head(final).argmax(dim=-1, keepdim=True).to(torch.int64).unbind(0))
 
     def _attention(self, layer: LlamaDecoderLayer, slot: int, x: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, caches: list[SequenceCache], lengths: list[int]) -> torch.Tensor:
+                   sin: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         attn = layer.self_attn
         tokens, head_dim = x.shape[0], attn.head_dim
-        q = attn.q_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)   # [1, heads, tokens, dim]
-        k = attn.k_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)   # [1, kv_heads, tokens, dim]
-        v = attn.v_proj(x).view(1, tokens, -1, head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(tokens, -1, head_dim).transpose(0, 1)[None]   # [1, heads, tokens, dim]
+        k = attn.k_proj(x).view(tokens, -1, head_dim).transpose(0, 1)[None]   # [1, kv_heads, tokens, dim]
+        v = attn.v_proj(x).view(tokens, -1, head_dim).transpose(0, 1)[None]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        outs, offset = [], 0
-        for cache, n in zip(caches, lengths, strict=True):
-            past = cache.length
-            cache.keys[slot], keys = _appended(cache.keys[slot], k[0, :, offset:offset + n], past)
-            cache.values[slot], values = _appended(cache.values[slot], v[0, :, offset:offset + n], past)
-            out = F.scaled_dot_product_attention(q[:, :, offset:offset + n], keys[None], values[None],
-                                                 **_causal(past, n, x.device), scale=attn.scaling, enable_gqa=True)
-            outs.append(out[0].transpose(0, 1).reshape(n, -1))
-            offset += n
-        return attn.o_proj(torch.cat(outs))
+        pool_keys, pool_values = self.pool.keys[slot], self.pool.values[slot]
+        out = x.new_empty(tokens, q.shape[1] * head_dim)
+        if layout.decode_tokens is not None:  # one new token per sequence: all of them in one call
+            rows, past, at = layout.decode_rows, layout.decode_past, layout.decode_tokens
+            pool_keys[rows, :, past] = k[0, :, at].transpose(0, 1)      # [sequences, kv_heads, dim]
+            pool_values[rows, :, past] = v[0, :, at].transpose(0, 1)
+            seen = layout.decode_seen
+            keys, values = pool_keys[rows, :, :seen], pool_values[rows, :, :seen]  # [sequences, kv_heads, seen, dim]
+            query = q[0, :, at].transpose(0, 1)[:, :, None]              # [sequences, heads, 1, dim]
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.decode_mask,
+                                                      scale=attn.scaling, enable_gqa=True)
+            out[at] = attended.flatten(1)
+        for row, past, offset, n in layout.prompts:  # several new tokens: causal over its own row
+            pool_keys[row, :, past:past + n] = k[0, :, offset:offset + n]
+            pool_values[row, :, past:past + n] = v[0, :, offset:offset + n]
+            seen = past + n
+            attended = F.scaled_dot_product_attention(
+                q[:, :, offset:offset + n], pool_keys[row:row + 1, :, :seen], pool_values[row:row + 1, :, :seen],
+                **_causal(past, n, x.device), scale=attn.scaling, enable_gqa=True)
+            out[offset:offset + n] = attended[0].transpose(0, 1).reshape(n, -1)
+        return attn.o_proj(out)
+
+
+class StepLayout:
+    """Where each sequence's new tokens sit in a step's packed batch, worked out once for every layer: the
+    decode tokens (one per sequence) with their pool rows, cached lengths and the mask that limits each to its
+    own length, and the prompts (several tokens) one by one."""
+
+    def __init__(self, caches: list[SequenceCache], lengths: list[int], device: str) -> None:
+        offsets = [0, *itertools.accumulate(lengths)][:-1]
+        decodes = [(c.row, c.length, offset) for c, n, offset in zip(caches, lengths, offsets, strict=True) if n == 1]
+        self.prompts = [(c.row, c.length, offset, n)
+                        for c, n, offset in zip(caches, lengths, offsets, strict=True) if n > 1]
+        self.decode_tokens: torch.Tensor | None = None
+        if decodes:
+            rows, past, at = (torch.tensor(column, device=device) for column in zip(*decodes, strict=True))
+            self.decode_rows, self.decode_past, self.decode_tokens = rows, past, at
+            self.decode_seen = max(length for _, length, _ in decodes) + 1
+            # sequence i sees positions 0..past[i] (its own new token included): [sequences, 1, 1, seen]
+            self.decode_mask = (torch.arange(self.decode_seen, device=device)[None, :] <= past[:, None])[:, None, None]
 
 
 def _causal(past: int, new: int, device: torch.device) -> dict:
@@ -257,20 +331,6 @@ def _causal(past: int, new: int, device: torch.device) -> dict:
         return {"is_causal": True}
     visible = torch.arange(past + new, device=device)[None, :] <= past + torch.arange(new, device=device)[:, None]
     return {"attn_mask": visible}
-
-
-def _appended(buffer: torch.Tensor | None, new: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write `new` [kv_heads, n, dim] after `past` positions of a cache buffer grown in blocks of CACHE_BLOCK
-    positions (a copy every block, not every token); the buffer and its filled part."""
-    needed = past + new.shape[1]
-    if buffer is None or buffer.shape[1] < needed:
-        capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
-        grown = new.new_empty(new.shape[0], capacity, new.shape[2])
-        if buffer is not None:
-            grown[:, :past] = buffer[:, :past]
-        buffer = grown
-    buffer[:, past:needed] = new
-    return buffer, buffer[:, :needed]
 
 
 def _layer_tensor_names(config: LlamaConfig) -> list[str]:
