@@ -322,11 +322,8 @@ class StepLayout:
 
 
 def _causal(past: int, new: int, device: torch.device) -> dict:
-    """SDPA's causal arguments for `new` queries after `past` cached positions: query t (at position past+t)
-    sees keys 0..past+t. A decode step (one query) sees everything and a fresh prompt is plain causal: no mask
-    to build for those (three small kernels fewer per sequence and layer, in a loop over sequences)."""
-    if new == 1:
-        return {}
+    """SDPA's causal arguments for a prompt of `new` tokens after `past` cached positions: query t (at position
+    past+t) sees keys 0..past+t. A fresh prompt is plain causal: no mask to build for it."""
     if past == 0:
         return {"is_causal": True}
     visible = torch.arange(past + new, device=device)[None, :] <= past + torch.arange(new, device=device)[:, None]
