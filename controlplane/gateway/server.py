@@ -36,7 +36,8 @@ ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 ACCEPT_BATCH = 512  # connections accepted a loop turn at most
 ACCEPT_RETRY_S = 1.0  # after accept failed for want of descriptors or memory (asyncio waits as long)
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+JSON_CONTENT = (b"content-type", b"application/json")
 
 
 @dataclass(slots=True)
@@ -52,13 +53,22 @@ class Request:
 @dataclass
 class Rejection:
     """A request refused while parsing or screening; answered in its turn. `close`: then the connection closes
-    (a framing error, or keep-alive withdrawn); else the connection goes on with its next request."""
+    (a framing error, or keep-alive withdrawn); else the connection goes on with its next request. The same
+    Rejection may answer many requests (the screen keeps its refusals): its response bytes are made once."""
 
     status: int
     message: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reason: str | None = None
     close: bool = True
+    response: bytes = b""  # the whole response, made when first sent
+
+    def response_bytes(self) -> bytes:
+        if not self.response:
+            body = json_error(self.message, self.reason)
+            self.response = response_head(self.status, [JSON_CONTENT, *self.headers],
+                                          b"content-length: %d\r\n" % len(body), self.close) + body
+        return self.response
 
 
 class Cancellable(Protocol):
@@ -121,6 +131,13 @@ def request_head(data: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
 def json_error(message: str, reason: str | None = None) -> bytes:
     """The JSON body of an error: what went wrong, and for a shed request the machine-readable reason."""
     return orjson.dumps({"error": message, "reason": reason} if reason else {"error": message})
+
+
+def response_head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes, close: bool) -> bytes:
+    """The status line and headers of a response; `framing` is its content-length or transfer-encoding line."""
+    status_line = STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+    fields = b"".join([b"%s: %s\r\n" % header for header in headers])
+    return b"%s%s%s%s\r\n" % (status_line, fields, framing, b"connection: close\r\n" if close else b"")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -280,7 +297,10 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(item, Rejection):
             self.close_after_response = item.close
             self.rejected = self.rejected or item.close  # read nothing more; `_linger` closes
-            self.send_json(item.status, json_error(item.message, item.reason), item.headers)
+            self.response_started = True
+            self.counters.count(item.status)
+            self.transport.write(item.response_bytes())
+            self._response_done()
             if item.close:
                 self._linger()
             return
@@ -353,13 +373,7 @@ class ClientConnection(asyncio.Protocol):
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         self.response_started = True
         self.counters.count(status)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-        lines += [b"%s: %s\r\n" % header for header in headers]
-        lines.append(framing)
-        if self.close_after_response:
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        return response_head(status, headers, framing, self.close_after_response)
 
     def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A whole response in one write. `headers` must include the content type."""
@@ -367,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_done()
 
     def send_json(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        self.send(status, body, [(b"content-type", b"application/json"), *extra])
+        self.send(status, body, [JSON_CONTENT, *extra])
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Begin a chunked response; each `send_chunk` reaches the client as it comes."""
