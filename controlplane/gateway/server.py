@@ -40,14 +40,18 @@ STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) fo
 JSON_CONTENT = (b"content-type", b"application/json")
 
 
-@dataclass(slots=True)
 class Request:
-    method: bytes
-    path: str
-    headers: dict[bytes, bytes]  # names lower-cased; a repeated header keeps its last value
-    body: bytes
-    keep_alive: bool
-    admitted: Any = None  # what the screen said after the headers (Any: a compiled dataclass rejects `object`)
+    """One parsed request. (A plain class: compiled, a dataclass's generated __init__ would run as Python code,
+    once per request.)"""
+
+    def __init__(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool,
+                 admitted: Any = None) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers  # names lower-cased; a repeated header keeps its last value
+        self.body = body
+        self.keep_alive = keep_alive
+        self.admitted = admitted  # what the screen said after the headers (Any: compiled, `object` is refused)
 
 
 @dataclass
