@@ -151,7 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = server.loop
         self.handler = server.handler
         self.screen = server.screen
-        self.limits = server.limits
+        self.max_header_bytes = server.limits.max_header_bytes  # plain ints: read for every header and body piece
+        self.max_body_bytes = server.limits.max_body_bytes
         self.counters = server.counters
         # per connection
         self.transport: asyncio.Transport | None = None
@@ -232,18 +233,18 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes <= self.limits.max_header_bytes:
+        if self.header_bytes <= self.max_header_bytes:
             self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         # Refuse at once, before reading a body that will not be used.
-        if self.header_bytes > self.limits.max_header_bytes:
-            self._refuse_connection(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+        if self.header_bytes > self.max_header_bytes:
+            self._refuse_connection(431, f"request line and headers exceed {self.max_header_bytes} bytes")
             return
         length = self.headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             self._refuse_connection(413, f"body of {int(length)} bytes exceeds the limit of "
-                                         f"{self.limits.max_body_bytes} bytes")
+                                         f"{self.max_body_bytes} bytes")
             return
         if self.screen is not None:
             verdict = self.screen.screen(self, self.parser.get_method(), self.url, self.headers)
@@ -258,9 +259,9 @@ class ClientConnection(asyncio.Protocol):
         if self.rejected or self.skip_body:
             return
         self.body_bytes += len(body)
-        if self.body_bytes > self.limits.max_body_bytes:
+        if self.body_bytes > self.max_body_bytes:
             self.body_parts = []
-            self._refuse_connection(413, f"body exceeds the limit of {self.limits.max_body_bytes} bytes")
+            self._refuse_connection(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
         else:
             self.body_parts.append(body)
 
