@@ -33,7 +33,7 @@ from controlplane.gateway.overload import OverloadManager
 from controlplane.gateway.pipeline_stream import PipelineRun, PipelineSequences
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
-from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
+from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Handler, Rejection, Request
 from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
 from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
@@ -78,6 +78,9 @@ class GatewayApp:
         self.variants = {m.name: m.cheaper_variant for m in spec.models if m.cheaper_variant}
         self.smaller_batches = {m.name: m.smaller_batch_variant for m in spec.models if m.smaller_batch_variant}
         self.signatures: dict[str, ModelSignature] = {}
+        # Who answers the paths that are not /v2/models/ ones, when not `server_route` (a worker process: the views
+        # that speak for every worker); the model routes never leave this compiled handler.
+        self.other_routes: Handler | None = None
         self._model_routes: dict[str, tuple[str, str | None]] = {}  # path -> (model, action), see `model_route`
         self._rejections: dict[tuple, Rejection] = {}  # refusals after the headers, by kind (see `rejection`)
         self._signature_lookups: dict[str, asyncio.Future[ModelSignature]] = {}
@@ -193,11 +196,13 @@ class GatewayApp:
         self.metrics.requests[class_name, tenant, "shed"] += 1
 
     # --- routes ------------------------------------------------------------------------------------------
-    def __call__(self, request: Request, conn: ClientConnection) -> Exchange | asyncio.Task[None] | None:
+    def __call__(self, request: Request, conn: ClientConnection) -> Cancellable | None:
         path = request.path
         route = self._model_routes.get(path) or self.model_route(path)
         try:
             if route is None:
+                if self.other_routes is not None:
+                    return self.other_routes(request, conn)
                 self.server_route(request, conn)
                 return None
             model, action = route
