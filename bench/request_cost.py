@@ -1,9 +1,10 @@
 """Python CPU of one proxied inference request, in process: the gateway's real request path (server, screen,
 exchange, scheduler, router, upstream parser, relay, metrics) driven through in-memory transports, so no
 syscall and no other process is measured. Repeatable where socket benchmarks are noisy; use it to compare
-changes of the request path (run it before and after, alternating).
+changes of the request path (run it before and after, alternating). `--refused`: a request refused at
+admission instead (its tenant is over its rate: 429 right after the headers).
 
-    .venv/bin/python bench/request_cost.py [REQUESTS]
+    .venv/bin/python bench/request_cost.py [REQUESTS] [--refused]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ SPEC = Path(__file__).resolve().parent / "overload.yaml"
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
                    "parameters": {"work_ms": 0}}).encode()
 REQUEST = (b"POST /v2/models/work/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
-           b"Authorization: Bearer cp-bench-key\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+           b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s")
+API_KEYS = {False: b"cp-bench-key", True: b"cp-bench-refused-key"}  # the `refused` tenant: 1 request/s
 ANSWER = b'{"model_name":"work","outputs":[{"name":"y","datatype":"FP32","shape":[1,4],"data":[1.0,2.0,3.0,4.0]}]}'
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
 
@@ -64,7 +66,7 @@ class MemoryTransport:
         pass
 
 
-async def measure(requests: int) -> float:
+async def measure(requests: int, refused: bool = False) -> float:
     loop = asyncio.get_running_loop()
     spec = load_spec(SPEC)
     router = Router(spec.gateway.concurrency, spec.gateway.ejection)
@@ -85,15 +87,20 @@ async def measure(requests: int) -> float:
     client = ClientConnection(server)
     client.connection_made(MemoryTransport(lambda data: answered[-1].done() or answered[-1].set_result(data)))
 
+    request = REQUEST % (API_KEYS[refused], len(BODY), BODY)
+
     async def one() -> bytes:
         answer = loop.create_future()
         answered.append(answer)
-        client.data_received(REQUEST)
+        client.data_received(request)
         await answer
         answered.pop()
         return answer.result()
 
-    assert (await one()).startswith(b"HTTP/1.1 200"), "the request path did not answer 200"
+    if refused:
+        await one()  # the tenant's one token
+    status = b"HTTP/1.1 429" if refused else b"HTTP/1.1 200"
+    assert (await one()).startswith(status), f"the request path did not answer {status.decode()}"
     for _ in range(2000):
         await one()
     gc.collect()
@@ -105,6 +112,9 @@ async def measure(requests: int) -> float:
 
 
 if __name__ == "__main__":
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    print(f"{uvloop.run(measure(count)) * 1e6:.1f} us of Python per proxied request (in process, no syscalls; "
-          f"includes this driver's future and loop turn per request)")
+    arguments = [a for a in sys.argv[1:] if a != "--refused"]
+    refused = "--refused" in sys.argv[1:]
+    count = int(arguments[0]) if arguments else 20000
+    print(f"{uvloop.run(measure(count, refused)) * 1e6:.1f} us of Python per "
+          f"{'refused (429)' if refused else 'proxied'} request (in process, no syscalls; includes this driver's "
+          f"future and loop turn per request)")

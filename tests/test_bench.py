@@ -85,6 +85,7 @@ def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     cpu = results["cpu"]
     assert cpu["refused"]["statuses"].get("429", 0) >= 0.99 * cpu["refused"]["requests"]  # refused at admission
     assert cpu["admitted"]["requests"] > 0 and cpu["admitted"]["cpu_s"] > 0
+    assert cpu["nginx_429"]["statuses"] == {"429": cpu["nginx_429"]["requests"]}  # the floor's reference row
     assert results["stack_stopped_on_sigint"]
 
 

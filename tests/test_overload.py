@@ -19,7 +19,7 @@ import pytest
 import uvloop
 
 from controlplane.gateway.overload import LAG_PROBE_S, UNLIMITED, OverloadManager
-from controlplane.gateway.server import GatewayServer
+from controlplane.gateway.server import ClientConnection, GatewayServer
 from controlplane.spec import GatewayLimits, Overload, PriorityClass, hash_api_key
 
 from .conftest import ROOT, ManualClock, RunningStack, stack_of
@@ -28,7 +28,8 @@ CLASSES = [PriorityClass(name="critical", level=300, default_deadline_ms=250, sh
            PriorityClass(name="standard", level=200, default_deadline_ms=1000, share=0.3),
            PriorityClass(name="sheddable", level=100, default_deadline_ms=2000, share=0.2)]
 CRITICAL, STANDARD, SHEDDABLE = CLASSES
-CONN = object()  # a client connection the manager has no record of
+# a client connection the manager has no record of (a real one: the compiled manager checks the type)
+CONN = ClientConnection(GatewayServer(lambda request, conn: None, GatewayLimits()))
 
 
 def manager(**config) -> tuple[OverloadManager, ManualClock]:

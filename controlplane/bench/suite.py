@@ -92,10 +92,12 @@ class Setups:
         self.state_file = state_file
         state = json.loads(state_file.read_text())
         self.shards = {s["name"]: s for s in state["shards"] if s["url"]}
-        self.nginx_port = free_port()
-        self.nginx = start_nginx(workdir, self.nginx_port, [s["url"] for s in self.shards.values()])
+        self.nginx_port, refusal_port = free_port(), free_port()
+        self.nginx = start_nginx(workdir, self.nginx_port, [s["url"] for s in self.shards.values()],
+                                 refusal_port=refusal_port)
         self.urls = {"direct": [s["url"] for s in self.shards.values()],
-                     "nginx": [f"http://127.0.0.1:{self.nginx_port}"], "gateway": [state["gateway"]]}
+                     "nginx": [f"http://127.0.0.1:{self.nginx_port}"], "gateway": [state["gateway"]],
+                     "nginx_429": [f"http://127.0.0.1:{refusal_port}"]}
         self.memory_at_start = self.gateway_memory_mb()["processes"]  # before any traffic
 
     def shard_pid(self, name: str) -> int:
@@ -172,8 +174,22 @@ class Setups:
             self.stack.stop(grace_s=2)
 
 
-def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1) -> ManagedProcess:
-    """nginx as a user would put it in front of Triton: round robin, upstream keepalive, `workers` workers."""
+# What nginx answers on its refusal port: a 429 like the gateway's over-rate one (JSON body, Retry-After).
+NGINX_REFUSAL = """
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    default_type application/json;
+    location / {{
+      add_header retry-after 1 always;
+      return 429 '{{"error":"tenant \\'refused\\' is over its rate of 1 requests/s","reason":"rate"}}';
+    }}
+  }}"""
+
+
+def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1, refusal_port: int | None = None
+                ) -> ManagedProcess:
+    """nginx as a user would put it in front of Triton: round robin, upstream keepalive, `workers` workers. With
+    `refusal_port`, it also answers every request there with `return 429`: the floor of a refusal's cost."""
     if shutil.which("nginx") is None:
         raise RuntimeError("nginx is needed: apt-get install nginx-light (make test installs it as root)")
     servers = "\n".join(f"    server {url.removeprefix('http://')};" for url in upstreams)
@@ -201,7 +217,7 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
     }}
-  }}
+  }}{NGINX_REFUSAL.format(port=refusal_port) if refusal_port else ""}
 }}
 """)
     process = ManagedProcess(["nginx", "-e", str(workdir / "nginx-error.log"), "-c", str(conf), "-p", str(workdir),
@@ -499,13 +515,15 @@ def ratio(value: float, base: float, defined: bool | int = True) -> float | None
 
 def cpu_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[str], None]) -> dict:
     """CPU (utime + stime) per request of the gateway's processes: admitted (proxied, 0 ms model) and refused at
-    admission (the `refused` tenant: 1 req/s); nginx's per proxied request for reference. Alternating."""
+    admission (the `refused` tenant: 1 req/s); nginx's per proxied request and per `return 429` (the floor of
+    a refusal on this machine: a read and a write in C) for reference. Alternating."""
     rounds, seconds = (1, 2) if quick else (2, 5)
     body = json.dumps(work_body({"work_ms": 0}))
     kinds = {
         "admitted": ("gateway", {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}),
         "refused": ("gateway", {"Content-Type": "application/json", "Authorization": f"Bearer {REFUSED_KEY}"}),
         "nginx": ("nginx", {"Content-Type": "application/json"}),
+        "nginx_429": ("nginx_429", {"Content-Type": "application/json"}),
     }
     totals = {k: {"cpu_s": 0.0, "requests": 0, "traffic": WrkResult()} for k in kinds}
     wrk_peak(setups.urls["gateway"], {"work_ms": 0}, 1, 64, workdir)  # warm-up
@@ -529,6 +547,8 @@ def cpu_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[str]
             f"{out[kind]['cpu_s']:.2f} s CPU, statuses {out[kind]['statuses']})")
     out["refused_over_admitted"] = round(out["refused"]["us_per_request"] /
                                          max(out["admitted"]["us_per_request"], 1e-9), 3)
+    out["refused_over_nginx_429"] = round(out["refused"]["us_per_request"] /
+                                          max(out["nginx_429"]["us_per_request"], 1e-9), 3)
     return out
 
 
@@ -599,6 +619,10 @@ def cpu_targets(c: dict) -> list[dict]:
         target("gateway CPU per refused / per admitted request (>= 99% of the refused answered 429)",
                c["refused_over_admitted"], "<= 0.1", refused_valid and c["refused_over_admitted"] <= 0.1),
         target("nginx CPU us per proxied request (for reference)", c["nginx"]["us_per_request"], "none", True),
+        target("nginx CPU us per `return 429` (the floor of a refusal here, for reference)",
+               c["nginx_429"]["us_per_request"], "none", True),
+        target("gateway CPU per refused request / nginx's per `return 429` (for reference)",
+               c["refused_over_nginx_429"], "none", True),
     ]
 
 
@@ -695,12 +719,13 @@ def cpu_markdown(c: dict) -> list[str]:
              f"{c['rounds']} x {c['seconds']} s each, alternating; 0 ms model)", "",
              "| what | us CPU / request | requests | CPU s | req/s | statuses |", "|---|---|---|---|---|---|"]
     names = {"admitted": "gateway, admitted (proxied)", "refused": "gateway, refused at admission (429)",
-             "nginx": "nginx, proxied"}
+             "nginx": "nginx, proxied", "nginx_429": "nginx, `return 429` (the floor of a refusal)"}
     for kind, name in names.items():
         k = c[kind]
         lines.append(f"| {name} | {k['us_per_request']:.1f} | {k['requests']} | {k['cpu_s']:.2f} | {k['rps']:.0f} | "
                      f"{k['statuses']} |")
-    lines += ["", f"Refused / admitted CPU per request: {c['refused_over_admitted']:.3f}."]
+    lines += ["", f"Refused / admitted CPU per request: {c['refused_over_admitted']:.3f}; refused / nginx's "
+              f"`return 429`: {c['refused_over_nginx_429']:.2f}."]
     return lines
 
 

@@ -36,6 +36,17 @@ class Refused(Exception):
         self.reason = reason  # for 429: rate, queue_full, displaced, deadline
 
 
+def retry_after_s(wait_s: float) -> float:
+    """Retry-After for a wait: whole seconds, at least one."""
+    return max(1.0, math.ceil(wait_s))
+
+
+def over_rate(tenant: Tenant, wait_s: float) -> Refused:
+    """The refusal of a request over its tenant's rate; a token is back in `wait_s`."""
+    return Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
+                   retry_after_s=retry_after_s(wait_s), reason="rate")
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
@@ -75,6 +86,9 @@ class LocalBuckets:
 
 @dataclass(slots=True)
 class Admitted:
+    """Who asked, in which class, with how long to answer. Shared by every request that sent the same admission
+    headers (`Admission.classify` caches it): never changed once made."""
+
     tenant: Tenant
     priority_class: PriorityClass
     deadline_s: float  # relative: seconds from now
@@ -91,6 +105,7 @@ class Admission:
         self.buckets: BucketStore = buckets if buckets is not None else LocalBuckets(spec.tenants, clock)
         self.allowed = {t.name: {t.default_class, *t.allowed_classes} for t in spec.tenants}
         self._key_cache: dict[bytes, Tenant] = {}
+        self._classified: dict[tuple[bytes | None, ...], Admitted] = {}
 
     def identify(self, headers: dict[bytes, bytes]) -> Tenant:
         key = headers.get(b"x-api-key")
@@ -122,7 +137,19 @@ class Admission:
         return admitted
 
     def classify(self, headers: dict[bytes, bytes]) -> Admitted:
-        """Identity, class and deadline of a request (no token taken yet), or Refused."""
+        """Identity, class and deadline of a request (no token taken yet), or Refused. They depend on four
+        header values only, so a client that sends the same ones again (the usual case) costs one lookup."""
+        key = (headers.get(b"x-api-key"), headers.get(b"authorization"), headers.get(b"x-priority"),
+               headers.get(b"x-deadline-ms"))
+        admitted = self._classified.get(key)
+        if admitted is None:
+            admitted = self._classify(headers)  # a refusal is not cached: it raises
+            if len(self._classified) >= KEY_CACHE_SIZE:
+                self._classified.clear()
+            self._classified[key] = admitted
+        return admitted
+
+    def _classify(self, headers: dict[bytes, bytes]) -> Admitted:
         tenant = self.identify(headers)
         asked = headers.get(b"x-priority")
         if asked is None:
@@ -145,11 +172,13 @@ class Admission:
 
     def charge(self, admitted: Admitted) -> None:
         """Take a token from the tenant's bucket, or Refused (429 with Retry-After)."""
-        tenant = admitted.tenant
-        wait = self.buckets.take(tenant.name)
+        wait = self.take_token(admitted)
         if wait > 0.0:
-            raise Refused(429, f"tenant '{tenant.name}' is over its rate of {tenant.rate:g} requests/s",
-                          retry_after_s=max(1.0, math.ceil(wait)), reason="rate")
+            raise over_rate(admitted.tenant, wait)
+
+    def take_token(self, admitted: Admitted) -> float:
+        """Take a token from the tenant's bucket: 0.0 when granted, else the seconds until one is back."""
+        return self.buckets.take(admitted.tenant.name)
 
     def admin_ok(self, headers: dict[bytes, bytes], token_sha256: str | None) -> None:
         """Raise Refused unless the request carries the admin token."""

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from controlplane import __version__
-from controlplane.gateway.admission import Admission, Admitted, Refused
+from controlplane.gateway.admission import Admission, Admitted, Refused, over_rate, retry_after_s
 from controlplane.gateway.errors import ANSWERED, RETRY_AFTER_NO_SHARD, HttpError, refusal_headers, send_error
 from controlplane.gateway.exchange import Exchange
 from controlplane.gateway.inference import BadRequest, InferHeader, ModelSignature, check_infer_request, decompress
@@ -33,7 +33,7 @@ from controlplane.gateway.overload import OverloadManager
 from controlplane.gateway.pipeline_stream import PipelineRun, PipelineSequences
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
-from controlplane.gateway.server import ClientConnection, GatewayServer, Rejection, Request
+from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Handler, Rejection, Request
 from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
 from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
@@ -47,6 +47,8 @@ MODEL_ROUTE = re.compile(
 INFERENCE_ACTIONS = (b"/infer", b"/generate", b"/generate_stream")
 ADMIN_SHARD_ROUTE = re.compile(r"^/admin/shards/(?P<shard>[^/]+)/(?P<action>drain|undrain)$")
 PASSED_THROUGH_HEADERS = (b"accept",)  # what a metadata request may carry to the shard
+ROUTES_KEPT = 1024  # model paths (clients ask for the same few)
+REJECTIONS_KEPT = 256  # prebuilt refusals (kind, class or tenant, Retry-After)
 TICK_S = 0.1  # background upkeep: probes of ejected shards, the ladder
 EXTENSIONS = ["classification", "model_configuration", "binary_tensor_data", "parameters", "statistics",
               "generate"]
@@ -76,6 +78,11 @@ class GatewayApp:
         self.variants = {m.name: m.cheaper_variant for m in spec.models if m.cheaper_variant}
         self.smaller_batches = {m.name: m.smaller_batch_variant for m in spec.models if m.smaller_batch_variant}
         self.signatures: dict[str, ModelSignature] = {}
+        # Who answers the paths that are not /v2/models/ ones, when not `server_route` (a worker process: the views
+        # that speak for every worker); the model routes never leave this compiled handler.
+        self.other_routes: Handler | None = None
+        self._model_routes: dict[str, tuple[str, str | None]] = {}  # path -> (model, action), see `model_route`
+        self._rejections: dict[tuple, Rejection] = {}  # refusals after the headers, by kind (see `rejection`)
         self._signature_lookups: dict[str, asyncio.Future[ModelSignature]] = {}
         self._upkeep: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -132,26 +139,47 @@ class GatewayApp:
     def screen(self, conn: ClientConnection, method: bytes, url: bytes, headers: dict[bytes, bytes]
                ) -> Rejection | Admitted | None:
         """Admit an inference request (identity, class, bucket, deadline) before its body is read; refuse it
-        there when admission or the overload manager says so."""
+        there when admission or the overload manager says so. A refusal is as cheap as it can be: the class comes
+        from admission's cache, and the answer is a kept `Rejection` (its bytes made once: `_keep_rejection`)."""
         if method != b"POST" or not url.endswith(INFERENCE_ACTIONS):
             return None
         try:
             admitted = self.admission.classify(headers)
-            priority_class = admitted.priority_class
-            if priority_class.level > conn.top_level:
-                conn.top_level = priority_class.level
-            overload = self.overload
-            if overload is not None and overload.refuses(conn, priority_class):
-                self.count_shed(priority_class.name, admitted.tenant.name, "overload")
-                overload.refused(conn, priority_class)
-                return Rejection(429, f"the gateway is overloaded: class '{priority_class.name}' is refused for now",
-                                 [(b"retry-after", b"1")], "overload", close=overload.withdraws_keep_alive())
-            self.admission.charge(admitted)
         except Refused as refused:
-            if refused.status == 429:
-                self.count_shed("-", "-", refused.reason)
             return Rejection(refused.status, str(refused), refusal_headers(refused), refused.reason, close=False)
+        priority_class = admitted.priority_class
+        if priority_class.level > conn.top_level:
+            conn.top_level = priority_class.level
+        overload = self.overload
+        if overload is not None and overload.refuses(conn, priority_class):
+            self.count_shed(priority_class.name, admitted.tenant.name, "overload")
+            overload.refused(conn, priority_class)
+            close = overload.withdraws_keep_alive()
+            kind = ("overload", priority_class.name, close)
+            rejection = self._rejections.get(kind)
+            if rejection is None:
+                rejection = self._keep_rejection(kind, Rejection(
+                    429, f"the gateway is overloaded: class '{priority_class.name}' is refused for now",
+                    [(b"retry-after", b"1")], "overload", close=close))
+            return rejection
+        wait = self.admission.take_token(admitted)
+        if wait > 0.0:
+            self.count_shed("-", "-", "rate")
+            key = ("rate", admitted.tenant.name, retry_after_s(wait))
+            rejection = self._rejections.get(key)
+            if rejection is None:
+                over = over_rate(admitted.tenant, wait)
+                rejection = self._keep_rejection(key, Rejection(429, str(over), refusal_headers(over), "rate",
+                                                                close=False))
+            return rejection
         return admitted
+
+    def _keep_rejection(self, key: tuple, rejection: Rejection) -> Rejection:
+        """Keep a refusal to answer again: the server answers a Rejection with the bytes it built the first time."""
+        if len(self._rejections) >= REJECTIONS_KEPT:
+            self._rejections.clear()
+        self._rejections[key] = rejection
+        return rejection
 
     def class_level(self, method: bytes, url: bytes, headers: dict[bytes, bytes]) -> int | None:
         """The class level of a request not read yet, for the overload manager (None: not an inference request,
@@ -168,14 +196,16 @@ class GatewayApp:
         self.metrics.requests[class_name, tenant, "shed"] += 1
 
     # --- routes ------------------------------------------------------------------------------------------
-    def __call__(self, request: Request, conn: ClientConnection) -> Exchange | asyncio.Task[None] | None:
+    def __call__(self, request: Request, conn: ClientConnection) -> Cancellable | None:
         path = request.path
-        match = MODEL_ROUTE.match(path)
+        route = self._model_routes.get(path) or self.model_route(path)
         try:
-            if match is None:
+            if route is None:
+                if self.other_routes is not None:
+                    return self.other_routes(request, conn)
                 self.server_route(request, conn)
                 return None
-            model, action = match["model"], match["action"]
+            model, action = route
             pipeline = self.pipeline_sequences.pipelines.get(model)
             if pipeline is not None:
                 if action not in ("generate", "generate_stream") or request.method != b"POST":
@@ -196,6 +226,16 @@ class GatewayApp:
                 self.count_shed("-", "-", error.reason)
             send_error(conn, error)
             return None
+
+    def model_route(self, path: str) -> tuple[str, str | None] | None:
+        """(model, action) of a /v2/models/ path, else None. Kept for the next request to the same path."""
+        match = MODEL_ROUTE.match(path)
+        if match is None:
+            return None
+        if len(self._model_routes) >= ROUTES_KEPT:
+            self._model_routes.clear()
+        route = self._model_routes[path] = (match["model"], match["action"])
+        return route
 
     def server_route(self, request: Request, conn: ClientConnection) -> None:
         path = request.path

@@ -213,12 +213,15 @@ class Exchange:
         self._send(upstream, self.ticket.deadline - self.gateway.clock())
 
     def _send(self, upstream: UpstreamConnection, remaining_s: float) -> None:
-        request, path = self.request, self.path
-        body, header_length = request.body, request.headers.get(b"inference-header-content-length")
-        if self.checked is not None and b"content-encoding" not in request.headers:
+        request, path, headers = self.request, self.path, self.request.headers
+        body, header_length = request.body, headers.get(b"inference-header-content-length")
+        if self.checked is not None and b"content-encoding" not in headers:
             body, header_length = self._with_triton_parameters(body, header_length, remaining_s)
-        lines = [b"%s: %s\r\n" % (name, request.headers[name])
-                 for name in FORWARDED_REQUEST_HEADERS if name in request.headers]
+        lines = []
+        for name in FORWARDED_REQUEST_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                lines.append(b"%s: %s\r\n" % (name, value))
         if header_length is not None:
             lines.append(b"inference-header-content-length: %s\r\n" % header_length)
         self.upstream = upstream

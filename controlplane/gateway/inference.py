@@ -57,13 +57,14 @@ class ModelSignature:
                    timeout_override=bool(policy.get("allow_timeout_override")))
 
 
-@dataclass(slots=True)
 class InferHeader:
-    """A checked inference request: its parsed JSON header and where the binary tensor data starts."""
+    """A checked inference request: its parsed JSON header and where the binary tensor data starts. (A plain
+    class: compiled, a dataclass's generated __init__ would run as Python code, once per request.)"""
 
-    header: dict
-    binary_offset: int | None  # None: a JSON-only body
-    cost: float  # batch size (1 for a model without batching)
+    def __init__(self, header: dict, binary_offset: int | None, cost: float) -> None:
+        self.header = header
+        self.binary_offset = binary_offset  # None: a JSON-only body
+        self.cost = cost  # batch size (1 for a model without batching)
 
     def with_parameters(self, body: bytes, parameters: dict) -> tuple[bytes, int | None]:
         """The body with request parameters added to its header; binary data is reused, not re-encoded."""

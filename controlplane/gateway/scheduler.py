@@ -36,11 +36,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
-
-from mypy_extensions import mypyc_attr
 
 from controlplane.spec import GatewayLimits, PriorityClass
 
@@ -88,22 +85,24 @@ def _ignore_shed(shed: Shed) -> None:
     pass
 
 
-@mypyc_attr(native_class=False)  # compiled, mypyc cannot make a generic dataclass its own kind of class
-@dataclass(eq=False, slots=True)
 class Ticket(Generic[SlotT]):
-    """One admitted request while the scheduler holds it; it learns its fate through its two callbacks."""
+    """One admitted request while the scheduler holds it; it learns its fate through its two callbacks. (A plain
+    class, not a dataclass: compiled, mypyc makes it a native class only so, and one is made per request.)"""
 
-    model: str
-    tenant: str
-    band: str
-    cost: float
-    size: int
-    deadline: float  # absolute, scheduler clock
-    on_dispatch: Callable[[SlotT], None] = _ignore_dispatch
-    on_shed: Callable[[Shed], None] = _ignore_shed
-    exclude: SlotT | None = None  # a shard this request must not go to (it failed there)
-    enqueued_at: float = 0.0
-    state: TicketState = TicketState.NEW
+    def __init__(self, model: str, tenant: str, band: str, cost: float, size: int, deadline: float,
+                 on_dispatch: Callable[[SlotT], None] = _ignore_dispatch,
+                 on_shed: Callable[[Shed], None] = _ignore_shed) -> None:
+        self.model = model
+        self.tenant = tenant
+        self.band = band
+        self.cost = cost
+        self.size = size
+        self.deadline = deadline  # absolute, scheduler clock
+        self.on_dispatch = on_dispatch
+        self.on_shed = on_shed
+        self.exclude: SlotT | None = None  # a shard this request must not go to (it failed there)
+        self.enqueued_at = 0.0
+        self.state = TicketState.NEW
 
     def dispatch(self, target: SlotT) -> None:
         self.state = TicketState.DISPATCHED
@@ -152,26 +151,25 @@ class ServiceTime:
         return self.mean_s + 4 * self.dev_s + LOOP_ALLOWANCE_S
 
 
-@mypyc_attr(native_class=False)
-@dataclass(eq=False)
 class Band(Generic[SlotT]):
     """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""
 
-    name: str
-    level: int
-    share: float
-    max_requests: int
-    max_bytes: int
-    flows: dict[str, deque[Ticket[SlotT]]] = field(default_factory=dict)
-    rotation: deque[str] = field(default_factory=deque)  # tenants with queued tickets, in turn order
-    deficit: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    bytes: int = 0
-    credit: float = 0.0
-    dead: int = 0  # shed tickets still sitting in flows
-    backlogged_since: float = math.inf  # since when this band has had requests queued without a break
-    service: ServiceTime = field(default_factory=ServiceTime)  # this class's own (Triton serves classes apart)
-    dispatched_at: deque[float] = field(default_factory=deque)  # dispatch times of the last RATE_WINDOW_S
+    def __init__(self, name: str, level: int, share: float, max_requests: int, max_bytes: int) -> None:
+        self.name = name
+        self.level = level
+        self.share = share
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.flows: dict[str, deque[Ticket[SlotT]]] = {}
+        self.rotation: deque[str] = deque()  # tenants with queued tickets, in turn order
+        self.deficit: dict[str, float] = {}
+        self.count = 0
+        self.bytes = 0
+        self.credit = 0.0
+        self.dead = 0  # shed tickets still sitting in flows
+        self.backlogged_since = math.inf  # since when this band has had requests queued without a break
+        self.service = ServiceTime()  # this class's own (Triton serves classes apart)
+        self.dispatched_at: deque[float] = deque()  # dispatch times of the last RATE_WINDOW_S
 
     def push(self, ticket: Ticket[SlotT], front: bool = False) -> None:
         flow = self.flows.get(ticket.tenant)

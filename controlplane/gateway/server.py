@@ -36,29 +36,43 @@ ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 ACCEPT_BATCH = 512  # connections accepted a loop turn at most
 ACCEPT_RETRY_S = 1.0  # after accept failed for want of descriptors or memory (asyncio waits as long)
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+JSON_CONTENT = (b"content-type", b"application/json")
 
 
-@dataclass(slots=True)
 class Request:
-    method: bytes
-    path: str
-    headers: dict[bytes, bytes]  # names lower-cased; a repeated header keeps its last value
-    body: bytes
-    keep_alive: bool
-    admitted: Any = None  # what the screen said after the headers (Any: a compiled dataclass rejects `object`)
+    """One parsed request. (A plain class: compiled, a dataclass's generated __init__ would run as Python code,
+    once per request.)"""
+
+    def __init__(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool,
+                 admitted: Any = None) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers  # names lower-cased; a repeated header keeps its last value
+        self.body = body
+        self.keep_alive = keep_alive
+        self.admitted = admitted  # what the screen said after the headers (Any: compiled, `object` is refused)
 
 
 @dataclass
 class Rejection:
     """A request refused while parsing or screening; answered in its turn. `close`: then the connection closes
-    (a framing error, or keep-alive withdrawn); else the connection goes on with its next request."""
+    (a framing error, or keep-alive withdrawn); else the connection goes on with its next request. The same
+    Rejection may answer many requests (the screen keeps its refusals): its response bytes are made once."""
 
     status: int
     message: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reason: str | None = None
     close: bool = True
+    response: bytes = b""  # the whole response, made when first sent
+
+    def response_bytes(self) -> bytes:
+        if not self.response:
+            body = json_error(self.message, self.reason)
+            self.response = response_head(self.status, [JSON_CONTENT, *self.headers],
+                                          b"content-length: %d\r\n" % len(body), self.close) + body
+        return self.response
 
 
 class Cancellable(Protocol):
@@ -123,6 +137,13 @@ def json_error(message: str, reason: str | None = None) -> bytes:
     return orjson.dumps({"error": message, "reason": reason} if reason else {"error": message})
 
 
+def response_head(status: int, headers: list[tuple[bytes, bytes]], framing: bytes, close: bool) -> bytes:
+    """The status line and headers of a response; `framing` is its content-length or transfer-encoding line."""
+    status_line = STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+    fields = b"".join([b"%s: %s\r\n" % header for header in headers])
+    return b"%s%s%s%s\r\n" % (status_line, fields, framing, b"connection: close\r\n" if close else b"")
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, server: GatewayServer) -> None:
         # per server
@@ -130,7 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = server.loop
         self.handler = server.handler
         self.screen = server.screen
-        self.limits = server.limits
+        self.max_header_bytes = server.limits.max_header_bytes  # plain ints: read for every header and body piece
+        self.max_body_bytes = server.limits.max_body_bytes
         self.counters = server.counters
         # per connection
         self.transport: asyncio.Transport | None = None
@@ -211,18 +233,18 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes <= self.limits.max_header_bytes:
+        if self.header_bytes <= self.max_header_bytes:
             self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         # Refuse at once, before reading a body that will not be used.
-        if self.header_bytes > self.limits.max_header_bytes:
-            self._refuse_connection(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+        if self.header_bytes > self.max_header_bytes:
+            self._refuse_connection(431, f"request line and headers exceed {self.max_header_bytes} bytes")
             return
         length = self.headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             self._refuse_connection(413, f"body of {int(length)} bytes exceeds the limit of "
-                                         f"{self.limits.max_body_bytes} bytes")
+                                         f"{self.max_body_bytes} bytes")
             return
         if self.screen is not None:
             verdict = self.screen.screen(self, self.parser.get_method(), self.url, self.headers)
@@ -237,9 +259,9 @@ class ClientConnection(asyncio.Protocol):
         if self.rejected or self.skip_body:
             return
         self.body_bytes += len(body)
-        if self.body_bytes > self.limits.max_body_bytes:
+        if self.body_bytes > self.max_body_bytes:
             self.body_parts = []
-            self._refuse_connection(413, f"body exceeds the limit of {self.limits.max_body_bytes} bytes")
+            self._refuse_connection(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
         else:
             self.body_parts.append(body)
 
@@ -280,7 +302,10 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(item, Rejection):
             self.close_after_response = item.close
             self.rejected = self.rejected or item.close  # read nothing more; `_linger` closes
-            self.send_json(item.status, json_error(item.message, item.reason), item.headers)
+            self.response_started = True
+            self.counters.count(item.status)
+            self.transport.write(item.response_bytes())
+            self._response_done()
             if item.close:
                 self._linger()
             return
@@ -353,13 +378,7 @@ class ClientConnection(asyncio.Protocol):
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
         self.response_started = True
         self.counters.count(status)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-        lines += [b"%s: %s\r\n" % header for header in headers]
-        lines.append(framing)
-        if self.close_after_response:
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        return response_head(status, headers, framing, self.close_after_response)
 
     def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A whole response in one write. `headers` must include the content type."""
@@ -367,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_done()
 
     def send_json(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        self.send(status, body, [(b"content-type", b"application/json"), *extra])
+        self.send(status, body, [JSON_CONTENT, *extra])
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Begin a chunked response; each `send_chunk` reaches the client as it comes."""

@@ -57,7 +57,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # the response's FORWARDED_RESPONSE_HEADERS
+        self.chunked = False
         self.responded = False
         self.closed = False
         self.reusable = True
@@ -94,16 +95,19 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.headers = []
+        self.chunked = False
         self.responded = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name in FORWARDED_RESPONSE_HEADERS:
+            self.headers.append((name, value))
+        elif name == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
 
     def on_headers_complete(self) -> None:
-        chunked = any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers)
         self.reusable = self.parser.should_keep_alive()
-        forwarded = [(n, v) for n, v in self.headers if n in FORWARDED_RESPONSE_HEADERS]
-        self.sink.on_head(self.parser.get_status_code(), forwarded, chunked)
+        self.sink.on_head(self.parser.get_status_code(), self.headers, self.chunked)
 
     def on_body(self, body: bytes) -> None:
         self.sink.on_body(body)

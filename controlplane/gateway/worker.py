@@ -74,25 +74,26 @@ class GatewayWorker:
             self.app.admission.buckets = buckets
         self.ladder = FollowedLadder()
         self.app.ladder = self.ladder  # the supervisor's ladder decides; see workers.py
-        self.server = GatewayServer(self.handle, gateway.limits)
+        self.app.other_routes = self.handle_views
+        self.server = GatewayServer(self.app, gateway.limits)
         self.app.serve_on(self.server)  # admission right after the headers, and this worker's overload manager
         self.channel: Channel | None = None
         self.answering: set[asyncio.Task[None]] = set()
 
     # --- HTTP: the routes that speak for every worker ---------------------------------------------------------
-    def handle(self, request: Request, conn: ClientConnection) -> Cancellable | None:
-        """This worker's request handler: the views and admin actions of all workers here, the rest as in one
-        process (the app answers, now or later)."""
+    def handle_views(self, request: Request, conn: ClientConnection) -> Cancellable | None:
+        """The paths that are not model routes (the app answers those itself): the views and admin actions of all
+        workers here, the rest as in one process."""
         path, method = request.path, request.method
         if path == "/metrics":
             return self.answer(conn, self.metrics())
-        if path.startswith("/admin/"):  # (a prefix test first: inference requests pay no regex here)
-            if path == "/admin/queues" and method == b"GET":
-                return self.answer(conn, self.queues(), request)
-            match = ADMIN_SHARD_ROUTE.match(path)
-            if match is not None and method == b"POST":
-                return self.answer(conn, self.drain(match), request)
-        return self.app(request, conn)
+        if path == "/admin/queues" and method == b"GET":
+            return self.answer(conn, self.queues(), request)
+        match = ADMIN_SHARD_ROUTE.match(path)
+        if match is not None and method == b"POST":
+            return self.answer(conn, self.drain(match), request)
+        self.app.server_route(request, conn)
+        return None
 
     def answer(self, conn: ClientConnection, work: Answer, admin: Request | None = None) -> asyncio.Task[None]:
         """Answer with `work` (a coroutine giving status, body, headers) once the supervisor replied; an admin
