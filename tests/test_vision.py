@@ -24,7 +24,7 @@ from .conftest import ROOT, RunningStack, stack_of
 
 VISION = ROOT / "examples" / "models" / "vision" / "1"
 sys.path.insert(0, str(VISION))
-from resnet import prepare, preprocess, resnet, sample_images  # noqa: E402
+from resnet import FixedBatches, classifier, prepare, preprocess, resize_uint8, resnet, sample_images  # noqa: E402
 
 SIZE = 64
 SPEC = """
@@ -95,8 +95,11 @@ def test_served_pixels_give_the_networks_own_outputs(served: RunningStack) -> No
 
 
 def test_pixels_of_any_size_are_resized_on_the_device(served: RunningStack) -> None:
+    """Resized to uint8 at the network's size first (one shape for the fixed-size graphs and kernels)."""
     images = sample_images(2, 96, seed=4)
-    expected = resnet("resnet-tiny")(preprocess(images, SIZE, torch.float32)).detach().numpy()
+    resized = resize_uint8(images, SIZE)
+    assert resized.shape == (2, SIZE, SIZE, 3) and resized.dtype == torch.uint8
+    expected = resnet("resnet-tiny")(preprocess(resized, SIZE, torch.float32)).detach().numpy()
     got = classify(served, "vision", "pixels", images.numpy(), "UINT8")
     np.testing.assert_allclose(got["logits"], expected, rtol=1e-4, atol=1e-4)
 
@@ -173,6 +176,21 @@ def test_the_network_is_torchvisions_resnet50_layout() -> None:
     assert shapes["layer4.2.bn3.running_var"] == (2048,)
     assert shapes["fc.weight"] == (1000, 2048)
     assert sum(p.numel() for p in resnet("resnet50").parameters()) == 25_557_032
+
+
+def test_compiled_fixed_batches_pad_to_the_next_size_and_match_eager() -> None:
+    """torch.compile's path (the GPU's, compiled here on the CPU): a batch of 3 runs as the compiled size 4,
+    padded, and gives the eager outputs; a batch past the largest size runs eagerly."""
+    step = classifier(prepare(resnet("resnet-tiny"), torch.device("cpu"), "fp32"), SIZE, torch.float32)
+    compiled = FixedBatches(step, [4], SIZE, torch.device("cpu"), "compile")
+    with torch.inference_mode():
+        for count in (3, 4, 6):
+            images = sample_images(count, SIZE, seed=count)
+            got, expected = compiled(images), step(images)
+            assert got.shape == (count, 1000)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="graph or compile"):
+        FixedBatches(step, [4], SIZE, torch.device("cpu"), "jit")
 
 
 def test_fp16_network_runs_channels_last() -> None:
