@@ -65,10 +65,11 @@ class Shed(Exception):
 
 
 class Capacity(Protocol[SlotT]):
-    """Free shard slots, as the router keeps them. `exclude`: a shard the request must not go to."""
+    """Free shard slots, as the router keeps them. `exclude`: a shard the request must not go to; `urgent`:
+    the request is of the top band (a GPU shard may keep room for it: routing.Router.room)."""
 
-    def can_serve(self, model: str, exclude: SlotT | None) -> bool: ...
-    def acquire(self, model: str, exclude: SlotT | None) -> SlotT | None: ...
+    def can_serve(self, model: str, exclude: SlotT | None, urgent: bool) -> bool: ...
+    def acquire(self, model: str, exclude: SlotT | None, urgent: bool) -> SlotT | None: ...
     def unreserve(self, target: SlotT) -> None: ...
     def total_slots(self) -> float: ...
 
@@ -172,6 +173,7 @@ class Band(Generic[SlotT]):
     backlogged_since: float = math.inf  # since when this band has had requests queued without a break
     service: ServiceTime = field(default_factory=ServiceTime)  # this class's own (Triton serves classes apart)
     dispatched_at: deque[float] = field(default_factory=deque)  # dispatch times of the last RATE_WINDOW_S
+    top: bool = False  # the highest band: its requests are `urgent` to the capacity
 
     def push(self, ticket: Ticket[SlotT], front: bool = False) -> None:
         flow = self.flows.get(ticket.tenant)
@@ -229,7 +231,7 @@ class Band(Generic[SlotT]):
                 blocked.discard(tenant)
                 continue
             head = flow[0]
-            if not capacity.can_serve(head.model, head.exclude):
+            if not capacity.can_serve(head.model, head.exclude, self.top):
                 blocked.add(tenant)
                 self.rotation.rotate(-1)
                 continue
@@ -237,7 +239,7 @@ class Band(Generic[SlotT]):
                 self.deficit[tenant] += QUANTUM
                 self.rotation.rotate(-1)
                 continue
-            target = capacity.acquire(head.model, head.exclude)
+            target = capacity.acquire(head.model, head.exclude, self.top)
             if target is None:
                 blocked.add(tenant)
                 self.rotation.rotate(-1)
@@ -261,8 +263,8 @@ class Scheduler(Generic[SlotT]):
         self.max_requests = limits.max_queued_requests
         self.max_bytes = limits.max_queued_bytes
         ordered = sorted(classes, key=lambda c: c.level, reverse=True)
-        self.bands: list[Band[SlotT]] = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes)
-                                         for c in ordered]
+        self.bands: list[Band[SlotT]] = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes,
+                                              top=c is ordered[0]) for c in ordered]
         self.band = {b.name: b for b in self.bands}
         self.count = 0
         self.bytes = 0
@@ -279,7 +281,7 @@ class Scheduler(Generic[SlotT]):
             ticket.shed(Shed("deadline", "the deadline has already passed", 0.0))
             return
         if self.count == 0:  # nothing waits: take a free slot now (the common, unloaded case)
-            target = self.capacity.acquire(ticket.model, ticket.exclude)
+            target = self.capacity.acquire(ticket.model, ticket.exclude, band is self.bands[0])
             if target is not None:
                 ticket.dispatch(target)
                 return
