@@ -211,3 +211,20 @@ def test_the_gpu_example_spec_serves_these_models_on_gpu_0() -> None:
         config = (ROOT / "examples" / "models" / model.path / "config.pbtxt").read_text()
         assert f'name: "{model.name}"' in config
         assert "KIND_" not in config  # no instance kind: Triton puts the instances on the GPU when there is one
+
+
+def test_a_briefly_trained_network_predicts_many_classes_and_bf16_agrees_with_fp32() -> None:
+    """examples/models/vision/train.py, as the GPU benchmark uses it for its precision comparison (there:
+    ResNet-50 at 224 px for ~20 s on the GPU), here tiny at 32 px on the CPU."""
+    sys.path.insert(0, str(VISION.parent))
+    from train import CLASSES, labelled_images, train
+
+    model, report = train("resnet-tiny", 32, "cpu", seconds=120, max_steps=40, batch=32)
+    assert report["steps"] == 40 and report["held_out_accuracy"] >= 0.9
+    images, labels = labelled_images(256, 32, seed=12345)  # the fixed comparison set
+    with torch.inference_mode():
+        fp32 = model(preprocess(images, 32, torch.float32)).argmax(1)
+        bf16 = model.to(torch.bfloat16)(preprocess(images, 32, torch.bfloat16)).argmax(1)
+    assert len(set(fp32.tolist())) >= CLASSES - 2  # confident and varied, unlike the seeded init's few classes
+    assert (fp32 == labels).float().mean() >= 0.9
+    assert (bf16 == fp32).float().mean() >= 0.99
