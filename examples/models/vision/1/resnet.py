@@ -195,6 +195,8 @@ class FixedBatches:
 
 def classifier(model: nn.Module, size: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """The served work on uint8 images [N, size, size, 3] on the model's device: preprocess, then the model."""
+    _normalization(next(model.parameters()).device)  # made now: not inside a compiler's trace or a graph capture
+
     def step(images: torch.Tensor) -> torch.Tensor:
         return model(preprocess(images, size, dtype))
 
