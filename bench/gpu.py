@@ -125,7 +125,6 @@ def ceiling(arch: str, size: int, batches: list[int], seconds: float, precisions
     results = {}
     for precision in precisions:
         dtype = PRECISIONS[precision]
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"  # as served
         model = prepare(resnet(arch), device, precision)
         # FP16 (the targets' precision) at every batch size; the others at the largest only (device time).
         for batch in batches if precision == "fp16" else batches[-1:]:
@@ -247,7 +246,7 @@ def model_repository(directory: Path, args: argparse.Namespace, weights: Path | 
             config = config.replace('{ key: "weights", value: { string_value: "" } }',
                                     f'{{ key: "weights", value: {{ string_value: "{weights}" }} }}')
         compile_batches = args.compile_batches if precision == "fp16" else ""
-        config = config.replace('string_value: "16,64,128,256"', f'string_value: "{compile_batches}"')
+        config = config.replace('string_value: "64,128,256"', f'string_value: "{compile_batches}"')
         (target / "config.pbtxt").write_text(config.replace("instance_group [ { count: 1 } ]",
                                                             f"instance_group [ {{ count: "
                                                             f"{args.instances if precision == 'fp16' else 1} }} ]"))
@@ -456,7 +455,9 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
     weights = workdir / "vision-weights.pt"
     repository = model_repository(workdir / "models", args, weights if weights.exists() else None)
     started = time.monotonic()
-    stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300)
+    # Loading waits for the first vision_fp16 instance to compile its batch sizes (the others then read the cache).
+    stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300,
+                  up_args=("--ready-timeout", "270"))
     try:
         state = stack.state()
         shard, gateway = state["shards"][0]["url"], state["gateway"]
@@ -765,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-rate", type=float, default=800.0, help="req/s (16 images each) tune offers")
     parser.add_argument("--tune-timeout-s", type=float, default=150.0)
     parser.add_argument("--compile-timeout-s", type=float, default=150.0)
-    parser.add_argument("--compile-batches", default="16,64,128,256",
+    parser.add_argument("--compile-batches", default="64,128,256",
                         help="batch sizes vision_fp16 compiles at load ('': CUDA graphs only)")
     parser.add_argument("--train-seconds", type=float, default=20.0, help="training of the compared network")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,trained,"
