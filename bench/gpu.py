@@ -8,18 +8,22 @@ order of their importance (a run cut short keeps what came first):
      and replayed as a CUDA graph on a GPU), and the served path's work on the same inputs as clients send:
      uint8 images in host memory -> device -> preprocess -> model -> top-1 back (CUDA graph on a GPU);
   3. torchvision's resnet50 weights load into the example's network and give the same outputs (where
-     torchvision is importable);
+     torchvision is importable); then the network trained for `--train-seconds` on a synthetic labelled set
+     (examples/models/vision/train.py): the weights every served variant and `cpctl convert` use, so that
+     precisions are compared on confident, varied predictions;
   4. `cpctl up -f examples/gpu/h200.yaml` (the vision variants, `--instances` instances of the FP16 one, and risk),
      then closed-loop clients (separate processes, uint8 images as binary tensors, `--batch` a request) against
      Triton direct and the gateway, after an unrecorded warm-up per model; per run, where the time went: Triton's
      statistics per request (queue, input, infer, output), batches formed, GPU utilization (NVML, sampled), CPU
-     cores used by the gateway and by Triton; the same with JPEG bytes (decoded on the GPU) when the stubs' numpy
+     cores used by the gateway and by Triton, and how each vision instance runs its batches (compiled,
+     CUDA graphs: its lines in tritonserver's log); the same with JPEG bytes (decoded on the GPU) when the stubs' numpy
      reads BYTES (numpy 1: CPCTL_STUB_PYTHON, bench/device/stub_env.sh); the mixed-priority overload scenario
      through the gateway (the CPU suite's mix and capacity search, on small images that the GPU resizes); risk
      FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included);
   5. torch.compile of the served path's work in process (a separate process, bounded: compiling takes a while);
      the best in-process mode is the ceiling;
-  6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) verified in their own tritonserver.
+  6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) of the trained network, verified in their
+     own tritonserver on the fixed labelled set.
 Writes OUT/gpu-<date>.{json,md} after every step, with `targets` (issue 11).
 
     python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 8,32] [--skip convert]
@@ -48,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples" / "models" / "vision" / "1"))
+sys.path.insert(0, str(ROOT / "examples" / "models" / "vision"))  # train.py
 
 from controlplane.procs import ManagedProcess  # noqa: E402
 
@@ -59,6 +64,7 @@ OVERLOAD_MULTIPLES = (0.5, 1, 2, 3)  # the CPU suite's
 OVERLOAD_GOAL = 1.5
 GOALS = {"gateway": 0.7, "direct": 0.8}  # of the in-process ceiling at FP16 (issue 11)
 AGREEMENT_GOAL = 0.99
+AGREEMENT_SEED = 12345  # the fixed comparison set: labelled_images(samples, size, seed=AGREEMENT_SEED)
 
 
 def log(message: str) -> None:
@@ -212,20 +218,38 @@ def torchvision_check(size: int) -> dict:
             "max_abs_difference": difference}
 
 
+def trained_weights(args: argparse.Namespace, workdir: Path) -> dict:
+    """The network trained briefly on the GPU (train.py); its state dict goes to workdir/vision-weights.pt."""
+    import torch
+    from train import train
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, report = train(args.arch, args.size, device, args.train_seconds, max_steps=2000 if device == "cuda" else 40,
+                          batch=64 if device == "cuda" else 32)
+    torch.save(model.state_dict(), workdir / "vision-weights.pt")
+    return report
+
+
 # --- 4. serving ----------------------------------------------------------------------------------------------
-def model_repository(directory: Path, arch: str, size: int, instances: int) -> Path:
-    """The vision variants (with the benchmark's architecture and image size; `instances` instances of the FP16
-    variant, whose speed the targets are about, one of the others: each instance is a process that loads torch
-    and captures its CUDA graphs, which costs start-up time on the device) and risk."""
+def model_repository(directory: Path, args: argparse.Namespace, weights: Path | None) -> Path:
+    """The vision variants (with the benchmark's architecture and image size, the trained `weights` when there
+    are; `--instances` instances of the FP16 variant, whose speed the targets are about, one of the others; only
+    the FP16 variant compiles (`--compile-batches`), the others run CUDA graphs: each compile costs start-up
+    time on the device) and risk."""
     for precision, name in VARIANTS.items():
         target = directory / name
         shutil.copytree(ROOT / "examples" / "models" / name, target, symlinks=False)
         config = (target / "config.pbtxt").read_text()
-        config = config.replace('string_value: "resnet50"', f'string_value: "{arch}"')
-        config = config.replace('string_value: "224"', f'string_value: "{size}"')
+        config = config.replace('string_value: "resnet50"', f'string_value: "{args.arch}"')
+        config = config.replace('string_value: "224"', f'string_value: "{args.size}"')
+        if weights is not None:
+            config = config.replace('{ key: "weights", value: { string_value: "" } }',
+                                    f'{{ key: "weights", value: {{ string_value: "{weights}" }} }}')
+        compile_batches = args.compile_batches if precision == "fp16" else ""
+        config = config.replace('string_value: "64,128,256"', f'string_value: "{compile_batches}"')
         (target / "config.pbtxt").write_text(config.replace("instance_group [ { count: 1 } ]",
                                                             f"instance_group [ {{ count: "
-                                                            f"{instances if precision == 'fp16' else 1} }} ]"))
+                                                            f"{args.instances if precision == 'fp16' else 1} }} ]"))
     for name in RISK:
         shutil.copytree(ROOT / "examples" / "models" / name, directory / name, symlinks=False)
     return directory
@@ -289,6 +313,15 @@ class ServerSide:
             return
         while not self.stop.wait(0.2):
             self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
+def model_log_lines(stack_dir: Path) -> list[str]:
+    """What the vision instances said at load (compiled or CUDA graphs, and how long): tritonserver's log."""
+    lines = []
+    for log_file in sorted(stack_dir.glob("run/*/logs/*.log")):
+        lines += [line.strip()[:400] for line in log_file.read_text(errors="replace").splitlines()
+                  if line.startswith("vision: ")]
+    return lines[:20]
 
 
 def _stats_delta(before: dict, after: dict) -> dict:
@@ -419,9 +452,12 @@ def stubs_read_bytes() -> tuple[bool, str]:
 def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: set[str]) -> None:
     from scaling import Stack
 
-    repository = model_repository(workdir / "models", args.arch, args.size, args.instances)
+    weights = workdir / "vision-weights.pt"
+    repository = model_repository(workdir / "models", args, weights if weights.exists() else None)
     started = time.monotonic()
-    stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300)
+    # Loading waits for the first vision_fp16 instance to compile its batch sizes (the others then read the cache).
+    stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300,
+                  up_args=("--ready-timeout", "270"))
     try:
         state = stack.state()
         shard, gateway = state["shards"][0]["url"], state["gateway"]
@@ -429,7 +465,8 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
             "start_s": round(time.monotonic() - started, 1), "shard": state["shards"][0]["name"],
             "gateway_workers": len(state.get("workers", [])), "batch": args.batch, "instances": args.instances,
             "runs": {}}
-        log(f"stack up in {served['start_s']} s: gateway {gateway}, shard {shard}")
+        served["model_log"] = model_log_lines(workdir / "stack")
+        log(f"stack up in {served['start_s']} s: gateway {gateway}, shard {shard}; {served['model_log']}")
         files = request_files(workdir, args.size, args.batch)
         agreement_inputs(shard, args, results)
         save()
@@ -541,12 +578,14 @@ def tune_vision(shard: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 # --- 5. agreement --------------------------------------------------------------------------------------------
 def agreement_inputs(shard: str, args: argparse.Namespace, results: dict) -> None:
-    """Top-1 of the served FP16 and BF16 variants vs the FP32 one, on a fixed set of seeded images."""
-    from resnet import sample_images
+    """Top-1 of the served FP16 and BF16 variants vs the FP32 one, on the fixed labelled set (and each one's
+    accuracy on its labels: the trained network's, or chance for the seeded one)."""
+    from train import labelled_images
 
     from controlplane.bench.tensors import infer_body, read_outputs
 
-    images = sample_images(args.samples, args.size, seed=12345).numpy()
+    images, labels = labelled_images(args.samples, args.size, seed=AGREEMENT_SEED)
+    images, labels = images.numpy(), labels.numpy()
     top1 = {}
     for precision, model in VARIANTS.items():
         parts = []
@@ -559,7 +598,8 @@ def agreement_inputs(shard: str, args: argparse.Namespace, results: dict) -> Non
         top1[precision] = np.concatenate(parts)
     results["served_agreement"] = {
         "samples": len(images), "distinct_fp32_classes": int(len(set(top1["fp32"].tolist()))),
-        **{precision: float(np.mean(top1[precision] == top1["fp32"])) for precision in ("fp16", "bf16")}}
+        **{precision: float(np.mean(top1[precision] == top1["fp32"])) for precision in ("fp16", "bf16")},
+        "accuracy": {precision: float(np.mean(top1[precision] == labels)) for precision in VARIANTS}}
     log(f"served top-1 agreement: {results['served_agreement']}")
 
 
@@ -568,15 +608,21 @@ def convert_check(args: argparse.Namespace, workdir: Path) -> dict:
     from controlplane.convert.source import load
     from controlplane.convert.verify import verify
 
-    factory = "resnet50" if args.arch == "resnet50" else "resnet_tiny"
-    source = load(f"{ROOT}/examples/models/vision/1/resnet.py:{factory}", [f"images:fp32:3x{args.size}x{args.size}"],
-                  ["logits"])
+    weights = workdir / "vision-weights.pt"
+    factory = workdir / "trained_vision.py"  # the trained network as a `file.py:factory` source
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples/models/vision/1')!r})\n"
+                       "from resnet import resnet\n\n\n"
+                       f"def trained():\n    return resnet({args.arch!r}, "
+                       f"{str(weights) if weights.exists() else None!r})\n")
+    source = load(f"{factory}:trained", [f"images:fp32:3x{args.size}x{args.size}"], ["logits"])
     variants = write_entry(source, workdir / "converted", "resnet", ["fp32", "fp16", "bf16"], Serving(max_batch=64))
-    # The comparison set: the seeded images, preprocessed (the network's input), not noise.
+    # The comparison set: the fixed labelled images, preprocessed (the network's input), not noise.
     import torch
-    from resnet import preprocess, sample_images
+    from resnet import preprocess
+    from train import labelled_images
 
-    images = preprocess(sample_images(args.samples, args.size, seed=12345), args.size, torch.float32).numpy()
+    images = preprocess(labelled_images(args.samples, args.size, seed=AGREEMENT_SEED)[0], args.size,
+                        torch.float32).numpy()
     checks = verify(source, workdir / "converted", variants, samples=args.samples, batch=64, inputs=[images])
     return {"checks": [{**c.__dict__, "passed": c.passed} for c in checks]}
 
@@ -646,6 +692,9 @@ def markdown(results: dict) -> str:
                      f"{run.get('statuses', run.get('error'))} {run.get('first_error') or ''} | {phases} | "
                      f"{side.get('images_per_execution')} | {side.get('gpu_util_mean')} | "
                      f"{side.get('gateway_cores')} | {side.get('triton_cores')} |")
+    if serving.get("model_log"):
+        lines += ["", "How the vision instances run their batches (tritonserver's log at load):", ""]
+        lines += [f"- `{line}`" for line in serving["model_log"]]
     if "jpeg" in serving or "stub_numpy" in serving:
         lines += ["", f"JPEG: {serving.get('jpeg', 'run (above)')}; stubs' Python: {serving.get('stub_numpy')}"]
     overload = results.get("overload")
@@ -675,7 +724,8 @@ def markdown(results: dict) -> str:
         lines += [f"| {r.get('model')} b{r.get('max_batch')} x{r.get('instances')} | {r.get('goodput_rps')} | "
                   f"{r.get('p99_ms')} | {r.get('ok')}/{r.get('sent')} | {r.get('errors_5xx')} |"
                   for r in tune.get("points", [])]
-    lines += ["", "## Agreement", "", f"Served variants vs FP32: `{json.dumps(results.get('served_agreement'))}`", ""]
+    lines += ["", "## Agreement", "", f"Network trained for the comparison: `{json.dumps(results.get('trained'))}`",
+              "", f"Served variants vs FP32: `{json.dumps(results.get('served_agreement'))}`", ""]
     for c in results.get("convert", {}).get("checks", []):
         lines.append(f"- convert {c['variant']} ({c['precision']}): relative error {c['relative_error']:.3g} "
                      f"(tolerance {c['tolerance']}), top-1 agreement {c['top1_agreement']} "
@@ -716,8 +766,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-rate", type=float, default=800.0, help="req/s (16 images each) tune offers")
     parser.add_argument("--tune-timeout-s", type=float, default=150.0)
     parser.add_argument("--compile-timeout-s", type=float, default=150.0)
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,serving,"
-                        "jpeg,overload,risk,tune,compile,convert")
+    parser.add_argument("--compile-batches", default="64,128,256",
+                        help="batch sizes vision_fp16 compiles at load ('': CUDA graphs only)")
+    parser.add_argument("--train-seconds", type=float, default=20.0, help="training of the compared network")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,trained,"
+                        "serving,jpeg,overload,risk,tune,compile,convert")
     args = parser.parse_args(argv)
     if not 0.5 <= args.seconds <= 30 or max(int(c) for c in args.connections.split(",")) > 256 \
             or args.samples > 10_000 or not 1 <= args.instances <= 8 or not 1 <= args.clients <= 32:
@@ -741,6 +794,7 @@ def main(argv: list[str] | None = None) -> None:
                                              args.seconds, args.precisions.split(","))),
                  ("compiled", lambda: compiled_ceiling(args, Path(tmp), results)),
                  ("torchvision", lambda: torchvision_check(args.size)),
+                 ("trained", lambda: trained_weights(args, Path(tmp))),
                  ("serving", lambda: serving(args, Path(tmp), results, save, skip)),
                  ("convert", lambda: convert_check(args, Path(tmp)))]
         for name, step in steps:

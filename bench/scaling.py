@@ -84,13 +84,13 @@ def spec_text(repository: Path, shards: int, workers: int) -> str:
 class Stack:
     """`cpctl up` of a generated spec, and its state."""
 
-    def __init__(self, workdir: Path, spec: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, workdir: Path, spec: str, timeout_s: float = 120.0, up_args: tuple[str, ...] = ()) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         spec_file = workdir / "spec.yaml"
         spec_file.write_text(spec)
         cluster = yaml.safe_load(spec)["cluster"]
         env = {**os.environ, "CPCTL_RUN_DIR": str(workdir / "run")}
-        self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec_file)],
+        self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "up", "-f", str(spec_file), *up_args],
                                       env=env, log_path=workdir / "cpctl.log", cwd=ROOT)
         self.state_file = workdir / "run" / cluster / "state.json"
         deadline = time.monotonic() + timeout_s

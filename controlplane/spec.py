@@ -207,6 +207,18 @@ class Concurrency(StrictModel):
         "so that dynamic batching can fill batches. Triton's own priority queue lets higher classes skip it."
     )
     backoff: float = Field(0.9, gt=0, lt=1, description="Multiplicative decrease on overload.")
+    gpu_floor: int = Field(
+        0, ge=0, description="A shard on a GPU (`gpu` set) may always have this many requests in flight, "
+        "whatever its latency says (0: no floor): Triton's dynamic batcher forms batches only out of what is at "
+        "the shard, and batching itself raises latency, which the adaptive limit reads as overload. Size it to "
+        "fill the preferred batches: instances x preferred batch / images per request (+ one batch queued), "
+        "e.g. 3 x 256 / 64 + 4 = 16. For throughput; `gpu_urgent_bound` wins over it while the top class is active.")
+    gpu_urgent_bound: int = Field(
+        0, ge=0, description="While requests of the top priority class have been sent within the last second, "
+        "requests of the other classes may have at most this many in flight at a shard on a GPU (0: no bound), "
+        "whatever the limit or floor allow; the top class itself keeps the whole limit. A top-class request then "
+        "waits behind at most about this many requests in Triton's FIFO queue (about one batch), not behind every "
+        "batch the floor lets in: size it to one preferred batch, e.g. 256 / 16 images a request = 16. For latency.")
 
 
 class Ejection(StrictModel):

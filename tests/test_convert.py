@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from controlplane.convert.entry import Serving, write_entry
-from controlplane.convert.source import ConvertError, load
+from controlplane.convert.source import ConvertError, load, run_reference
 
 from .conftest import ROOT
 
@@ -116,3 +117,27 @@ def test_onnx_variants_other_than_fp32_are_refused(tmp_path: Path) -> None:
                       dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     with pytest.raises(ConvertError, match="fp32 only"):
         write_entry(load(str(onnx_file), [], []), tmp_path / "repo", "heads", ["fp32", "fp16"], Serving())
+
+
+class BatchSizes(torch.nn.Module):
+    """Doubles its input and remembers the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(len(x))
+        return x * 2
+
+
+def test_the_reference_runs_in_the_variants_batches() -> None:
+    """cuDNN's algorithms (and roundings) depend on the batch size: the reference is computed as served."""
+    source = load(f"{ROOT}/examples/models/vision/1/resnet.py:resnet_tiny", ["images:fp32:3x8x8"], ["logits"])
+    source.model = model = BatchSizes()
+    arrays = [np.arange(10 * 3 * 8 * 8, dtype=np.float32).reshape(10, 3, 8, 8)]
+    (batched,) = run_reference(source, arrays, "cpu", batch=4)
+    assert model.seen == [4, 4, 2]
+    np.testing.assert_array_equal(batched, arrays[0] * 2)
+    run_reference(source, arrays, "cpu")
+    assert model.seen[-1] == 10

@@ -70,3 +70,56 @@ def test_retries_stay_within_the_budget() -> None:
         r.unreserve(slot)
         granted += r.take_retry_token()
     assert granted <= 0.1 * 1000 + 10  # 10% of requests, plus the saved-up start
+
+
+def gpu_router(**concurrency) -> tuple[Router, ManualClock]:
+    """One shard on a GPU ("g") beside one on the CPU ("c"), both serving m."""
+    clock = ManualClock()
+    r = Router(Concurrency(**{"initial": 2, "max": 64, "slack_ms": 0, **concurrency}), clock=clock)
+    r.update([Endpoint("g", "127.0.0.1", 1, MODELS, gpu=True), Endpoint("c", "127.0.0.1", 2, MODELS)])
+    return r, clock
+
+
+def fill(r: Router, urgent: bool = True) -> dict[str, int]:
+    """Acquire until nothing is free; how many went to each shard."""
+    taken: dict[str, int] = {}
+    for _ in range(200):
+        target = r.acquire("m", urgent=urgent)
+        if target is None:
+            return taken
+        taken[target.name] = taken.get(target.name, 0) + 1
+    raise AssertionError("the router never filled up")
+
+
+def test_a_gpu_shard_keeps_its_floor_in_flight_however_slow_it_answers() -> None:
+    r, clock = gpu_router(gpu_floor=6)
+    gpu, cpu = r.target_named("g"), r.target_named("c")
+    r.release(r.acquire("m", exclude=cpu), 0.010, ok=True)  # an unloaded latency of 10 ms
+    for _ in range(20):  # batching makes every answer slow: AIMD cuts the limit to its minimum
+        clock.now += 1.0
+        r.release(r.acquire("m", exclude=cpu), 0.200, ok=True)
+    assert gpu.limit == 1.0
+    assert fill(r) == {"g": 6, "c": 2}  # the GPU shard still takes a full batch's worth, the CPU shard its limit
+    assert r.total_slots() == 8
+
+
+def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_of_a_gpu_shard() -> None:
+    r, clock = gpu_router(gpu_floor=8, gpu_urgent_bound=3)
+    assert fill(r, urgent=False) == {"g": 8, "c": 2}  # no top-class traffic yet: the floor holds
+    for target in list(r.targets.values()):
+        while target.outstanding:
+            r.unreserve(target)
+    r.acquire("m", urgent=True)  # a top-class request is dispatched: the bound holds for a second
+    assert fill(r, urgent=False) == {"g": 2, "c": 2}  # 3 in flight at the GPU shard, the top one included
+    assert fill(r, urgent=True) == {"g": 5}  # the top class keeps the whole room (the floor)
+    gpu = r.target_named("g")
+    for _ in range(8):
+        r.unreserve(gpu)
+    clock.now += 1.1  # no top-class dispatch for longer than the window: the floor again
+    assert fill(r, urgent=False) == {"g": 8}
+
+
+def test_without_a_floor_or_bound_a_gpu_shard_follows_its_adaptive_limit() -> None:
+    r, _ = gpu_router()
+    r.acquire("m", urgent=True)
+    assert fill(r, urgent=False) == {"g": 1, "c": 2}

@@ -26,6 +26,7 @@ class Slots:
     def __init__(self, free: int = 0) -> None:
         self.free = free
         self.blocked: set[str] = set()
+        self.urgency: list[bool] = []  # per dispatch: whether the scheduler said it was of the top band
 
     def total_slots(self) -> float:
         return 4.0
@@ -33,13 +34,14 @@ class Slots:
     def unreserve(self, target: object) -> None:
         self.free += 1
 
-    def can_serve(self, model: str, exclude: object | None) -> bool:
+    def can_serve(self, model: str, exclude: object | None, urgent: bool) -> bool:
         return self.free > 0 and model not in self.blocked
 
-    def acquire(self, model: str, exclude: object | None) -> object | None:
-        if not self.can_serve(model, exclude):
+    def acquire(self, model: str, exclude: object | None, urgent: bool) -> object | None:
+        if not self.can_serve(model, exclude, urgent):
             return None
         self.free -= 1
+        self.urgency.append(urgent)
         return "slot"
 
 
@@ -82,6 +84,17 @@ def test_higher_class_goes_first_and_fifo_inside_a_tenant() -> None:
     assert rec.dispatched == [order[2]]
     release(scheduler, slots, 1)
     assert rec.dispatched[-1] is order[3]
+
+
+def test_only_the_top_band_is_urgent_to_the_capacity() -> None:
+    """The router keeps GPU room for the top class (routing.Router.room): the scheduler says which request is."""
+    scheduler, slots, _, rec = make(free=1)
+    scheduler.submit(rec.ticket("critical"))  # the fast path, straight into a free slot
+    for band in ("sheddable", "standard", "critical"):
+        scheduler.submit(rec.ticket(band))
+    release(scheduler, slots, 3)  # queued: dispatched highest band first
+    assert [t.band for t in rec.dispatched] == ["critical", "critical", "standard", "sheddable"]
+    assert slots.urgency == [True, True, False, False]
 
 
 def test_backlogged_lower_classes_get_their_guaranteed_share() -> None:

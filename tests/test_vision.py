@@ -24,7 +24,7 @@ from .conftest import ROOT, RunningStack, stack_of
 
 VISION = ROOT / "examples" / "models" / "vision" / "1"
 sys.path.insert(0, str(VISION))
-from resnet import prepare, preprocess, resnet, sample_images  # noqa: E402
+from resnet import FixedBatches, classifier, prepare, preprocess, resize_uint8, resnet, sample_images  # noqa: E402
 
 SIZE = 64
 SPEC = """
@@ -95,8 +95,11 @@ def test_served_pixels_give_the_networks_own_outputs(served: RunningStack) -> No
 
 
 def test_pixels_of_any_size_are_resized_on_the_device(served: RunningStack) -> None:
+    """Resized to uint8 at the network's size first (one shape for the fixed-size graphs and kernels)."""
     images = sample_images(2, 96, seed=4)
-    expected = resnet("resnet-tiny")(preprocess(images, SIZE, torch.float32)).detach().numpy()
+    resized = resize_uint8(images, SIZE)
+    assert resized.shape == (2, SIZE, SIZE, 3) and resized.dtype == torch.uint8
+    expected = resnet("resnet-tiny")(preprocess(resized, SIZE, torch.float32)).detach().numpy()
     got = classify(served, "vision", "pixels", images.numpy(), "UINT8")
     np.testing.assert_allclose(got["logits"], expected, rtol=1e-4, atol=1e-4)
 
@@ -175,6 +178,21 @@ def test_the_network_is_torchvisions_resnet50_layout() -> None:
     assert sum(p.numel() for p in resnet("resnet50").parameters()) == 25_557_032
 
 
+def test_compiled_fixed_batches_pad_to_the_next_size_and_match_eager() -> None:
+    """torch.compile's path (the GPU's, compiled here on the CPU): a batch of 3 runs as the compiled size 4,
+    padded, and gives the eager outputs; a batch past the largest size runs eagerly."""
+    step = classifier(prepare(resnet("resnet-tiny"), torch.device("cpu"), "fp32"), SIZE, torch.float32)
+    compiled = FixedBatches(step, [4], SIZE, torch.device("cpu"), "compile")
+    with torch.inference_mode():
+        for count in (3, 4, 6):
+            images = sample_images(count, SIZE, seed=count)
+            got, expected = compiled(images), step(images)
+            assert got.shape == (count, 1000)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="graph or compile"):
+        FixedBatches(step, [4], SIZE, torch.device("cpu"), "jit")
+
+
 def test_fp16_network_runs_channels_last() -> None:
     model = prepare(resnet("resnet-tiny"), torch.device("cpu"), "bf16")
     assert model.conv1.weight.dtype == torch.bfloat16
@@ -193,3 +211,20 @@ def test_the_gpu_example_spec_serves_these_models_on_gpu_0() -> None:
         config = (ROOT / "examples" / "models" / model.path / "config.pbtxt").read_text()
         assert f'name: "{model.name}"' in config
         assert "KIND_" not in config  # no instance kind: Triton puts the instances on the GPU when there is one
+
+
+def test_a_briefly_trained_network_predicts_many_classes_and_bf16_agrees_with_fp32() -> None:
+    """examples/models/vision/train.py, as the GPU benchmark uses it for its precision comparison (there:
+    ResNet-50 at 224 px for ~20 s on the GPU), here tiny at 32 px on the CPU."""
+    sys.path.insert(0, str(VISION.parent))
+    from train import CLASSES, labelled_images, train
+
+    model, report = train("resnet-tiny", 32, "cpu", seconds=120, max_steps=40, batch=32)
+    assert report["steps"] == 40 and report["held_out_accuracy"] >= 0.9
+    images, labels = labelled_images(256, 32, seed=12345)  # the fixed comparison set
+    with torch.inference_mode():
+        fp32 = model(preprocess(images, 32, torch.float32)).argmax(1)
+        bf16 = model.to(torch.bfloat16)(preprocess(images, 32, torch.bfloat16)).argmax(1)
+    assert len(set(fp32.tolist())) >= CLASSES - 2  # confident and varied, unlike the seeded init's few classes
+    assert (fp32 == labels).float().mean() >= 0.9
+    assert (bf16 == fp32).float().mean() >= 0.99

@@ -273,6 +273,15 @@ def test_partition_gives_every_worker_a_share_and_the_shares_add_up_to_the_spec(
     assert partition_spec(spec, 0, 1) is spec
 
 
+def test_partition_splits_the_gpu_floor_and_urgent_bound_keeping_one_each() -> None:
+    spec = parse_spec(SPEC)
+    spec = spec.model_copy(update={"gateway": spec.gateway.model_copy(update={"concurrency": spec.gateway.concurrency
+                                   .model_copy(update={"gpu_floor": 24, "gpu_urgent_bound": 4})})})
+    parts = [partition_spec(spec, i, 6) for i in range(6)]
+    assert [(p.gateway.concurrency.gpu_floor, p.gateway.concurrency.gpu_urgent_bound) for p in parts] == [(4, 1)] * 6
+    assert partition_spec(parse_spec(SPEC), 0, 6).gateway.concurrency.gpu_floor == 0  # unset stays unset
+
+
 def test_shared_buckets_are_exact_across_processes() -> None:
     """Four processes take from one bucket of 500 as fast as they can: exactly 500 are granted in all."""
     spec = parse_spec(SPEC.replace(f"rate: {RATE}, burst: {BURST}", "rate: 0.001, burst: 500"))

@@ -26,7 +26,8 @@ from controlplane.shards.triton import GpuMemory, TritonInstall
 
 # Largest |variant - source| / max |source| accepted, per precision (FP16 has 11 significant bits, BF16 8).
 # FP32 is not bit-exact either: cuDNN picks convolution algorithms per batch size (Winograd, FFT, GEMM), whose
-# roundings differ; ResNet-50 in FP32 on the H200 differed by 5e-4 between batch 512 and batches of 64.
+# roundings differ; ResNet-50 in FP32 on the H200 differed by 5e-4 between batch 512 and batches of 64 (the
+# reference therefore runs in the variants' batches). TF32 is off on both sides.
 TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 8e-2}
 READY_TIMEOUT_S = 180.0  # a torch model on a GPU: torch import, CUDA start, cuDNN
 
@@ -54,7 +55,7 @@ def verify(source: Source, repository: Path, variants: list[Variant], samples: i
     (one array per model input) or a seeded set of `samples`."""
     inputs = inputs if inputs is not None else example_inputs(source.inputs, samples, seed)
     device = "cuda" if has_gpu() and _cuda_available() else "cpu"
-    reference = run_reference(source, inputs, device)
+    reference = run_reference(source, inputs, device, batch)
     served = asyncio.run(_serve_and_infer(repository, variants, source, inputs, batch))
     checks = []
     for variant in variants:

@@ -13,10 +13,18 @@
   runs out, the shard is probed (GET /v2/health/ready) before it gets traffic again, starting from the
   initial limit (slow start).
 - A retry budget keeps retries under `retry_budget` of the requests.
+- A shard on a GPU (Endpoint.gpu) has two more bounds, both off by default (spec.Concurrency):
+  `gpu_floor`, for throughput: its room is never below the floor, so Triton's dynamic batcher always has enough
+  requests at hand to form full batches (batching raises latency, which AIMD alone would read as overload);
+  `gpu_urgent_bound`, for latency: within URGENT_WINDOW_S of a dispatch of the top priority class, requests of
+  the other classes get at most that room (the top class keeps its whole room), so a top-class request waits
+  behind about one batch in Triton's FIFO queue rather than every batch the floor let in. Where both are set the
+  bound wins while the top class is active and the floor holds otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +37,7 @@ BASELINE_FORGET = 1.0005  # the unloaded latency estimate drifts up 0.05% per sa
 RETRY_BUDGET_CAP = 20.0  # retries that may be saved up for a burst of failures
 LIMIT_VALIDATION_S = 1.0  # how often unused limits are cut...
 LIMIT_DECAY = 0.5  # ...and by how much at most (idle: from 256 back to an `initial` of 16 in 4 s)
+URGENT_WINDOW_S = 1.0  # the top class counts as active this long after its last dispatch
 
 
 @dataclass(eq=False)
@@ -59,8 +68,8 @@ class Target:
     def available(self) -> bool:
         return not self.draining and not self.probing and self.ejected_until == 0.0
 
-    def has_free_slot(self) -> bool:
-        return self.available and self.outstanding < int(self.limit)
+    def has_free_slot(self, room: int) -> bool:
+        return self.available and self.outstanding < room
 
 
 class Router:
@@ -77,6 +86,7 @@ class Router:
         self.by_model: dict[str, list[Target]] = {}
         self.on_capacity: Callable[[], None] = lambda: None  # told when slots may have freed
         self.validated_at = clock()
+        self.urgent_at = -math.inf  # when a request of the top class was last dispatched
 
     # --- the endpoint set ---------------------------------------------------------------------------------
     def update(self, endpoints: list[Endpoint]) -> None:
@@ -106,26 +116,42 @@ class Router:
     def any_target(self, model: str) -> Target | None:
         """Some available shard of the model, full or not (for metadata lookups that bypass the queue)."""
         candidates = [t for t in self.by_model.get(model, ()) if t.available]
-        return min(candidates, key=lambda t: t.outstanding / t.limit, default=None)
+        return min(candidates, key=lambda t: t.outstanding / self.room(t), default=None)
 
     # --- slots (the scheduler's Capacity) -------------------------------------------------------------------
-    def can_serve(self, model: str, exclude: Target | None = None) -> bool:
-        return any(t.has_free_slot() and t is not exclude for t in self.by_model.get(model, ()))
+    def room(self, target: Target, urgent: bool = True) -> int:
+        """Requests `target` may have in flight, for a request of the top class (`urgent`) or of another: its
+        adaptive limit, on a GPU raised to the floor and, for the other classes while the top one is active,
+        cut to the urgent bound."""
+        room = int(target.limit)
+        if target.endpoint.gpu:
+            room = max(room, self.concurrency.gpu_floor)
+            bound = self.concurrency.gpu_urgent_bound
+            if bound and not urgent and self.clock() - self.urgent_at < URGENT_WINDOW_S:
+                room = min(room, bound)
+        return room
+
+    def can_serve(self, model: str, exclude: Target | None = None, urgent: bool = True) -> bool:
+        return any(t.has_free_slot(self.room(t, urgent)) and t is not exclude for t in self.by_model.get(model, ()))
 
     def total_slots(self) -> float:
-        """Requests all available shards may have in flight together, by their current limits."""
-        return float(sum(int(t.limit) for t in self.targets.values() if t.available))
+        """Requests all available shards may have in flight together, by their current room."""
+        return float(sum(self.room(t) for t in self.targets.values() if t.available))
 
-    def acquire(self, model: str, exclude: Target | None = None) -> Target | None:
-        """Reserve a slot on the least loaded shard (in flight relative to its limit) with one free."""
+    def acquire(self, model: str, exclude: Target | None = None, urgent: bool = True) -> Target | None:
+        """Reserve a slot on the least loaded shard (in flight relative to its room) with one free. `urgent`:
+        the request is of the top class (the scheduler says; see `room`)."""
         best, best_load = None, 2.0
         for target in self.by_model.get(model, ()):
-            if target is exclude or not target.has_free_slot():
+            room = self.room(target, urgent)
+            if target is exclude or not target.has_free_slot(room):
                 continue
-            load = target.outstanding / target.limit
+            load = target.outstanding / room
             if load < best_load:
                 best, best_load = target, load
         if best is not None:
+            if urgent:
+                self.urgent_at = self.clock()
             best.outstanding += 1
             if best.outstanding > best.used:
                 best.used = best.outstanding

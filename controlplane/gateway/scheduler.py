@@ -62,10 +62,11 @@ class Shed(Exception):
 
 
 class Capacity(Protocol[SlotT]):
-    """Free shard slots, as the router keeps them. `exclude`: a shard the request must not go to."""
+    """Free shard slots, as the router keeps them. `exclude`: a shard the request must not go to; `urgent`:
+    the request is of the top band (a GPU shard may keep room for it: routing.Router.room)."""
 
-    def can_serve(self, model: str, exclude: SlotT | None) -> bool: ...
-    def acquire(self, model: str, exclude: SlotT | None) -> SlotT | None: ...
+    def can_serve(self, model: str, exclude: SlotT | None, urgent: bool) -> bool: ...
+    def acquire(self, model: str, exclude: SlotT | None, urgent: bool) -> SlotT | None: ...
     def unreserve(self, target: SlotT) -> None: ...
     def total_slots(self) -> float: ...
 
@@ -154,7 +155,8 @@ class ServiceTime:
 class Band(Generic[SlotT]):
     """The queue of one priority class: a FIFO flow per tenant, served by deficit round robin."""
 
-    def __init__(self, name: str, level: int, share: float, max_requests: int, max_bytes: int) -> None:
+    def __init__(self, name: str, level: int, share: float, max_requests: int, max_bytes: int,
+                 top: bool = False) -> None:
         self.name = name
         self.level = level
         self.share = share
@@ -170,6 +172,7 @@ class Band(Generic[SlotT]):
         self.backlogged_since = math.inf  # since when this band has had requests queued without a break
         self.service = ServiceTime()  # this class's own (Triton serves classes apart)
         self.dispatched_at: deque[float] = deque()  # dispatch times of the last RATE_WINDOW_S
+        self.top = top  # the highest band: its requests are `urgent` to the capacity
 
     def push(self, ticket: Ticket[SlotT], front: bool = False) -> None:
         flow = self.flows.get(ticket.tenant)
@@ -227,7 +230,7 @@ class Band(Generic[SlotT]):
                 blocked.discard(tenant)
                 continue
             head = flow[0]
-            if not capacity.can_serve(head.model, head.exclude):
+            if not capacity.can_serve(head.model, head.exclude, self.top):
                 blocked.add(tenant)
                 self.rotation.rotate(-1)
                 continue
@@ -235,7 +238,7 @@ class Band(Generic[SlotT]):
                 self.deficit[tenant] += QUANTUM
                 self.rotation.rotate(-1)
                 continue
-            target = capacity.acquire(head.model, head.exclude)
+            target = capacity.acquire(head.model, head.exclude, self.top)
             if target is None:
                 blocked.add(tenant)
                 self.rotation.rotate(-1)
@@ -259,8 +262,8 @@ class Scheduler(Generic[SlotT]):
         self.max_requests = limits.max_queued_requests
         self.max_bytes = limits.max_queued_bytes
         ordered = sorted(classes, key=lambda c: c.level, reverse=True)
-        self.bands: list[Band[SlotT]] = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes)
-                                         for c in ordered]
+        self.bands: list[Band[SlotT]] = [Band(c.name, c.level, c.share, c.max_queue, c.max_queue_bytes,
+                                              top=c is ordered[0]) for c in ordered]
         self.band = {b.name: b for b in self.bands}
         self.count = 0
         self.bytes = 0
@@ -277,7 +280,7 @@ class Scheduler(Generic[SlotT]):
             ticket.shed(Shed("deadline", "the deadline has already passed", 0.0))
             return
         if self.count == 0:  # nothing waits: take a free slot now (the common, unloaded case)
-            target = self.capacity.acquire(ticket.model, ticket.exclude)
+            target = self.capacity.acquire(ticket.model, ticket.exclude, band is self.bands[0])
             if target is not None:
                 ticket.dispatch(target)
                 return

@@ -157,8 +157,8 @@ class GatewayWorker:
     async def on_message(self, message: dict) -> dict | None:
         op = message["op"]
         if op == "endpoints":
-            self.router.update([Endpoint(e["name"], e["host"], e["port"], frozenset(e["models"]), e["standby"])
-                                for e in message["endpoints"]])
+            self.router.update([Endpoint(e["name"], e["host"], e["port"], frozenset(e["models"]), e["standby"],
+                                         e["gpu"]) for e in message["endpoints"]])
         elif op == "ladder":
             self.ladder.step, self.ladder.view = message["step"], message["view"]
         elif op == "drain":

@@ -93,6 +93,9 @@ def partition_spec(spec: ClusterSpec, index: int, count: int) -> ClusterSpec:
     concurrency = concurrency.model_copy(update={
         "initial": min(most, max(1, concurrency.initial // count)), "max": most,
         "min": min(concurrency.min, most),
+        # the GPU floor and urgent bound are totals too; a worker keeps at least 1 of one that is set
+        "gpu_floor": concurrency.gpu_floor and max(1, concurrency.gpu_floor // count),
+        "gpu_urgent_bound": concurrency.gpu_urgent_bound and max(1, concurrency.gpu_urgent_bound // count),
     })
     classes = [c.model_copy(update={"max_queue": share_of(c.max_queue, index, count),
                                     "max_queue_bytes": share_of(c.max_queue_bytes, index, count)})
@@ -125,7 +128,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def endpoint_message(endpoints: list[Endpoint]) -> dict:
     return {"op": "endpoints", "endpoints": [
-        {"name": e.name, "host": e.host, "port": e.port, "models": sorted(e.models), "standby": e.standby}
+        {"name": e.name, "host": e.host, "port": e.port, "models": sorted(e.models), "standby": e.standby,
+         "gpu": e.gpu}
         for e in endpoints]}
 
 

@@ -23,6 +23,7 @@ class Endpoint:
     port: int
     models: frozenset[str]
     standby: bool = False
+    gpu: bool = False  # it serves on a GPU: the gateway's concurrency floor and urgent bound apply (spec.Concurrency)
 
     @property
     def url(self) -> str:

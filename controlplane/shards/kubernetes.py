@@ -207,7 +207,8 @@ class KubernetesShards(ShardBackend):
                 terminating = conditions is not None and conditions.terminating is True
                 ready = (conditions is None or conditions.ready is not False) and not terminating
                 standby = self._deployment_of(name) in self.standby_deployments
-                endpoint = Endpoint(name, pod.addresses[0], port, frozenset(shard.models), standby)
+                endpoint = Endpoint(name, pod.addresses[0], port, frozenset(shard.models), standby,
+                                    gpu=shard.gpu is not None)
                 # A pod seen in two slices (while the controller moves it) counts once, ready if either says so.
                 if ready:
                     endpoints[name] = endpoint

@@ -76,7 +76,8 @@ class LocalReplica:
 
     # --- what the backend reads -------------------------------------------------------------------
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.name, "127.0.0.1", self.http_port, frozenset(self.shard.models), self.standby)
+        return Endpoint(self.name, "127.0.0.1", self.http_port, frozenset(self.shard.models), self.standby,
+                        gpu=self.shard.gpu is not None)
 
     def status(self) -> ShardStatus:
         running = self.state not in ("stopped", "failed")

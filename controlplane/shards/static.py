@@ -36,7 +36,7 @@ def read_endpoints(path: Path) -> list[Endpoint]:
     for i, entry in enumerate(entries):
         try:
             endpoints.append(Endpoint(str(entry["name"]), str(entry["host"]), int(entry["port"]),
-                                      frozenset(str(m) for m in entry["models"])))
+                                      frozenset(str(m) for m in entry["models"]), gpu=bool(entry.get("gpu"))))
         except (KeyError, TypeError, ValueError) as exc:
             raise EndpointsFileError(f"{path}: entry {i} needs name, host, port and models ({exc})") from None
     return endpoints
