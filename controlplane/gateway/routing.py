@@ -150,7 +150,7 @@ class Router:
             if load < best_load:
                 best, best_load = target, load
         if best is not None:
-            if urgent:
+            if urgent and self.concurrency.gpu_urgent_bound:  # (no clock read per request where no bound is set)
                 self.urgent_at = self.clock()
             best.outstanding += 1
             if best.outstanding > best.used:

@@ -280,7 +280,7 @@ class Scheduler(Generic[SlotT]):
             ticket.shed(Shed("deadline", "the deadline has already passed", 0.0))
             return
         if self.count == 0:  # nothing waits: take a free slot now (the common, unloaded case)
-            target = self.capacity.acquire(ticket.model, ticket.exclude, band is self.bands[0])
+            target = self.capacity.acquire(ticket.model, ticket.exclude, band.top)
             if target is not None:
                 ticket.dispatch(target)
                 return
