@@ -212,13 +212,15 @@ class Concurrency(StrictModel):
         "whatever its latency says (0: no floor): Triton's dynamic batcher forms batches only out of what is at "
         "the shard, and batching itself raises latency, which the adaptive limit reads as overload. Size it to "
         "fill the preferred batches: instances x preferred batch / images per request (+ one batch queued), "
-        "e.g. 3 x 256 / 64 + 4 = 16. For throughput; `gpu_urgent_bound` wins over it while the top class is active.")
-    gpu_urgent_bound: int = Field(
+        "e.g. 3 x 256 / 64 + 4 = 16. For throughput; `urgent_bound` wins over it while the top class is active.")
+    urgent_bound: int = Field(
         0, ge=0, description="While requests of the top priority class have been sent within the last second, "
-        "requests of the other classes may have at most this many in flight at a shard on a GPU (0: no bound), "
+        "requests of the other classes may have at most this many in flight at any one shard (0: no bound), "
         "whatever the limit or floor allow; the top class itself keeps the whole limit. A top-class request then "
-        "waits behind at most about this many requests in Triton's FIFO queue (about one batch), not behind every "
-        "batch the floor lets in: size it to one preferred batch, e.g. 256 / 16 images a request = 16. For latency.")
+        "waits behind at most about this many requests in the shard's queue (on a GPU about one batch: size it to "
+        "one preferred batch, e.g. 256 / 16 images a request = 16), not behind every batch the limit lets in, and "
+        "the shards' CPU is not spent on a flood of lower classes beyond it. Lower classes give up throughput while "
+        "the top class is active. For latency.")
 
 
 class Ejection(StrictModel):

@@ -103,8 +103,8 @@ def test_a_gpu_shard_keeps_its_floor_in_flight_however_slow_it_answers() -> None
     assert r.total_slots() == 8
 
 
-def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_of_a_gpu_shard() -> None:
-    r, clock = gpu_router(gpu_floor=8, gpu_urgent_bound=3)
+def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_over_a_gpu_floor() -> None:
+    r, clock = gpu_router(gpu_floor=8, urgent_bound=3)
     assert fill(r, urgent=False) == {"g": 8, "c": 2}  # no top-class traffic yet: the floor holds
     for target in list(r.targets.values()):
         while target.outstanding:
@@ -117,6 +117,22 @@ def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_o
         r.unreserve(gpu)
     clock.now += 1.1  # no top-class dispatch for longer than the window: the floor again
     assert fill(r, urgent=False) == {"g": 8}
+
+
+def test_the_urgent_bound_holds_at_a_cpu_shard_too() -> None:
+    r, clock = gpu_router(initial=6, urgent_bound=2)
+    assert fill(r, urgent=False) == {"g": 6, "c": 6}  # no top-class traffic yet: the limits hold
+    for target in list(r.targets.values()):
+        while target.outstanding:
+            r.unreserve(target)
+    r.acquire("m", exclude=r.target_named("g"), urgent=True)  # a top-class request goes to the CPU shard
+    assert fill(r, urgent=False) == {"g": 2, "c": 1}  # 2 in flight at each, the top one included
+    assert fill(r, urgent=True) == {"g": 4, "c": 4}  # the top class keeps the whole limit
+    clock.now += 1.1  # the window has passed: lower classes get the limit again once slots free
+    cpu = r.target_named("c")
+    for _ in range(4):
+        r.unreserve(cpu)
+    assert fill(r, urgent=False) == {"c": 4}
 
 
 def test_without_a_floor_or_bound_a_gpu_shard_follows_its_adaptive_limit() -> None:

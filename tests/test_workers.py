@@ -276,9 +276,9 @@ def test_partition_gives_every_worker_a_share_and_the_shares_add_up_to_the_spec(
 def test_partition_splits_the_gpu_floor_and_urgent_bound_keeping_one_each() -> None:
     spec = parse_spec(SPEC)
     spec = spec.model_copy(update={"gateway": spec.gateway.model_copy(update={"concurrency": spec.gateway.concurrency
-                                   .model_copy(update={"gpu_floor": 24, "gpu_urgent_bound": 4})})})
+                                   .model_copy(update={"gpu_floor": 24, "urgent_bound": 4})})})
     parts = [partition_spec(spec, i, 6) for i in range(6)]
-    assert [(p.gateway.concurrency.gpu_floor, p.gateway.concurrency.gpu_urgent_bound) for p in parts] == [(4, 1)] * 6
+    assert [(p.gateway.concurrency.gpu_floor, p.gateway.concurrency.urgent_bound) for p in parts] == [(4, 1)] * 6
     assert partition_spec(parse_spec(SPEC), 0, 6).gateway.concurrency.gpu_floor == 0  # unset stays unset
 
 

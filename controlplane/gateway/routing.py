@@ -13,13 +13,15 @@
   runs out, the shard is probed (GET /v2/health/ready) before it gets traffic again, starting from the
   initial limit (slow start).
 - A retry budget keeps retries under `retry_budget` of the requests.
-- A shard on a GPU (Endpoint.gpu) has two more bounds, both off by default (spec.Concurrency):
-  `gpu_floor`, for throughput: its room is never below the floor, so Triton's dynamic batcher always has enough
-  requests at hand to form full batches (batching raises latency, which AIMD alone would read as overload);
-  `gpu_urgent_bound`, for latency: within URGENT_WINDOW_S of a dispatch of the top priority class, requests of
-  the other classes get at most that room (the top class keeps its whole room), so a top-class request waits
-  behind about one batch in Triton's FIFO queue rather than every batch the floor let in. Where both are set the
-  bound wins while the top class is active and the floor holds otherwise.
+- Two more bounds, both off by default (spec.Concurrency):
+  `gpu_floor`, for throughput, on a shard on a GPU (Endpoint.gpu): its room is never below the floor, so Triton's
+  dynamic batcher always has enough requests at hand to form full batches (batching raises latency, which AIMD
+  alone would read as overload);
+  `urgent_bound`, for latency, on every shard: within URGENT_WINDOW_S of a dispatch of the top priority class,
+  requests of the other classes get at most that room (the top class keeps its whole room), so a top-class
+  request waits behind about one batch in Triton's queue rather than every batch the limit or floor let in,
+  and a flood of lower classes cannot take the shards' CPU from it. Where both are set the bound wins while the
+  top class is active and the floor holds otherwise.
 """
 
 from __future__ import annotations
@@ -121,14 +123,14 @@ class Router:
     # --- slots (the scheduler's Capacity) -------------------------------------------------------------------
     def room(self, target: Target, urgent: bool = True) -> int:
         """Requests `target` may have in flight, for a request of the top class (`urgent`) or of another: its
-        adaptive limit, on a GPU raised to the floor and, for the other classes while the top one is active,
-        cut to the urgent bound."""
+        adaptive limit, on a GPU raised to the floor, and for the other classes while the top one is active cut
+        to the urgent bound."""
         room = int(target.limit)
         if target.endpoint.gpu:
             room = max(room, self.concurrency.gpu_floor)
-            bound = self.concurrency.gpu_urgent_bound
-            if bound and not urgent and self.clock() - self.urgent_at < URGENT_WINDOW_S:
-                room = min(room, bound)
+        bound = self.concurrency.urgent_bound
+        if bound and not urgent and self.clock() - self.urgent_at < URGENT_WINDOW_S:
+            room = min(room, bound)
         return room
 
     def can_serve(self, model: str, exclude: Target | None = None, urgent: bool = True) -> bool:
@@ -150,7 +152,7 @@ class Router:
             if load < best_load:
                 best, best_load = target, load
         if best is not None:
-            if urgent and self.concurrency.gpu_urgent_bound:  # (no clock read per request where no bound is set)
+            if urgent and self.concurrency.urgent_bound:  # (no clock read per request where no bound is set)
                 self.urgent_at = self.clock()
             best.outstanding += 1
             if best.outstanding > best.used:

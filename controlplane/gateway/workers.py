@@ -95,7 +95,7 @@ def partition_spec(spec: ClusterSpec, index: int, count: int) -> ClusterSpec:
         "min": min(concurrency.min, most),
         # the GPU floor and urgent bound are totals too; a worker keeps at least 1 of one that is set
         "gpu_floor": concurrency.gpu_floor and max(1, concurrency.gpu_floor // count),
-        "gpu_urgent_bound": concurrency.gpu_urgent_bound and max(1, concurrency.gpu_urgent_bound // count),
+        "urgent_bound": concurrency.urgent_bound and max(1, concurrency.urgent_bound // count),
     })
     classes = [c.model_copy(update={"max_queue": share_of(c.max_queue, index, count),
                                     "max_queue_bytes": share_of(c.max_queue_bytes, index, count)})
