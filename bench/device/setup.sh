@@ -41,6 +41,16 @@ print("numpy", numpy.__version__, "pydantic", pydantic.VERSION, "uvloop", uvloop
         || echo "tritonserver and the 3.12 stub: all libraries found"
 ) 2>&1 | tee "$OUT/device-env.txt"
 
+# With MYPYC_WHEELS set (a folder of cp312 wheels of the `compiled` extra and what it needs, carried along:
+# bench/device/README.md), the gateway's request path is compiled with mypyc as `make` does here; without it the
+# .py sources run there (about twice the CPU a request).
+if [ -n "${MYPYC_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/mypyc-site \
+        "$MYPYC_WHEELS"/*.whl
+    (cd "$REPO" && PYTHONPATH="/tmp/mypyc-site:$PYTHONPATH" python3 scripts/compile-gateway) \
+        && echo "gateway: compiled with mypyc" | tee -a "$OUT/device-env.txt"
+fi
+
 
 # record_gpu_env PYTHON_LINE: the versions a GPU benchmark depends on (PYTHON_LINE prints them) and the GPU.
 record_gpu_env() {
