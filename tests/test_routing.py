@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from controlplane.gateway.routing import Router
 from controlplane.shards.base import Endpoint
 from controlplane.spec import Concurrency, Ejection
@@ -139,3 +141,23 @@ def test_without_a_floor_or_bound_a_gpu_shard_follows_its_adaptive_limit() -> No
     r, _ = gpu_router()
     r.acquire("m", urgent=True)
     assert fill(r, urgent=False) == {"g": 1, "c": 2}
+
+
+def test_the_other_classes_room_adapts_to_the_top_class_latency() -> None:
+    r, clock = gpu_router(initial=8, slack_ms=100, urgent_tolerance=2.0, urgent_slack_ms=0)  # the limit stays
+    cpu = r.target_named("c")
+    r.release(r.acquire("m", exclude=r.target_named("g"), urgent=True), 0.010, ok=True, urgent=True)  # unloaded: 10 ms
+    for _ in range(5):  # the top class waits 50 ms (behind the others): their room there is cut, once a round trip
+        clock.now += 0.1
+        r.release(r.acquire("m", exclude=r.target_named("g"), urgent=True), 0.050, ok=True, urgent=True)
+    assert cpu.urgent_room == pytest.approx(8 * 0.9 ** 5, rel=0.05)
+    assert fill(r, urgent=False) == {"g": 8, "c": 4}  # the other classes get int(4.7) there; the GPU shard: its limit
+    for target in list(r.targets.values()):
+        while target.outstanding:
+            r.unreserve(target)
+    for _ in range(20):  # fast answers to the top class give it back, about one per round trip
+        r.release(r.acquire("m", exclude=r.target_named("g"), urgent=True), 0.012, ok=True, urgent=True)
+    assert cpu.urgent_room > 6
+    clock.now += 1.1  # the top class is gone: the others get the whole limit
+    assert fill(r, urgent=False)["c"] == int(cpu.limit)
+    assert r.snapshot()[1]["urgent_room"] <= cpu.limit

@@ -354,7 +354,7 @@ class Exchange:
         target, self.target = self.target, None
         if target is not None:
             service_time = self.gateway.clock() - self.sent_at
-            self.gateway.router.release(target, service_time, ok)
+            self.gateway.router.release(target, service_time, ok, self.ticket.band == self.gateway.top_class)
             if ok:
                 self.gateway.scheduler.completed(service_time, self.ticket.band)
 

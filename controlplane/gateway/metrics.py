@@ -114,6 +114,8 @@ class GatewayMetrics:
         for name, key, documentation in (
             ("cp_shard_in_flight", "in_flight", "Requests in flight per shard."),
             ("cp_shard_concurrency_limit", "limit", "Adaptive concurrency limit per shard."),
+            ("cp_shard_urgent_room", "urgent_room", "Requests the classes below the top one may have in flight per "
+             "shard while the top class is active (adapted to the top class's latency there)."),
             ("cp_shard_ejections", "ejections", "Times a shard was ejected since it joined."),
             ("cp_shard_served", "served", "Requests (pipeline steps included) a shard answered since it joined."),
         ):

@@ -22,6 +22,11 @@
   request waits behind about one batch in Triton's queue rather than every batch the limit or floor let in,
   and a flood of lower classes cannot take the shards' CPU from it. Where both are set the bound wins while the
   top class is active and the floor holds otherwise.
+- While the top class is active, the other classes' room at a shard also adapts to the top class's own latency
+  there (`urgent_room`, AIMD like the limit, off with `urgent_tolerance` 0): a top-class answer slower than
+  `urgent_tolerance` x the unloaded latency (+ `urgent_slack_ms`) cuts it, a fast one grows it. The limit
+  protects the shard; this protects the top class from whatever the others cost it there (the shard's queue, or
+  the CPU it shares with them when the shard is a process on the gateway's machine).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class Target:
     outstanding: int = 0
     baseline_s: float = 0.0  # unloaded latency estimate
     last_decrease: float = 0.0
+    urgent_room: float = math.inf  # the other classes' room while the top class is active (adapted to it)
+    last_urgent_decrease: float = 0.0
     consecutive_failures: int = 0
     ejections_in_a_row: int = 0
     ejected_until: float = 0.0
@@ -89,6 +96,7 @@ class Router:
         self.on_capacity: Callable[[], None] = lambda: None  # told when slots may have freed
         self.validated_at = clock()
         self.urgent_at = -math.inf  # when a request of the top class was last dispatched
+        self.protects_top = bool(self.concurrency.urgent_bound or self.concurrency.urgent_tolerance)
 
     # --- the endpoint set ---------------------------------------------------------------------------------
     def update(self, endpoints: list[Endpoint]) -> None:
@@ -128,9 +136,10 @@ class Router:
         room = int(target.limit)
         if target.endpoint.gpu:
             room = max(room, self.concurrency.gpu_floor)
-        bound = self.concurrency.urgent_bound
-        if bound and not urgent and self.clock() - self.urgent_at < URGENT_WINDOW_S:
-            room = min(room, bound)
+        if not urgent and self.urgent_at > -math.inf and self.clock() - self.urgent_at < URGENT_WINDOW_S:
+            room = min(room, self.concurrency.urgent_bound or room)
+            if target.urgent_room < room:
+                room = max(1, int(target.urgent_room))
         return room
 
     def can_serve(self, model: str, exclude: Target | None = None, urgent: bool = True) -> bool:
@@ -152,7 +161,7 @@ class Router:
             if load < best_load:
                 best, best_load = target, load
         if best is not None:
-            if urgent and self.concurrency.urgent_bound:  # (no clock read per request where no bound is set)
+            if urgent and self.protects_top:  # (no clock read per request where nothing is bounded)
                 self.urgent_at = self.clock()
             best.outstanding += 1
             if best.outstanding > best.used:
@@ -172,8 +181,9 @@ class Router:
         target.outstanding -= 1
         self.on_capacity()
 
-    def release(self, target: Target, latency_s: float, ok: bool) -> None:
-        """A request left `target`: adapt its limit, count failures, eject it if it keeps failing."""
+    def release(self, target: Target, latency_s: float, ok: bool, urgent: bool = False) -> None:
+        """A request (of the top class: `urgent`) left `target`: adapt its limit (and the other classes' room
+        there), count failures, eject it if it keeps failing."""
         target.outstanding -= 1
         now = self.clock()
         if ok:
@@ -181,6 +191,8 @@ class Router:
             target.consecutive_failures = 0
             target.ejections_in_a_row = 0
             self._adapt(target, latency_s, now)
+            if urgent and self.concurrency.urgent_tolerance:
+                self._adapt_urgent_room(target, latency_s, now)
         else:
             target.failures += 1
             target.consecutive_failures += 1
@@ -199,6 +211,15 @@ class Router:
             target.limit = min(float(c.max), target.limit + 1.0 / target.limit)
         else:
             self._decrease(target, now)
+
+    def _adapt_urgent_room(self, target: Target, latency_s: float, now: float) -> None:
+        c = self.concurrency
+        room = min(target.urgent_room, max(target.limit, float(c.gpu_floor) if target.endpoint.gpu else 0.0))
+        if latency_s <= target.baseline_s * c.urgent_tolerance + c.urgent_slack_ms / 1000:
+            target.urgent_room = room + 1.0 / max(room, 1.0)
+        elif now - target.last_urgent_decrease >= max(target.baseline_s, 0.001):  # once per round trip
+            target.urgent_room = max(1.0, room * c.backoff)
+            target.last_urgent_decrease = now
 
     def _decrease(self, target: Target, now: float) -> None:
         # once per round trip: the responses of one overloaded window should count as one signal
@@ -265,6 +286,7 @@ class Router:
     def snapshot(self) -> list[dict]:
         now = self.clock()
         return [{"name": t.name, "url": t.endpoint.url, "in_flight": t.outstanding, "limit": round(t.limit, 2),
+                 "urgent_room": round(min(t.urgent_room, t.limit), 2),
                  "baseline_ms": round(t.baseline_s * 1000, 3), "served": t.served, "failures": t.failures,
                  "ejections": t.ejections, "draining": t.draining, "probing": t.probing,
                  "ejected_for_s": round(max(0.0, t.ejected_until - now), 2) if t.ejected_until else 0.0}

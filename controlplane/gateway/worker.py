@@ -225,7 +225,8 @@ def merge_shards(states: list[dict]) -> list[dict]:
                 continue
             for key in ("in_flight", "served", "failures", "ejections"):
                 into[key] += shard[key]
-            into["limit"] = round(into["limit"] + shard["limit"], 2)
+            for key in ("limit", "urgent_room"):
+                into[key] = round(into[key] + shard[key], 2)
             into["baseline_ms"] = min(into["baseline_ms"], shard["baseline_ms"]) or max(into["baseline_ms"],
                                                                                        shard["baseline_ms"])
             into["draining"] = into["draining"] and shard["draining"]
