@@ -216,7 +216,8 @@ class Router:
         c = self.concurrency
         room = min(target.urgent_room, max(target.limit, float(c.gpu_floor) if target.endpoint.gpu else 0.0))
         if latency_s <= target.baseline_s * c.urgent_tolerance + c.urgent_slack_ms / 1000:
-            target.urgent_room = room + 1.0 / max(room, 1.0)
+            # +1 a fast answer, not 1/room: top-class answers are a small part of a round trip's answers
+            target.urgent_room = room + 1.0
         elif now - target.last_urgent_decrease >= max(target.baseline_s, 0.001):  # once per round trip
             target.urgent_room = max(1.0, room * c.backoff)
             target.last_urgent_decrease = now
