@@ -115,6 +115,11 @@ class Pipeline(StrictModel):
                                      "(0: no bound; the stage's batch is the natural bound): more wait at the "
                                      "gateway in class order, so a critical sequence's step takes the next place. "
                                      "Split among gateway workers like `max_sequences` (each keeps at least 1).")
+    urgent_steps_per_stage: int | None = Field(
+        None, ge=0, le=4096, description="While a sequence of the top class waits for its first token, steps of the "
+        "other classes in flight at one stage replica at most (None: no such bound; 0: they pause); the top class's "
+        "own steps are never held. Stages time-slicing one GPU slow each other down, so 0 also gives that GPU to "
+        "the critical prefill. Each gateway worker acts on its own sequences.")
 
 
 class Shard(StrictModel):
