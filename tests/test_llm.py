@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -408,6 +409,32 @@ def test_pipeline_steps_are_counted_on_their_stage_shards_like_requests(served: 
     after = shard_metric(served, "cp_shard_served")
     assert {shard: after[shard] - before.get(shard, 0) for shard in after} == {"llm-stage1-0": 6, "llm-stage2-0": 6}
     assert shard_metric(served, "cp_shard_in_flight") == {"llm-stage1-0": 0, "llm-stage2-0": 0}
+
+
+def test_clients_leaving_mid_stream_never_eject_a_stage(served: RunningStack) -> None:
+    """A flood's clients leaving at once cancel their steps in flight: the client's doing, not the stage's failure
+    (counted as failures they ejected the healthy first stage, and new sequences got 503 for a while)."""
+    ejections = shard_metric(served, "cp_shard_ejections")
+    for _ in range(3):
+        streams = []
+        for index in range(MAX_SEQUENCES - 2):  # every place of `llm`
+            connection = http.client.HTTPConnection(served.address, timeout=120)
+            connection.request("POST", "/v2/models/llm/generate_stream",
+                               body=json.dumps({"text_input": f"leaving {index}", "max_tokens": 400}))
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")  # under way
+            streams.append(connection)
+        for connection in streams:  # all leave at once, steps in flight at both stages
+            connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        for _ in range(100):  # bounded: the gateway sees the closed connections within a few steps
+            again = post(served, "/v2/models/llm/generate", {"text_input": "after them", "max_tokens": 1})
+            again.read()
+            if again.status == 200:
+                break
+            assert again.status == 429, f"a new sequence got {again.status}, not a place freed by the leavers"
+            time.sleep(0.05)
+    assert shard_metric(served, "cp_shard_ejections") == ejections
 
 
 def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:

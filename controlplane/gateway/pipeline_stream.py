@@ -242,7 +242,7 @@ class PipelineRun:
         asked_at = self.app.clock()
         held = await gate.enter(target, self.priority, self.top)
         router.hold(target)
-        sent_at, ok = self.app.clock(), False
+        sent_at, ok, client_left = self.app.clock(), False, False
         self.app.metrics.count_step(self.pipeline.name, self.admitted.priority_class.name, held, sent_at - asked_at)
         try:
             remaining_s -= sent_at - asked_at  # the wait at the gate came out of it
@@ -250,12 +250,18 @@ class PipelineRun:
             answer = await fetch(target.pool, request_bytes(b"POST", f"/v2/models/{model}/infer", headers, body),
                                  timeout_s)
             ok = answer.status < 500  # as for any request: a 5xx or no answer counts against the shard
+        except asyncio.CancelledError:
+            client_left = True
+            raise
         except Exception as exc:  # any upstream failure ends this sequence with a message, never a hang
             raise StageFailed(f"stage {model} on {target.name}: {exc or type(exc).__name__}") from None
         finally:
             gate.leave(target)
             service_s = self.app.clock() - sent_at
-            router.release(target, service_s, ok)  # the shard's limit, failure count and ejection
+            if client_left:  # the client went away mid-step: says nothing of the shard (a flood leaving at once
+                router.unreserve(target)  # must not eject a healthy stage)
+            else:
+                router.release(target, service_s, ok)  # the shard's limit, failure count and ejection
             if ok:
                 self.app.scheduler.completed(service_s, self.admitted.priority_class.name)  # class statistics
         payload = b"".join(answer.parts)
