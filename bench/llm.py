@@ -13,7 +13,7 @@ tiny config and few tokens, to check the script before spending device time. Par
               formed, queue and compute time) for the profile;
   overload    on the 4-shard setup, `--rounds` rounds pooled: critical sequences alone, then the same critical
               load beside a standard flood of `--overload` x the reference concurrency (32) closed-loop clients,
-              once per `--urgent-steps-per-stage` setting (each its own pipeline over the same stages). Critical
+              once per `--variants` setting (each its own pipeline over the same stages). Critical
               sequences arrive open loop (`--critical-rate` a second for `--phase-s`, `--critical-tokens` each);
               the flood fills the pipeline first (`--fill-s`), a shed (429) client waits its Retry-After before it
               asks again, and the flood's clients leave mid-stream when the phase ends. Critical TTFT P50/P90/P99
@@ -25,7 +25,7 @@ earlier run's JSON (a benchmark split over two device calls).
     python bench/llm.py OUT [--small] [--parts baseline,shards4,overload,shards1] [--concurrency 1,8,32,64]
                             [--tokens 64] [--requests-per-client 2] [--max-steps-per-stage N] [--merge FILE]
                             [--rounds 4] [--phase-s 13] [--critical-rate 2] [--critical-tokens 16]
-                            [--urgent-steps-per-stage off,0]
+                            [--variants off,0,0+batch]
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def baseline(checkpoint: Path, device: str, dtype: str, levels: list[int], reque
 
 # --- served ----------------------------------------------------------------------------------------------------
 def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0,
-              urgent_variants: tuple[int | None, ...] = ()) -> str:
-    """The bench's spec: pipeline `llm`, and one more per `urgent_steps_per_stage` the overload compares
-    (`overload_pipeline`), all over the same stage shards."""
+              variants: tuple[str, ...] = ()) -> str:
+    """The bench's spec: pipeline `llm`, and one more per setting the overload compares (`overload_pipeline`), all
+    over the same stage shards."""
     names = [f"llm_{k}of{stages}" for k in range(1, stages + 1)]
     spec = yaml.safe_load((ROOT / "examples" / "llm" / "cluster.yaml").read_text())
     spec["cluster"] = f"llm-bench-{stages}"
@@ -150,9 +150,10 @@ def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_ste
                       for k, n in enumerate(names)]
     pipeline = {**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens, "max_sequences": PIPELINE_PLACES,
                 "reserved_for_top_class": TOP_CLASS_RESERVE, "max_steps_per_stage": max_steps_per_stage}
-    pipeline.pop("urgent_steps_per_stage", None)
-    spec["pipelines"] = [pipeline] + [{**pipeline, "name": overload_pipeline(urgent), "urgent_steps_per_stage": urgent}
-                                      for urgent in urgent_variants]
+    for key in ("urgent_steps_per_stage", "one_batch_per_stage"):
+        pipeline.pop(key, None)
+    spec["pipelines"] = [pipeline] + [{**pipeline, "name": overload_pipeline(variant), **variant_settings(variant)}
+                                      for variant in variants]
     # One worker holds all the places: with several, the clients' connections split unevenly between workers
     # and a worker's share sheds before the pipeline is full.
     spec["gateway"].update(port=0, workers=1)
@@ -235,8 +236,17 @@ def stage_profile(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
     return profile
 
 
-def overload_pipeline(urgent: int | None) -> str:
-    return f"llm_urgent_{'off' if urgent is None else urgent}"
+def variant_settings(variant: str) -> dict:
+    """A compared setting of the pipeline's step gate: `off` (none), `N` (urgent_steps_per_stage N), `N+batch`
+    (and one_batch_per_stage)."""
+    urgent, _, batch = variant.partition("+")
+    if batch not in ("", "batch") or not (urgent == "off" or urgent.isdigit()):
+        raise ValueError(f"variant '{variant}': expected off, N or N+batch")
+    return {"urgent_steps_per_stage": None if urgent == "off" else int(urgent), "one_batch_per_stage": bool(batch)}
+
+
+def overload_pipeline(variant: str) -> str:
+    return "llm_" + variant.replace("+", "_")
 
 
 def stream_once(address: str, tokens: int, priority: str, pipeline: str = "llm",
@@ -375,21 +385,21 @@ class Phase:
         return found
 
 
-def overload(served: Served, args: argparse.Namespace, urgent_variants: tuple[int | None, ...]) -> dict:
+def overload(served: Served, args: argparse.Namespace, variants: tuple[str, ...]) -> dict:
     """Rounds of: critical sequences alone, then the same critical load beside a standard flood once per
-    `urgent_steps_per_stage` variant (its own pipeline over the same stages). Critical sequences arrive open
+    step gate setting (`variant_settings`: its own pipeline over the same stages). Critical sequences arrive open
     loop at `critical_rate` a second, `critical_count` a phase; the flood is `standard_clients` closed-loop clients
     that fill the pipeline first and leave mid-stream at the phase's end. Everything pooled over the rounds."""
     address, flood_clients = served.address, max(1, int(args.overload * REFERENCE_CONCURRENCY))
     count = max(1, round(args.critical_rate * args.phase_s))
     alone = Phase()
-    mixed = {urgent: Phase() for urgent in urgent_variants}
-    shipped = overload_pipeline(urgent_variants[-1])  # critical traffic alone: the urgent bound has nothing to hold
+    mixed = {variant: Phase() for variant in variants}
+    shipped = overload_pipeline(variants[-1])  # critical traffic alone: the gate holds nothing of it
     for round_index in range(args.rounds):
         alone.measure(served, lambda: open_loop(address, args.critical_rate, count, args.critical_tokens, "critical",
                                                 shipped, alone.critical))
-        for urgent, phase in mixed.items():
-            pipeline, stop = overload_pipeline(urgent), threading.Event()
+        for variant, phase in mixed.items():
+            pipeline, stop = overload_pipeline(variant), threading.Event()
             flood = threading.Thread(target=closed_loop, args=(address, flood_clients, 10_000, args.tokens,
                                                                "standard", stop, pipeline, phase.flood))
 
@@ -405,12 +415,12 @@ def overload(served: Served, args: argparse.Namespace, urgent_variants: tuple[in
             phase.measure(served, beside_the_flood)
         log(f"   overload round {round_index + 1}/{args.rounds}: critical TTFT P99 alone "
             f"{alone.critical.summary()['ttft_p99_ms']} ms, beside the flood "
-            + ", ".join(f"{overload_pipeline(u)} {p.critical.summary()['ttft_p99_ms']} ms" for u, p in mixed.items()))
+            + ", ".join(f"{v} {p.critical.summary()['ttft_p99_ms']} ms" for v, p in mixed.items()))
     return {"critical_rate_per_s": args.critical_rate, "critical_tokens": args.critical_tokens,
             "critical_per_phase": count, "rounds": args.rounds, "standard_clients": flood_clients,
             "flood_tokens": args.tokens, "alone": alone.report(with_flood=False),
-            "mixed": {overload_pipeline(urgent): {"urgent_steps_per_stage": urgent, **phase.report(with_flood=True)}
-                      for urgent, phase in mixed.items()}}
+            "mixed": {variant: {**variant_settings(variant), **phase.report(with_flood=True)}
+                      for variant, phase in mixed.items()}}
 
 
 def serve_levels(served: Served, levels: list[int], per_client: int, tokens: int) -> dict:
@@ -442,12 +452,10 @@ def targets(results: dict) -> list[dict]:
     load = results.get("overload")
     if load:
         alone_p99 = load["alone"]["critical"]["ttft_p99_ms"]
-        for mixed in load["mixed"].values():
-            urgent = mixed["urgent_steps_per_stage"]
+        for variant, mixed in load["mixed"].items():
             value = mixed["critical"]["ttft_p99_ms"] / alone_p99 if alone_p99 else float("inf")
-            found.append({"name": "critical TTFT P99 under overload over alone, urgent_steps_per_stage "
-                          f"{'off' if urgent is None else urgent}", "value": round(value, 2), "target": 1.5,
-                          "met": value <= 1.5})
+            found.append({"name": f"critical TTFT P99 under overload over alone, step gate {variant}",
+                          "value": round(value, 2), "target": 1.5, "met": value <= 1.5})
         errors = sum(n for mixed in load["mixed"].values() for part in (mixed["critical"], mixed["standard"])
                      for status, n in part["statuses"].items() if status.startswith("5"))
         found.append({"name": "5xx under overload", "value": errors, "target": 0, "met": errors == 0})
@@ -486,33 +494,33 @@ def write(out: Path, results: dict) -> None:
 def overload_lines(load: dict) -> list[str]:
     lines = ["", f"Overload (4 shards): {load['rounds']} rounds, each of critical sequences alone, then beside a "
              f"standard flood of {load['standard_clients']} closed-loop clients ({load['flood_tokens']} tokens) once "
-             "per setting of the pipeline's `urgent_steps_per_stage`; critical sequences arrive open loop, "
+             "per step gate setting (off: none; N: `urgent_steps_per_stage` N; +batch: and "
+             "`one_batch_per_stage`); critical sequences arrive open loop, "
              f"{load['critical_rate_per_s']} a second, {load['critical_per_phase']} a phase, "
              f"{load['critical_tokens']} tokens each; every phase pooled over the rounds.", "",
-             "| phase | urgent_steps_per_stage | critical sequences | TTFT P50 ms | TTFT P90 ms | TTFT P99 ms | "
+             "| phase | step gate | critical sequences | TTFT P50 ms | TTFT P90 ms | TTFT P99 ms | "
              "ITL P50 ms | ITL P99 ms | critical statuses | flood tokens/s | flood statuses |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     phases = [("critical alone", "-", load["alone"])]
-    phases += [("beside the flood", "off" if m["urgent_steps_per_stage"] is None else m["urgent_steps_per_stage"], m)
-               for m in load["mixed"].values()]
-    for label, urgent, phase in phases:
+    phases += [("beside the flood", variant, m) for variant, m in load["mixed"].items()]
+    for label, gate, phase in phases:
         c, flood = phase["critical"], phase.get("standard")
-        lines.append(f"| {label} | {urgent} | {c['sequences']} | {c['ttft_p50_ms']} | {c['ttft_p90_ms']} | "
+        lines.append(f"| {label} | {gate} | {c['sequences']} | {c['ttft_p50_ms']} | {c['ttft_p90_ms']} | "
                      f"{c['ttft_p99_ms']} | {c['itl_p50_ms']} | {c['itl_p99_ms']} | {c['statuses']} | "
                      f"{flood['tokens_per_s'] if flood else '-'} | {flood['statuses'] if flood else '-'} |")
     lines += ["", "Per stage in each phase (Triton's statistics, pooled): mean batch, queue wait and batch compute "
               "per step, ms; and the gateway's step gate per class: steps sent, steps held, their mean wait.", "",
-              "| phase | urgent_steps_per_stage | stage | steps | mean batch | queue ms | compute ms |",
+              "| phase | step gate | stage | steps | mean batch | queue ms | compute ms |",
               "|---|---|---|---|---|---|---|"]
-    for label, urgent, phase in phases:
+    for label, gate, phase in phases:
         for model, p in phase["stages"].items():
-            lines.append(f"| {label} | {urgent} | {model} | {p['steps']} | {p['mean_batch']} | {p['queue_ms']} | "
+            lines.append(f"| {label} | {gate} | {model} | {p['steps']} | {p['mean_batch']} | {p['queue_ms']} | "
                          f"{p['compute_ms']} |")
-    lines += ["", "| phase | urgent_steps_per_stage | pipeline/class | steps | held at the gate | mean wait ms |",
+    lines += ["", "| phase | step gate | pipeline/class | steps | held at the gate | mean wait ms |",
               "|---|---|---|---|---|---|"]
-    for label, urgent, phase in phases:
+    for label, gate, phase in phases:
         for key, g in phase["gate"].items():
-            lines.append(f"| {label} | {urgent} | {key} | {g['steps']} | {g['held']} | {g['mean_wait_ms']} |")
+            lines.append(f"| {label} | {gate} | {key} | {g['steps']} | {g['held']} | {g['mean_wait_ms']} |")
     return lines
 
 
@@ -527,7 +535,8 @@ def make_checkpoint(checkpoint: Path, config: str, dtype: str, device: str) -> N
 def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argparse.Namespace, levels: list[int],
               results: dict, with_levels: bool, with_overload: bool) -> None:
     spec = work / f"llm-{stages}.yaml"
-    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage, urgent_variants(args)))
+    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage,
+                              tuple(args.variants.split(","))))
     run_dir = work / f"run-{stages}"
     run_dir.mkdir()
     started = time.perf_counter()
@@ -543,7 +552,7 @@ def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argpar
                 write(args.out, results)
         if with_overload:
             log("   mixed priority overload")
-            results["overload"] = overload(served, args, urgent_variants(args))
+            results["overload"] = overload(served, args, tuple(args.variants.split(",")))
             write(args.out, results)
     finally:
         served.stop()
@@ -555,10 +564,6 @@ def keep_logs(run_dir: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in run_dir.rglob("*.log"):
         shutil.copy(path, target / "-".join(path.relative_to(run_dir).parts))
-
-
-def urgent_variants(args: argparse.Namespace) -> tuple[int | None, ...]:
-    return tuple(None if value == "off" else int(value) for value in args.urgent_steps_per_stage.split(","))
 
 
 def main() -> None:
@@ -575,8 +580,9 @@ def main() -> None:
     parser.add_argument("--critical-rate", type=float, default=2.0, help="critical sequences a second (open loop)")
     parser.add_argument("--critical-tokens", type=int, default=16)
     parser.add_argument("--fill-s", type=float, default=3.0, help="the flood's head start over critical arrivals")
-    parser.add_argument("--urgent-steps-per-stage", default="off,0",
-                        help="the pipeline settings the overload compares (off: no bound); the last is the shipped one")
+    parser.add_argument("--variants", default="off,0,0+batch",
+                        help="the step gate settings the overload compares (off: none; N: urgent_steps_per_stage N; "
+                             "N+batch: and one_batch_per_stage); the last is the example's")
     parser.add_argument("--start-timeout-s", type=float, default=180.0)
     parser.add_argument("--max-steps-per-stage", type=int, default=0,
                         help="the pipeline's gate: steps in flight at a stage, the rest wait in class order (0: off)")

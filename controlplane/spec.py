@@ -120,6 +120,10 @@ class Pipeline(StrictModel):
         "other classes in flight at one stage replica at most (None: no such bound; 0: they pause); the top class's "
         "own steps are never held. Stages time-slicing one GPU slow each other down, so 0 also gives that GPU to "
         "the critical prefill. Each gateway worker acts on its own sequences.")
+    one_batch_per_stage: bool = Field(
+        False, description="Steps of the classes but the top one go to a stage replica only while it has no step in "
+        "flight, then all that wait at once: the gateway forms the batch, the stage queues none behind the running "
+        "one, so a critical step (never held) waits behind at most one batch in progress.")
 
 
 class Shard(StrictModel):

@@ -551,6 +551,23 @@ def test_step_gate_holds_other_classes_to_the_urgent_bound_while_a_critical_sequ
     asyncio.run(scenario())
 
 
+def test_step_gate_with_one_batch_sends_the_next_batch_only_when_the_stage_is_empty() -> None:
+    async def scenario() -> None:
+        gate, replica = StepGate(0, one_batch=True), object()
+        assert not await gate.enter(replica, 2, top=False)  # an idle stage: it goes in
+        waiting = [asyncio.create_task(gate.enter(replica, 2, top=False)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in waiting)  # a batch is running: the next one forms here
+        assert not await gate.enter(replica, 1, top=True)  # a critical step goes straight in, behind that batch only
+        gate.leave(replica)
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in waiting)  # the critical step still runs
+        gate.leave(replica)
+        assert await asyncio.gather(*waiting) == [True] * 3 and gate.in_flight[replica] == 3  # all at once
+
+    asyncio.run(scenario())
+
+
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:
     # The deadline is a third of what the whole stream takes on this machine now (greedy: the same tokens), so it
     # passes mid-stream however fast the machine is (a fixed 1.5 s let a quiet CI run finish all 400 tokens).

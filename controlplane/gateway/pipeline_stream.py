@@ -21,6 +21,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import secrets
 from typing import TYPE_CHECKING
 
@@ -54,13 +55,16 @@ class StepGate:
 
     Steps of the top class always go in. A step of another class goes in while the replica has fewer than
     `limit` steps in flight (0: no bound), or fewer than `urgent_limit` while a top-class sequence of the pipeline
-    waits for its first token (`starting_top` > 0; None: no such bound). The others wait here in class order
-    (Triton priority, 1 first), then arrival order, and go in as steps leave or the urgency ends. So a critical
-    step never waits here, and in the stage's own FIFO queue it waits behind at most the steps already in it.
+    waits for its first token (`starting_top` > 0; None: no such bound), and, with `one_batch`, only while the
+    replica has no step in flight at all: then every waiting step goes in at once (up to the bound), so the stage
+    holds one batch of them, running, and none queued behind it. The others wait here in class order (Triton
+    priority, 1 first), then arrival order, and go in as steps leave or the urgency ends. So a critical step never
+    waits here, and in the stage's own FIFO queue it waits behind at most the steps already in it (with
+    `one_batch`: at most the one batch running).
     """
 
-    def __init__(self, limit: int, urgent_limit: int | None = None) -> None:
-        self.limit, self.urgent_limit = limit, urgent_limit
+    def __init__(self, limit: int, urgent_limit: int | None = None, one_batch: bool = False) -> None:
+        self.limit, self.urgent_limit, self.one_batch = limit, urgent_limit, one_batch
         self.in_flight: dict[Target, int] = {}
         self.waiting: dict[Target, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self.arrivals = itertools.count()
@@ -71,14 +75,18 @@ class StepGate:
         bounds = [self.limit or None, self.urgent_limit if self.starting_top else None]
         return min((b for b in bounds if b is not None), default=None)
 
-    def has_room(self, target: Target) -> bool:
+    def places(self, target: Target) -> float:
+        """How many steps of a class other than the top one may go in at `target` now."""
+        in_flight = self.in_flight.get(target, 0)
+        if self.one_batch and in_flight:
+            return 0  # its batch is running: the next one forms here
         room = self.room()
-        return room is None or self.in_flight.get(target, 0) < room
+        return math.inf if room is None else room - in_flight
 
     async def enter(self, target: Target, priority: int, top: bool) -> bool:
         """Wait for room at `target`; True when the step was held here."""
         waiting = self.waiting.setdefault(target, [])
-        if top or (self.has_room(target) and not waiting):
+        if top or (not waiting and self.places(target) > 0):
             self.in_flight[target] = self.in_flight.get(target, 0) + 1
             return False
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -110,12 +118,13 @@ class StepGate:
                 self._admit(target)
 
     def _admit(self, target: Target) -> None:
-        waiting = self.waiting.get(target, [])
-        while waiting and self.has_room(target):
+        waiting, places = self.waiting.get(target, []), self.places(target)
+        while waiting and places > 0:
             _, _, place = heapq.heappop(waiting)
             if not place.done():
                 self.in_flight[target] = self.in_flight.get(target, 0) + 1
                 place.set_result(None)
+                places -= 1
 
 
 class PipelineSequences:
@@ -125,7 +134,8 @@ class PipelineSequences:
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.name: p for p in pipelines}
         self.in_flight = dict.fromkeys(self.pipelines, 0)
-        self.gates = {p.name: StepGate(p.max_steps_per_stage, p.urgent_steps_per_stage) for p in pipelines}
+        self.gates = {p.name: StepGate(p.max_steps_per_stage, p.urgent_steps_per_stage, p.one_batch_per_stage)
+                      for p in pipelines}
 
 
 def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
