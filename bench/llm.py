@@ -135,8 +135,8 @@ def baseline(checkpoint: Path, device: str, dtype: str, levels: list[int], reque
 # --- served ----------------------------------------------------------------------------------------------------
 def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0,
               variants: tuple[str, ...] = ()) -> str:
-    """The bench's spec: pipeline `llm`, and one more per setting the overload compares (`overload_pipeline`), all
-    over the same stage shards."""
+    """The bench's spec: pipeline `llm` (the example's step gate settings), and one more per setting the overload
+    compares (`overload_pipeline`), all over the same stage shards."""
     names = [f"llm_{k}of{stages}" for k in range(1, stages + 1)]
     spec = yaml.safe_load((ROOT / "examples" / "llm" / "cluster.yaml").read_text())
     spec["cluster"] = f"llm-bench-{stages}"
@@ -150,8 +150,6 @@ def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_ste
                       for k, n in enumerate(names)]
     pipeline = {**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens, "max_sequences": PIPELINE_PLACES,
                 "reserved_for_top_class": TOP_CLASS_RESERVE, "max_steps_per_stage": max_steps_per_stage}
-    for key in ("urgent_steps_per_stage", "one_batch_per_stage"):
-        pipeline.pop(key, None)
     spec["pipelines"] = [pipeline] + [{**pipeline, "name": overload_pipeline(variant), **variant_settings(variant)}
                                       for variant in variants]
     # One worker holds all the places: with several, the clients' connections split unevenly between workers
