@@ -589,6 +589,11 @@ def main() -> None:
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    try:
+        for variant in args.variants.split(","):
+            variant_settings(variant)
+    except ValueError as error:
+        parser.error(f"--variants: {error}")
     import torch
 
     gpu = torch.cuda.is_available()
