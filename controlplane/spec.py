@@ -123,7 +123,8 @@ class Pipeline(StrictModel):
     one_batch_per_stage: bool = Field(
         False, description="Steps of the classes but the top one go to a stage replica only while it has no step in "
         "flight, then all that wait at once: the gateway forms the batch, the stage queues none behind the running "
-        "one, so a critical step (never held) waits behind at most one batch in progress.")
+        "one, so a critical step (never held) waits behind at most one batch in progress. Each gateway worker "
+        "acts on its own steps; a stage never free of critical steps would hold the others until it is.")
 
 
 class Shard(StrictModel):

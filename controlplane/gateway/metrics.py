@@ -122,7 +122,7 @@ class GatewayMetrics:
         for index, (name, documentation) in enumerate((
             ("cp_pipeline_steps", "Pipeline steps sent to a stage, by pipeline and class."),
             ("cp_pipeline_steps_held", "Pipeline steps held at the step gate (max_steps_per_stage, "
-             "urgent_steps_per_stage) before they were sent."),
+             "urgent_steps_per_stage, one_batch_per_stage) before they were sent."),
             ("cp_pipeline_gate_wait_seconds", "Time pipeline steps waited at the step gate."),
         )):
             family = CounterMetricFamily(name, documentation, labels=["pipeline", "class"])

@@ -6,9 +6,10 @@ any token -> one replica per stage picked for the whole sequence (its KV cache l
 walks the stages as binary-tensor infers, each counted on its stage replica like any request (the shard's
 in-flight count, limit, failures and ejection, the class's service statistics); a critical step goes straight
 in, the others' past the pipeline's `max_steps_per_stage` at a replica (or past `urgent_steps_per_stage` while a
-critical sequence waits for its first token) are held here in class order (StepGate) -> each token is sent as
-it comes (a server-sent event, or gathered for /generate) -> released: the last step ends the caches, an early
-end (deadline, client gone, failure) sends a release.
+critical sequence waits for its first token, or, with `one_batch_per_stage`, while the replica has a batch
+running) are held here in class order (StepGate) -> each token is sent as it comes (a server-sent event, or
+gathered for /generate) -> released: the last step ends the caches, an early end (deadline, client gone, failure)
+sends a release.
 
 Once its first token is sent a stream is never cut by load: it ends at `max_tokens`, at end of text, or at
 its own deadline (a last event `{"error": "deadline"}`). Before the first token, a passed deadline is a 429.
