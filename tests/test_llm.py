@@ -68,6 +68,7 @@ pipelines:
      reserved_for_top_class: 1}}
   - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
   - {{name: llm_urgent, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0}}
+  - {{name: llm_batched, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, one_batch_per_stage: true}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -511,6 +512,27 @@ def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token
     assert lengths == [60] * 4, f"standard streams of {lengths} tokens: a pause must never cut a stream"
 
 
+def test_batches_formed_at_the_gateway_keep_every_sequence_exact(served: RunningStack,
+                                                                  reference: LlamaForCausalLM) -> None:
+    """`llm_batched` (one_batch_per_stage): steps wait at the gateway while their stage runs a batch and go in
+    together; 4 concurrent sequences still get exactly their greedy tokens."""
+    held_before = pipeline_steps(served, "cp_pipeline_steps_held", "llm_batched").get("standard", 0)
+    prompts, answers = [f"batched {index}" * (index + 1) for index in range(4)], {}
+
+    def generate(prompt: str) -> None:
+        response = post(served, "/v2/models/llm_batched/generate", {"text_input": prompt, "max_tokens": 12})
+        answers[prompt] = (response.status, json.loads(response.read()).get("token_ids"))
+
+    threads = [threading.Thread(target=generate, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {prompt: (200, greedy(reference, encode(prompt), 12)) for prompt in prompts}
+    held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_batched")["standard"] - held_before
+    assert held > 0, "no step waited for its stage's batch: the gateway formed no batch"
+
+
 def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_class() -> None:
     async def scenario() -> list[str]:
         gate, replica, order = StepGate(1), object(), []
@@ -606,9 +628,9 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
     steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert steps == [[0, 0, 1, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+    assert steps == [[0, 0, 1, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
     urgent = [[pipeline.urgent_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert urgent == [[None, None, None, 0]] * 3  # off stays off, a pause stays a pause
+    assert urgent == [[None, None, None, 0, None]] * 3  # off stays off, a pause stays a pause
 
 
 @pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),
