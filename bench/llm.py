@@ -11,15 +11,21 @@ tiny config and few tokens, to check the script before spending device time. Par
               loop streaming clients (`/generate_stream`) at each `--concurrency`, recording time to first
               token, every inter-token gap, aggregate tokens/s, and each stage's Triton statistics (batches
               formed, queue and compute time) for the profile;
-  overload    on the 4-shard setup: critical sequences alone, then the same critical load beside a standard
-              flood of `--overload` x the reference concurrency (32); a shed (429) standard client waits its
-              Retry-After before it asks again; critical TTFT P99 and 5xx;
+  overload    on the 4-shard setup, `--rounds` rounds pooled: critical sequences alone, then the same critical
+              load beside a standard flood of `--overload` x the reference concurrency (32) closed-loop clients,
+              once per `--variants` setting (each its own pipeline over the same stages). Critical
+              sequences arrive open loop (`--critical-rate` a second for `--phase-s`, `--critical-tokens` each);
+              the flood fills the pipeline first (`--fill-s`), a shed (429) client waits its Retry-After before it
+              asks again, and the flood's clients leave mid-stream when the phase ends. Critical TTFT P50/P90/P99
+              and the sample count, 5xx, and per phase each stage's Triton statistics and the gateway's step gate;
   shards1     the same levels with the whole model as 1 stage shard.
 Writes OUT/llm-<date>.{json,md} after every step, with `targets` (issue 12). `--merge FILE` starts from an
 earlier run's JSON (a benchmark split over two device calls).
 
     python bench/llm.py OUT [--small] [--parts baseline,shards4,overload,shards1] [--concurrency 1,8,32,64]
                             [--tokens 64] [--requests-per-client 2] [--max-steps-per-stage N] [--merge FILE]
+                            [--rounds 4] [--phase-s 13] [--critical-rate 2] [--critical-tokens 16]
+                            [--variants off,0,0+batch]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import datetime
 import http.client
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -54,7 +61,7 @@ REFERENCE_CONCURRENCY = 32  # the issue's targets are read at 32 sequences
 PIPELINE_PLACES, TOP_CLASS_RESERVE = 72, 8
 # The stages' own bound (and their batch: every waiting step joins the next one) stays above the gateway's
 STAGE_MAX_SEQUENCES = 128
-SHED_WAIT_S = 1.0  # what the gateway's Retry-After asks of a shed client
+SHED_WAIT_S = 1.0  # what the gateway's Retry-After asks of a refused client
 
 
 def log(message: str) -> None:
@@ -62,8 +69,9 @@ def log(message: str) -> None:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: of 100 values the P99 is the 99th, not the largest."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+    return ordered[max(0, math.ceil(len(ordered) * q) - 1)] if ordered else float("nan")
 
 
 def summary(ttfts: list[float], gaps: list[float], tokens: int, seconds: float, statuses: dict) -> dict:
@@ -71,7 +79,7 @@ def summary(ttfts: list[float], gaps: list[float], tokens: int, seconds: float, 
         return round(percentile(values, q) * 1e3, 2)
 
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "ttft_p50_ms": ms(ttfts, 0.5), "ttft_p99_ms": ms(ttfts, 0.99),
+            "ttft_p50_ms": ms(ttfts, 0.5), "ttft_p90_ms": ms(ttfts, 0.9), "ttft_p99_ms": ms(ttfts, 0.99),
             "itl_p50_ms": ms(gaps, 0.5), "itl_p99_ms": ms(gaps, 0.99),
             "itl_mean_ms": round(sum(gaps) / len(gaps) * 1e3, 2) if gaps else float("nan"),
             "sequences": len(ttfts), "statuses": statuses}
@@ -125,7 +133,10 @@ def baseline(checkpoint: Path, device: str, dtype: str, levels: list[int], reque
 
 
 # --- served ----------------------------------------------------------------------------------------------------
-def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0) -> str:
+def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_steps_per_stage: int = 0,
+              variants: tuple[str, ...] = ()) -> str:
+    """The bench's spec: pipeline `llm` (the example's step gate settings), and one more per setting the overload
+    compares (`overload_pipeline`), all over the same stage shards."""
     names = [f"llm_{k}of{stages}" for k in range(1, stages + 1)]
     spec = yaml.safe_load((ROOT / "examples" / "llm" / "cluster.yaml").read_text())
     spec["cluster"] = f"llm-bench-{stages}"
@@ -137,9 +148,10 @@ def spec_text(stages: int, repository: Path, gpu: bool, max_tokens: int, max_ste
                       for n in names]
     spec["shards"] = [{"name": f"llm-stage{k + 1}", "models": [n], **({"gpu": 0} if gpu else {})}
                       for k, n in enumerate(names)]
-    spec["pipelines"] = [{**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens,
-                          "max_sequences": PIPELINE_PLACES, "reserved_for_top_class": TOP_CLASS_RESERVE,
-                          "max_steps_per_stage": max_steps_per_stage}]
+    pipeline = {**spec["pipelines"][0], "stages": names, "max_tokens": max_tokens, "max_sequences": PIPELINE_PLACES,
+                "reserved_for_top_class": TOP_CLASS_RESERVE, "max_steps_per_stage": max_steps_per_stage}
+    spec["pipelines"] = [pipeline] + [{**pipeline, "name": overload_pipeline(variant), **variant_settings(variant)}
+                                      for variant in variants]
     # One worker holds all the places: with several, the clients' connections split unevenly between workers
     # and a worker's share sheds before the pipeline is full.
     spec["gateway"].update(port=0, workers=1)
@@ -222,11 +234,26 @@ def stage_profile(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
     return profile
 
 
-def stream_once(address: str, tokens: int, priority: str) -> tuple[int, float | None, list[float], int]:
-    """One /generate_stream: status, time to first token, the gaps between tokens, tokens received."""
+def variant_settings(variant: str) -> dict:
+    """A compared setting of the pipeline's step gate: `off` (none), `N` (urgent_steps_per_stage N), `N+batch`
+    (and one_batch_per_stage)."""
+    urgent, _, batch = variant.partition("+")
+    if batch not in ("", "batch") or not (urgent == "off" or urgent.isdigit()):
+        raise ValueError(f"variant '{variant}': expected off, N or N+batch")
+    return {"urgent_steps_per_stage": None if urgent == "off" else int(urgent), "one_batch_per_stage": bool(batch)}
+
+
+def overload_pipeline(variant: str) -> str:
+    return "llm_" + variant.replace("+", "_")
+
+
+def stream_once(address: str, tokens: int, priority: str, pipeline: str = "llm",
+                stop: threading.Event | None = None) -> tuple[int, float | None, list[float], int]:
+    """One /generate_stream: status, time to first token, the gaps between tokens, tokens received. With `stop`,
+    the client leaves mid-stream once it is set (the gateway then releases the sequence)."""
     connection = http.client.HTTPConnection(address, timeout=300)
     started = time.perf_counter()
-    connection.request("POST", "/v2/models/llm/generate_stream",
+    connection.request("POST", f"/v2/models/{pipeline}/generate_stream",
                        body=json.dumps({"text_input": PROMPT, "max_tokens": tokens}),
                        headers={"authorization": f"Bearer {API_KEY}", "x-priority": priority})
     response = connection.getresponse()
@@ -238,32 +265,51 @@ def stream_once(address: str, tokens: int, priority: str) -> tuple[int, float | 
     for line in response:
         if line.startswith(b"data: ") and b'"token_id"' in line:
             arrivals.append(time.perf_counter())
+        if stop is not None and stop.is_set():
+            break
     connection.close()
     if not arrivals:
         return 200, None, [], 0
     return 200, arrivals[0] - started, [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)], len(arrivals)
 
 
+class Tally:
+    """Streams' outcomes, pooled (over clients, rounds): TTFTs, inter-token gaps, tokens, statuses, seconds."""
+
+    def __init__(self) -> None:
+        self.ttfts: list[float] = []
+        self.gaps: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self.tokens, self.seconds = 0, 0.0
+        self.lock = threading.Lock()
+
+    def add(self, status: int, ttft: float | None, gaps: list[float], count: int) -> None:
+        with self.lock:
+            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            self.tokens += count
+            if ttft is not None:
+                self.ttfts.append(ttft)
+            self.gaps.extend(gaps)
+
+    def summary(self) -> dict:
+        return summary(self.ttfts, self.gaps, self.tokens, self.seconds, self.statuses)
+
+
 def closed_loop(address: str, clients: int, per_client: int, tokens: int, priority: str,
-                stop: threading.Event | None = None) -> dict:
+                stop: threading.Event | None = None, pipeline: str = "llm", tally: Tally | None = None) -> dict:
     """`clients` threads, each streaming `per_client` sequences one after another (or, with `stop`, until it is
-    set, at most `per_client`); a shed client waits SHED_WAIT_S before asking again."""
-    ttfts, gaps, statuses, received = [], [], {}, [0]
-    lock = threading.Lock()
+    set, at most `per_client`, leaving a stream when it is); a refused client waits SHED_WAIT_S before asking again."""
+    tally = tally or Tally()
+    pause = stop or threading.Event()
 
     def client() -> None:
         for _ in range(per_client):
-            if stop is not None and stop.is_set():
+            if pause.is_set():
                 return
-            status, ttft, between, count = stream_once(address, tokens, priority)
-            with lock:
-                statuses[str(status)] = statuses.get(str(status), 0) + 1
-                received[0] += count
-                if ttft is not None:
-                    ttfts.append(ttft)
-                gaps.extend(between)
-            if status == 429:
-                time.sleep(SHED_WAIT_S)
+            status, ttft, between, count = stream_once(address, tokens, priority, pipeline, stop)
+            tally.add(status, ttft, between, count)
+            if status != 200:  # a refusal (429 shed, 503 at a saturated gateway's accept): its Retry-After
+                pause.wait(SHED_WAIT_S)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     started = time.perf_counter()
@@ -271,26 +317,108 @@ def closed_loop(address: str, clients: int, per_client: int, tokens: int, priori
         thread.start()
     for thread in threads:
         thread.join(timeout=1800)
-    return summary(ttfts, gaps, received[0], time.perf_counter() - started, statuses)
+    tally.seconds += time.perf_counter() - started
+    return tally.summary()
 
 
-def overload(address: str, critical_clients: int, critical_requests: int, standard_clients: int,
-             tokens: int) -> dict:
-    """Critical sequences alone, then the same critical load while a standard flood runs (until they end)."""
-    alone = closed_loop(address, critical_clients, critical_requests, tokens, "critical")
-    stop, flood = threading.Event(), {}
+def open_loop(address: str, rate: float, count: int, tokens: int, priority: str, pipeline: str,
+              tally: Tally) -> None:
+    """`count` sequences arriving `1 / rate` s apart whatever the answers (open loop), each on its own thread;
+    returns when all have ended."""
+    threads, started = [], time.perf_counter()
+    for index in range(count):
+        time.sleep(max(0.0, started + index / rate - time.perf_counter()))
+        thread = threading.Thread(target=lambda: tally.add(*stream_once(address, tokens, priority, pipeline)))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(timeout=600)
+    tally.seconds += time.perf_counter() - started
 
-    def standard() -> None:
-        flood["standard"] = closed_loop(address, standard_clients, 10_000, tokens, "standard", stop)
 
-    background = threading.Thread(target=standard)
-    background.start()
-    time.sleep(2.0)  # the standard flood fills the pipeline before critical sequences arrive
-    critical = closed_loop(address, critical_clients, critical_requests, tokens, "critical")
-    stop.set()
-    background.join(timeout=1800)
-    return {"critical_clients": critical_clients, "standard_clients": standard_clients,
-            "critical_alone": alone, "mixed": {"critical": critical, "standard": flood["standard"]}}
+def gate_counters(address: str) -> dict[str, list[float]]:
+    """The gateway's step gate counters (cp_pipeline_steps*): "pipeline/class" -> [steps, held, seconds waited]."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        lines = answer.read().decode().splitlines()
+    found: dict[str, list[float]] = {}
+    for index, metric in enumerate(("cp_pipeline_steps_total{", "cp_pipeline_steps_held_total{",
+                                    "cp_pipeline_gate_wait_seconds_total{")):
+        for line in lines:
+            if line.startswith(metric):
+                labels = dict(part.split("=") for part in line[len(metric):line.index("}")].split(","))
+                key = f"{labels['pipeline'].strip(chr(34))}/{labels['class'].strip(chr(34))}"
+                found.setdefault(key, [0.0, 0.0, 0.0])[index] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+class Phase:
+    """One kind of phase of the overload, pooled over its rounds: the critical streams, the flood's, and what
+    each stage (Triton's statistics) and the gateway's step gate saw while it ran."""
+
+    def __init__(self) -> None:
+        self.critical, self.flood = Tally(), Tally()
+        self.stage_totals: dict[str, dict[str, int]] = {}
+        self.gate_totals: dict[str, list[float]] = {}
+
+    def measure(self, served: Served, run) -> None:  # noqa: ANN001 - the phase's body
+        stages, gate = served.stage_stats(), gate_counters(served.address)
+        run()
+        for model, end in served.stage_stats().items():
+            total = self.stage_totals.setdefault(model, dict.fromkeys(end, 0))
+            for key in end:
+                total[key] += end[key] - stages[model][key]
+        for key, end in gate_counters(served.address).items():
+            total = self.gate_totals.setdefault(key, [0.0, 0.0, 0.0])
+            total[:] = [t + e - b for t, e, b in zip(total, end, gate.get(key, [0.0, 0.0, 0.0]), strict=True)]
+
+    def report(self, with_flood: bool) -> dict:
+        found = {"critical": self.critical.summary(), "ttft_samples_ms": sorted(round(t * 1e3, 1)
+                                                                              for t in self.critical.ttfts),
+                 "stages": stage_profile({}, self.stage_totals),
+                 "gate": {key: {"steps": int(steps), "held": int(held),
+                                "mean_wait_ms": round(waited / held * 1e3, 2) if held else 0.0}
+                          for key, (steps, held, waited) in self.gate_totals.items() if steps}}
+        if with_flood:
+            found["standard"] = self.flood.summary()
+        return found
+
+
+def overload(served: Served, args: argparse.Namespace, variants: tuple[str, ...]) -> dict:
+    """Rounds of: critical sequences alone, then the same critical load beside a standard flood once per
+    step gate setting (`variant_settings`: its own pipeline over the same stages). Critical sequences arrive open
+    loop at `critical_rate` a second, `critical_count` a phase; the flood is `standard_clients` closed-loop clients
+    that fill the pipeline first and leave mid-stream at the phase's end. Everything pooled over the rounds."""
+    address, flood_clients = served.address, max(1, int(args.overload * REFERENCE_CONCURRENCY))
+    count = max(1, round(args.critical_rate * args.phase_s))
+    alone = Phase()
+    mixed = {variant: Phase() for variant in variants}
+    shipped = overload_pipeline(variants[-1])  # critical traffic alone: the gate holds nothing of it
+    for round_index in range(args.rounds):
+        alone.measure(served, lambda: open_loop(address, args.critical_rate, count, args.critical_tokens, "critical",
+                                                shipped, alone.critical))
+        for variant, phase in mixed.items():
+            pipeline, stop = overload_pipeline(variant), threading.Event()
+            flood = threading.Thread(target=closed_loop, args=(address, flood_clients, 10_000, args.tokens,
+                                                               "standard", stop, pipeline, phase.flood))
+
+            def beside_the_flood(pipeline: str = pipeline, phase: Phase = phase, stop: threading.Event = stop,
+                                 flood: threading.Thread = flood) -> None:
+                flood.start()
+                time.sleep(args.fill_s)  # the flood fills the pipeline before critical sequences arrive
+                open_loop(address, args.critical_rate, count, args.critical_tokens, "critical", pipeline,
+                          phase.critical)
+                stop.set()
+                flood.join(timeout=600)
+
+            phase.measure(served, beside_the_flood)
+        log(f"   overload round {round_index + 1}/{args.rounds}: critical TTFT P99 alone "
+            f"{alone.critical.summary()['ttft_p99_ms']} ms, beside the flood "
+            + ", ".join(f"{v} {p.critical.summary()['ttft_p99_ms']} ms" for v, p in mixed.items()))
+    return {"critical_rate_per_s": args.critical_rate, "critical_tokens": args.critical_tokens,
+            "critical_per_phase": count, "rounds": args.rounds, "standard_clients": flood_clients,
+            "flood_tokens": args.tokens, "alone": alone.report(with_flood=False),
+            "mixed": {variant: {**variant_settings(variant), **phase.report(with_flood=True)}
+                      for variant, phase in mixed.items()}}
 
 
 def serve_levels(served: Served, levels: list[int], per_client: int, tokens: int) -> dict:
@@ -321,11 +449,12 @@ def targets(results: dict) -> list[dict]:
                       "value": round(value, 2), "target": 0.8, "met": value >= 0.8})
     load = results.get("overload")
     if load:
-        alone_p99, loaded = load["critical_alone"]["ttft_p99_ms"], load["mixed"]["critical"]["ttft_p99_ms"]
-        value = loaded / alone_p99 if alone_p99 else float("inf")
-        found.append({"name": "critical TTFT P99 under overload over alone", "value": round(value, 2),
-                      "target": 1.5, "met": value <= 1.5})
-        errors = sum(n for part in (load["mixed"]["critical"], load["mixed"]["standard"])
+        alone_p99 = load["alone"]["critical"]["ttft_p99_ms"]
+        for variant, mixed in load["mixed"].items():
+            value = mixed["critical"]["ttft_p99_ms"] / alone_p99 if alone_p99 else float("inf")
+            found.append({"name": f"critical TTFT P99 under overload over alone, step gate {variant}",
+                          "value": round(value, 2), "target": 1.5, "met": value <= 1.5})
+        errors = sum(n for mixed in load["mixed"].values() for part in (mixed["critical"], mixed["standard"])
                      for status, n in part["statuses"].items() if status.startswith("5"))
         found.append({"name": "5xx under overload", "value": errors, "target": 0, "met": errors == 0})
     return found
@@ -342,11 +471,6 @@ def write(out: Path, results: dict) -> None:
     rows = [("baseline (transformers generate, a batch of N)", c, r) for c, r in results.get("baseline", {}).items()]
     for stages, levels in results.get("served", {}).items():
         rows += [(f"{stages} shard(s) via the gateway", c, r) for c, r in levels.items()]
-    load = results.get("overload")
-    if load:
-        rows += [("overload: critical alone", load["critical_clients"], load["critical_alone"]),
-                 ("overload: critical beside the flood", load["critical_clients"], load["mixed"]["critical"]),
-                 ("overload: the standard flood", load["standard_clients"], load["mixed"]["standard"])]
     for label, clients, r in rows:
         lines.append(f"| {label} | {clients} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
                      f"{r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['statuses']} |")
@@ -358,9 +482,44 @@ def write(out: Path, results: dict) -> None:
             for model, p in r.get("stages", {}).items():
                 lines.append(f"| {stages} shard(s) | {clients} | {model} | {p['steps']} | {p['mean_batch']} | "
                              f"{p['queue_ms']} | {p['compute_ms']} |")
+    if results.get("overload"):
+        lines += overload_lines(results["overload"])
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['target']} | {t['met']} |" for t in results["targets"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def overload_lines(load: dict) -> list[str]:
+    lines = ["", f"Overload (4 shards): {load['rounds']} rounds, each of critical sequences alone, then beside a "
+             f"standard flood of {load['standard_clients']} closed-loop clients ({load['flood_tokens']} tokens) once "
+             "per step gate setting (off: none; N: `urgent_steps_per_stage` N; +batch: and "
+             "`one_batch_per_stage`); critical sequences arrive open loop, "
+             f"{load['critical_rate_per_s']} a second, {load['critical_per_phase']} a phase, "
+             f"{load['critical_tokens']} tokens each; every phase pooled over the rounds.", "",
+             "| phase | step gate | critical sequences | TTFT P50 ms | TTFT P90 ms | TTFT P99 ms | "
+             "ITL P50 ms | ITL P99 ms | critical statuses | flood tokens/s | flood statuses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    phases = [("critical alone", "-", load["alone"])]
+    phases += [("beside the flood", variant, m) for variant, m in load["mixed"].items()]
+    for label, gate, phase in phases:
+        c, flood = phase["critical"], phase.get("standard")
+        lines.append(f"| {label} | {gate} | {c['sequences']} | {c['ttft_p50_ms']} | {c['ttft_p90_ms']} | "
+                     f"{c['ttft_p99_ms']} | {c['itl_p50_ms']} | {c['itl_p99_ms']} | {c['statuses']} | "
+                     f"{flood['tokens_per_s'] if flood else '-'} | {flood['statuses'] if flood else '-'} |")
+    lines += ["", "Per stage in each phase (Triton's statistics, pooled): mean batch, queue wait and batch compute "
+              "per step, ms; and the gateway's step gate per class: steps sent, steps held, their mean wait.", "",
+              "| phase | step gate | stage | steps | mean batch | queue ms | compute ms |",
+              "|---|---|---|---|---|---|---|"]
+    for label, gate, phase in phases:
+        for model, p in phase["stages"].items():
+            lines.append(f"| {label} | {gate} | {model} | {p['steps']} | {p['mean_batch']} | {p['queue_ms']} | "
+                         f"{p['compute_ms']} |")
+    lines += ["", "| phase | step gate | pipeline/class | steps | held at the gate | mean wait ms |",
+              "|---|---|---|---|---|---|"]
+    for label, gate, phase in phases:
+        for key, g in phase["gate"].items():
+            lines.append(f"| {label} | {gate} | {key} | {g['steps']} | {g['held']} | {g['mean_wait_ms']} |")
+    return lines
 
 
 def make_checkpoint(checkpoint: Path, config: str, dtype: str, device: str) -> None:
@@ -374,7 +533,8 @@ def make_checkpoint(checkpoint: Path, config: str, dtype: str, device: str) -> N
 def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argparse.Namespace, levels: list[int],
               results: dict, with_levels: bool, with_overload: bool) -> None:
     spec = work / f"llm-{stages}.yaml"
-    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage))
+    spec.write_text(spec_text(stages, repository, gpu, args.tokens, args.max_steps_per_stage,
+                              tuple(args.variants.split(","))))
     run_dir = work / f"run-{stages}"
     run_dir.mkdir()
     started = time.perf_counter()
@@ -390,8 +550,7 @@ def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argpar
                 write(args.out, results)
         if with_overload:
             log("   mixed priority overload")
-            results["overload"] = overload(served.address, args.critical_clients, 2 * args.requests_per_client,
-                                           max(1, int(args.overload * REFERENCE_CONCURRENCY)), args.tokens)
+            results["overload"] = overload(served, args, tuple(args.variants.split(",")))
             write(args.out, results)
     finally:
         served.stop()
@@ -413,8 +572,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--critical-clients", type=int, default=4)
-    parser.add_argument("--overload", type=float, default=3.0)
+    parser.add_argument("--overload", type=float, default=3.0, help="the flood's clients over 32")
+    parser.add_argument("--rounds", type=int, default=4, help="overload rounds (alone, then each flood), pooled")
+    parser.add_argument("--phase-s", type=float, default=13.0, help="seconds of critical arrivals per phase")
+    parser.add_argument("--critical-rate", type=float, default=2.0, help="critical sequences a second (open loop)")
+    parser.add_argument("--critical-tokens", type=int, default=16)
+    parser.add_argument("--fill-s", type=float, default=3.0, help="the flood's head start over critical arrivals")
+    parser.add_argument("--variants", default="off,0,0+batch",
+                        help="the step gate settings the overload compares (off: none; N: urgent_steps_per_stage N; "
+                             "N+batch: and one_batch_per_stage); the last is the example's")
     parser.add_argument("--start-timeout-s", type=float, default=180.0)
     parser.add_argument("--max-steps-per-stage", type=int, default=0,
                         help="the pipeline's gate: steps in flight at a stage, the rest wait in class order (0: off)")
@@ -423,6 +589,11 @@ def main() -> None:
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    try:
+        for variant in args.variants.split(","):
+            variant_settings(variant)
+    except ValueError as error:
+        parser.error(f"--variants: {error}")
     import torch
 
     gpu = torch.cuda.is_available()

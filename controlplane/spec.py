@@ -115,6 +115,16 @@ class Pipeline(StrictModel):
                                      "(0: no bound; the stage's batch is the natural bound): more wait at the "
                                      "gateway in class order, so a critical sequence's step takes the next place. "
                                      "Split among gateway workers like `max_sequences` (each keeps at least 1).")
+    urgent_steps_per_stage: int | None = Field(
+        None, ge=0, le=4096, description="While a sequence of the top class waits for its first token, steps of the "
+        "other classes in flight at one stage replica at most (None: no such bound; 0: they pause); the top class's "
+        "own steps are never held. Stages time-slicing one GPU slow each other down, so 0 also gives that GPU to "
+        "the critical prefill. Each gateway worker acts on its own sequences.")
+    one_batch_per_stage: bool = Field(
+        False, description="Steps of the classes but the top one go to a stage replica only while it has no step in "
+        "flight, then all that wait at once: the gateway forms the batch, the stage queues none behind the running "
+        "one, so a critical step (never held) waits behind at most one batch in progress. Each gateway worker "
+        "acts on its own steps; a stage never free of critical steps would hold the others until it is.")
 
 
 class Shard(StrictModel):

@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -66,6 +67,8 @@ pipelines:
   - {{name: llm_single, stages: [llm_1of2, llm_2of2], max_sequences: 2, max_tokens: 400,
      reserved_for_top_class: 1}}
   - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
+  - {{name: llm_urgent, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0}}
+  - {{name: llm_batched, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, one_batch_per_stage: true}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -409,6 +412,32 @@ def test_pipeline_steps_are_counted_on_their_stage_shards_like_requests(served: 
     assert shard_metric(served, "cp_shard_in_flight") == {"llm-stage1-0": 0, "llm-stage2-0": 0}
 
 
+def test_clients_leaving_mid_stream_never_eject_a_stage(served: RunningStack) -> None:
+    """A flood's clients leaving at once cancel their steps in flight: the client's doing, not the stage's failure
+    (counted as failures they ejected the healthy first stage, and new sequences got 503 for a while)."""
+    ejections = shard_metric(served, "cp_shard_ejections")
+    for _ in range(3):
+        streams = []
+        for index in range(MAX_SEQUENCES - 2):  # every place of `llm`
+            connection = http.client.HTTPConnection(served.address, timeout=120)
+            connection.request("POST", "/v2/models/llm/generate_stream",
+                               body=json.dumps({"text_input": f"leaving {index}", "max_tokens": 400}))
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")  # under way
+            streams.append(connection)
+        for connection in streams:  # all leave at once, steps in flight at both stages
+            connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        for _ in range(100):  # bounded: the gateway sees the closed connections within a few steps
+            again = post(served, "/v2/models/llm/generate", {"text_input": "after them", "max_tokens": 1})
+            again.read()
+            if again.status == 200:
+                break
+            assert again.status == 429, f"a new sequence got {again.status}, not a place freed by the leavers"
+            time.sleep(0.05)
+    assert shard_metric(served, "cp_shard_ejections") == ejections
+
+
 def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:
     """`llm_gated` lets one step at a time into each stage: standard sequences already streaming, a critical one
     that comes last still ends first, because at every stage its step takes the next place."""
@@ -439,28 +468,126 @@ def test_critical_steps_go_first_at_a_full_stage(served: RunningStack) -> None:
     assert finished[0] == "critical", f"finishing order {finished}: critical steps waited behind standard ones"
 
 
-def test_step_gate_gives_freed_places_in_class_order_and_skips_steps_that_left() -> None:
+def pipeline_steps(stack: RunningStack, metric: str, pipeline: str) -> dict[str, float]:
+    """A per-class counter of the gateway's /metrics for one pipeline (cp_pipeline_steps*), by class."""
+    with urllib.request.urlopen(f"http://{stack.address}/metrics", timeout=10) as metrics:
+        lines = metrics.read().decode().splitlines()
+    found = {}
+    for line in lines:
+        if line.startswith(metric + "_total{") and f'pipeline="{pipeline}"' in line:
+            found[line.split('class="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token(
+        served: RunningStack, reference: LlamaForCausalLM) -> None:
+    """`llm_urgent` (urgent_steps_per_stage 0): amid 4 standard streams, critical sequences get exactly their greedy
+    tokens and none of their steps waits at the gate, standard steps wait while a critical one starts, and every
+    standard stream still ends whole (a pause, never a cut)."""
+    held_before = pipeline_steps(served, "cp_pipeline_steps_held", "llm_urgent")
+    streaming, lengths = threading.Barrier(5, timeout=60), []
+
+    def standard(index: int) -> None:
+        response = post(served, "/v2/models/llm_urgent/generate_stream",
+                        {"text_input": f"standard {index}", "max_tokens": 60})
+        assert response.status == 200
+        response.readline()  # its first token: it is under way
+        streaming.wait()
+        lengths.append(1 + sum(1 for e in events(response) if "token_id" in e))
+
+    threads = [threading.Thread(target=standard, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()
+    for prompt in ("urgent one", "urgent two", "urgent three"):
+        critical = post(served, "/v2/models/llm_urgent/generate", {"text_input": prompt, "max_tokens": 3},
+                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+        assert critical.status == 200
+        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), 3)
+    for thread in threads:
+        thread.join(timeout=120)
+    held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_urgent")
+    assert held.get("critical", 0) == held_before.get("critical", 0)
+    assert held["standard"] > held_before.get("standard", 0), "no standard step waited while critical ones started"
+    assert lengths == [60] * 4, f"standard streams of {lengths} tokens: a pause must never cut a stream"
+
+
+def test_batches_formed_at_the_gateway_keep_every_sequence_exact(served: RunningStack,
+                                                                  reference: LlamaForCausalLM) -> None:
+    """`llm_batched` (one_batch_per_stage): steps wait at the gateway while their stage runs a batch and go in
+    together; 4 concurrent sequences still get exactly their greedy tokens."""
+    held_before = pipeline_steps(served, "cp_pipeline_steps_held", "llm_batched").get("standard", 0)
+    prompts, answers = [f"batched {index}" * (index + 1) for index in range(4)], {}
+
+    def generate(prompt: str) -> None:
+        response = post(served, "/v2/models/llm_batched/generate", {"text_input": prompt, "max_tokens": 12})
+        answers[prompt] = (response.status, json.loads(response.read()).get("token_ids"))
+
+    threads = [threading.Thread(target=generate, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {prompt: (200, greedy(reference, encode(prompt), 12)) for prompt in prompts}
+    held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_batched")["standard"] - held_before
+    assert held > 0, "no step waited for its stage's batch: the gateway formed no batch"
+
+
+def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_class() -> None:
     async def scenario() -> list[str]:
         gate, replica, order = StepGate(1), object(), []
 
         async def step(name: str, priority: int) -> None:
-            await gate.enter(replica, priority)
+            await gate.enter(replica, priority, top=priority == 1)
             order.append(name)
 
         await step("running", 2)  # holds the one place
         waiting = {name: asyncio.create_task(step(name, priority))
-                   for name, priority in (("standard", 2), ("gone", 1), ("critical", 1))}
+                   for name, priority in (("sheddable", 3), ("gone", 2), ("standard", 2))}
         await asyncio.sleep(0)
+        await step("critical", 1)  # the stage is full, yet the top class goes straight in
         waiting["gone"].cancel()  # its client left while it waited
         await asyncio.sleep(0)
-        for _ in range(3):  # running leaves, then whoever got its place
+        for _ in range(4):  # running and critical leave, then whoever got their places
             gate.leave(replica)
             await asyncio.sleep(0)
-        await asyncio.gather(waiting["standard"], waiting["critical"])
+        await asyncio.gather(waiting["standard"], waiting["sheddable"])
         assert gate.in_flight == {} and gate.waiting == {}  # nothing kept for an idle replica
         return order
 
-    assert asyncio.run(scenario()) == ["running", "critical", "standard"]
+    assert asyncio.run(scenario()) == ["running", "critical", "standard", "sheddable"]
+
+
+def test_step_gate_holds_other_classes_to_the_urgent_bound_while_a_critical_sequence_starts() -> None:
+    async def scenario() -> None:
+        gate, replica = StepGate(4, urgent_limit=1), object()
+        assert not await gate.enter(replica, 2, top=False)  # no critical sequence starting: the limit (4) holds
+        gate.top_starting()  # a critical sequence waits for its first token
+        held = asyncio.create_task(gate.enter(replica, 2, top=False))
+        await asyncio.sleep(0)
+        assert not held.done() and gate.in_flight[replica] == 1  # 1 in flight already: the urgent bound is full
+        assert not await gate.enter(replica, 1, top=True)  # the critical step itself goes straight in
+        gate.top_started()  # it has its first token: the held step goes in
+        assert await held is True and gate.in_flight[replica] == 3
+
+    asyncio.run(scenario())
+
+
+def test_step_gate_with_one_batch_sends_the_next_batch_only_when_the_stage_is_empty() -> None:
+    async def scenario() -> None:
+        gate, replica = StepGate(0, one_batch=True), object()
+        assert not await gate.enter(replica, 2, top=False)  # an idle stage: it goes in
+        waiting = [asyncio.create_task(gate.enter(replica, 2, top=False)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in waiting)  # a batch is running: the next one forms here
+        assert not await gate.enter(replica, 1, top=True)  # a critical step goes straight in, behind that batch only
+        gate.leave(replica)
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in waiting)  # the critical step still runs
+        gate.leave(replica)
+        assert await asyncio.gather(*waiting) == [True] * 3 and gate.in_flight[replica] == 3  # all at once
+
+    asyncio.run(scenario())
 
 
 def test_a_stream_ends_at_its_own_deadline_with_a_last_event(served: RunningStack) -> None:
@@ -501,7 +628,9 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
     steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert steps == [[0, 0, 1]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+    assert steps == [[0, 0, 1, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+    urgent = [[pipeline.urgent_steps_per_stage for pipeline in p.pipelines] for p in parts]
+    assert urgent == [[None, None, None, 0, None]] * 3  # off stays off, a pause stays a pause
 
 
 @pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),

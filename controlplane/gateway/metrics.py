@@ -52,6 +52,8 @@ class GatewayMetrics:
         self.queue_wait: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.latency: dict[str, Histogram] = defaultdict(Histogram)  # by class
         self.retries = 0
+        # pipeline steps by (pipeline, class): [sent, held at the step gate, seconds waited there]
+        self.pipeline_steps: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
         self._state: tuple[list[dict], list[dict], int, dict | None, list[dict], dict | None] = (
             [], [], 0, None, [], None)
         self.registry = CollectorRegistry()
@@ -63,7 +65,8 @@ class GatewayMetrics:
                 "shed": [[*labels, value] for labels, value in self.shed.items()],
                 "queue_wait": {label: [h.counts, h.total] for label, h in self.queue_wait.items()},
                 "latency": {label: [h.counts, h.total] for label, h in self.latency.items()},
-                "retries": self.retries}
+                "retries": self.retries,
+                "pipeline_steps": [[*labels, *values] for labels, values in self.pipeline_steps.items()]}
 
     def absorb(self, state: dict) -> None:
         """Add another gateway's `state` to these numbers."""
@@ -77,6 +80,17 @@ class GatewayMetrics:
                 histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
                 histogram.total += total
         self.retries += state["retries"]
+        for pipeline, cls, *values in state["pipeline_steps"]:
+            counts = self.pipeline_steps[(pipeline, cls)]
+            counts[:] = [a + b for a, b in zip(counts, values, strict=True)]
+
+    def count_step(self, pipeline: str, cls: str, held: bool, waited_s: float) -> None:
+        """A pipeline step sent to its stage, after `waited_s` at the step gate (`held`: it had to wait there)."""
+        counts = self.pipeline_steps[(pipeline, cls)]
+        counts[0] += 1
+        if held:
+            counts[1] += 1
+            counts[2] += waited_s
 
     def render(self, bands: list[dict], shards: list[dict], ladder_step: int, overload: dict | None = None,
                workers: Sequence[dict] = (), gpu: dict | None = None) -> bytes:
@@ -104,6 +118,16 @@ class GatewayMetrics:
             family = HistogramMetricFamily(name, documentation, labels=["class"])
             for label, histogram in histograms.items():
                 family.add_metric([label], histogram.buckets(), histogram.total)
+            yield family
+        for index, (name, documentation) in enumerate((
+            ("cp_pipeline_steps", "Pipeline steps sent to a stage, by pipeline and class."),
+            ("cp_pipeline_steps_held", "Pipeline steps held at the step gate (max_steps_per_stage, "
+             "urgent_steps_per_stage, one_batch_per_stage) before they were sent."),
+            ("cp_pipeline_gate_wait_seconds", "Time pipeline steps waited at the step gate."),
+        )):
+            family = CounterMetricFamily(name, documentation, labels=["pipeline", "class"])
+            for labels, values in self.pipeline_steps.items():
+                family.add_metric(labels, values[index])
             yield family
         yield CounterMetricFamily("cp_retries", "Requests retried on another shard after a failure.",
                                   value=self.retries)

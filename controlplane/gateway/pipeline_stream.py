@@ -4,10 +4,12 @@ One sequence, top to bottom: admitted after its headers (tenant, class, bucket, 
 -> body checked (`text_input`, `max_tokens`) -> a place among the pipeline's `max_sequences`, or 429 before
 any token -> one replica per stage picked for the whole sequence (its KV cache lives there) -> steps: each
 walks the stages as binary-tensor infers, each counted on its stage replica like any request (the shard's
-in-flight count, limit, failures and ejection, the class's service statistics) and, past the pipeline's
-`max_steps_per_stage` at a replica, held here in class order, so a critical sequence's step takes the next
-place at every stage -> each token is sent as it comes (a server-sent event, or gathered for /generate) ->
-released: the last step ends the caches, an early end (deadline, client gone, failure) sends a release.
+in-flight count, limit, failures and ejection, the class's service statistics); a critical step goes straight
+in, the others' past the pipeline's `max_steps_per_stage` at a replica (or past `urgent_steps_per_stage` while a
+critical sequence waits for its first token, or, with `one_batch_per_stage`, while the replica has a batch
+running) are held here in class order (StepGate) -> each token is sent as it comes (a server-sent event, or
+gathered for /generate) -> released: the last step ends the caches, an early end (deadline, client gone, failure)
+sends a release.
 
 Once its first token is sent a stream is never cut by load: it ends at `max_tokens`, at end of text, or at
 its own deadline (a last event `{"error": "deadline"}`). Before the first token, a passed deadline is a 429.
@@ -20,6 +22,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import secrets
 from typing import TYPE_CHECKING
 
@@ -49,20 +52,44 @@ class StageFailed(Exception):
 
 
 class StepGate:
-    """A pipeline's steps in flight at each stage replica, at most `limit` (0: no bound); the others wait here in
-    class order (Triton priority, 1 first), then arrival order, and take the places as they free up."""
+    """A pipeline's steps in flight at each stage replica (a sequence has at most one step at a stage).
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    Steps of the top class always go in. A step of another class goes in while the replica has fewer than
+    `limit` steps in flight (0: no bound), or fewer than `urgent_limit` while a top-class sequence of the pipeline
+    waits for its first token (`starting_top` > 0; None: no such bound), and, with `one_batch`, only while the
+    replica has no step in flight at all: then every waiting step goes in at once (up to the bound), so the stage
+    holds one batch of them, running, and none queued behind it. The others wait here in class order (Triton
+    priority, 1 first), then arrival order, and go in as steps leave or the urgency ends. So a critical step never
+    waits here, and in the stage's own FIFO queue it waits behind at most the steps already in it (with
+    `one_batch`: at most the one batch running).
+    """
+
+    def __init__(self, limit: int, urgent_limit: int | None = None, one_batch: bool = False) -> None:
+        self.limit, self.urgent_limit, self.one_batch = limit, urgent_limit, one_batch
         self.in_flight: dict[Target, int] = {}
         self.waiting: dict[Target, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self.arrivals = itertools.count()
+        self.starting_top = 0  # top-class sequences of the pipeline before their first token
 
-    async def enter(self, target: Target, priority: int) -> None:
-        in_flight, waiting = self.in_flight.get(target, 0), self.waiting.setdefault(target, [])
-        if not self.limit or (in_flight < self.limit and not waiting):
-            self.in_flight[target] = in_flight + 1
-            return
+    def room(self) -> int | None:
+        """Steps a replica may have in flight for a class other than the top one now (None: no bound)."""
+        bounds = [self.limit or None, self.urgent_limit if self.starting_top else None]
+        return min((b for b in bounds if b is not None), default=None)
+
+    def places(self, target: Target) -> float:
+        """How many steps of a class other than the top one may go in at `target` now."""
+        in_flight = self.in_flight.get(target, 0)
+        if self.one_batch and in_flight:
+            return 0  # its batch is running: the next one forms here
+        room = self.room()
+        return math.inf if room is None else room - in_flight
+
+    async def enter(self, target: Target, priority: int, top: bool) -> bool:
+        """Wait for room at `target`; True when the step was held here."""
+        waiting = self.waiting.setdefault(target, [])
+        if top or (not waiting and self.places(target) > 0):
+            self.in_flight[target] = self.in_flight.get(target, 0) + 1
+            return False
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(waiting, (priority, next(self.arrivals), place))
         try:
@@ -71,19 +98,34 @@ class StepGate:
             if place.done() and not place.cancelled():  # handed a place just as it left: pass it on
                 self.leave(target)
             raise
+        return True
 
     def leave(self, target: Target) -> None:
-        """A step left `target`: its place goes to the first waiting step still waiting, else it frees."""
-        waiting = self.waiting.get(target, [])
-        while waiting:
-            _, _, place = heapq.heappop(waiting)
-            if not place.done():
-                place.set_result(None)
-                return
+        """A step left `target`: the first waiting steps still waiting take the room there is."""
         self.in_flight[target] -= 1
-        if not self.in_flight[target]:  # nothing kept for an idle replica (replicas come and go)
+        self._admit(target)
+        if not self.in_flight[target] and not self.waiting.get(target):  # nothing kept for an idle replica
             del self.in_flight[target]
             self.waiting.pop(target, None)
+
+    def top_starting(self) -> None:
+        self.starting_top += 1
+
+    def top_started(self) -> None:
+        """A top-class sequence has its first token (or ended): when none is left starting, held steps go in."""
+        self.starting_top -= 1
+        if not self.starting_top:
+            for target in list(self.waiting):
+                self._admit(target)
+
+    def _admit(self, target: Target) -> None:
+        waiting, places = self.waiting.get(target, []), self.places(target)
+        while waiting and places > 0:
+            _, _, place = heapq.heappop(waiting)
+            if not place.done():
+                self.in_flight[target] = self.in_flight.get(target, 0) + 1
+                place.set_result(None)
+                places -= 1
 
 
 class PipelineSequences:
@@ -93,7 +135,8 @@ class PipelineSequences:
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.name: p for p in pipelines}
         self.in_flight = dict.fromkeys(self.pipelines, 0)
-        self.gates = {p.name: StepGate(p.max_steps_per_stage) for p in pipelines}
+        self.gates = {p.name: StepGate(p.max_steps_per_stage, p.urgent_steps_per_stage, p.one_batch_per_stage)
+                      for p in pipelines}
 
 
 def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
@@ -116,6 +159,9 @@ class PipelineRun:
         self.admitted, self.streaming = admitted, streaming
         self.deadline_at = app.clock() + admitted.deadline_s
         self.priority = app.triton_priority[admitted.priority_class.name]
+        self.top = admitted.priority_class.name == app.top_class
+        self.gate = app.pipeline_sequences.gates[pipeline.name]
+        self.starting = False  # a top-class sequence before its first token: the gate's urgency
         self.sequence_id = secrets.randbits(63) or 1
         self.stages: list[Target] = []
         self.tokens: list[int] = []
@@ -127,7 +173,7 @@ class PipelineRun:
         try:
             prompt, max_tokens = check_generate_body(self.request.body, self.pipeline)
             places = self.pipeline.max_sequences
-            if self.admitted.priority_class.name != self.app.top_class:
+            if not self.top:
                 places -= self.pipeline.reserved_for_top_class
             if sequences.in_flight[name] >= places:
                 self.app.count_shed(*labels, "queue_full")
@@ -139,11 +185,15 @@ class PipelineRun:
             send_error(self.conn, error)
             return
         sequences.in_flight[name] += 1
+        if self.top:
+            self.starting = True
+            self.gate.top_starting()
         try:
             outcome = await self._generate(encode(prompt), max_tokens)
             if outcome != "shed":  # count_shed counted those
                 self.app.metrics.requests[(*labels, outcome)] += 1
         finally:
+            self._started()
             sequences.in_flight[name] -= 1
             if self.stages and not self.ended_caches:
                 await self._release()
@@ -170,6 +220,7 @@ class PipelineRun:
                     return self._deadline()
                 return self._failed(str(failure))
             self.tokens.append(token)
+            self._started()
             self.ended_caches = last
             if self.streaming:
                 if step == 0:
@@ -198,23 +249,30 @@ class PipelineRun:
                                                 self.priority)
         headers = [b"content-type: application/octet-stream\r\n",
                    b"inference-header-content-length: %d\r\n" % header_length]
-        gate, router = self.app.pipeline_sequences.gates[self.pipeline.name], self.app.router
+        gate, router = self.gate, self.app.router
         asked_at = self.app.clock()
-        await gate.enter(target, self.priority)
+        held = await gate.enter(target, self.priority, self.top)
         router.hold(target)
-        sent_at, ok = self.app.clock(), False
+        sent_at, ok, client_left = self.app.clock(), False, False
+        self.app.metrics.count_step(self.pipeline.name, self.admitted.priority_class.name, held, sent_at - asked_at)
         try:
             remaining_s -= sent_at - asked_at  # the wait at the gate came out of it
             timeout_s = max(0.001, min(remaining_s, self.app.limits.upstream_timeout_s))
             answer = await fetch(target.pool, request_bytes(b"POST", f"/v2/models/{model}/infer", headers, body),
                                  timeout_s)
             ok = answer.status < 500  # as for any request: a 5xx or no answer counts against the shard
+        except asyncio.CancelledError:
+            client_left = True
+            raise
         except Exception as exc:  # any upstream failure ends this sequence with a message, never a hang
             raise StageFailed(f"stage {model} on {target.name}: {exc or type(exc).__name__}") from None
         finally:
             gate.leave(target)
             service_s = self.app.clock() - sent_at
-            router.release(target, service_s, ok)  # the shard's limit, failure count and ejection
+            if client_left:  # the client went away mid-step: says nothing of the shard (a flood leaving at once
+                router.unreserve(target)  # must not eject a healthy stage)
+            else:
+                router.release(target, service_s, ok)  # the shard's limit, failure count and ejection
             if ok:
                 self.app.scheduler.completed(service_s, self.admitted.priority_class.name)  # class statistics
         payload = b"".join(answer.parts)
@@ -226,6 +284,11 @@ class PipelineRun:
             return step_response_tensor(payload, int(length) if length is not None else None)
         except (ValueError, KeyError, TypeError) as exc:  # a sequence ends with a message, never a task's traceback
             raise StageFailed(f"stage {model} on {target.name}: unreadable answer ({exc!r})") from None
+
+    def _started(self) -> None:
+        if self.starting:
+            self.starting = False
+            self.gate.top_started()
 
     # --- endings -------------------------------------------------------------------------------------------
     def _event(self, document: dict) -> None:

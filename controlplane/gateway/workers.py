@@ -105,8 +105,10 @@ def partition_spec(spec: ClusterSpec, index: int, count: int) -> ClusterSpec:
         places = share_of(pipeline.max_sequences, index, count)
         reserved = min(share_of(pipeline.reserved_for_top_class, index, count), max(0, places - 1))
         steps = pipeline.max_steps_per_stage and max(1, share_of(pipeline.max_steps_per_stage, index, count))
+        urgent = pipeline.urgent_steps_per_stage  # None (off) and 0 (pause) stay as they are
+        urgent = urgent and max(1, share_of(urgent, index, count))
         pipelines.append(pipeline.model_copy(update={"max_sequences": places, "reserved_for_top_class": reserved,
-                                                     "max_steps_per_stage": steps}))
+                                                     "max_steps_per_stage": steps, "urgent_steps_per_stage": urgent}))
     return spec.model_copy(update={"priority_classes": classes, "pipelines": pipelines, "gateway": gateway.model_copy(
         update={"limits": limits, "concurrency": concurrency})})
 
