@@ -8,8 +8,10 @@ it, Triton reading it and copying it to its Python backend. Closed-loop client p
 client), alternating direct and gateway, each run bounded in time; per run img/s, P50/P99, Triton's per-request
 phases, CPU cores used by the gateway worker and by tritonserver, and the gateway's shard in-flight gauge.
 
-    .venv/bin/python bench/diagnose/large_body.py [--connections 4,8] [--seconds 3] [--rounds 2] [--workers 1]
-        [--profile SECONDS]   # py-spy record of the gateway worker during one more gateway run (flame SVG path)
+    .venv/bin/python bench/diagnose/large_body.py [--connections 1,8] [--seconds 3] [--rounds 2] [--workers 1]
+
+To see where a worker's time goes, run it with longer --seconds and attach py-spy (not a dependency:
+`pip install py-spy`) to a worker PID from the stack's state.json: `py-spy record --native -f raw -d 6 -p PID`.
 
 Seen on 2026-12-01 (2 cores shared): see bench/results/gpu-2026-12-01-run3.md, "Reading".
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -142,16 +143,6 @@ def measured(state: dict, url: str, body: Path, connections: int, seconds: float
             **(gateway_summary(samples) if samples else {})}
 
 
-def profile(pid: int, seconds: float, out: Path) -> str:
-    """py-spy record of the gateway worker (`seconds`), as a flame graph; its path or why there is none."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        return "no py-spy in the venv"
-    done = subprocess.run([str(spy), "record", "--nonblocking", "-r", "200", "-d", str(int(seconds)), "--native", "-f", "raw",
-                           "-o", str(out), "-p", str(pid)], capture_output=True, text=True, timeout=seconds + 30)
-    return str(out) if done.returncode == 0 else done.stderr[-500:]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", default="4,8")
@@ -160,10 +151,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the gateway worker")
     args = parser.parse_args()
-    if not (0.5 <= args.seconds <= 30 and 1 <= args.rounds <= 5 and args.profile <= 30):
-        parser.error("bounds: 0.5 <= seconds <= 30, 1 <= rounds <= 5, profile <= 30")
+    if not (0.5 <= args.seconds <= 30 and 1 <= args.rounds <= 5):
+        parser.error("bounds: 0.5 <= seconds <= 30, 1 <= rounds <= 5")
     workdir = Path(tempfile.mkdtemp(prefix="large-body-"))
     repository = model_repository(workdir / "models", args.instances)
     images = np.random.default_rng(1).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
@@ -181,14 +171,6 @@ def main() -> None:
                     result = measured(state, url, body, connections, args.seconds, headers, workdir,
                                       gateway if setup == "gateway" else None)
                     print(f"{setup:8} c{connections:<3} {json.dumps(result)}", flush=True)
-        if args.profile:
-            pid = int(state["workers"][0]["pid"] if isinstance(state["workers"][0], dict) else state["workers"][0])
-            connections = max(int(c) for c in args.connections.split(","))
-            spy = threading.Thread(target=lambda: print("profile:", profile(pid, args.profile,
-                                                                            workdir / "gateway.txt"), flush=True))
-            spy.start()
-            run_clients(gateway, MODEL, body, connections, args.profile + 1, auth, workdir, clients=2)
-            spy.join()
     finally:
         stack.close()
 
