@@ -67,8 +67,8 @@ OVERLOAD_GOAL = 1.5
 GOALS = {"gateway": 0.7, "direct": 0.8}  # of the in-process ceiling at FP16 (issue 11)
 # Other gateways on the same shard, one setting changed from examples/gpu/h200.yaml's (`--variants` for the
 # throughput runs, `--overload-variants` for the overload multiples): what that setting does on its own.
-GATEWAY_VARIANTS = {"floor0": {"gpu_floor": 0}, "floor48": {"gpu_floor": 48}, "floor96": {"gpu_floor": 96},
-                    "bound6": {"gpu_urgent_bound": 6}}
+GATEWAY_VARIANTS = {**{f"floor{n}": {"gpu_floor": n} for n in (0, 24, 48, 96, 192)},
+                    **{f"bound{n}": {"gpu_urgent_bound": n} for n in (6, 8, 12)}}
 AGREEMENT_GOAL = 0.99
 AGREEMENT_SEED = 12345  # the fixed comparison set: labelled_images(samples, size, seed=AGREEMENT_SEED)
 
@@ -315,9 +315,15 @@ class VariantGateway:
             time.sleep(0.2)
 
     def pids(self) -> list[int]:
-        from controlplane.procs import group_members
-
-        return sorted(set(group_members(self.process.pid)) - {self.process.pid}) or [self.process.pid]
+        """Its worker processes (started in their own sessions: found as children, not as a process group)."""
+        found, parents = [], [self.process.pid]
+        while parents and len(found) < 256:
+            for children in Path(f"/proc/{parents.pop()}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    pids = [int(pid) for pid in children.read_text().split()]
+                    found += pids
+                    parents += pids
+        return found or [self.process.pid]
 
     def __exit__(self, *exc: object) -> None:
         self.process.popen.terminate()
