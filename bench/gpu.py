@@ -19,7 +19,9 @@ order of their importance (a run cut short keeps what came first):
      CUDA graphs: its lines in tritonserver's log); the same with JPEG bytes (decoded on the GPU) when the stubs' numpy
      reads BYTES (numpy 1: CPCTL_STUB_PYTHON, bench/device/stub_env.sh); the mixed-priority overload scenario
      through the gateway (the CPU suite's mix and capacity search, on small images that the GPU resizes); risk
-     FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included);
+     FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included); with
+     `--variants` / `--overload-variants`, the same throughput runs / overload multiples through other gateways
+     in front of the same shard, each with one concurrency setting changed (GATEWAY_VARIANTS);
   5. torch.compile of the served path's work in process (a separate process, bounded: compiling takes a while);
      the best in-process mode is the ceiling;
   6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) of the trained network, verified in their
@@ -27,6 +29,7 @@ order of their importance (a run cut short keeps what came first):
 Writes OUT/gpu-<date>.{json,md} after every step, with `targets` (issue 11).
 
     python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 8,32] [--skip convert]
+        [--serve-precisions fp16] [--variants floor0,floor96] [--overload-variants bound8]
 """
 
 from __future__ import annotations
