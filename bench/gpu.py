@@ -19,7 +19,9 @@ order of their importance (a run cut short keeps what came first):
      CUDA graphs: its lines in tritonserver's log); the same with JPEG bytes (decoded on the GPU) when the stubs' numpy
      reads BYTES (numpy 1: CPCTL_STUB_PYTHON, bench/device/stub_env.sh); the mixed-priority overload scenario
      through the gateway (the CPU suite's mix and capacity search, on small images that the GPU resizes); risk
-     FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included);
+     FP32 vs FP16; `cpctl gpu tune` of vision (FP32 and FP16 variants, the seed's start included); with
+     `--variants` / `--overload-variants`, the same throughput runs / overload multiples through other gateways
+     in front of the same shard, each with one concurrency setting changed (GATEWAY_VARIANTS);
   5. torch.compile of the served path's work in process (a separate process, bounded: compiling takes a while);
      the best in-process mode is the ceiling;
   6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) of the trained network, verified in their
@@ -27,13 +29,16 @@ order of their importance (a run cut short keeps what came first):
 Writes OUT/gpu-<date>.{json,md} after every step, with `targets` (issue 11).
 
     python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 8,32] [--skip convert]
+        [--serve-precisions fp16] [--variants floor0,floor96] [--overload-variants bound8]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -63,6 +68,10 @@ RISK_BATCH = 64
 OVERLOAD_MULTIPLES = (0.5, 1, 2, 3)  # the CPU suite's
 OVERLOAD_GOAL = 1.5
 GOALS = {"gateway": 0.7, "direct": 0.8}  # of the in-process ceiling at FP16 (issue 11)
+# Other gateways on the same shard, one setting changed from examples/gpu/h200.yaml's (`--variants` for the
+# throughput runs, `--overload-variants` for the overload multiples): what that setting does on its own.
+GATEWAY_VARIANTS = {**{f"floor{n}": {"gpu_floor": n} for n in (0, 24, 48, 96, 192)},
+                    **{f"bound{n}": {"urgent_bound": n} for n in (6, 8, 12)}}
 AGREEMENT_GOAL = 0.99
 AGREEMENT_SEED = 12345  # the fixed comparison set: labelled_images(samples, size, seed=AGREEMENT_SEED)
 
@@ -236,7 +245,7 @@ def model_repository(directory: Path, args: argparse.Namespace, weights: Path | 
     are; `--instances` instances of the FP16 variant, whose speed the targets are about, one of the others; only
     the FP16 variant compiles (`--compile-batches`), the others run CUDA graphs: each compile costs start-up
     time on the device) and risk."""
-    for precision, name in VARIANTS.items():
+    for precision, name in served_variants(args).items():
         target = directory / name
         shutil.copytree(ROOT / "examples" / "models" / name, target, symlinks=False)
         config = (target / "config.pbtxt").read_text()
@@ -255,8 +264,13 @@ def model_repository(directory: Path, args: argparse.Namespace, weights: Path | 
     return directory
 
 
-def spec_text(repository: Path, workers: int) -> str:
-    served = [*VARIANTS.values(), *RISK]
+def served_variants(args: argparse.Namespace) -> dict[str, str]:
+    """The vision variants the stack serves (`--serve-precisions`): each one costs start-up time on the device."""
+    return {p: m for p, m in VARIANTS.items() if p in args.serve_precisions.split(",")}
+
+
+def spec_text(repository: Path, workers: int, served_models: list[str], concurrency: dict | None = None) -> str:
+    served = [*served_models, *RISK]
     spec = yaml.safe_load((ROOT / "examples" / "gpu" / "h200.yaml").read_text())
     spec["model_repository"] = str(repository)
     spec["models"] = [m for m in spec["models"] if m["name"] in served]
@@ -264,7 +278,61 @@ def spec_text(repository: Path, workers: int) -> str:
         model.pop("smaller_batch_variant", None)
     spec["shards"][0]["models"] = served
     spec["gateway"].update(port=0, workers=workers)
+    spec["gateway"]["concurrency"].update(concurrency or {})
     return yaml.safe_dump(spec, sort_keys=False)
+
+
+class VariantGateway:
+    """`cpctl gateway` of the benchmark's spec with `concurrency` changed, in front of the running stack's shard
+    (its static backend), on a free port; stopped (SIGTERM, then by PID) on leaving."""
+
+    def __init__(self, workdir: Path, name: str, state: dict, repository: Path, args: argparse.Namespace,
+                 concurrency: dict) -> None:
+        from urllib.parse import urlsplit
+
+        from controlplane.procs import free_port
+
+        shard = state["shards"][0]
+        address = urlsplit(shard["url"])
+        spec, endpoints = workdir / f"gateway-{name}.yaml", workdir / f"endpoints-{name}.json"
+        spec.write_text(spec_text(repository, args.workers, list(served_variants(args).values()), concurrency))
+        endpoints.write_text(json.dumps([{"name": shard["name"], "host": address.hostname, "port": address.port,
+                                          "models": shard["models"], "gpu": True}]))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec),
+                                       "--endpoints", str(endpoints), "--port", str(port)],
+                                      log_path=workdir / f"gateway-{name}.log", cwd=ROOT)
+
+    def __enter__(self) -> VariantGateway:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _get(f"{self.url}/v2/health/ready") is not None:
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.stop(grace_s=1)
+                raise RuntimeError(f"variant gateway did not start: {self.process.log_tail(800)}")
+            time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """Its worker processes (started in their own sessions: found as children, not as a process group)."""
+        found, parents = [], [self.process.pid]
+        while parents and len(found) < 256:
+            for children in Path(f"/proc/{parents.pop()}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    pids = [int(pid) for pid in children.read_text().split()]
+                    found += pids
+                    parents += pids
+        return found or [self.process.pid]
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.popen.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.popen.wait(timeout=15)
+        self.process.stop(grace_s=1)
 
 
 class ServerSide:
@@ -454,9 +522,10 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
 
     weights = workdir / "vision-weights.pt"
     repository = model_repository(workdir / "models", args, weights if weights.exists() else None)
+    served_models = list(served_variants(args).values())
     started = time.monotonic()
     # Loading waits for the first vision_fp16 instance to compile its batch sizes (the others then read the cache).
-    stack = Stack(workdir / "stack", spec_text(repository, args.workers), timeout_s=300,
+    stack = Stack(workdir / "stack", spec_text(repository, args.workers, served_models), timeout_s=300,
                   up_args=("--ready-timeout", "270"))
     try:
         state = stack.state()
@@ -468,19 +537,21 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
         served["model_log"] = model_log_lines(workdir / "stack")
         log(f"stack up in {served['start_s']} s: gateway {gateway}, shard {shard}; {served['model_log']}")
         files = request_files(workdir, args.size, args.batch)
-        agreement_inputs(shard, args, results)
+        if "agreement" not in skip:
+            agreement_inputs(shard, args, results)
         save()
         auth = {"Authorization": f"Bearer {API_KEY}"}
         levels = [int(c) for c in args.connections.split(",")]
 
-        def measured(name: str, url: str, model: str, body: Path, connections: int, headers: dict) -> None:
-            with ServerSide(state, model) as server:
+        def measured(name: str, url: str, model: str, body: Path, connections: int, headers: dict,
+                     gateway_pids: list[int] | None = None) -> None:
+            with ServerSide(state | {"workers": gateway_pids} if gateway_pids else state, model) as server:
                 run = run_clients(url, model, body, connections, args.seconds, headers, workdir, args.clients)
             served["runs"][name] = run | {"server": server.found}
             log(f"{name}: {json.dumps(served['runs'][name])}")
             save()
 
-        for precision, model in VARIANTS.items():
+        for precision, model in served_variants(args).items():
             # Not recorded: the first seconds of traffic on a model are not its speed (allocations, caches).
             run_clients(shard, model, files["pixels"], max(levels), 2.0, {}, workdir, args.clients)
             for setup, url, headers in (("direct", shard, {}), ("gateway", gateway, auth)):
@@ -497,6 +568,14 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
                 for setup, url, headers in (("direct", shard, {}), ("gateway", gateway, auth)):
                     measured(f"{setup} fp16 jpeg c{levels[-1]}", url, VARIANTS["fp16"], files["jpeg"], levels[-1],
                              headers)
+        for name in filter(None, args.variants.split(",")):
+            try:
+                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                    for connections in levels[-2:]:
+                        measured(f"gateway-{name} fp16 pixels c{connections}", variant.url, VARIANTS["fp16"],
+                                 files["pixels"], connections, auth, variant.pids())
+            except Exception as exc:  # recorded; the next step still runs
+                results["errors"][f"variant {name}"] = f"{type(exc).__name__}: {exc}"[:2000]
         served["triton_gpu_metrics"] = [line for line in _get(state["shards"][0]["metrics_url"]).splitlines()
                                         if line.startswith(("nv_gpu_utilization", "nv_gpu_memory"))][:8]
         # The gateway's GPU telemetry after the load: NVML per GPU, the shard's Triton, the models' CUDA allocators.
@@ -504,10 +583,20 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
             line for line in _get(f"{gateway}/metrics").splitlines()
             if line.startswith(("cp_gpu_", "cp_shard_gpu_", "cp_shard_cuda_", "cp_shard_metrics_up"))][:40]
         save()
+        def overload_variants() -> dict:
+            found = {}
+            capacity = results.get("overload", {}).get("capacity_rps")
+            for name in filter(None, args.overload_variants.split(",")):
+                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                    found[name] = overload_on_gpu(variant.url, args, capacity)
+                    save()
+            return found
+
         for name, step in (("overload", lambda: overload_on_gpu(gateway, args)),
+                           ("overload_variants", overload_variants),
                            ("risk", lambda: risk_runs(shard, files["risk"], args, workdir)),
                            ("tune", lambda: tune_vision(shard, args, workdir))):
-            if name in skip:
+            if name in skip or (name == "overload_variants" and "overload" in skip):
                 continue
             begun = time.monotonic()
             try:
@@ -520,7 +609,7 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
         stack.close()
 
 
-def overload_on_gpu(gateway: str, args: argparse.Namespace) -> dict:
+def overload_on_gpu(gateway: str, args: argparse.Namespace, capacity: float | None = None) -> dict:
     """The CPU suite's mixed-priority overload scenario (its mix, its capacity search, its multiples) on the GPU,
     through the gateway: each request `--overload-batch` 32 px images of vision_fp16 (resized to the network's
     size on the GPU: the GPU's work is the full network's, while the load generator stays able to offer 3x)."""
@@ -534,13 +623,21 @@ def overload_on_gpu(gateway: str, args: argparse.Namespace) -> dict:
     flows = [Flow(name=name, weight=weight, model=VARIANTS["fp16"], priority=name, api_key=API_KEY,
                   deadline_ms=deadline, binary_body=request.body, binary_headers=request.headers)
              for name, weight, deadline in MIX]
-    capacity = find_capacity([gateway], flows, log, start=args.overload_start)["rate"]
+    if capacity is None:
+        capacity = find_capacity([gateway], flows, log, start=args.overload_start)["rate"]
     if capacity <= 0:
         raise RuntimeError(f"no rate from {args.overload_start:g} req/s down met the capacity test (P99 within the "
                            "SLO, 97% answered): lower --overload-start or --overload-batch")
     found: dict = {"images_per_request": args.overload_batch, "capacity_rps": capacity, "multiples": {}}
     for multiple in OVERLOAD_MULTIPLES:
-        summary = open_loop([gateway], capacity * multiple, args.overload_seconds, flows)
+        # The generator's own pauses were in the 2x row of 2026-12-01 (lag P99 172 ms): no collector pass while
+        # it sends (its objects live for one run of a few seconds).
+        gc.collect()
+        gc.disable()
+        try:
+            summary = open_loop([gateway], capacity * multiple, args.overload_seconds, flows)
+        finally:
+            gc.enable()
         found["multiples"][str(multiple)] = {"flows": summary["flows"], "all": summary["all"],
                                              "generator_lag_p99_ms": summary["generator_lag_p99_ms"]}
         log(f"  {multiple}x: " + "  ".join(f"{c} P99 {f['ok_p99_ms']:.0f} ms ok {f['ok']}/{f['sent']}"
@@ -662,6 +759,18 @@ def targets(results: dict) -> list[dict]:
     return found
 
 
+def overload_table(overload: dict, label: str) -> list[str]:
+    lines = ["", f"## Mixed-priority overload on the GPU (through the gateway{label}; capacity "
+             f"{overload['capacity_rps']} req/s of {overload['images_per_request']} images)", "",
+             "| multiple | critical P99 ms (ok/sent) | standard P99 ms (ok/sent) | sheddable P99 ms (ok/sent) | "
+             "5xx | generator lag P99 ms |", "|---|---|---|---|---|---|"]
+    for multiple, m in overload["multiples"].items():
+        cells = [f"{m['flows'][c]['ok_p99_ms']:.1f} ({m['flows'][c]['ok']}/{m['flows'][c]['sent']})"
+                 if c in m["flows"] else "-" for c in ("critical", "standard", "sheddable")]
+        lines.append(f"| {multiple}x | {' | '.join(cells)} | {m['all']['errors_5xx']} | {m['generator_lag_p99_ms']} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = [f"# GPU benchmark {results['date']}", "", f"Machine: `{json.dumps(results['machine'])}`", "",
              f"Config: `{json.dumps(results['config'])}`", "", "## Targets", "", "| target | value | goal | met |",
@@ -697,17 +806,12 @@ def markdown(results: dict) -> str:
         lines += [f"- `{line}`" for line in serving["model_log"]]
     if "jpeg" in serving or "stub_numpy" in serving:
         lines += ["", f"JPEG: {serving.get('jpeg', 'run (above)')}; stubs' Python: {serving.get('stub_numpy')}"]
-    overload = results.get("overload")
-    if overload:
-        lines += ["", f"## Mixed-priority overload on the GPU (through the gateway; capacity "
-                  f"{overload['capacity_rps']} req/s of {overload['images_per_request']} images)", "",
-                  "| multiple | critical P99 ms (ok/sent) | standard P99 ms (ok/sent) | sheddable P99 ms (ok/sent) | "
-                  "5xx | generator lag P99 ms |", "|---|---|---|---|---|---|"]
-        for multiple, m in overload["multiples"].items():
-            cells = [f"{m['flows'][c]['ok_p99_ms']:.1f} ({m['flows'][c]['ok']}/{m['flows'][c]['sent']})"
-                     if c in m["flows"] else "-" for c in ("critical", "standard", "sheddable")]
-            lines.append(f"| {multiple}x | {' | '.join(cells)} | {m['all']['errors_5xx']} | "
-                         f"{m['generator_lag_p99_ms']} |")
+    overloads = {"": results.get("overload"),
+                 **{f", gateway {name}: {GATEWAY_VARIANTS[name]}": found
+                    for name, found in (results.get("overload_variants") or {}).items()}}
+    for label, overload in overloads.items():
+        if overload:
+            lines += overload_table(overload, label)
     risk = results.get("risk")
     if risk:
         lines += ["", f"## risk FP32 vs FP16 on the GPU (Triton direct, {RISK_BATCH} rows a request)", "",
@@ -769,13 +873,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-batches", default="64,128,256",
                         help="batch sizes vision_fp16 compiles at load ('': CUDA graphs only)")
     parser.add_argument("--train-seconds", type=float, default=20.0, help="training of the compared network")
+    parser.add_argument("--serve-precisions", default="fp16,bf16,fp32", help="vision variants served (fp16 always)")
+    parser.add_argument("--variants", default="", help=f"other gateways' throughput runs: {','.join(GATEWAY_VARIANTS)}")
+    parser.add_argument("--overload-variants", default="", help="other gateways' overload multiples (e.g. bound6)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,trained,"
-                        "serving,jpeg,overload,risk,tune,compile,convert")
+                        "serving,agreement,jpeg,overload,risk,tune,compile,convert")
     args = parser.parse_args(argv)
     if not 0.5 <= args.seconds <= 30 or max(int(c) for c in args.connections.split(",")) > 256 \
             or args.samples > 10_000 or not 1 <= args.instances <= 8 or not 1 <= args.clients <= 32:
         parser.error("bounds: 0.5 <= seconds <= 30, connections <= 256, samples <= 10000, 1 <= instances <= 8, "
                      "1 <= clients <= 32")
+    unknown = {v for v in f"{args.variants},{args.overload_variants}".split(",") if v} - set(GATEWAY_VARIANTS)
+    if unknown or "fp16" not in args.serve_precisions.split(","):
+        parser.error(f"unknown variants {sorted(unknown)} (known: {', '.join(GATEWAY_VARIANTS)}); "
+                     "--serve-precisions must include fp16")
     args.arch, args.size = ("resnet-tiny", 64) if args.small else ("resnet50", 224)
     skip = set(args.skip.split(",")) - {""}
     args.out.mkdir(parents=True, exist_ok=True)

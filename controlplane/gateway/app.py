@@ -311,6 +311,8 @@ class GatewayApp:
             if not header_length.isdigit():
                 raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
             header_length = int(header_length)
+        if request.streamed is not None:  # its binary data is still arriving (never compressed: server.py)
+            return check_infer_request(request.body, header_length, signature, request.streamed.length)
         body = request.body
         encoding = request.headers.get(b"content-encoding")
         if encoding is not None and encoding != b"identity":

@@ -8,7 +8,9 @@
   against the bytes present); the ladder may send the lowest class to the model's cheaper variant.
 - queue: the scheduler dispatches the ticket into a free shard slot, now or later, or sheds it (429).
 - forward: the body goes as bytes on a pooled keep-alive connection, with Triton's `priority` and `timeout`
-  set from the class and the remaining deadline.
+  set from the class and the remaining deadline. A large binary body (server.StreamedBody) is checked, queued
+  and forwarded as soon as its JSON header is in, its tensor bytes following as they arrive; a slow client
+  then pauses nothing but itself, and a shard that reads slowly pauses its client (TCP back-pressure).
 - relay: the response goes back whole, or chunk by chunk when the shard streams.
 - release: the slot goes back with the latency (the shard's limiter, the class's service time) and metrics.
 A failure before any response byte is retried once on another shard within the deadline and the retry budget.
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from controlplane.gateway.admission import Admitted, Refused
 from controlplane.gateway.errors import ANSWERED, HttpError, send_error
-from controlplane.gateway.inference import InferHeader, ModelSignature, check_generate_request
+from controlplane.gateway.inference import InferHeader, ModelSignature, NeedsWholeBody, check_generate_request
 from controlplane.gateway.routing import Target
 from controlplane.gateway.scheduler import Shed, Ticket, TicketState
 from controlplane.gateway.server import ClientConnection, Request
@@ -133,6 +135,9 @@ class Exchange:
                 self.checked = gateway.check_infer(request, signature)
             else:
                 check_generate_request(request.body, signature)
+        except NeedsWholeBody:
+            self._check_when_whole(signature)
+            return
         except ANSWERED as error:
             self._answer(error)
             return
@@ -140,12 +145,29 @@ class Exchange:
         routed = gateway.routed_model(self.model, band)
         if routed != self.model:  # the ladder sends it to the cheaper variant
             self.model, self.path = routed, f"/v2/models/{routed}/{self.action}"
+        size = len(request.body) + (request.streamed.length if request.streamed is not None else 0)
         self.ticket = Ticket(model=self.model, tenant=tenant, band=band,
-                             cost=self.checked.cost if self.checked else 1.0, size=len(request.body),
+                             cost=self.checked.cost if self.checked else 1.0, size=size,
                              deadline=self.arrived + self.admitted.deadline_s,
                              on_dispatch=self.forward, on_shed=self.shed)
         gateway.metrics.requests[band, tenant, "admitted"] += 1
         self._queue()
+
+    def _check_when_whole(self, signature: ModelSignature) -> None:
+        """A streamed body that can only be checked whole (BYTES inputs): wait for its end, then check it."""
+        streamed = self.request.streamed
+        if streamed.complete:
+            self._take_whole_body(signature)
+        else:
+            streamed.on_finish = lambda: self._take_whole_body(signature)
+
+    @guarded
+    def _take_whole_body(self, signature: ModelSignature) -> None:
+        if self.finished:
+            return
+        request = self.request
+        request.body, request.streamed = request.streamed.whole(), None
+        self._check_and_queue(signature)
 
     def _queue(self, exclude: Target | None = None) -> None:
         scheduler = self.gateway.scheduler
@@ -189,7 +211,9 @@ class Exchange:
         # wedged), so the request can still be retried elsewhere before its deadline; streams are exempt.
         timeout = min(remaining, gateway.limits.upstream_timeout_s)
         self.give_up_at = now + timeout
-        if self.action == "infer" and self.attempt == 0:
+        streamed = self.request.streamed
+        if self.action == "infer" and self.attempt == 0 and (streamed is None or streamed.complete):
+            # (while a streamed body still arrives, a slow client must not look like a stalled shard)
             stall_s = STALL_FACTOR * gateway.scheduler.band[self.ticket.band].service.stall_s()
             timeout = min(timeout, max(STALL_MIN_S, stall_s))
         self.timer = self.conn.loop.call_later(timeout, self._timed_out, timeout, now + timeout)
@@ -226,7 +250,38 @@ class Exchange:
             lines.append(b"inference-header-content-length: %s\r\n" % header_length)
         self.upstream = upstream
         self.sent_at = self.gateway.clock()
-        upstream.send(request_bytes(b"POST", path, lines, body), self)
+        streamed = request.streamed
+        if streamed is None:
+            upstream.send(request_bytes(b"POST", path, lines, body), self)
+            return
+        # What arrived so far now, each later piece as it arrives (`write_body`), then the shard's time starts.
+        upstream.send([*request_bytes(b"POST", path, lines, body, streamed.length),
+                       *streamed.attach(upstream.write_body)], self)
+        if not streamed.complete:
+            upstream.body_open = True
+            conn = self.conn
+            upstream.write_listener = lambda writable: conn.resume("upstream") if writable else conn.pause("upstream")
+            streamed.on_finish = self._body_sent
+
+    def _body_sent(self) -> None:
+        """The last piece of a streamed body went to the shard: its connection may be reused after the answer,
+        and the shard's service time (for its limiter and the class's statistics) starts now."""
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.body_open = False
+            upstream.write_listener = None
+        self.conn.resume_after_upstream()
+        self.sent_at = self.gateway.clock()
+
+    def _detach_body(self, upstream: UpstreamConnection | None) -> None:
+        """A streamed body stops going to `upstream` (it answered or failed); reading its client goes on."""
+        streamed = self.request.streamed
+        if streamed is not None:
+            streamed.attach(None)
+            streamed.on_finish = None
+            if upstream is not None:
+                upstream.write_listener = None
+            self.conn.resume_after_upstream()
 
     def _with_triton_parameters(self, body: bytes, header_length: bytes | None, remaining_s: float
                                 ) -> tuple[bytes, bytes | None]:
@@ -264,6 +319,8 @@ class Exchange:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.request.streamed is not None:
+            self._detach_body(self.upstream)
         self.upstream = None
         if self.finished:
             return
@@ -283,6 +340,8 @@ class Exchange:
     def on_error(self, error: UpstreamError) -> None:
         """The shard failed (closed, garbage, timed out, or no connection)."""
         upstream, self.upstream = self.upstream, None
+        if self.request.streamed is not None:
+            self._detach_body(upstream)
         if (upstream is not None and upstream.reused and error.before_response and not error.timed_out
                 and not self.fresh_retry and not self.finished):
             # A keep-alive connection the shard had closed just before we wrote: not the shard's failure. Send
@@ -372,6 +431,10 @@ class Exchange:
         self.finished = True
         if self.ticket is not None:
             self.ticket.on_dispatch = self.ticket.on_shed = ignore
+        streamed = self.request.streamed
+        if streamed is not None:  # answered: the rest of its body is read past, not kept
+            streamed.drop()
+            self.conn.resume_after_upstream()
 
     def _answer(self, error: Exception) -> None:
         if self.finished:

@@ -26,6 +26,10 @@ class BadRequest(ValueError):
     """A client error; the message names the problem and goes back to the client as JSON."""
 
 
+class NeedsWholeBody(Exception):
+    """A body still arriving cannot be checked yet: a BYTES input's elements must be read (check it once whole)."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -89,8 +93,11 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def check_infer_request(body: bytes, header_length: int | None, signature: ModelSignature) -> InferHeader:
-    """Validate an infer body (JSON, or JSON header + binary tensors); return the parsed header."""
+def check_infer_request(body: bytes, header_length: int | None, signature: ModelSignature,
+                        arriving: int = -1) -> InferHeader:
+    """Validate an infer body (JSON, or JSON header + binary tensors); return the parsed header. `arriving`: the
+    body is only its JSON header and this many bytes of binary data are still arriving (they are checked by
+    their sizes; a BYTES input raises NeedsWholeBody)."""
     if header_length is None:
         header_bytes, binary = body, memoryview(b"")
     else:
@@ -99,6 +106,7 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
                 f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
             )
         header_bytes, binary = body[:header_length], memoryview(body)[header_length:]
+    binary_size = len(binary) if arriving < 0 else arriving
     header = json_object(header_bytes, "inference header", "a JSON object")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -138,17 +146,22 @@ def check_infer_request(body: bytes, header_length: int | None, signature: Model
                 raise BadRequest(f"input '{name}' may give only one of 'data' and parameters.binary_data_size")
             if type(size) is not int or size < 0:
                 raise BadRequest(f"input '{name}'.parameters.binary_data_size must be a non-negative integer")
-            if offset + size > len(binary):
+            if offset + size > binary_size:
                 raise BadRequest(f"input '{name}' claims {size} bytes of binary data but only "
-                                 f"{len(binary) - offset} are left in the body")
-            _check_binary(f"input '{name}'", datatype, count, binary[offset:offset + size])
+                                 f"{binary_size - offset} are left in the body")
+            if arriving < 0:
+                _check_binary(f"input '{name}'", datatype, count, binary[offset:offset + size])
+            elif ELEMENT_SIZE[datatype] == 0:
+                raise NeedsWholeBody(name)
+            else:
+                _check_binary_size(f"input '{name}'", datatype, count, size)
             offset += size
         elif "data" in tensor:
             _check_json_data(name, datatype, count, tensor["data"])
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-    if offset != len(binary):
-        raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
+    if offset != binary_size:
+        raise BadRequest(f"the body has {binary_size - offset} bytes of binary data that no input claims")
     # Missing inputs are left to Triton: metadata does not say which are optional, and Triton answers 400.
     _check_outputs(header.get("outputs"), signature)
     if "parameters" in header and not isinstance(header["parameters"], dict):
@@ -205,12 +218,15 @@ def _shape_error(name: str, shape: object, expected: tuple[int, ...]) -> None:
     raise BadRequest(f"{where} has shape {shape}, the model expects {list(expected)} (-1: any size)")
 
 
+def _check_binary_size(where: str, datatype: str, count: int, size: int) -> None:
+    if size != count * ELEMENT_SIZE[datatype]:
+        raise BadRequest(f"{where}: shape needs {count * ELEMENT_SIZE[datatype]} bytes of {datatype}, "
+                         f"binary_data_size is {size}")
+
+
 def _check_binary(where: str, datatype: str, count: int, data: memoryview) -> None:
-    element_size = ELEMENT_SIZE[datatype]
-    if element_size:
-        if len(data) != count * element_size:
-            raise BadRequest(f"{where}: shape needs {count * element_size} bytes of {datatype}, "
-                             f"binary_data_size is {len(data)}")
+    if ELEMENT_SIZE[datatype]:
+        _check_binary_size(where, datatype, count, len(data))
         return
     # BYTES: each element is a 4-byte little-endian length followed by that many bytes.
     position = 0

@@ -9,6 +9,12 @@ oversized headers get 431, oversized bodies 413, garbage 400, each as JSON, befo
 A request is screened right after its headers (`Screen`): admission and the overload manager can refuse it
 there, before its body is buffered or parsed. The handler answers through the connection, at once or later
 (it returns what to cancel if the client leaves first); no task is created per request.
+
+A large binary inference request (`STREAM_BODY_BYTES` or more, with an inference header) is handed over as soon
+as its JSON inference header has arrived, with a `StreamedBody` for the rest: the handler checks, queues and
+forwards it while the tensor bytes are still arriving, so a 10 MB body crosses the gateway once, piece by piece,
+instead of being received whole, joined and then sent whole (store and forward doubled the transfer time and
+blocked the event loop on 10 MB copies: bench/diagnose/large_body.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from controlplane.spec import GatewayLimits
 log = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8  # requests queued on one connection before reading pauses
+STREAM_BODY_BYTES = 1 << 20  # binary inference bodies this large are forwarded while they arrive
 LINGER_S = 2.0  # how long a refused connection drains the client's input before closing
 SWEEP_S = 1.0  # idle connections are looked for this often
 ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -45,13 +52,80 @@ class Request:
     once per request.)"""
 
     def __init__(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool,
-                 admitted: Any = None) -> None:
+                 admitted: Any = None, streamed: StreamedBody | None = None) -> None:
         self.method = method
         self.path = path
         self.headers = headers  # names lower-cased; a repeated header keeps its last value
-        self.body = body
+        self.body = body  # the whole body; with `streamed`, only its JSON inference header
         self.keep_alive = keep_alive
         self.admitted = admitted  # what the screen said after the headers (Any: compiled, `object` is refused)
+        self.streamed = streamed  # the rest of the body, still arriving
+
+
+class StreamedBody:
+    """The binary part of a large inference body (after its JSON inference header), forwarded while it arrives.
+
+    Pieces are kept as they come (references, no copy) until the request is answered, so that a retry on another
+    shard can send them again, as the whole body would be kept otherwise; they are bounded by the body limit.
+    The request's forwarder `attach`es a writer: it gets the pieces so far and then each new one as it arrives,
+    and `on_finish` once the last one is in. `drop` (the request was answered) stops keeping them.
+    """
+
+    def __init__(self, header_length: int, length: int) -> None:
+        self.header_length = header_length
+        self.length = length - header_length  # bytes of binary data the Content-Length promises
+        self.head_parts: list[bytes] = []  # the JSON inference header, while it arrives
+        self.head_bytes = 0
+        self.pieces: list[bytes] = []
+        self.complete = False
+        self.dropped = False
+        self.writer: Callable[[bytes], None] | None = None
+        self.on_finish: Callable[[], None] | None = None
+
+    def feed(self, data: bytes) -> bool:
+        """Take a piece of the body; True when it completed the JSON inference header."""
+        if self.head_bytes < self.header_length:
+            wanted = self.header_length - self.head_bytes
+            self.head_parts.append(data[:wanted])
+            self.head_bytes += min(wanted, len(data))
+            data = data[wanted:]
+            if self.head_bytes < self.header_length:
+                return False
+            if data:
+                self._keep(data)
+            return True
+        self._keep(data)
+        return False
+
+    def _keep(self, data: bytes) -> None:
+        if self.dropped:
+            return
+        self.pieces.append(data)
+        if self.writer is not None:
+            self.writer(data)
+
+    def head(self) -> bytes:
+        return b"".join(self.head_parts)
+
+    def whole(self) -> bytes:
+        """Everything received, as one body (a request handed over whole after all: its header never completed)."""
+        return b"".join([*self.head_parts, *self.pieces])
+
+    def attach(self, writer: Callable[[bytes], None] | None) -> list[bytes]:
+        """From now on each new piece goes to `writer`; returns the pieces that arrived before."""
+        self.writer = writer
+        return self.pieces
+
+    def finish(self) -> None:
+        self.complete = True
+        on_finish, self.on_finish = self.on_finish, None
+        if on_finish is not None:
+            on_finish()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.pieces = []
+        self.writer = self.on_finish = None
 
 
 @dataclass
@@ -168,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
         # per response
         self.response_started = False
         self.close_after_response = False
+        self.raw_left = 0  # bytes of a streamed body still to come, read without the parser
         # per request being parsed
         self._reset_request()
 
@@ -179,6 +254,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_bytes = 0
         self.admitted: object = None
         self.skip_body = False  # answered at its headers: the body is parsed past, never kept
+        self.streamed: StreamedBody | None = None  # a large body forwarded while it arrives
+        self.streamed_size = 0  # its Content-Length
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -208,12 +285,31 @@ class ClientConnection(asyncio.Protocol):
         if self.rejected:
             return
         self.last_seen = self.server.now
+        if self.raw_left:
+            data = self._raw_body(data)
+            if not data or self.rejected:
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse_connection(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             self._refuse_connection(400, f"malformed HTTP request: {exc}")
+            return
+        if self.streamed is not None and self.body_bytes < self.streamed_size:
+            self.raw_left = self.streamed_size - self.body_bytes  # the rest of it bypasses the parser
+
+    def _raw_body(self, data: bytes) -> bytes:
+        """A streamed body's bytes as they come, not through the parser (which would copy each piece once more);
+        returns what follows the body. At its end a fresh parser takes over for the next request."""
+        piece = data if len(data) <= self.raw_left else data[:self.raw_left]
+        self.raw_left -= len(piece)
+        self.on_body(piece)
+        if self.raw_left or self.rejected:
+            return b""
+        self.on_message_complete()
+        self.parser = httptools.HttpRequestParser(self)
+        return data[len(piece):]
 
     def pause_writing(self) -> None:
         if self.write_listener is not None:
@@ -242,9 +338,9 @@ class ClientConnection(asyncio.Protocol):
             self._refuse_connection(431, f"request line and headers exceed {self.max_header_bytes} bytes")
             return
         length = self.headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            self._refuse_connection(413, f"body of {int(length)} bytes exceeds the limit of "
-                                         f"{self.max_body_bytes} bytes")
+        size = int(length) if length is not None and length.isdigit() else 0
+        if size > self.max_body_bytes:
+            self._refuse_connection(413, f"body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes")
             return
         if self.screen is not None:
             verdict = self.screen.screen(self, self.parser.get_method(), self.url, self.headers)
@@ -254,6 +350,19 @@ class ClientConnection(asyncio.Protocol):
                 self._next()
             else:
                 self.admitted = verdict
+                if size >= STREAM_BODY_BYTES and verdict is not None:
+                    self._stream_body(size)
+
+    def _stream_body(self, size: int) -> None:
+        """Forward this body while it arrives, if it is a binary inference body that nothing queued waits ahead
+        of (then the answers stay in order without holding its pieces back)."""
+        header_length = self.headers.get(b"inference-header-content-length")
+        encoding = self.headers.get(b"content-encoding")
+        if (header_length is not None and header_length.isdigit() and 0 < int(header_length) <= size
+                and (encoding is None or encoding == b"identity") and self.url.endswith(b"/infer")
+                and not self.responding and not self.pending):
+            self.streamed = StreamedBody(int(header_length), size)
+            self.streamed_size = size
 
     def on_body(self, body: bytes) -> None:
         if self.rejected or self.skip_body:
@@ -262,24 +371,38 @@ class ClientConnection(asyncio.Protocol):
         if self.body_bytes > self.max_body_bytes:
             self.body_parts = []
             self._refuse_connection(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+        elif self.streamed is not None:
+            if self.streamed.feed(body):  # its inference header is in: hand the request over now
+                self._hand_over(self.streamed.head(), self.streamed)
         else:
             self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
         if self.rejected or self.skip_body:
             return
+        streamed = self.streamed
+        if streamed is not None:
+            if streamed.head_bytes >= streamed.header_length:  # handed over already: its body is all in
+                streamed.finish()
+                return
+            self.streamed = None
+            self._hand_over(streamed.whole(), None)  # the header was never complete: checked (and refused) whole
+            return
+        parts = self.body_parts
+        self._hand_over(parts[0] if len(parts) == 1 else b"".join(parts), None)
+
+    def _hand_over(self, body: bytes, streamed: StreamedBody | None) -> None:
         url = self.url
         if not url.startswith(b"/") or b"?" in url or b"#" in url:  # origin-form without a query is the rule
             url = httptools.parse_url(url).path
         try:
             path = url.decode("ascii")
         except UnicodeDecodeError:
+            self.streamed = None
             self._refuse_connection(400, "request path must be ASCII")
             return
-        parts = self.body_parts
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pending.append(Request(self.parser.get_method(), path, self.headers, body,
-                                    self.parser.should_keep_alive(), self.admitted))
+                                    self.parser.should_keep_alive(), self.admitted, streamed))
         if len(self.pending) >= MAX_PIPELINED:
             self.pause("pipeline")
         self._next()
@@ -334,6 +457,9 @@ class ClientConnection(asyncio.Protocol):
         self.responding = False
         self.active = None
         self.write_listener = None
+        if self.streamed is not None:  # answered while (or after) its body arrived: its pieces are not needed
+            self.streamed.drop()
+            self.resume_after_upstream()
         self.counters.in_flight -= 1
         self.last_seen = self.server.now
         if self.close_after_response:
@@ -352,6 +478,11 @@ class ClientConnection(asyncio.Protocol):
         self.paused_for.discard(why)
         if not self.paused_for and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def resume_after_upstream(self) -> None:
+        """Read again if a shard's back-pressure on a streamed body had paused reading."""
+        if "upstream" in self.paused_for:
+            self.resume("upstream")
 
     def hold(self) -> None:
         """Stop reading this connection until the overload passes (TCP back-pressure on its client)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -36,11 +37,12 @@ class ResponseSink(Protocol):
     def on_error(self, error: UpstreamError) -> None: ...
 
 
-def request_bytes(method: bytes, path: str, headers: list[bytes], body: bytes) -> list[bytes]:
+def request_bytes(method: bytes, path: str, headers: list[bytes], body: bytes, arriving: int = 0) -> list[bytes]:
     """An HTTP/1.1 request to a shard: `headers` are complete `name: value\\r\\n` lines. A small body travels
-    in the same buffer as the head (one send); a large one is written as it is, not copied."""
+    in the same buffer as the head (one send); a large one is written as it is, not copied. `arriving`: bytes
+    of the body still to come after `body` (a streamed body; the caller writes them)."""
     head = b"%s %s HTTP/1.1\r\nhost: shard\r\ncontent-length: %d\r\n%s\r\n" % (
-        method, path.encode(), len(body), b"".join(headers))
+        method, path.encode(), len(body) + arriving, b"".join(headers))
     if len(body) < SEPARATE_BODY_BYTES:
         return [head + body]
     return [head, body]
@@ -63,6 +65,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.reused = False  # it carried a request before: a close before any answer may be the shard's idle close
+        self.body_open = False  # a streamed request body is still being written: never reuse it before its end
+        self.write_listener: Callable[[bool], None] | None = None  # told when the shard stops/resumes reading
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -86,11 +90,14 @@ class UpstreamConnection(asyncio.Protocol):
         # Triton frames every response (Content-Length or chunked): a close before the end is a failure.
         self.fail(UpstreamError("shard closed the connection", before_response=not self.responded))
 
-    def pause_writing(self) -> None:  # the shard reads slower than the client sends: fine, bodies are bounded
-        pass
+    def pause_writing(self) -> None:
+        """The shard reads slower than we write: a streamed body pauses its client (a whole body is bounded)."""
+        if self.write_listener is not None:
+            self.write_listener(False)
 
     def resume_writing(self) -> None:
-        pass
+        if self.write_listener is not None:
+            self.write_listener(True)
 
     # --- httptools callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -114,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         sink, self.sink = self.sink, None
-        if self.reusable and not self.closed:
+        if self.reusable and not self.closed and not self.body_open:
             self.reused = True
             self.pool.release(self)
         else:
@@ -130,6 +137,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data[0])  # uvloop's writelines() costs far more than write() for one buffer
         else:
             self.transport.writelines(data)
+
+    def write_body(self, data: bytes) -> None:
+        """More of a streamed request body (dropped once the connection is closed: its exchange has ended)."""
+        if not self.closed:
+            self.transport.write(data)
 
     def fail(self, error: UpstreamError) -> None:
         """End the exchange in flight with `error` (if any) and drop the connection: it is never reused."""
