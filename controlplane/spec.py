@@ -236,8 +236,8 @@ class Concurrency(StrictModel):
         "(AIMD, while the top class is active): a top-class answer slower than this multiple of the shard's "
         "unloaded latency (plus `urgent_slack_ms`) cuts that room by `backoff` (at most once a round trip), a "
         "faster one adds one. What the top class waits behind at a shard, in its queue or for its CPU, is then "
-        "held near what it waits alone, whatever the bottleneck. It costs the other classes throughput while the top class "
-        "is active. 0 (the default): off, only `urgent_bound` and the limit; e.g. 2.0.")
+        "held near what it waits alone, whatever the bottleneck. It costs the other classes throughput while the "
+        "top class is active. 0 (the default): off, only `urgent_bound` and the limit; e.g. 2.0.")
     urgent_slack_ms: float = Field(
         2.0, ge=0, description="Absolute latency allowance for the top class added to `urgent_tolerance`.")
 
