@@ -82,6 +82,13 @@ def gpu_router(**concurrency) -> tuple[Router, ManualClock]:
     return r, clock
 
 
+def empty(r: Router) -> None:
+    """Give back every slot taken."""
+    for target in r.targets.values():
+        while target.outstanding:
+            r.unreserve(target)
+
+
 def fill(r: Router, urgent: bool = True) -> dict[str, int]:
     """Acquire until nothing is free; how many went to each shard."""
     taken: dict[str, int] = {}
@@ -108,9 +115,7 @@ def test_a_gpu_shard_keeps_its_floor_in_flight_however_slow_it_answers() -> None
 def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_over_a_gpu_floor() -> None:
     r, clock = gpu_router(gpu_floor=8, urgent_bound=3)
     assert fill(r, urgent=False) == {"g": 8, "c": 2}  # no top-class traffic yet: the floor holds
-    for target in list(r.targets.values()):
-        while target.outstanding:
-            r.unreserve(target)
+    empty(r)
     r.acquire("m", urgent=True)  # a top-class request is dispatched: the bound holds for a second
     assert fill(r, urgent=False) == {"g": 2, "c": 2}  # 3 in flight at the GPU shard, the top one included
     assert fill(r, urgent=True) == {"g": 5}  # the top class keeps the whole room (the floor)
@@ -124,9 +129,7 @@ def test_while_the_top_class_is_active_other_classes_get_only_the_urgent_bound_o
 def test_the_urgent_bound_holds_at_a_cpu_shard_too() -> None:
     r, clock = gpu_router(initial=6, urgent_bound=2)
     assert fill(r, urgent=False) == {"g": 6, "c": 6}  # no top-class traffic yet: the limits hold
-    for target in list(r.targets.values()):
-        while target.outstanding:
-            r.unreserve(target)
+    empty(r)
     r.acquire("m", exclude=r.target_named("g"), urgent=True)  # a top-class request goes to the CPU shard
     assert fill(r, urgent=False) == {"g": 2, "c": 1}  # 2 in flight at each, the top one included
     assert fill(r, urgent=True) == {"g": 4, "c": 4}  # the top class keeps the whole limit
@@ -152,9 +155,7 @@ def test_the_other_classes_room_adapts_to_the_top_class_latency() -> None:
         r.release(r.acquire("m", exclude=r.target_named("g"), urgent=True), 0.050, ok=True, urgent=True)
     assert cpu.urgent_room == pytest.approx(8 * 0.9 ** 5, rel=0.05)
     assert fill(r, urgent=False) == {"g": 8, "c": 4}  # the other classes get int(4.7) there; the GPU shard: its limit
-    for target in list(r.targets.values()):
-        while target.outstanding:
-            r.unreserve(target)
+    empty(r)
     for _ in range(20):  # fast answers to the top class give it back, about one per round trip
         r.release(r.acquire("m", exclude=r.target_named("g"), urgent=True), 0.012, ok=True, urgent=True)
     assert cpu.urgent_room > 6
