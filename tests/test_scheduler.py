@@ -28,8 +28,10 @@ class Slots:
         self.blocked: set[str] = set()
         self.urgency: list[bool] = []  # per dispatch: whether the scheduler said it was of the top band
 
-    def total_slots(self) -> float:
-        return 4.0
+    def total_slots(self, urgent: bool = True) -> float:
+        return 4.0 if urgent else self.others_slots
+
+    others_slots = 4.0  # what the urgent bound leaves the bands below the top one
 
     def unreserve(self, target: object) -> None:
         self.free += 1
@@ -177,6 +179,18 @@ def test_request_that_cannot_meet_its_deadline_is_shed_at_admission() -> None:
     urgent = rec.ticket("critical", deadline=clock.now + 0.1)
     scheduler.submit(urgent)
     assert urgent.state == "queued"
+
+
+def test_a_lower_band_waits_by_the_room_the_urgent_bound_leaves_it() -> None:
+    scheduler, slots, clock, rec = make()
+    scheduler.completed(0.02)  # 4 slots at 20 ms: 200/s for the top band
+    slots.others_slots = 1.0  # while it is active the others have 1 slot: 50/s
+    for _ in range(20):
+        scheduler.submit(rec.ticket("standard", deadline=clock.now + 10))
+    # 20 queued ahead: 100 ms at the top band's rate, 400 ms at the rate left to the others
+    late = rec.ticket("standard", deadline=clock.now + 0.3)
+    scheduler.submit(late)
+    assert late.state == "shed" and rec.shed[-1][1].reason == "deadline"  # at once, not after 300 ms queued
 
 
 def test_measured_drain_rate_of_a_band_overrides_an_optimistic_model() -> None:

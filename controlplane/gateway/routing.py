@@ -145,9 +145,10 @@ class Router:
     def can_serve(self, model: str, exclude: Target | None = None, urgent: bool = True) -> bool:
         return any(t.has_free_slot(self.room(t, urgent)) and t is not exclude for t in self.by_model.get(model, ()))
 
-    def total_slots(self) -> float:
-        """Requests all available shards may have in flight together, by their current room."""
-        return float(sum(self.room(t) for t in self.targets.values() if t.available))
+    def total_slots(self, urgent: bool = True) -> float:
+        """Requests all available shards may have in flight together, by their current room (for the top class,
+        or for the others: `urgent`)."""
+        return float(sum(self.room(t, urgent) for t in self.targets.values() if t.available))
 
     def acquire(self, model: str, exclude: Target | None = None, urgent: bool = True) -> Target | None:
         """Reserve a slot on the least loaded shard (in flight relative to its room) with one free. `urgent`:

@@ -14,8 +14,9 @@ Model (vocabulary after Kubernetes API Priority and Fairness):
 - Admission sheds at once (never after a wasted wait) when: the band is full (requests or bytes); the whole
   queue is full and no lower band has a request to displace; or the deadline cannot be met. The wait is
   estimated as the requests queued in this band and higher bands over the service rate (slots of the shards
-  over the mean time a request holds a slot), at least the band's own queue over its guaranteed share of
-  that rate, and at least its queue over the rate at which it really drained during the last second.
+  over the mean time a request holds a slot; below the top band, the slots the urgent bound leaves it), at
+  least the band's own queue over its guaranteed share of that rate, and at least its queue over the rate at
+  which it really drained during the last second.
 - When the whole queue is full, a request of a higher band displaces the newest request of the lowest
   backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
 - A dispatched request whose shard failed before answering is *requeued*: first in its flow, never to that
@@ -68,7 +69,7 @@ class Capacity(Protocol[SlotT]):
     def can_serve(self, model: str, exclude: SlotT | None, urgent: bool) -> bool: ...
     def acquire(self, model: str, exclude: SlotT | None, urgent: bool) -> SlotT | None: ...
     def unreserve(self, target: SlotT) -> None: ...
-    def total_slots(self) -> float: ...
+    def total_slots(self, urgent: bool) -> float: ...
 
 
 class TicketState(StrEnum):
@@ -402,14 +403,15 @@ class Scheduler(Generic[SlotT]):
             return band.service.needed_s()
         return self.service.needed_s()
 
-    def service_rate(self) -> float:
-        """Requests per second the shards take now; 0 while unknown. From capacity (Little's law: slots over
-        the time a request holds one), lowered to the completions of the last second while requests queue:
-        then the shards are saturated and completions are the truth (the gateway's own CPU may be the limit).
-        Completions alone would undercount after a lull."""
+    def service_rate(self, urgent: bool = True) -> float:
+        """Requests per second the shards take now (for the top band, or for the others: `urgent`, whose room
+        the urgent bound may cut); 0 while unknown. From capacity (Little's law: slots over the time a request
+        holds one), lowered to the completions of the last second while requests queue: then the shards are
+        saturated and completions are the truth (the gateway's own CPU may be the limit). Completions alone
+        would undercount after a lull."""
         if self.service.mean_s <= 0.0:
             return 0.0
-        rate = self.capacity.total_slots() / self.service.mean_s
+        rate = self.capacity.total_slots(urgent) / self.service.mean_s
         now = self.clock()
         completed = count_in_window(self.completions, now)
         if self.count and self.saturated_since <= now - RATE_WINDOW_S and completed:
@@ -422,7 +424,7 @@ class Scheduler(Generic[SlotT]):
         ahead = sum(b.count for b in self.bands if b.level >= band.level)
         if ahead == 0:
             return 0.0
-        rate = self.service_rate()
+        rate = self.service_rate(band.top)
         if rate <= 0:
             return 0.0
         # While higher bands are backlogged this band drains only at its guaranteed share of the rate.
