@@ -37,7 +37,8 @@ def exported_series() -> set[str]:
     overload = {"level": 0, "pressure": {"cpu": 0.1}, "held_connections": 0,
                 "actions": [{"action": "connection_held", "class": "sheddable", "count": 1}]}
     text = metrics.render([{"class": "critical", "queued": 0}],
-                          [{"name": "gpu0-0", "in_flight": 0, "limit": 4, "urgent_room": 4, "ejections": 0, "served": 0}], 0, overload,
+                          [{"name": "gpu0-0", "in_flight": 0, "limit": 4, "urgent_room": 4, "ejections": 0,
+                            "served": 0}], 0, overload,
                           [{"worker": 0, "responses": 1, "connections": 0}], telemetry.to_dict()).decode()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
