@@ -213,6 +213,7 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
         held = len(server.held)
         overload._set_level(0)
         server.release_held()
+        started = next(iter(server.connections)).held_since  # its request waited through the hold: counted
         answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # read again: answered (no shard here)
         writer.close()
         # A held connection whose client leaves is closed too, though it is not read (it never sees the FIN).
@@ -228,13 +229,14 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
         await asyncio.sleep(0.1)
         left = (len(server.held), server.counters.connections)
         await server.stop()
-        return refused, held, answer, held_again, left
+        return refused, held, started, answer, held_again, left
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC)
-    refused, held, answer, held_again, left = asyncio.run(scenario(spec_file))
+    refused, held, started, answer, held_again, left = asyncio.run(scenario(spec_file))
     assert refused.startswith(b"HTTP/1.1 429") and b"connection: close" not in refused.lower()
     assert held == 1
+    assert started > 0  # the request that waited unread keeps the hold's start: its deadline counts from there
     assert answer.startswith(b"HTTP/1.1 503")
     assert held_again == 1 and left == (0, 0)
 

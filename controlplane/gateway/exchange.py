@@ -78,7 +78,7 @@ class Exchange:
         self.action = action
         self.path = request.path  # where the shard is asked: the client's path, unless the ladder changes it
         self.admitted = admitted
-        self.arrived = gateway.clock()
+        self.arrived = conn.waiting_since(gateway.clock())
         self.checked: InferHeader | None = None
         self.signature: ModelSignature | None = None
         self.ticket: Ticket[Target] | None = None

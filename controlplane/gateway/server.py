@@ -237,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         self.rejected = False  # stop parsing: the connection closes after the queued answers
         self.paused_for: set[str] = set()  # why reading is paused: "pipeline", "overload"
         self.last_seen = server.now
+        self.held_since = 0.0  # when a hold of this connection began, while its waiting request is not yet read
         self.top_level = -1  # highest class level of the requests this connection carried (screen's business)
         self.write_listener: Callable[[bool], None] | None = None  # told when the client stops/resumes reading
         # per response
@@ -488,6 +489,13 @@ class ClientConnection(asyncio.Protocol):
         """Stop reading this connection until the overload passes (TCP back-pressure on its client)."""
         self.pause("overload")
         self.server.held[self] = None
+        self.held_since = self.server.now
+
+    def waiting_since(self, now: float) -> float:
+        """When the request now read began to wait: when the hold began if it waited unread through one (its
+        deadline counts from there: its client has been waiting as long), else `now`."""
+        since, self.held_since = self.held_since, 0.0
+        return since or now
 
     def peek(self, limit: int) -> bytes | None:
         """Up to `limit` bytes the client sent that were not read yet, left in the socket; b"" once the client
@@ -640,8 +648,10 @@ class GatewayServer:
         return released
 
     def release(self, connection: ClientConnection) -> None:
-        """Read one held connection again."""
+        """Read one held connection again (a request that waited unread through the hold keeps its start)."""
         del self.held[connection]
+        if not connection.peek(1):  # nothing waited: the next request starts when it comes
+            connection.held_since = 0.0
         connection.resume("overload")
 
     async def stop(self) -> None:
