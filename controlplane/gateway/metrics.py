@@ -112,7 +112,8 @@ class GatewayMetrics:
             shed.add_metric(labels, value)
         yield shed
         for name, documentation, histograms in (
-            ("cp_queue_wait_seconds", "Time admitted requests waited in the gateway queue.", self.queue_wait),
+            ("cp_queue_wait_seconds", "Time admitted requests waited in the gateway before dispatch: its queue, and "
+             "unread in a connection held while the gateway was overloaded.", self.queue_wait),
             ("cp_latency_seconds", "End-to-end latency of completed requests.", self.latency),
         ):
             family = HistogramMetricFamily(name, documentation, labels=["class"])

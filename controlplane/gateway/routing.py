@@ -133,14 +133,16 @@ class Router:
         """Requests `target` may have in flight, for a request of the top class (`urgent`) or of another: its
         adaptive limit, on a GPU raised to the floor, and for the other classes while the top one is active cut
         to the urgent bound."""
-        room = int(target.limit)
-        if target.endpoint.gpu:
-            room = max(room, self.concurrency.gpu_floor)
+        room = int(self.floored_limit(target))
         if not urgent and self.urgent_at > -math.inf and self.clock() - self.urgent_at < URGENT_WINDOW_S:
             room = min(room, self.concurrency.urgent_bound or room)
             if target.urgent_room < room:
                 room = max(1, int(target.urgent_room))
         return room
+
+    def floored_limit(self, target: Target) -> float:
+        """The adaptive limit, on a GPU raised to the floor: the top class's room."""
+        return max(target.limit, float(self.concurrency.gpu_floor)) if target.endpoint.gpu else target.limit
 
     def can_serve(self, model: str, exclude: Target | None = None, urgent: bool = True) -> bool:
         return any(t.has_free_slot(self.room(t, urgent)) and t is not exclude for t in self.by_model.get(model, ()))
@@ -215,7 +217,7 @@ class Router:
 
     def _adapt_urgent_room(self, target: Target, latency_s: float, now: float) -> None:
         c = self.concurrency
-        room = min(target.urgent_room, max(target.limit, float(c.gpu_floor) if target.endpoint.gpu else 0.0))
+        room = min(target.urgent_room, self.floored_limit(target))
         if latency_s <= target.baseline_s * c.urgent_tolerance + c.urgent_slack_ms / 1000:
             # +1 a fast answer, not 1/room: top-class answers are a small part of a round trip's answers
             target.urgent_room = room + 1.0
