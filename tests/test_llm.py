@@ -69,6 +69,8 @@ pipelines:
   - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
   - {{name: llm_urgent, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0}}
   - {{name: llm_batched, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, one_batch_per_stage: true}}
+  - {{name: llm_one_stage, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0,
+     one_batch_per_stage: true, one_stage_at_a_time: true}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -533,6 +535,38 @@ def test_batches_formed_at_the_gateway_keep_every_sequence_exact(served: Running
     assert held > 0, "no step waited for its stage's batch: the gateway formed no batch"
 
 
+def test_one_stage_at_a_time_beside_critical_sequences_keeps_every_stream_exact_and_whole(
+        served: RunningStack, reference: LlamaForCausalLM) -> None:
+    """`llm_one_stage` (the example's gate: pause, one batch per stage, one stage at a time): amid 3 standard
+    streams, critical sequences get exactly their greedy tokens and never wait at the gate; the standard streams'
+    steps wait their turn and every one of them still ends whole, with exactly its greedy tokens."""
+    held_before = pipeline_steps(served, "cp_pipeline_steps_held", "llm_one_stage")
+    prompts, streaming, answers = [f"flood {index}" for index in range(3)], threading.Barrier(4, timeout=60), {}
+
+    def standard(prompt: str) -> None:
+        response = post(served, "/v2/models/llm_one_stage/generate_stream", {"text_input": prompt, "max_tokens": 40})
+        assert response.status == 200
+        first = json.loads(response.readline()[len(b"data: "):])["token_id"]
+        streaming.wait()
+        answers[prompt] = [first] + [e["token_id"] for e in events(response) if "token_id" in e]
+
+    threads = [threading.Thread(target=standard, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    streaming.wait()
+    for prompt in ("urgent one", "urgent two"):
+        critical = post(served, "/v2/models/llm_one_stage/generate", {"text_input": prompt, "max_tokens": 6},
+                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+        assert critical.status == 200
+        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), 6)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {prompt: greedy(reference, encode(prompt), 40) for prompt in prompts}
+    held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_one_stage")
+    assert held.get("critical", 0) == held_before.get("critical", 0)
+    assert held["standard"] > held_before.get("standard", 0), "no standard step waited its turn"
+
+
 def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_class() -> None:
     async def scenario() -> list[str]:
         gate, replica, order = StepGate(1), object(), []
@@ -548,8 +582,8 @@ def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_cla
         await step("critical", 1)  # the stage is full, yet the top class goes straight in
         waiting["gone"].cancel()  # its client left while it waited
         await asyncio.sleep(0)
-        for _ in range(4):  # running and critical leave, then whoever got their places
-            gate.leave(replica)
+        for top in (False, True, False, False):  # running and critical leave, then whoever got their places
+            gate.leave(replica, top)
             await asyncio.sleep(0)
         await asyncio.gather(waiting["standard"], waiting["sheddable"])
         assert gate.in_flight == {} and gate.waiting == {}  # nothing kept for an idle replica
@@ -581,11 +615,51 @@ def test_step_gate_with_one_batch_sends_the_next_batch_only_when_the_stage_is_em
         await asyncio.sleep(0)
         assert not any(task.done() for task in waiting)  # a batch is running: the next one forms here
         assert not await gate.enter(replica, 1, top=True)  # a critical step goes straight in, behind that batch only
-        gate.leave(replica)
+        gate.leave(replica, top=False)
         await asyncio.sleep(0)
         assert not any(task.done() for task in waiting)  # the critical step still runs
-        gate.leave(replica)
+        gate.leave(replica, top=True)
         assert await asyncio.gather(*waiting) == [True] * 3 and gate.in_flight[replica] == 3  # all at once
+
+    asyncio.run(scenario())
+
+
+def test_step_gate_with_one_stage_runs_the_other_classes_one_batch_at_a_time_beside_a_critical_sequence() -> None:
+    async def scenario() -> None:
+        gate, first, second, third = StepGate(0, one_batch=True, one_stage=True), "stage1", "stage2", "stage3"
+        assert not await gate.enter(first, 2, top=False)
+        assert not await gate.enter(second, 2, top=False)  # no critical sequence: stages run side by side as before
+        gate.leave(first, top=False)
+        gate.leave(second, top=False)
+        gate.top_starting()
+        gate.top_started()  # a critical sequence streams: its presence, not its start, makes it one stage at a time
+        assert not await gate.enter(first, 2, top=False)  # nothing of theirs runs: a batch goes in
+        at_third = asyncio.create_task(gate.enter(third, 2, top=False))  # the oldest held step
+        await asyncio.sleep(0)
+        at_second = asyncio.create_task(gate.enter(second, 2, top=False))
+        await asyncio.sleep(0)
+        assert not at_third.done() and not at_second.done()  # a batch of theirs runs at the first stage
+        assert not await gate.enter(third, 1, top=True)  # a critical step never waits here
+        gate.leave(third, top=True)
+
+        async def next_stage() -> bool:  # the first stage's batch ends, and its step asks for the second at once
+            gate.leave(first, top=False)
+            return await gate.enter(second, 2, top=False)
+
+        moved = asyncio.create_task(next_stage())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # the largest batch goes next (2 at the second stage, though the third's step waited longest), whole
+        assert at_second.done() and moved.done() and not at_third.done()
+        assert gate.in_flight[second] == 2 and not gate.in_flight.get(third) and gate.others_in_flight == 2
+        gate.leave(second, top=False)
+        await asyncio.sleep(0)
+        assert not at_third.done()  # half the batch is still running
+        gate.leave(second, top=False)
+        assert await at_third is True  # then the third stage's
+        gate.leave(third, top=False)
+        gate.top_ended()
+        assert gate.others_in_flight == 0 and gate.in_flight == {} and gate.waiting == {}
 
     asyncio.run(scenario())
 
