@@ -657,9 +657,18 @@ def test_step_gate_with_one_stage_runs_the_other_classes_one_batch_at_a_time_bes
         assert not at_third.done()  # half the batch is still running
         gate.leave(second, top=False)
         assert await at_third is True  # then the third stage's
+        gone = asyncio.create_task(gate.enter(first, 2, top=False))  # its client leaves while it waits
+        left = asyncio.create_task(gate.enter(second, 2, top=False))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
         gate.leave(third, top=False)
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert await left is True  # the one live step is the batch, though a gone one waited longer
+        gate.leave(second, top=False)
         gate.top_ended()
-        assert gate.others_in_flight == 0 and gate.in_flight == {} and gate.waiting == {}
+        assert gate.others_in_flight == 0 and gate.in_flight == {} and not any(gate.waiting.values())
 
     asyncio.run(scenario())
 

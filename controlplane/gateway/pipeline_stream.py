@@ -165,10 +165,14 @@ class StepGate:
             return
         if self.others_in_flight:
             return
-        sizes = {target: min(len(waiting), self.places(target)) for target, waiting in self.waiting.items()}
-        ready = [target for target, size in sizes.items() if size > 0]
-        if ready:
-            self._admit(max(ready, key=lambda t: (sizes[t], -min(arrival for _, arrival, _ in self.waiting[t]))))
+        batches = {}  # target -> (its batch's size, minus its oldest step's arrival); steps whose client left
+        for target, waiting in self.waiting.items():  # (cancelled, not yet popped) do not count
+            arrivals = [arrival for _, arrival, place in waiting if not place.done()]
+            size = min(len(arrivals), self.places(target))
+            if size > 0:
+                batches[target] = (size, -min(arrivals))
+        if batches:
+            self._admit(max(batches, key=batches.__getitem__))
 
     def _admit(self, target: Target) -> None:
         waiting, places = self.waiting.get(target, []), self.places(target)
