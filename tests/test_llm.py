@@ -481,6 +481,16 @@ def pipeline_steps(stack: RunningStack, metric: str, pipeline: str) -> dict[str,
     return found
 
 
+def critical_sequences_are_exact(stack: RunningStack, reference: LlamaForCausalLM, pipeline: str,
+                                 prompts: tuple[str, ...], tokens: int) -> None:
+    """Critical sequences, one after another: each answered 200 with exactly its greedy tokens."""
+    for prompt in prompts:
+        critical = post(stack, f"/v2/models/{pipeline}/generate", {"text_input": prompt, "max_tokens": tokens},
+                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+        assert critical.status == 200
+        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), tokens)
+
+
 def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token(
         served: RunningStack, reference: LlamaForCausalLM) -> None:
     """`llm_urgent` (urgent_steps_per_stage 0): amid 4 standard streams, critical sequences get exactly their greedy
@@ -501,11 +511,7 @@ def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token
     for thread in threads:
         thread.start()
     streaming.wait()
-    for prompt in ("urgent one", "urgent two", "urgent three"):
-        critical = post(served, "/v2/models/llm_urgent/generate", {"text_input": prompt, "max_tokens": 3},
-                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
-        assert critical.status == 200
-        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), 3)
+    critical_sequences_are_exact(served, reference, "llm_urgent", ("urgent one", "urgent two", "urgent three"), 3)
     for thread in threads:
         thread.join(timeout=120)
     held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_urgent")
@@ -554,11 +560,7 @@ def test_one_stage_at_a_time_beside_critical_sequences_keeps_every_stream_exact_
     for thread in threads:
         thread.start()
     streaming.wait()
-    for prompt in ("urgent one", "urgent two"):
-        critical = post(served, "/v2/models/llm_one_stage/generate", {"text_input": prompt, "max_tokens": 6},
-                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
-        assert critical.status == 200
-        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), 6)
+    critical_sequences_are_exact(served, reference, "llm_one_stage", ("urgent one", "urgent two"), 6)
     for thread in threads:
         thread.join(timeout=120)
     assert answers == {prompt: greedy(reference, encode(prompt), 40) for prompt in prompts}
@@ -711,9 +713,10 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
     steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert steps == [[0, 0, 1, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+    assert steps == [[0, 0, 1, 0, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
     urgent = [[pipeline.urgent_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert urgent == [[None, None, None, 0, None]] * 3  # off stays off, a pause stays a pause
+    assert urgent == [[None, None, None, 0, None, 0]] * 3  # off stays off, a pause stays a pause
+    assert [[pipeline.one_stage_at_a_time for pipeline in p.pipelines] for p in parts] == [[False] * 5 + [True]] * 3
 
 
 @pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),
