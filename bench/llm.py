@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -235,12 +236,14 @@ def stage_profile(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
 
 
 def variant_settings(variant: str) -> dict:
-    """A compared setting of the pipeline's step gate: `off` (none), `N` (urgent_steps_per_stage N), `N+batch`
-    (and one_batch_per_stage)."""
-    urgent, _, batch = variant.partition("+")
-    if batch not in ("", "batch") or not (urgent == "off" or urgent.isdigit()):
-        raise ValueError(f"variant '{variant}': expected off, N or N+batch")
-    return {"urgent_steps_per_stage": None if urgent == "off" else int(urgent), "one_batch_per_stage": bool(batch)}
+    """A compared setting of the pipeline's step gate: `off` (none) or `N` (urgent_steps_per_stage N), then
+    `+batch` (one_batch_per_stage) and `+stage` (one_stage_at_a_time), e.g. `0+batch+stage`."""
+    urgent, *extras = variant.split("+")
+    if not (urgent == "off" or urgent.isdigit()) or not set(extras) <= {"batch", "stage"} \
+            or len(set(extras)) < len(extras):
+        raise ValueError(f"variant '{variant}': expected off or N, then +batch and/or +stage")
+    return {"urgent_steps_per_stage": None if urgent == "off" else int(urgent),
+            "one_batch_per_stage": "batch" in extras, "one_stage_at_a_time": "stage" in extras}
 
 
 def overload_pipeline(variant: str) -> str:
@@ -383,11 +386,13 @@ class Phase:
         return found
 
 
-def overload(served: Served, args: argparse.Namespace, variants: tuple[str, ...]) -> dict:
+def overload(served: Served, args: argparse.Namespace, variants: tuple[str, ...],
+             after_round: Callable[[dict], None]) -> None:
     """Rounds of: critical sequences alone, then the same critical load beside a standard flood once per
     step gate setting (`variant_settings`: its own pipeline over the same stages). Critical sequences arrive open
     loop at `critical_rate` a second, `critical_count` a phase; the flood is `standard_clients` closed-loop clients
-    that fill the pipeline first and leave mid-stream at the phase's end. Everything pooled over the rounds."""
+    that fill the pipeline first and leave mid-stream at the phase's end. Everything pooled over the rounds, and
+    handed to `after_round` after each (a run cut short keeps the rounds it finished)."""
     address, flood_clients = served.address, max(1, int(args.overload * REFERENCE_CONCURRENCY))
     count = max(1, round(args.critical_rate * args.phase_s))
     alone = Phase()
@@ -414,11 +419,11 @@ def overload(served: Served, args: argparse.Namespace, variants: tuple[str, ...]
         log(f"   overload round {round_index + 1}/{args.rounds}: critical TTFT P99 alone "
             f"{alone.critical.summary()['ttft_p99_ms']} ms, beside the flood "
             + ", ".join(f"{v} {p.critical.summary()['ttft_p99_ms']} ms" for v, p in mixed.items()))
-    return {"critical_rate_per_s": args.critical_rate, "critical_tokens": args.critical_tokens,
-            "critical_per_phase": count, "rounds": args.rounds, "standard_clients": flood_clients,
-            "flood_tokens": args.tokens, "alone": alone.report(with_flood=False),
-            "mixed": {variant: {**variant_settings(variant), **phase.report(with_flood=True)}
-                      for variant, phase in mixed.items()}}
+        after_round({"critical_rate_per_s": args.critical_rate, "critical_tokens": args.critical_tokens,
+                     "critical_per_phase": count, "rounds": round_index + 1, "standard_clients": flood_clients,
+                     "flood_tokens": args.tokens, "alone": alone.report(with_flood=False),
+                     "mixed": {variant: {**variant_settings(variant), **phase.report(with_flood=True)}
+                               for variant, phase in mixed.items()}})
 
 
 def serve_levels(served: Served, levels: list[int], per_client: int, tokens: int) -> dict:
@@ -493,7 +498,7 @@ def overload_lines(load: dict) -> list[str]:
     lines = ["", f"Overload (4 shards): {load['rounds']} rounds, each of critical sequences alone, then beside a "
              f"standard flood of {load['standard_clients']} closed-loop clients ({load['flood_tokens']} tokens) once "
              "per step gate setting (off: none; N: `urgent_steps_per_stage` N; +batch: and "
-             "`one_batch_per_stage`); critical sequences arrive open loop, "
+             "`one_batch_per_stage`; +stage: and `one_stage_at_a_time`); critical sequences arrive open loop, "
              f"{load['critical_rate_per_s']} a second, {load['critical_per_phase']} a phase, "
              f"{load['critical_tokens']} tokens each; every phase pooled over the rounds.", "",
              "| phase | step gate | critical sequences | TTFT P50 ms | TTFT P90 ms | TTFT P99 ms | "
@@ -550,8 +555,12 @@ def run_setup(stages: int, work: Path, repository: Path, gpu: bool, args: argpar
                 write(args.out, results)
         if with_overload:
             log("   mixed priority overload")
-            results["overload"] = overload(served, args, tuple(args.variants.split(",")))
-            write(args.out, results)
+
+            def keep(load: dict) -> None:
+                results["overload"] = load
+                write(args.out, results)
+
+            overload(served, args, tuple(args.variants.split(",")), keep)
     finally:
         served.stop()
         keep_logs(run_dir, args.out / f"logs-{stages}")
@@ -580,7 +589,8 @@ def main() -> None:
     parser.add_argument("--fill-s", type=float, default=3.0, help="the flood's head start over critical arrivals")
     parser.add_argument("--variants", default="off,0,0+batch",
                         help="the step gate settings the overload compares (off: none; N: urgent_steps_per_stage N; "
-                             "N+batch: and one_batch_per_stage); the last is the example's")
+                             "+batch: and one_batch_per_stage; +stage: and one_stage_at_a_time); the last is "
+                             "the example's")
     parser.add_argument("--start-timeout-s", type=float, default=180.0)
     parser.add_argument("--max-steps-per-stage", type=int, default=0,
                         help="the pipeline's gate: steps in flight at a stage, the rest wait in class order (0: off)")

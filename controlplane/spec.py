@@ -125,6 +125,12 @@ class Pipeline(StrictModel):
         "flight, then all that wait at once: the gateway forms the batch, the stage queues none behind the running "
         "one, so a critical step (never held) waits behind at most one batch in progress. Each gateway worker "
         "acts on its own steps; a stage never free of critical steps would hold the others until it is.")
+    one_stage_at_a_time: bool = Field(
+        False, description="While a sequence of the top class is in flight, the other classes' steps run at one stage "
+        "replica of the pipeline at a time, a batch of them once the last has left, where the largest batch waits. "
+        "For stages that time-slice one GPU (no MIG): side by side they slow each other down (a batch costs about "
+        "the same at any size), so a critical step then finds at most one of them running, and running faster. "
+        "Traffic of one class is not affected. Each gateway worker acts on its own steps.")
 
 
 class Shard(StrictModel):

@@ -69,6 +69,8 @@ pipelines:
   - {{name: llm_gated, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, max_steps_per_stage: 1}}
   - {{name: llm_urgent, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0}}
   - {{name: llm_batched, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, one_batch_per_stage: true}}
+  - {{name: llm_one_stage, stages: [llm_1of2, llm_2of2], max_sequences: 5, max_tokens: 400, urgent_steps_per_stage: 0,
+     one_batch_per_stage: true, one_stage_at_a_time: true}}
 tenants:
   - {{name: anonymous, default_class: standard, rate: 1000, burst: 1000}}
   - {{name: demo, api_key_sha256: {demo_key}, default_class: standard, allowed_classes: [critical, standard],
@@ -479,6 +481,16 @@ def pipeline_steps(stack: RunningStack, metric: str, pipeline: str) -> dict[str,
     return found
 
 
+def critical_sequences_are_exact(stack: RunningStack, reference: LlamaForCausalLM, pipeline: str,
+                                 prompts: tuple[str, ...], tokens: int) -> None:
+    """Critical sequences, one after another: each answered 200 with exactly its greedy tokens."""
+    for prompt in prompts:
+        critical = post(stack, f"/v2/models/{pipeline}/generate", {"text_input": prompt, "max_tokens": tokens},
+                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
+        assert critical.status == 200
+        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), tokens)
+
+
 def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token(
         served: RunningStack, reference: LlamaForCausalLM) -> None:
     """`llm_urgent` (urgent_steps_per_stage 0): amid 4 standard streams, critical sequences get exactly their greedy
@@ -499,11 +511,7 @@ def test_other_classes_pause_while_a_critical_sequence_waits_for_its_first_token
     for thread in threads:
         thread.start()
     streaming.wait()
-    for prompt in ("urgent one", "urgent two", "urgent three"):
-        critical = post(served, "/v2/models/llm_urgent/generate", {"text_input": prompt, "max_tokens": 3},
-                        {"authorization": f"Bearer {DEMO_KEY}", "x-priority": "critical"})
-        assert critical.status == 200
-        assert json.loads(critical.read())["token_ids"] == greedy(reference, encode(prompt), 3)
+    critical_sequences_are_exact(served, reference, "llm_urgent", ("urgent one", "urgent two", "urgent three"), 3)
     for thread in threads:
         thread.join(timeout=120)
     held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_urgent")
@@ -533,6 +541,34 @@ def test_batches_formed_at_the_gateway_keep_every_sequence_exact(served: Running
     assert held > 0, "no step waited for its stage's batch: the gateway formed no batch"
 
 
+def test_one_stage_at_a_time_beside_critical_sequences_keeps_every_stream_exact_and_whole(
+        served: RunningStack, reference: LlamaForCausalLM) -> None:
+    """`llm_one_stage` (the example's gate: pause, one batch per stage, one stage at a time): amid 3 standard
+    streams, critical sequences get exactly their greedy tokens and never wait at the gate; the standard streams'
+    steps wait their turn and every one of them still ends whole, with exactly its greedy tokens."""
+    held_before = pipeline_steps(served, "cp_pipeline_steps_held", "llm_one_stage")
+    prompts, streaming, answers = [f"flood {index}" for index in range(3)], threading.Barrier(4, timeout=60), {}
+
+    def standard(prompt: str) -> None:
+        response = post(served, "/v2/models/llm_one_stage/generate_stream", {"text_input": prompt, "max_tokens": 40})
+        assert response.status == 200
+        first = json.loads(response.readline()[len(b"data: "):])["token_id"]
+        streaming.wait()
+        answers[prompt] = [first] + [e["token_id"] for e in events(response) if "token_id" in e]
+
+    threads = [threading.Thread(target=standard, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    streaming.wait()
+    critical_sequences_are_exact(served, reference, "llm_one_stage", ("urgent one", "urgent two"), 6)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {prompt: greedy(reference, encode(prompt), 40) for prompt in prompts}
+    held = pipeline_steps(served, "cp_pipeline_steps_held", "llm_one_stage")
+    assert held.get("critical", 0) == held_before.get("critical", 0)
+    assert held["standard"] > held_before.get("standard", 0), "no standard step waited its turn"
+
+
 def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_class() -> None:
     async def scenario() -> list[str]:
         gate, replica, order = StepGate(1), object(), []
@@ -548,8 +584,8 @@ def test_step_gate_gives_freed_places_in_class_order_and_never_holds_the_top_cla
         await step("critical", 1)  # the stage is full, yet the top class goes straight in
         waiting["gone"].cancel()  # its client left while it waited
         await asyncio.sleep(0)
-        for _ in range(4):  # running and critical leave, then whoever got their places
-            gate.leave(replica)
+        for top in (False, True, False, False):  # running and critical leave, then whoever got their places
+            gate.leave(replica, top)
             await asyncio.sleep(0)
         await asyncio.gather(waiting["standard"], waiting["sheddable"])
         assert gate.in_flight == {} and gate.waiting == {}  # nothing kept for an idle replica
@@ -581,11 +617,60 @@ def test_step_gate_with_one_batch_sends_the_next_batch_only_when_the_stage_is_em
         await asyncio.sleep(0)
         assert not any(task.done() for task in waiting)  # a batch is running: the next one forms here
         assert not await gate.enter(replica, 1, top=True)  # a critical step goes straight in, behind that batch only
-        gate.leave(replica)
+        gate.leave(replica, top=False)
         await asyncio.sleep(0)
         assert not any(task.done() for task in waiting)  # the critical step still runs
-        gate.leave(replica)
+        gate.leave(replica, top=True)
         assert await asyncio.gather(*waiting) == [True] * 3 and gate.in_flight[replica] == 3  # all at once
+
+    asyncio.run(scenario())
+
+
+def test_step_gate_with_one_stage_runs_the_other_classes_one_batch_at_a_time_beside_a_critical_sequence() -> None:
+    async def scenario() -> None:
+        gate, first, second, third = StepGate(0, one_batch=True, one_stage=True), "stage1", "stage2", "stage3"
+        assert not await gate.enter(first, 2, top=False)
+        assert not await gate.enter(second, 2, top=False)  # no critical sequence: stages run side by side as before
+        gate.leave(first, top=False)
+        gate.leave(second, top=False)
+        gate.top_starting()
+        gate.top_started()  # a critical sequence streams: its presence, not its start, makes it one stage at a time
+        assert not await gate.enter(first, 2, top=False)  # nothing of theirs runs: a batch goes in
+        at_third = asyncio.create_task(gate.enter(third, 2, top=False))  # the oldest held step
+        await asyncio.sleep(0)
+        at_second = asyncio.create_task(gate.enter(second, 2, top=False))
+        await asyncio.sleep(0)
+        assert not at_third.done() and not at_second.done()  # a batch of theirs runs at the first stage
+        assert not await gate.enter(third, 1, top=True)  # a critical step never waits here
+        gate.leave(third, top=True)
+
+        async def next_stage() -> bool:  # the first stage's batch ends, and its step asks for the second at once
+            gate.leave(first, top=False)
+            return await gate.enter(second, 2, top=False)
+
+        moved = asyncio.create_task(next_stage())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # the largest batch goes next (2 at the second stage, though the third's step waited longest), whole
+        assert at_second.done() and moved.done() and not at_third.done()
+        assert gate.in_flight[second] == 2 and not gate.in_flight.get(third) and gate.others_in_flight == 2
+        gate.leave(second, top=False)
+        await asyncio.sleep(0)
+        assert not at_third.done()  # half the batch is still running
+        gate.leave(second, top=False)
+        assert await at_third is True  # then the third stage's
+        gone = asyncio.create_task(gate.enter(first, 2, top=False))  # its client leaves while it waits
+        left = asyncio.create_task(gate.enter(second, 2, top=False))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        gate.leave(third, top=False)
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert await left is True  # the one live step is the batch, though a gone one waited longer
+        gate.leave(second, top=False)
+        gate.top_ended()
+        assert gate.others_in_flight == 0 and gate.in_flight == {} and not any(gate.waiting.values())
 
     asyncio.run(scenario())
 
@@ -628,9 +713,10 @@ def test_gateway_workers_split_a_pipelines_places() -> None:
     single = [(p.pipelines[1].max_sequences, p.pipelines[1].reserved_for_top_class) for p in parts]
     assert single == [(1, 0), (1, 0), (0, 0)]  # llm_single: 2 places, 1 reserved: a worker keeps one for anyone
     steps = [[pipeline.max_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert steps == [[0, 0, 1, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
+    assert steps == [[0, 0, 1, 0, 0, 0]] * 3  # unbounded stays unbounded; llm_gated's 1 step: each worker may send one
     urgent = [[pipeline.urgent_steps_per_stage for pipeline in p.pipelines] for p in parts]
-    assert urgent == [[None, None, None, 0, None]] * 3  # off stays off, a pause stays a pause
+    assert urgent == [[None, None, None, 0, None, 0]] * 3  # off stays off, a pause stays a pause
+    assert [[pipeline.one_stage_at_a_time for pipeline in p.pipelines] for p in parts] == [[False] * 5 + [True]] * 3
 
 
 @pytest.mark.parametrize(("stage", "model", "input_name", "empty", "output_name"),

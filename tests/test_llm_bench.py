@@ -80,8 +80,13 @@ def test_the_p99_of_a_hundred_values_is_the_99th_not_the_largest() -> None:
 
 
 def test_a_step_gate_setting_is_read_or_named_as_wrong() -> None:
-    assert llm_bench.variant_settings("off") == {"urgent_steps_per_stage": None, "one_batch_per_stage": False}
-    assert llm_bench.variant_settings("2+batch") == {"urgent_steps_per_stage": 2, "one_batch_per_stage": True}
+    assert llm_bench.variant_settings("off") == {"urgent_steps_per_stage": None, "one_batch_per_stage": False,
+                                                 "one_stage_at_a_time": False}
+    assert llm_bench.variant_settings("2+batch") == {"urgent_steps_per_stage": 2, "one_batch_per_stage": True,
+                                                     "one_stage_at_a_time": False}
+    assert llm_bench.variant_settings("0+batch+stage") == {"urgent_steps_per_stage": 0, "one_batch_per_stage": True,
+                                                           "one_stage_at_a_time": True}
     assert llm_bench.overload_pipeline("0+batch") == "llm_0_batch"
-    with pytest.raises(ValueError, match="expected off, N or N\\+batch"):
-        llm_bench.variant_settings("0+fast")
+    for wrong in ("0+fast", "0+batch+batch", "fast+batch"):
+        with pytest.raises(ValueError, match="expected off or N, then \\+batch and/or \\+stage"):
+            llm_bench.variant_settings(wrong)

@@ -72,6 +72,24 @@ def test_levels_climb_at_once_and_step_down_after_the_cool_down() -> None:
     assert overload.level == 0 and not overload.refuses(CONN, SHEDDABLE)
 
 
+def test_the_first_cpu_window_starts_with_the_manager_not_with_the_process() -> None:
+    """A worker builds its manager, then loads its endpoints and runs a collector pass before it serves: that CPU is
+    the process starting, not load (it read "cpu 1.00" and climbed a level at every gateway start)."""
+    async def first_cpu_pressure() -> float:
+        overload, clock = manager(lag_saturated_ms=1000)
+        busy_until = time.process_time() + 0.25
+        while time.process_time() < busy_until:  # the worker's own start, a quarter of a second of CPU
+            pass
+        clock.now += 0.25
+        overload.start()
+        clock.now += 0.25  # a quiet first window
+        overload._probe()
+        overload.stop()
+        return overload.pressure["cpu"]
+
+    assert uvloop.run(first_cpu_pressure()) < 0.2
+
+
 def test_level_one_refuses_half_the_low_connections_per_refresh_and_level_two_all() -> None:
     overload, clock = manager(lag_saturated_ms=5)
     overload.refuses(CONN, CRITICAL)

@@ -117,6 +117,9 @@ class OverloadManager:
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
         if self.config.enabled:
+            # the first window starts now: from __init__ it would take in the process's own start (the CPU of
+            # loading the spec and the endpoints, the collector's pass) as load: "cpu 1.00" at startup
+            self._window_start = (self.clock(), time.process_time())
             self._expected = self.clock() + LAG_PROBE_S
             self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
 

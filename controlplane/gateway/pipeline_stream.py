@@ -7,7 +7,8 @@ walks the stages as binary-tensor infers, each counted on its stage replica like
 in-flight count, limit, failures and ejection, the class's service statistics); a critical step goes straight
 in, the others' past the pipeline's `max_steps_per_stage` at a replica (or past `urgent_steps_per_stage` while a
 critical sequence waits for its first token, or, with `one_batch_per_stage`, while the replica has a batch
-running) are held here in class order (StepGate) -> each token is sent as it comes (a server-sent event, or
+running, or, with `one_stage_at_a_time`, while a batch of theirs runs at another stage beside a critical sequence)
+are held here in class order (StepGate) -> each token is sent as it comes (a server-sent event, or
 gathered for /generate) -> released: the last step ends the caches, an early end (deadline, client gone, failure)
 sends a release.
 
@@ -58,29 +59,42 @@ class StepGate:
     `limit` steps in flight (0: no bound), or fewer than `urgent_limit` while a top-class sequence of the pipeline
     waits for its first token (`starting_top` > 0; None: no such bound), and, with `one_batch`, only while the
     replica has no step in flight at all: then every waiting step goes in at once (up to the bound), so the stage
-    holds one batch of them, running, and none queued behind it. The others wait here in class order (Triton
-    priority, 1 first), then arrival order, and go in as steps leave or the urgency ends. So a critical step never
-    waits here, and in the stage's own FIFO queue it waits behind at most the steps already in it (with
-    `one_batch`: at most the one batch running).
+    holds one batch of them, running, and none queued behind it. With `one_stage`, while a top-class sequence of
+    the pipeline is in flight (`top_sequences` > 0), the other classes' steps are in flight at one replica at a
+    time: the next batch of them goes in once the last one has left, at the replica where the largest batch
+    waits (then the oldest step): stages that time-slice one GPU then never run the others' batches side by
+    side, so a top-class step finds at most one of them running, and running faster. The others wait here in
+    class order (Triton priority, 1 first), then arrival order, and go in as steps leave or the urgency ends. So
+    a critical step never waits here, and in the stage's own FIFO queue it waits behind at most the steps
+    already in it (with `one_batch`: at most the one batch running).
     """
 
-    def __init__(self, limit: int, urgent_limit: int | None = None, one_batch: bool = False) -> None:
-        self.limit, self.urgent_limit, self.one_batch = limit, urgent_limit, one_batch
+    def __init__(self, limit: int, urgent_limit: int | None = None, one_batch: bool = False,
+                 one_stage: bool = False) -> None:
+        self.limit, self.urgent_limit, self.one_batch, self.one_stage = limit, urgent_limit, one_batch, one_stage
         self.in_flight: dict[Target, int] = {}
         self.waiting: dict[Target, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self.arrivals = itertools.count()
         self.starting_top = 0  # top-class sequences of the pipeline before their first token
+        self.top_sequences = 0  # top-class sequences of the pipeline in flight
+        self.others_in_flight = 0  # steps of the other classes in flight, at every replica together
+        self.next_batch_due = False  # `one_stage`: the choice of the next batch is scheduled
 
     def room(self) -> int | None:
         """Steps a replica may have in flight for a class other than the top one now (None: no bound)."""
         bounds = [self.limit or None, self.urgent_limit if self.starting_top else None]
         return min((b for b in bounds if b is not None), default=None)
 
+    def one_stage_now(self) -> bool:
+        return self.one_stage and self.top_sequences > 0
+
     def places(self, target: Target) -> float:
         """How many steps of a class other than the top one may go in at `target` now."""
         in_flight = self.in_flight.get(target, 0)
         if self.one_batch and in_flight:
             return 0  # its batch is running: the next one forms here
+        if self.one_stage_now() and self.others_in_flight:
+            return 0  # another batch of theirs runs somewhere in the pipeline
         room = self.room()
         return math.inf if room is None else room - in_flight
 
@@ -89,6 +103,7 @@ class StepGate:
         waiting = self.waiting.setdefault(target, [])
         if top or (not waiting and self.places(target) > 0):
             self.in_flight[target] = self.in_flight.get(target, 0) + 1
+            self.others_in_flight += not top
             return False
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(waiting, (priority, next(self.arrivals), place))
@@ -96,27 +111,68 @@ class StepGate:
             await place
         except asyncio.CancelledError:
             if place.done() and not place.cancelled():  # handed a place just as it left: pass it on
-                self.leave(target)
+                self.leave(target, top=False)
             raise
         return True
 
-    def leave(self, target: Target) -> None:
+    def leave(self, target: Target, top: bool) -> None:
         """A step left `target`: the first waiting steps still waiting take the room there is."""
         self.in_flight[target] -= 1
-        self._admit(target)
+        self.others_in_flight -= not top
+        if self.one_stage_now():
+            self._choose_next_batch_soon()
+        else:
+            self._admit(target)
         if not self.in_flight[target] and not self.waiting.get(target):  # nothing kept for an idle replica
             del self.in_flight[target]
             self.waiting.pop(target, None)
 
     def top_starting(self) -> None:
         self.starting_top += 1
+        self.top_sequences += 1
 
     def top_started(self) -> None:
         """A top-class sequence has its first token (or ended): when none is left starting, held steps go in."""
         self.starting_top -= 1
         if not self.starting_top:
+            self._admit_everywhere()
+
+    def top_ended(self) -> None:
+        """A top-class sequence ended: when none is left, the other classes' steps go in at every stage again."""
+        self.top_sequences -= 1
+        if not self.top_sequences:
+            self._admit_everywhere()
+
+    def _admit_everywhere(self) -> None:
+        if self.one_stage_now():
+            self._choose_next_batch_soon()
+        else:
             for target in list(self.waiting):
                 self._admit(target)
+
+    def _choose_next_batch_soon(self) -> None:
+        """Choose the next batch once the steps that just left have asked for their next stage (they do so in the
+        same turn of the event loop): the batch that ended then waits whole at its next stage."""
+        if not self.others_in_flight and not self.next_batch_due:
+            self.next_batch_due = True
+            asyncio.get_running_loop().call_soon(self._admit_next_batch)
+
+    def _admit_next_batch(self) -> None:
+        """`one_stage`: the next batch of the other classes goes in where the largest one waits (then the oldest)."""
+        self.next_batch_due = False
+        if not self.one_stage_now():
+            self._admit_everywhere()
+            return
+        if self.others_in_flight:
+            return
+        batches = {}  # target -> (its batch's size, minus its oldest step's arrival); steps whose client left
+        for target, waiting in self.waiting.items():  # (cancelled, not yet popped) do not count
+            arrivals = [arrival for _, arrival, place in waiting if not place.done()]
+            size = min(len(arrivals), self.places(target))
+            if size > 0:
+                batches[target] = (size, -min(arrivals))
+        if batches:
+            self._admit(max(batches, key=batches.__getitem__))
 
     def _admit(self, target: Target) -> None:
         waiting, places = self.waiting.get(target, []), self.places(target)
@@ -124,6 +180,7 @@ class StepGate:
             _, _, place = heapq.heappop(waiting)
             if not place.done():
                 self.in_flight[target] = self.in_flight.get(target, 0) + 1
+                self.others_in_flight += 1
                 place.set_result(None)
                 places -= 1
 
@@ -135,8 +192,8 @@ class PipelineSequences:
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.name: p for p in pipelines}
         self.in_flight = dict.fromkeys(self.pipelines, 0)
-        self.gates = {p.name: StepGate(p.max_steps_per_stage, p.urgent_steps_per_stage, p.one_batch_per_stage)
-                      for p in pipelines}
+        self.gates = {p.name: StepGate(p.max_steps_per_stage, p.urgent_steps_per_stage, p.one_batch_per_stage,
+                                       p.one_stage_at_a_time) for p in pipelines}
 
 
 def check_generate_body(body: bytes, pipeline: Pipeline) -> tuple[str, int]:
@@ -194,6 +251,8 @@ class PipelineRun:
                 self.app.metrics.requests[(*labels, outcome)] += 1
         finally:
             self._started()
+            if self.top:
+                self.gate.top_ended()
             sequences.in_flight[name] -= 1
             if self.stages and not self.ended_caches:
                 await self._release()
@@ -267,7 +326,7 @@ class PipelineRun:
         except Exception as exc:  # any upstream failure ends this sequence with a message, never a hang
             raise StageFailed(f"stage {model} on {target.name}: {exc or type(exc).__name__}") from None
         finally:
-            gate.leave(target)
+            gate.leave(target, self.top)
             service_s = self.app.clock() - sent_at
             if client_left:  # the client went away mid-step: says nothing of the shard (a flood leaving at once
                 router.unreserve(target)  # must not eject a healthy stage)
