@@ -282,12 +282,16 @@ def spec_text(repository: Path, workers: int, served_models: list[str], concurre
     return yaml.safe_dump(spec, sort_keys=False)
 
 
-class VariantGateway:
-    """`cpctl gateway` of the benchmark's spec with `concurrency` changed, in front of the running stack's shard
-    (its static backend), on a free port; stopped (SIGTERM, then by PID) on leaving."""
+def variant_spec(repository: Path, args: argparse.Namespace, name: str) -> str:
+    """The benchmark's spec with the concurrency setting of GATEWAY_VARIANTS[name] changed."""
+    return spec_text(repository, args.workers, list(served_variants(args).values()), GATEWAY_VARIANTS[name])
 
-    def __init__(self, workdir: Path, name: str, state: dict, repository: Path, args: argparse.Namespace,
-                 concurrency: dict) -> None:
+
+class VariantGateway:
+    """`cpctl gateway` of `spec` (e.g. the benchmark's with one setting changed), in front of the running stack's
+    shard (its static backend), on a free port, with `env` added; stopped (SIGTERM, then by PID) on leaving."""
+
+    def __init__(self, workdir: Path, name: str, state: dict, spec_yaml: str, env: dict | None = None) -> None:
         from urllib.parse import urlsplit
 
         from controlplane.procs import free_port
@@ -295,14 +299,15 @@ class VariantGateway:
         shard = state["shards"][0]
         address = urlsplit(shard["url"])
         spec, endpoints = workdir / f"gateway-{name}.yaml", workdir / f"endpoints-{name}.json"
-        spec.write_text(spec_text(repository, args.workers, list(served_variants(args).values()), concurrency))
+        spec.write_text(spec_yaml)
         endpoints.write_text(json.dumps([{"name": shard["name"], "host": address.hostname, "port": address.port,
                                           "models": shard["models"], "gpu": True}]))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec),
                                        "--endpoints", str(endpoints), "--port", str(port)],
-                                      log_path=workdir / f"gateway-{name}.log", cwd=ROOT)
+                                      env={**os.environ, **(env or {})}, log_path=workdir / f"gateway-{name}.log",
+                                      cwd=ROOT)
 
     def __enter__(self) -> VariantGateway:
         deadline = time.monotonic() + 60
@@ -570,7 +575,7 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
                              headers)
         for name in filter(None, args.variants.split(",")):
             try:
-                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                with VariantGateway(workdir, name, state, variant_spec(repository, args, name)) as variant:
                     for connections in levels[-2:]:
                         measured(f"gateway-{name} fp16 pixels c{connections}", variant.url, VARIANTS["fp16"],
                                  files["pixels"], connections, auth, variant.pids())
@@ -587,7 +592,7 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
             found = {}
             capacity = results.get("overload", {}).get("capacity_rps")
             for name in filter(None, args.overload_variants.split(",")):
-                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                with VariantGateway(workdir, name, state, variant_spec(repository, args, name)) as variant:
                     found[name] = overload_on_gpu(variant.url, args, capacity)
                     save()
             return found

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import httptools
 
+from controlplane.gateway import diagnostics
+
 # Triton response headers worth passing on; hop-by-hop and framing headers are the gateway's own business.
 FORWARDED_RESPONSE_HEADERS = {b"content-type", b"inference-header-content-length", b"content-encoding"}
 
@@ -74,6 +76,10 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if diagnostics.UPSTREAM_SNDBUF:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, diagnostics.UPSTREAM_SNDBUF)
+        if diagnostics.UPSTREAM_WRITE_HIGH:
+            transport.set_write_buffer_limits(high=diagnostics.UPSTREAM_WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
         if self.sink is None:  # bytes while idle: the server is confused; drop the connection

@@ -1,0 +1,79 @@
+"""Opt-in diagnostics of the large-body path (issue 11), read once from the environment; nothing runs when unset.
+
+- `CPCTL_GATEWAY_TIMELINE=DIR`: each worker appends one JSON line per inference request of 1 MiB or more to
+  `DIR/timeline-<pid>.jsonl`: when it was handed over (headers and JSON inference header in), dispatched
+  (slot taken), sent (upstream connection in hand, first body byte written), when its last body byte left for
+  the shard, the shard's response head and end, how often and how long its client was paused by the shard's
+  back-pressure, the bytes that had arrived before dispatch, the shard's in-flight count and room at dispatch,
+  the socket buffer sizes. bench/diagnose/large_body.py reads them.
+- Knobs that the same diagnostic varies, to test a cause (each off unless set, in bytes):
+  `CPCTL_UPSTREAM_WRITE_HIGH` (the write high-water mark of upstream connections: a streamed body pauses its
+  client above it; asyncio's default is 64 KiB), `CPCTL_UPSTREAM_SNDBUF` (SO_SNDBUF of upstream sockets),
+  `CPCTL_CLIENT_RCVBUF` (SO_RCVBUF of client sockets), `CPCTL_STREAM_BODY_BYTES` (bodies this large are
+  forwarded while they arrive; a huge value turns it off: store and forward).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def _bytes_setting(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+
+UPSTREAM_WRITE_HIGH = _bytes_setting("CPCTL_UPSTREAM_WRITE_HIGH")
+UPSTREAM_SNDBUF = _bytes_setting("CPCTL_UPSTREAM_SNDBUF")
+CLIENT_RCVBUF = _bytes_setting("CPCTL_CLIENT_RCVBUF")
+STREAM_BODY_BYTES = _bytes_setting("CPCTL_STREAM_BODY_BYTES")
+TIMELINE_DIR = os.environ.get("CPCTL_GATEWAY_TIMELINE", "")
+TRACED_BYTES = 1 << 20  # only large bodies are traced
+
+
+def socket_buffers(transport: Any) -> tuple[int, int]:
+    """(SO_SNDBUF, SO_RCVBUF) of a transport's socket, (0, 0) without one."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0, 0
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+class Timeline:
+    """One traced request's moments (seconds, monotonic) and counts; written as one line when it ends."""
+
+    _file: Any = None
+
+    def __init__(self, connection_id: int, client_transport: Any) -> None:
+        self.record: dict[str, Any] = {"pid": os.getpid(), "conn": connection_id, "handed": time.monotonic(),
+                                       "pauses": 0, "paused_s": 0.0,
+                                       "client_bufs": socket_buffers(client_transport)}
+        self._paused_at = 0.0
+
+    def mark(self, moment: str, **counts: Any) -> None:
+        self.record[moment] = time.monotonic()
+        self.record.update(counts)
+
+    def paused(self, writable: bool) -> None:
+        """The shard's back-pressure paused (False) or resumed (True) the client's reading."""
+        now = time.monotonic()
+        if not writable:
+            self.record["pauses"] += 1
+            self._paused_at = now
+        elif self._paused_at:
+            self.record["paused_s"] += now - self._paused_at
+            self._paused_at = 0.0
+
+    def write(self, status: int) -> None:
+        self.record["status"] = status
+        if Timeline._file is None:
+            directory = Path(TIMELINE_DIR)
+            directory.mkdir(parents=True, exist_ok=True)
+            Timeline._file = (directory / f"timeline-{os.getpid()}.jsonl").open("ab", buffering=0)
+        Timeline._file.write(orjson.dumps(self.record) + b"\n")
