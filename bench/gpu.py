@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples" / "models" / "vision" / "1"))
 sys.path.insert(0, str(ROOT / "examples" / "models" / "vision"))  # train.py
 
+from controlplane.gateway.diagnostics import timeline_summary  # noqa: E402
 from controlplane.procs import ManagedProcess  # noqa: E402
 
 API_KEY = "cp-demo-key"  # the demo tenant of examples/gpu/h200.yaml
@@ -530,6 +531,9 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
     served_models = list(served_variants(args).values())
     started = time.monotonic()
     # Loading waits for the first vision_fp16 instance to compile its batch sizes (the others then read the cache).
+    timelines = workdir / "timelines"
+    if args.timeline:  # the gateways (and only they) read it: controlplane/gateway/diagnostics.py
+        os.environ["CPCTL_GATEWAY_TIMELINE"] = str(timelines)
     stack = Stack(workdir / "stack", spec_text(repository, args.workers, served_models), timeout_s=300,
                   up_args=("--ready-timeout", "270"))
     try:
@@ -550,9 +554,12 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
 
         def measured(name: str, url: str, model: str, body: Path, connections: int, headers: dict,
                      gateway_pids: list[int] | None = None) -> None:
+            begun = time.monotonic()
             with ServerSide(state | {"workers": gateway_pids} if gateway_pids else state, model) as server:
                 run = run_clients(url, model, body, connections, args.seconds, headers, workdir, args.clients)
             served["runs"][name] = run | {"server": server.found}
+            if args.timeline and url != shard:  # where its large requests waited inside the gateway
+                served["runs"][name]["timeline"] = timeline_summary(timelines, (begun, time.monotonic()))
             log(f"{name}: {json.dumps(served['runs'][name])}")
             save()
 
@@ -880,6 +887,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-seconds", type=float, default=20.0, help="training of the compared network")
     parser.add_argument("--serve-precisions", default="fp16,bf16,fp32", help="vision variants served (fp16 always)")
     parser.add_argument("--variants", default="", help=f"other gateways' throughput runs: {','.join(GATEWAY_VARIANTS)}")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per gateway run, where its requests waited inside the gateway (CPCTL_GATEWAY_TIMELINE)")
     parser.add_argument("--overload-variants", default="", help="other gateways' overload multiples (e.g. bound6)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,trained,"
                         "serving,agreement,jpeg,overload,risk,tune,compile,convert")

@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu import ServerSide, VariantGateway, run_clients, write_request  # noqa: E402
 from scaling import Stack  # noqa: E402
 
+from controlplane.gateway.diagnostics import timeline_summary  # noqa: E402
+
 API_KEY = "cp-demo-key"
 MODEL = "sink"
 CONFIG = """name: "sink"
@@ -164,50 +166,6 @@ def measured(state: dict, url: str, body: Path, connections: int, seconds: float
             "img_per_exec": found.get("images_per_execution"), "gw_cores": found["gateway_cores"],
             "triton_cores": found["triton_cores"], "window": (begun, time.monotonic()),
             **(gateway_summary(samples) if samples else {})}
-
-
-PHASES = (("waited", "handed", "dispatched"),  # in the gateway's queue: no slot yet
-          ("connect", "dispatched", "sent"),  # slot taken -> upstream connection in hand, first byte written
-          ("upload", "sent", "body_out"),  # -> last body byte handed to the upstream transport
-          ("shard", "body_out", "head"),  # -> the shard's response head (Triton: its queue and the model)
-          ("relay", "head", "end"),
-          ("total", "handed", "end"))
-
-
-def timeline_summary(directory: Path, window: tuple[float, float]) -> dict:
-    """The gateway's timeline records (diagnostics.Timeline) of requests handed over within `window`: per phase
-    the median and P90 (ms), back-pressure pauses, bytes in before dispatch, room at dispatch, and how the
-    requests and client connections spread over the workers (SO_REUSEPORT)."""
-    records = []
-    for path in directory.glob("timeline-*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if window[0] <= record["handed"] <= window[1] and record.get("status") == 200:
-                records.append(record)
-    if not records:
-        return {"records": 0}
-
-    def spread(values: list[float], scale: float = 1e3) -> list[float]:
-        values = sorted(values)
-        return [round(values[len(values) // 2] * scale, 2), round(values[int(len(values) * 0.9)] * scale, 2)]
-
-    summary: dict = {"records": len(records)}
-    for name, first, last in PHASES:
-        values = [r[last] - r[first] for r in records if first in r and last in r]
-        if values:
-            summary[f"{name}_ms"] = spread(values)
-    for name in ("pauses", "paused_s", "arrived_before", "unsent", "in_flight", "room"):
-        values = [r[name] for r in records if name in r]
-        if values:
-            summary[name] = spread(values, 1e3 if name == "paused_s" else 1)
-    workers: dict[int, set] = {}
-    for record in records:
-        workers.setdefault(record["pid"], set()).add(record["conn"])
-    summary["requests_per_worker"] = sorted((sum(r["pid"] == pid for r in records) for pid in workers), reverse=True)
-    summary["connections_per_worker"] = sorted((len(c) for c in workers.values()), reverse=True)
-    summary["socket_buffers"] = {"client (snd, rcv)": records[0]["client_bufs"],
-                                 "upstream (snd, rcv)": records[0].get("upstream_bufs")}
-    return summary
 
 
 def system_settings() -> dict:

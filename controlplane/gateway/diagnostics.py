@@ -5,7 +5,7 @@
   (slot taken), sent (upstream connection in hand, first body byte written), when its last body byte left for
   the shard, the shard's response head and end, how often and how long its client was paused by the shard's
   back-pressure, the bytes that had arrived before dispatch, the shard's in-flight count and room at dispatch,
-  the socket buffer sizes. bench/diagnose/large_body.py reads them.
+  the socket buffer sizes. `timeline_summary` reads them back (bench/diagnose/large_body.py, bench/gpu.py).
 - Knobs that the same diagnostic varies, to test a cause (each off unless set, in bytes):
   `CPCTL_UPSTREAM_WRITE_HIGH` (the write high-water mark of upstream connections: a streamed body pauses its
   client above it; asyncio's default is 64 KiB), `CPCTL_UPSTREAM_SNDBUF` (SO_SNDBUF of upstream sockets),
@@ -77,3 +77,47 @@ class Timeline:
             directory.mkdir(parents=True, exist_ok=True)
             Timeline._file = (directory / f"timeline-{os.getpid()}.jsonl").open("ab", buffering=0)
         Timeline._file.write(orjson.dumps(self.record) + b"\n")
+
+
+PHASES = (("waited", "handed", "dispatched"),  # in the gateway's queue: no slot yet
+          ("connect", "dispatched", "sent"),  # slot taken -> upstream connection in hand, first byte written
+          ("upload", "sent", "body_out"),  # -> last body byte handed to the upstream transport
+          ("shard", "body_out", "head"),  # -> the shard's response head (Triton: its queue and the model)
+          ("relay", "head", "end"),
+          ("total", "handed", "end"))
+
+
+def timeline_summary(directory: Path, window: tuple[float, float]) -> dict:
+    """The gateway's timeline records (diagnostics.Timeline) of requests handed over within `window`: per phase
+    the median and P90 (ms), back-pressure pauses, bytes in before dispatch, room at dispatch, and how the
+    requests and client connections spread over the workers (SO_REUSEPORT)."""
+    records = []
+    for path in directory.glob("timeline-*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = orjson.loads(line)
+            if window[0] <= record["handed"] <= window[1] and record.get("status") == 200:
+                records.append(record)
+    if not records:
+        return {"records": 0}
+
+    def spread(values: list[float], scale: float = 1e3) -> list[float]:
+        values = sorted(values)
+        return [round(values[len(values) // 2] * scale, 2), round(values[int(len(values) * 0.9)] * scale, 2)]
+
+    summary: dict = {"records": len(records)}
+    for name, first, last in PHASES:
+        values = [r[last] - r[first] for r in records if first in r and last in r]
+        if values:
+            summary[f"{name}_ms"] = spread(values)
+    for name in ("pauses", "paused_s", "arrived_before", "unsent", "in_flight", "room"):
+        values = [r[name] for r in records if name in r]
+        if values:
+            summary[name] = spread(values, 1e3 if name == "paused_s" else 1)
+    workers: dict[int, set] = {}
+    for record in records:
+        workers.setdefault(record["pid"], set()).add(record["conn"])
+    summary["requests_per_worker"] = sorted((sum(r["pid"] == pid for r in records) for pid in workers), reverse=True)
+    summary["connections_per_worker"] = sorted((len(c) for c in workers.values()), reverse=True)
+    summary["socket_buffers"] = {"client (snd, rcv)": records[0]["client_bufs"],
+                                 "upstream (snd, rcv)": records[0].get("upstream_bufs")}
+    return summary
