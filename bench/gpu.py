@@ -358,7 +358,8 @@ class ServerSide:
 
     def __enter__(self) -> ServerSide:
         self.before = (self._stats(), self.procstat.total_cpu_seconds(self.gateway_pids),
-                       self.procstat.cpu_seconds(self.triton_pid), time.monotonic())
+                       self.procstat.cpu_seconds(self.triton_pid), time.monotonic(),
+                       self.procstat.thread_cpu_seconds(self.triton_pid))
         self.sampler = threading.Thread(target=self._sample_gpu, daemon=True)
         self.sampler.start()
         return self
@@ -371,6 +372,9 @@ class ServerSide:
         elapsed = now - self.before[3]
         self.found = {"gateway_cores": round((gateway_cpu - self.before[1]) / elapsed, 2),
                       "triton_cores": round((triton_cpu - self.before[2]) / elapsed, 2),
+                      # its busiest threads: one near 1.0 is an HTTP thread reading every body alone
+                      "triton_busiest_threads": self.procstat.busiest_threads(
+                          self.before[4], self.procstat.thread_cpu_seconds(self.triton_pid), elapsed),
                       "gpu_util_mean": round(sum(self.samples) / len(self.samples), 1) if self.samples else None,
                       **_stats_delta(self.before[0], stats)}
 

@@ -140,6 +140,9 @@ VARIANTS = {
     "sndbuf4m": {"env": {"CPCTL_UPSTREAM_SNDBUF": str(4 << 20)}},
     "rcvbuf4m": {"env": {"CPCTL_CLIENT_RCVBUF": str(4 << 20)}},
     "store": {"env": {"CPCTL_STREAM_BODY_BYTES": str(1 << 40)}},  # store and forward: no slot held while uploading
+    "burst1": {"env": {"CPCTL_UPSTREAM_CONNECT_BURST": "1"}},  # upstream connections opened one at a time
+    "burst16": {"env": {"CPCTL_UPSTREAM_CONNECT_BURST": "16"}},
+    "fifo": {"env": {"CPCTL_UPSTREAM_FIFO": "1"}},  # idle upstream connections reused oldest first
     "floor0": {"concurrency": {"gpu_floor": 0}},
     "floor24": {"concurrency": {"gpu_floor": 24}},
     **{f"w{n}": {"workers": n} for n in (1, 2, 4, 12, 16)},
@@ -164,7 +167,8 @@ def measured(state: dict, url: str, body: Path, connections: int, seconds: float
             "error": run.get("error") or run.get("first_error"),
             "triton_ms": [found.get(f"{p}_ms") for p in ("queue", "compute_input", "compute_infer", "compute_output")],
             "img_per_exec": found.get("images_per_execution"), "gw_cores": found["gateway_cores"],
-            "triton_cores": found["triton_cores"], "window": (begun, time.monotonic()),
+            "triton_cores": found["triton_cores"], "triton_threads": found["triton_busiest_threads"],
+            "window": (begun, time.monotonic()),
             **(gateway_summary(samples) if samples else {})}
 
 

@@ -10,7 +10,9 @@
   `CPCTL_UPSTREAM_WRITE_HIGH` (the write high-water mark of upstream connections: a streamed body pauses its
   client above it; asyncio's default is 64 KiB), `CPCTL_UPSTREAM_SNDBUF` (SO_SNDBUF of upstream sockets),
   `CPCTL_CLIENT_RCVBUF` (SO_RCVBUF of client sockets), `CPCTL_STREAM_BODY_BYTES` (bodies this large are
-  forwarded while they arrive; a huge value turns it off: store and forward).
+  forwarded while they arrive; a huge value turns it off: store and forward), `CPCTL_UPSTREAM_CONNECT_BURST`
+  (upstream connections opened at once, default 8; 1: one at a time), `CPCTL_UPSTREAM_FIFO=1` (idle upstream
+  connections reused oldest first instead of most recent first).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ UPSTREAM_WRITE_HIGH = _bytes_setting("CPCTL_UPSTREAM_WRITE_HIGH")
 UPSTREAM_SNDBUF = _bytes_setting("CPCTL_UPSTREAM_SNDBUF")
 CLIENT_RCVBUF = _bytes_setting("CPCTL_CLIENT_RCVBUF")
 STREAM_BODY_BYTES = _bytes_setting("CPCTL_STREAM_BODY_BYTES")
+# upstream connections opened at once when a pool has none idle (upstream.UpstreamPool.open_spread); 1: one
+CONNECT_BURST = int(os.environ.get("CPCTL_UPSTREAM_CONNECT_BURST", "8") or 8)
+UPSTREAM_FIFO = os.environ.get("CPCTL_UPSTREAM_FIFO", "") == "1"  # reuse idle connections oldest first
 TIMELINE_DIR = os.environ.get("CPCTL_GATEWAY_TIMELINE", "")
 TRACED_BYTES = 1 << 20  # only large bodies are traced
 

@@ -232,7 +232,7 @@ class Exchange:
 
     async def _connect_then_send(self, target: Target) -> None:
         try:
-            upstream = await target.pool.connect()
+            upstream = await target.pool.open_spread()
         except UpstreamError as error:
             self.task = None
             self.on_error(error)

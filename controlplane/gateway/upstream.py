@@ -171,7 +171,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one shard, opened on demand and reused most-recent first."""
+    """Idle keep-alive connections to one shard, opened on demand, several at once (`open_spread`), and reused
+    most-recent first (oldest first with CPCTL_UPSTREAM_FIFO, a diagnostic)."""
 
     def __init__(self, host: str, port: int, max_idle: int = 256, connect_timeout_s: float = 1.0) -> None:
         self.host = host
@@ -180,15 +181,37 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.idle: deque[UpstreamConnection] = deque()
         self.closed = False
+        self.spreading = False  # a burst of connections is being opened
 
     def take_idle(self) -> UpstreamConnection | None:
         """An open idle connection, or None (then `connect`)."""
         idle = self.idle
         while idle:
-            conn = idle.pop()
+            conn = idle.popleft() if diagnostics.UPSTREAM_FIFO else idle.pop()
             if not conn.closed:
                 return conn
         return None
+
+    async def open_spread(self) -> UpstreamConnection:
+        """A new connection, opened together with CONNECT_BURST - 1 others that wait idle. Triton 2.51's HTTP
+        server hands each accepted connection to the first of its threads with nothing queued, and a connection
+        stays on its thread: connections opened one by one all land on one thread, which then reads every body
+        sent on them alone (one core: ~2.5 GB/s of 10 MB bodies on the H200). Connections that arrive together
+        find the first threads still busy taking the earlier ones and spread (bench/diagnose/large_body.py)."""
+        burst = diagnostics.CONNECT_BURST
+        if burst <= 1 or self.spreading:
+            return await self.connect()
+        self.spreading = True
+        try:
+            opened = await asyncio.gather(*(self.connect() for _ in range(burst)), return_exceptions=True)
+        finally:
+            self.spreading = False
+        connections = [conn for conn in opened if isinstance(conn, UpstreamConnection)]
+        if not connections:
+            raise [failure for failure in opened if isinstance(failure, BaseException)][0]
+        for extra in connections[1:]:
+            self.release(extra)
+        return connections[0]
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -203,7 +226,7 @@ class UpstreamPool:
         return conn
 
     async def acquire(self) -> UpstreamConnection:
-        return self.take_idle() or await self.connect()
+        return self.take_idle() or await self.open_spread()
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= self.max_idle:

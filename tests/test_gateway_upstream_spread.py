@@ -1,0 +1,101 @@
+"""Upstream connections are opened several at once (UpstreamPool.open_spread), and the large-body timeline
+(controlplane/gateway/diagnostics.py) reads back what the gateway wrote.
+
+Triton's HTTP server pins each connection to the first of its threads with nothing queued; connections opened
+one by one all land on one thread (seen with strace on this machine's tritonserver 2.51: 16 of 16). Which thread
+a connection lands on cannot be seen from outside, so these tests check the pool's side, against a real HTTP
+server on loopback: how many connections a pool with nothing idle opens, that each serves requests, and the
+failure when none can be opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+from controlplane.gateway import diagnostics
+from controlplane.gateway.diagnostics import Timeline, timeline_summary
+from controlplane.gateway.upstream import UpstreamError, UpstreamPool, fetch, request_bytes
+from controlplane.procs import free_port
+
+ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def http_server(accepted: list[int]) -> asyncio.Server:
+    """A loopback HTTP/1.1 server that answers every request head with `{}` and counts its connections."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername")[1])
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def test_a_pool_with_nothing_idle_opens_a_burst_and_keeps_the_others_idle() -> None:
+    async def scenario() -> tuple[int, int, list[int], list[int]]:
+        accepted: list[int] = []
+        server = await http_server(accepted)
+        pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
+        first = await pool.open_spread()
+        idle_after_burst = len(pool.idle)
+        pool.release(first)
+        statuses = [(await fetch(pool, request_bytes(b"GET", "/v2/health/ready", [], b""), 5.0)).status
+                    for _ in range(diagnostics.CONNECT_BURST + 2)]
+        await asyncio.sleep(0.05)  # the server's accept callbacks run
+        pool.close()
+        server.close()
+        await server.wait_closed()
+        return idle_after_burst, len(pool.idle), statuses, accepted
+
+    idle_after_burst, _, statuses, accepted = asyncio.run(scenario())
+    assert diagnostics.CONNECT_BURST > 1
+    assert idle_after_burst == diagnostics.CONNECT_BURST - 1
+    assert statuses == [200] * (diagnostics.CONNECT_BURST + 2)
+    assert len(accepted) == diagnostics.CONNECT_BURST  # the idle ones served the later requests: none opened more
+
+
+def test_a_burst_to_a_shard_that_is_not_listening_fails_with_a_clear_error() -> None:
+    async def scenario() -> None:
+        pool = UpstreamPool("127.0.0.1", free_port())
+        await pool.open_spread()
+
+    with pytest.raises(UpstreamError, match="cannot connect to shard 127.0.0.1:") as caught:
+        asyncio.run(scenario())
+    assert caught.value.before_response
+
+
+def test_the_timeline_summary_reads_what_the_gateway_wrote(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(diagnostics, "TIMELINE_DIR", str(tmp_path))
+    monkeypatch.setattr(Timeline, "_file", None)
+    begun = time.monotonic()
+    for connection in (1, 1, 2):
+        trace = Timeline(connection, None)
+        trace.mark("dispatched", in_flight=3, room=16)
+        trace.mark("sent", arrived_before=262144)
+        trace.paused(False)
+        trace.paused(True)
+        trace.mark("body_out", unsent=0)
+        trace.mark("head")
+        trace.mark("end")
+        trace.write(200)
+    Timeline._file.close()
+    summary = timeline_summary(tmp_path, (begun, time.monotonic()))
+    assert summary["records"] == 3
+    assert summary["pauses"] == [1, 1]
+    assert summary["room"] == [16, 16]
+    assert summary["requests_per_worker"] == [3] and summary["connections_per_worker"] == [2]
+    assert all(0 <= summary[f"{phase}_ms"][0] <= summary["total_ms"][1] for phase in ("waited", "upload", "shard"))
+    lines = (tmp_path / f"timeline-{os.getpid()}.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["status"] == 200
+    assert timeline_summary(tmp_path, (0.0, begun - 1)) == {"records": 0}  # outside the window: nothing
