@@ -142,7 +142,6 @@ VARIANTS = {
     "store": {"env": {"CPCTL_STREAM_BODY_BYTES": str(1 << 40)}},  # store and forward: no slot held while uploading
     "burst1": {"env": {"CPCTL_UPSTREAM_CONNECT_BURST": "1"}},  # upstream connections opened one at a time
     "burst16": {"env": {"CPCTL_UPSTREAM_CONNECT_BURST": "16"}},
-    "fifo": {"env": {"CPCTL_UPSTREAM_FIFO": "1"}},  # idle upstream connections reused oldest first
     "floor0": {"concurrency": {"gpu_floor": 0}},
     "floor24": {"concurrency": {"gpu_floor": 24}},
     **{f"w{n}": {"workers": n} for n in (1, 2, 4, 12, 16)},

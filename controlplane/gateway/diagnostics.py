@@ -11,8 +11,7 @@
   client above it; asyncio's default is 64 KiB), `CPCTL_UPSTREAM_SNDBUF` (SO_SNDBUF of upstream sockets),
   `CPCTL_CLIENT_RCVBUF` (SO_RCVBUF of client sockets), `CPCTL_STREAM_BODY_BYTES` (bodies this large are
   forwarded while they arrive; a huge value turns it off: store and forward), `CPCTL_UPSTREAM_CONNECT_BURST`
-  (upstream connections opened at once, default 8; 1: one at a time), `CPCTL_UPSTREAM_FIFO=1` (idle upstream
-  connections reused oldest first instead of most recent first).
+  (upstream connections opened at once, default 8; 1: one at a time).
 """
 
 from __future__ import annotations
@@ -26,18 +25,17 @@ from typing import Any
 import orjson
 
 
-def _bytes_setting(name: str) -> int:
+def _int_setting(name: str) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else 0
 
 
-UPSTREAM_WRITE_HIGH = _bytes_setting("CPCTL_UPSTREAM_WRITE_HIGH")
-UPSTREAM_SNDBUF = _bytes_setting("CPCTL_UPSTREAM_SNDBUF")
-CLIENT_RCVBUF = _bytes_setting("CPCTL_CLIENT_RCVBUF")
-STREAM_BODY_BYTES = _bytes_setting("CPCTL_STREAM_BODY_BYTES")
+UPSTREAM_WRITE_HIGH = _int_setting("CPCTL_UPSTREAM_WRITE_HIGH")
+UPSTREAM_SNDBUF = _int_setting("CPCTL_UPSTREAM_SNDBUF")
+CLIENT_RCVBUF = _int_setting("CPCTL_CLIENT_RCVBUF")
+STREAM_BODY_BYTES = _int_setting("CPCTL_STREAM_BODY_BYTES")
 # upstream connections opened at once when a pool has none idle (upstream.UpstreamPool.open_spread); 1: one
-CONNECT_BURST = int(os.environ.get("CPCTL_UPSTREAM_CONNECT_BURST", "8") or 8)
-UPSTREAM_FIFO = os.environ.get("CPCTL_UPSTREAM_FIFO", "") == "1"  # reuse idle connections oldest first
+CONNECT_BURST = _int_setting("CPCTL_UPSTREAM_CONNECT_BURST") or 8
 TIMELINE_DIR = os.environ.get("CPCTL_GATEWAY_TIMELINE", "")
 TRACED_BYTES = 1 << 20  # only large bodies are traced
 

@@ -172,7 +172,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     """Idle keep-alive connections to one shard, opened on demand, several at once (`open_spread`), and reused
-    most-recent first (oldest first with CPCTL_UPSTREAM_FIFO, a diagnostic)."""
+    in turn, oldest first: Triton pins each connection to one of its HTTP threads (`open_spread` says how), so
+    using every connection of the pool in turn spreads the bodies over every thread that holds one. (Reused most
+    recent first, as until 2026-12-01, a few hot connections carried the load, on one thread when they happened
+    to share it: 10.8k img/s with one Triton thread busy, where the next run had two and 18.7k;
+    bench/results/gpu-2026-12-01-run4.md.)"""
 
     def __init__(self, host: str, port: int, max_idle: int = 256, connect_timeout_s: float = 1.0) -> None:
         self.host = host
@@ -187,7 +191,7 @@ class UpstreamPool:
         """An open idle connection, or None (then `connect`)."""
         idle = self.idle
         while idle:
-            conn = idle.popleft() if diagnostics.UPSTREAM_FIFO else idle.pop()
+            conn = idle.popleft()
             if not conn.closed:
                 return conn
         return None
@@ -196,8 +200,9 @@ class UpstreamPool:
         """A new connection, opened together with CONNECT_BURST - 1 others that wait idle. Triton 2.51's HTTP
         server hands each accepted connection to the first of its threads with nothing queued, and a connection
         stays on its thread: connections opened one by one all land on one thread, which then reads every body
-        sent on them alone (one core: ~2.5 GB/s of 10 MB bodies on the H200). Connections that arrive together
-        find the first threads still busy taking the earlier ones and spread (bench/diagnose/large_body.py)."""
+        sent on them alone, 4 KiB a read (one core: 8-10k images of 150 KB a second on the H200). Connections that
+        arrive together find the first threads still busy taking the earlier ones and spread; which thread each
+        gets is not visible from here (bench/results/gpu-2026-12-01-run4.md)."""
         burst = diagnostics.CONNECT_BURST
         if burst <= 1 or self.spreading:
             return await self.connect()
