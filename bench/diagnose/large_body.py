@@ -9,11 +9,18 @@ client), alternating direct and gateway, each run bounded in time; per run img/s
 phases, CPU cores used by the gateway worker and by tritonserver, and the gateway's shard in-flight gauge.
 
     .venv/bin/python bench/diagnose/large_body.py [--connections 1,8] [--seconds 3] [--rounds 2] [--workers 1]
+        [--variants hw16m,store,...] [--clients 4] [--out DIR/large-body.json]
+
+On the H200 machine: bench/device/large_body.sh (bench/device/README.md). Every gateway writes a per-request
+timeline there (controlplane/gateway/diagnostics.py): where each large request waited inside the gateway; each
+run also records tritonserver's busiest threads. `--variants` are other gateways in front of the same shard,
+each with one thing changed (VARIANTS).
 
 To see where a worker's time goes, run it with longer --seconds and attach py-spy (not a dependency:
 `pip install py-spy`) to a worker PID from the stack's state.json: `py-spy record --native -f raw -d 6 -p PID`.
 
-Seen on 2026-12-01 (2 cores shared): see bench/results/gpu-2026-12-01-run3.md, "Reading".
+Seen on 2026-12-01: on 2 shared cores, bench/results/gpu-2026-12-01-run3.md, "Reading"; on the H200,
+bench/results/gpu-2026-12-01-run4.md, "Reading" (Triton's HTTP threads were the limit, not the gateway).
 """
 
 from __future__ import annotations
