@@ -14,13 +14,19 @@ import asyncio
 import json
 import os
 import time
+from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 
 from controlplane.gateway import diagnostics
 from controlplane.gateway.diagnostics import Timeline, timeline_summary
 from controlplane.gateway.upstream import UpstreamError, UpstreamPool, fetch, request_bytes
 from controlplane.procs import free_port
+
+from .conftest import EXAMPLE_SPEC, RunningStack, start_gateway, stop_gateway
+from .test_gateway_large_body import KEY, large_x
 
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -103,3 +109,37 @@ def test_the_timeline_summary_reads_what_the_gateway_wrote(tmp_path, monkeypatch
     lines = (tmp_path / f"timeline-{os.getpid()}.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["status"] == 200
     assert timeline_summary(tmp_path, (0.0, begun - 1)) == {"records": 0}  # outside the window: nothing
+
+
+def test_a_gateway_with_the_timeline_on_records_each_large_request_in_order(stack: RunningStack, tmp_path) -> None:
+    """`cpctl gateway` with CPCTL_GATEWAY_TIMELINE, in front of the example stack's shards: each large request it
+    relays leaves one record whose moments follow the request's path; a small one leaves none."""
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps([{"name": s["name"], "host": urlsplit(s["url"]).hostname,
+                                      "port": urlsplit(s["url"]).port, "models": s["models"]}
+                                     for s in stack.state()["shards"] if s["url"]]))  # (a standby has none)
+    timelines = tmp_path / "timelines"
+    gateway = start_gateway(EXAMPLE_SPEC, endpoints, tmp_path / "gateway.log",
+                            env={**os.environ, "CPCTL_GATEWAY_TIMELINE": str(timelines)})
+    begun = time.monotonic()
+    try:
+        client = httpclient.InferenceServerClient(gateway.url.removeprefix("http://"), network_timeout=30)
+        try:
+            for rows in (4, 4, 1):  # two large bodies (streamed), then a small one
+                x = large_x(seed=rows) if rows == 4 else np.ones((1, 4), np.float32)
+                tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x, binary_data=True)
+                np.testing.assert_array_equal(client.infer("work", [tensor], headers={"Authorization": KEY})
+                                              .as_numpy("y"), x)
+        finally:
+            client.close()
+    finally:
+        assert not stop_gateway(gateway)
+    records = [json.loads(line) for path in timelines.glob("timeline-*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert len(records) == 2 and all(r["status"] == 200 for r in records)
+    for record in records:
+        moments = [record[m] for m in ("handed", "dispatched", "sent", "body_out", "head", "end")]
+        assert moments == sorted(moments)
+        assert 1 <= record["in_flight"] <= record["room"]
+    assert timeline_summary(timelines, (begun, time.monotonic()))["records"] == 2
