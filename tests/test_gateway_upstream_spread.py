@@ -3,9 +3,9 @@
 
 Triton's HTTP server pins each connection to the first of its threads with nothing queued; connections opened
 one by one all land on one thread (seen with strace on this machine's tritonserver 2.51: 16 of 16). Which thread
-a connection lands on cannot be seen from outside, so these tests check the pool's side, against a real HTTP
-server on loopback: how many connections a pool with nothing idle opens, that each serves requests, and the
-failure when none can be opened.
+a connection lands on cannot be seen from outside, so these tests check the pool's side, against the example
+stack's real Triton shard: how many connections a pool with nothing idle opens, that each serves requests in
+turn, and the failure when none can be opened.
 """
 
 from __future__ import annotations
@@ -28,51 +28,29 @@ from controlplane.procs import free_port
 from .conftest import EXAMPLE_SPEC, RunningStack, start_gateway, stop_gateway
 from .test_gateway_large_body import KEY, large_x
 
-ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
-
-async def http_server(served: dict[int, int]) -> asyncio.Server:
-    """A loopback HTTP/1.1 server that answers every request head with `{}`; counts requests per connection."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = writer.get_extra_info("peername")[1]
-        served[connection] = 0
-        try:
-            while await reader.readuntil(b"\r\n\r\n"):
-                served[connection] += 1
-                writer.write(ANSWER)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-
-def test_a_pool_with_nothing_idle_opens_a_burst_and_uses_every_connection_in_turn() -> None:
+def test_a_pool_with_nothing_idle_opens_a_burst_and_uses_every_connection_in_turn(stack: RunningStack) -> None:
     burst = diagnostics.CONNECT_BURST
+    shard = urlsplit(next(s["url"] for s in stack.state()["shards"] if s["url"]))
 
-    async def scenario() -> tuple[int, list[int], dict[int, int]]:
-        served: dict[int, int] = {}
-        server = await http_server(served)
-        pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
+    async def scenario() -> tuple[int, list[int], list[int]]:
+        pool = UpstreamPool(shard.hostname, shard.port)  # to a real Triton shard of the example stack
         first = await pool.open_spread()
         idle_after_burst = len(pool.idle)
         pool.release(first)
-        statuses = [(await fetch(pool, request_bytes(b"GET", "/v2/health/ready", [], b""), 5.0)).status
-                    for _ in range(2 * burst)]
+        used, statuses = [], []
+        for _ in range(2 * burst):
+            used.append(id(pool.idle[0]))  # the connection the next request takes
+            statuses.append((await fetch(pool, request_bytes(b"GET", "/v2/health/ready", [], b""), 5.0)).status)
         pool.close()
-        server.close()
-        await server.wait_closed()
-        return idle_after_burst, statuses, served
+        return idle_after_burst, statuses, used
 
-    idle_after_burst, statuses, served = asyncio.run(scenario())
+    idle_after_burst, statuses, used = asyncio.run(scenario())
     assert burst > 1
     assert idle_after_burst == burst - 1
     assert statuses == [200] * (2 * burst)
-    # no more connections than the burst, and each carried its share: one sequential client used them in turn
-    assert sorted(served.values()) == [2] * burst
+    # no connection opened beyond the burst, and each carried its share: one request after another took them in turn
+    assert sorted(used.count(conn) for conn in set(used)) == [2] * burst
 
 
 def test_a_burst_to_a_shard_that_is_not_listening_fails_with_a_clear_error() -> None:
