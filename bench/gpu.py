@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples" / "models" / "vision" / "1"))
 sys.path.insert(0, str(ROOT / "examples" / "models" / "vision"))  # train.py
 
+from controlplane.gateway.diagnostics import timeline_summary  # noqa: E402
 from controlplane.procs import ManagedProcess  # noqa: E402
 
 API_KEY = "cp-demo-key"  # the demo tenant of examples/gpu/h200.yaml
@@ -282,12 +283,16 @@ def spec_text(repository: Path, workers: int, served_models: list[str], concurre
     return yaml.safe_dump(spec, sort_keys=False)
 
 
-class VariantGateway:
-    """`cpctl gateway` of the benchmark's spec with `concurrency` changed, in front of the running stack's shard
-    (its static backend), on a free port; stopped (SIGTERM, then by PID) on leaving."""
+def variant_spec(repository: Path, args: argparse.Namespace, name: str) -> str:
+    """The benchmark's spec with the concurrency setting of GATEWAY_VARIANTS[name] changed."""
+    return spec_text(repository, args.workers, list(served_variants(args).values()), GATEWAY_VARIANTS[name])
 
-    def __init__(self, workdir: Path, name: str, state: dict, repository: Path, args: argparse.Namespace,
-                 concurrency: dict) -> None:
+
+class VariantGateway:
+    """`cpctl gateway` of `spec` (e.g. the benchmark's with one setting changed), in front of the running stack's
+    shard (its static backend), on a free port, with `env` added; stopped (SIGTERM, then by PID) on leaving."""
+
+    def __init__(self, workdir: Path, name: str, state: dict, spec_yaml: str, env: dict | None = None) -> None:
         from urllib.parse import urlsplit
 
         from controlplane.procs import free_port
@@ -295,14 +300,15 @@ class VariantGateway:
         shard = state["shards"][0]
         address = urlsplit(shard["url"])
         spec, endpoints = workdir / f"gateway-{name}.yaml", workdir / f"endpoints-{name}.json"
-        spec.write_text(spec_text(repository, args.workers, list(served_variants(args).values()), concurrency))
+        spec.write_text(spec_yaml)
         endpoints.write_text(json.dumps([{"name": shard["name"], "host": address.hostname, "port": address.port,
                                           "models": shard["models"], "gpu": True}]))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = ManagedProcess([sys.executable, "-m", "controlplane.cli", "gateway", "-f", str(spec),
                                        "--endpoints", str(endpoints), "--port", str(port)],
-                                      log_path=workdir / f"gateway-{name}.log", cwd=ROOT)
+                                      env={**os.environ, **(env or {})}, log_path=workdir / f"gateway-{name}.log",
+                                      cwd=ROOT)
 
     def __enter__(self) -> VariantGateway:
         deadline = time.monotonic() + 60
@@ -352,7 +358,8 @@ class ServerSide:
 
     def __enter__(self) -> ServerSide:
         self.before = (self._stats(), self.procstat.total_cpu_seconds(self.gateway_pids),
-                       self.procstat.cpu_seconds(self.triton_pid), time.monotonic())
+                       self.procstat.cpu_seconds(self.triton_pid), time.monotonic(),
+                       self.procstat.thread_cpu_seconds(self.triton_pid))
         self.sampler = threading.Thread(target=self._sample_gpu, daemon=True)
         self.sampler.start()
         return self
@@ -365,6 +372,9 @@ class ServerSide:
         elapsed = now - self.before[3]
         self.found = {"gateway_cores": round((gateway_cpu - self.before[1]) / elapsed, 2),
                       "triton_cores": round((triton_cpu - self.before[2]) / elapsed, 2),
+                      # its busiest threads: one near 1.0 is an HTTP thread reading every body alone
+                      "triton_busiest_threads": self.procstat.busiest_threads(
+                          self.before[4], self.procstat.thread_cpu_seconds(self.triton_pid), elapsed),
                       "gpu_util_mean": round(sum(self.samples) / len(self.samples), 1) if self.samples else None,
                       **_stats_delta(self.before[0], stats)}
 
@@ -525,6 +535,9 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
     served_models = list(served_variants(args).values())
     started = time.monotonic()
     # Loading waits for the first vision_fp16 instance to compile its batch sizes (the others then read the cache).
+    timelines = workdir / "timelines"
+    if args.timeline:  # the gateways (and only they) read it: controlplane/gateway/diagnostics.py
+        os.environ["CPCTL_GATEWAY_TIMELINE"] = str(timelines)
     stack = Stack(workdir / "stack", spec_text(repository, args.workers, served_models), timeout_s=300,
                   up_args=("--ready-timeout", "270"))
     try:
@@ -545,9 +558,12 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
 
         def measured(name: str, url: str, model: str, body: Path, connections: int, headers: dict,
                      gateway_pids: list[int] | None = None) -> None:
+            begun = time.monotonic()
             with ServerSide(state | {"workers": gateway_pids} if gateway_pids else state, model) as server:
                 run = run_clients(url, model, body, connections, args.seconds, headers, workdir, args.clients)
             served["runs"][name] = run | {"server": server.found}
+            if args.timeline and url != shard:  # where its large requests waited inside the gateway
+                served["runs"][name]["timeline"] = timeline_summary(timelines, (begun, time.monotonic()))
             log(f"{name}: {json.dumps(served['runs'][name])}")
             save()
 
@@ -570,7 +586,7 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
                              headers)
         for name in filter(None, args.variants.split(",")):
             try:
-                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                with VariantGateway(workdir, name, state, variant_spec(repository, args, name)) as variant:
                     for connections in levels[-2:]:
                         measured(f"gateway-{name} fp16 pixels c{connections}", variant.url, VARIANTS["fp16"],
                                  files["pixels"], connections, auth, variant.pids())
@@ -587,7 +603,7 @@ def serving(args: argparse.Namespace, workdir: Path, results: dict, save, skip: 
             found = {}
             capacity = results.get("overload", {}).get("capacity_rps")
             for name in filter(None, args.overload_variants.split(",")):
-                with VariantGateway(workdir, name, state, repository, args, GATEWAY_VARIANTS[name]) as variant:
+                with VariantGateway(workdir, name, state, variant_spec(repository, args, name)) as variant:
                     found[name] = overload_on_gpu(variant.url, args, capacity)
                     save()
             return found
@@ -875,6 +891,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-seconds", type=float, default=20.0, help="training of the compared network")
     parser.add_argument("--serve-precisions", default="fp16,bf16,fp32", help="vision variants served (fp16 always)")
     parser.add_argument("--variants", default="", help=f"other gateways' throughput runs: {','.join(GATEWAY_VARIANTS)}")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per gateway run, where its requests waited inside the gateway (CPCTL_GATEWAY_TIMELINE)")
     parser.add_argument("--overload-variants", default="", help="other gateways' overload multiples (e.g. bound6)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: ceiling,torchvision,trained,"
                         "serving,agreement,jpeg,overload,risk,tune,compile,convert")

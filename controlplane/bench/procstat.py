@@ -18,6 +18,26 @@ def total_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of one process, by thread id (threads that end meanwhile are skipped)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return found
+
+
+def busiest_threads(before: dict[int, float], after: dict[int, float], seconds: float, count: int = 4
+                    ) -> list[float]:
+    """The `count` highest per-thread CPU uses (cores) between two `thread_cpu_seconds` readings: one thread
+    near 1.0 is a single-threaded bottleneck that the process's total hides."""
+    used = sorted((after[tid] - before.get(tid, 0.0) for tid in after), reverse=True)
+    return [round(cpu / seconds, 2) for cpu in used[:count]]
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """VmRSS (now) and VmHWM (peak) of one process, MB."""
     fields = {}

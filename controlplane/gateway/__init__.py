@@ -10,6 +10,7 @@ A request's path, top to bottom:
 - `routing`: the endpoint pool, adaptive per-shard concurrency, ejection, retries.
 - `upstream`: pooled keep-alive connections to Triton, responses relayed as they arrive.
 - `overload`: the gateway's own overload (event-loop lag, CPU, memory, connections), acted on by class.
+- `diagnostics`: opt-in (environment) timeline of large requests and the knobs that test their causes.
 - `ladder`: the degradation ladder (standby shards, cheaper variants, shedding) with hysteresis.
 - `metrics`, `errors`: Prometheus metrics; the JSON error answers.
 - `workers`, `worker`, `channel`, `shared_buckets`: several worker processes on one port, their supervisor,

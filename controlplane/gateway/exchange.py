@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from controlplane.gateway.admission import Admitted, Refused
+from controlplane.gateway.diagnostics import TIMELINE_DIR, TRACED_BYTES, Timeline, socket_buffers
 from controlplane.gateway.errors import ANSWERED, HttpError, send_error
 from controlplane.gateway.inference import InferHeader, ModelSignature, NeedsWholeBody, check_generate_request
 from controlplane.gateway.routing import Target
@@ -67,7 +68,7 @@ def guarded(step: Callable) -> Callable:
 class Exchange:
     __slots__ = ("gateway", "request", "conn", "model", "action", "admitted", "arrived", "checked", "signature",
                  "ticket", "target", "upstream", "sent_at", "timer", "expiry", "task", "attempt", "fresh_retry",
-                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at", "path")
+                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at", "path", "trace")
 
     def __init__(self, gateway: GatewayApp, request: Request, conn: ClientConnection, model: str, action: str,
                  admitted: Admitted) -> None:
@@ -97,6 +98,10 @@ class Exchange:
         self.parts: list[bytes] = []
         self.started = False  # bytes reached the client: no retry, no error response any more
         self.finished = False
+        # CPCTL_GATEWAY_TIMELINE: a large request's moments, for bench/diagnose/large_body.py (off: None)
+        self.trace = (Timeline(id(conn), conn.transport)
+                      if TIMELINE_DIR and (request.streamed is not None or len(request.body) >= TRACED_BYTES)
+                      else None)
 
     def start(self) -> Exchange | None:
         """Walk as far as possible now; return self while the answer is pending (the connection cancels it
@@ -199,6 +204,8 @@ class Exchange:
             gateway.router.unreserve(target)
             return
         self.target = target
+        if self.trace is not None:
+            self.trace.mark("dispatched", in_flight=target.outstanding, room=gateway.router.room(target))
         now = gateway.clock()
         if self.attempt == 0:
             gateway.metrics.queue_wait[self.ticket.band].observe(now - self.arrived)
@@ -225,7 +232,7 @@ class Exchange:
 
     async def _connect_then_send(self, target: Target) -> None:
         try:
-            upstream = await target.pool.connect()
+            upstream = await target.pool.open_spread()
         except UpstreamError as error:
             self.task = None
             self.on_error(error)
@@ -251,8 +258,14 @@ class Exchange:
         self.upstream = upstream
         self.sent_at = self.gateway.clock()
         streamed = request.streamed
+        trace = self.trace
+        if trace is not None:
+            trace.mark("sent", arrived_before=sum(map(len, streamed.pieces)) if streamed is not None else len(body),
+                       upstream_bufs=socket_buffers(upstream.transport))
         if streamed is None:
             upstream.send(request_bytes(b"POST", path, lines, body), self)
+            if trace is not None:
+                trace.mark("body_out", unsent=upstream.transport.get_write_buffer_size())
             return
         # What arrived so far now, each later piece as it arrives (`write_body`), then the shard's time starts.
         upstream.send([*request_bytes(b"POST", path, lines, body, streamed.length),
@@ -260,8 +273,19 @@ class Exchange:
         if not streamed.complete:
             upstream.body_open = True
             conn = self.conn
-            upstream.write_listener = lambda writable: conn.resume("upstream") if writable else conn.pause("upstream")
+
+            def shard_reads(writable: bool) -> None:  # the shard's back-pressure reaches the client
+                if trace is not None:
+                    trace.paused(writable)
+                if writable:
+                    conn.resume("upstream")
+                else:
+                    conn.pause("upstream")
+
+            upstream.write_listener = shard_reads
             streamed.on_finish = self._body_sent
+        elif trace is not None:
+            trace.mark("body_out", unsent=upstream.transport.get_write_buffer_size())
 
     def _body_sent(self) -> None:
         """The last piece of a streamed body went to the shard: its connection may be reused after the answer,
@@ -270,6 +294,8 @@ class Exchange:
         if upstream is not None:
             upstream.body_open = False
             upstream.write_listener = None
+            if self.trace is not None:
+                self.trace.mark("body_out", unsent=upstream.transport.get_write_buffer_size())
         self.conn.resume_after_upstream()
         self.sent_at = self.gateway.clock()
 
@@ -300,6 +326,8 @@ class Exchange:
     # --- relay (the upstream connection's sink) --------------------------------------------------------
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], chunked: bool) -> None:
         self.status, self.headers, self.chunked = status, headers, chunked
+        if self.trace is not None:
+            self.trace.mark("head")
         if chunked:
             self.started = True
             self.conn.start_stream(status, headers)
@@ -429,6 +457,9 @@ class Exchange:
         """No step is left: cut the ticket's ties back to this exchange (the scheduler may still hold the
         ticket), so everything is freed by reference counting, never left for the garbage collector."""
         self.finished = True
+        if self.trace is not None:
+            self.trace.mark("end")
+            self.trace.write(self.status)
         if self.ticket is not None:
             self.ticket.on_dispatch = self.ticket.on_shed = ignore
         streamed = self.request.streamed

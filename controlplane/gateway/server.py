@@ -31,12 +31,14 @@ from typing import Any, Protocol
 import httptools
 import orjson
 
+from controlplane.gateway import diagnostics
 from controlplane.spec import GatewayLimits
 
 log = logging.getLogger(__name__)
 
 MAX_PIPELINED = 8  # requests queued on one connection before reading pauses
-STREAM_BODY_BYTES = 1 << 20  # binary inference bodies this large are forwarded while they arrive
+# binary inference bodies this large are forwarded while they arrive
+STREAM_BODY_BYTES = diagnostics.STREAM_BODY_BYTES or 1 << 20
 LINGER_S = 2.0  # how long a refused connection drains the client's input before closing
 SWEEP_S = 1.0  # idle connections are looked for this often
 ACCEPT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -266,6 +268,8 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if diagnostics.CLIENT_RCVBUF:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, diagnostics.CLIENT_RCVBUF)
         refusal = self.server.refuse_connection()
         if refusal is not None:
             self._refuse_connection(503, refusal)

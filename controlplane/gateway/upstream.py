@@ -17,6 +17,8 @@ from typing import Protocol
 
 import httptools
 
+from controlplane.gateway import diagnostics
+
 # Triton response headers worth passing on; hop-by-hop and framing headers are the gateway's own business.
 FORWARDED_RESPONSE_HEADERS = {b"content-type", b"inference-header-content-length", b"content-encoding"}
 
@@ -74,6 +76,10 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if diagnostics.UPSTREAM_SNDBUF:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, diagnostics.UPSTREAM_SNDBUF)
+        if diagnostics.UPSTREAM_WRITE_HIGH:
+            transport.set_write_buffer_limits(high=diagnostics.UPSTREAM_WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
         if self.sink is None:  # bytes while idle: the server is confused; drop the connection
@@ -165,7 +171,12 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one shard, opened on demand and reused most-recent first."""
+    """Idle keep-alive connections to one shard, opened on demand, several at once (`open_spread`), and reused
+    in turn, oldest first: Triton pins each connection to one of its HTTP threads (`open_spread` says how), so
+    using every connection of the pool in turn spreads the bodies over every thread that holds one. (Reused most
+    recent first, as until 2026-12-01, a few hot connections carried the load, on one thread when they happened
+    to share it: 10.8k img/s with one Triton thread busy, where the next run had two and 18.7k;
+    bench/results/gpu-2026-12-01-run4.md.)"""
 
     def __init__(self, host: str, port: int, max_idle: int = 256, connect_timeout_s: float = 1.0) -> None:
         self.host = host
@@ -174,15 +185,38 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.idle: deque[UpstreamConnection] = deque()
         self.closed = False
+        self.spreading = False  # a burst of connections is being opened
 
     def take_idle(self) -> UpstreamConnection | None:
         """An open idle connection, or None (then `connect`)."""
         idle = self.idle
         while idle:
-            conn = idle.pop()
+            conn = idle.popleft()
             if not conn.closed:
                 return conn
         return None
+
+    async def open_spread(self) -> UpstreamConnection:
+        """A new connection, opened together with CONNECT_BURST - 1 others that wait idle. Triton 2.51's HTTP
+        server hands each accepted connection to the first of its threads with nothing queued, and a connection
+        stays on its thread: connections opened one by one all land on one thread, which then reads every body
+        sent on them alone, 4 KiB a read (one core: 8-10k images of 150 KB a second on the H200). Connections that
+        arrive together find the first threads still busy taking the earlier ones and spread; which thread each
+        gets is not visible from here (bench/results/gpu-2026-12-01-run4.md)."""
+        burst = diagnostics.CONNECT_BURST
+        if burst <= 1 or self.spreading:
+            return await self.connect()
+        self.spreading = True
+        try:
+            opened = await asyncio.gather(*(self.connect() for _ in range(burst)), return_exceptions=True)
+        finally:
+            self.spreading = False
+        connections = [conn for conn in opened if isinstance(conn, UpstreamConnection)]
+        if not connections:
+            raise [failure for failure in opened if isinstance(failure, BaseException)][0]
+        for extra in connections[1:]:
+            self.release(extra)
+        return connections[0]
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -197,7 +231,7 @@ class UpstreamPool:
         return conn
 
     async def acquire(self) -> UpstreamConnection:
-        return self.take_idle() or await self.connect()
+        return self.take_idle() or await self.open_spread()
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= self.max_idle:
