@@ -240,6 +240,11 @@ class Concurrency(StrictModel):
         "top class is active. 0 (the default): off, only `urgent_bound` and the limit; e.g. 2.0.")
     urgent_slack_ms: float = Field(
         2.0, ge=0, description="Absolute latency allowance for the top class added to `urgent_tolerance`.")
+    coalesce_dispatches: bool = Field(
+        True, description="Write the requests dispatched during one turn of the gateway's event loop to the shards "
+        "together at its end, instead of one by one as each is read: Triton's dynamic batcher then sees them at once "
+        "and runs them as one batch rather than several small ones (fewer executions, less shard CPU a request). A "
+        "request waits at most the rest of the turn. false: each is written as soon as it is dispatched.")
 
 
 class Ejection(StrictModel):

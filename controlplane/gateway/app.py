@@ -34,7 +34,7 @@ from controlplane.gateway.pipeline_stream import PipelineRun, PipelineSequences
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
 from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Handler, Rejection, Request
-from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
+from controlplane.gateway.upstream import Outbox, UpstreamError, fetch, request_bytes
 from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
 
@@ -68,6 +68,8 @@ class GatewayApp:
         self.admission = Admission(spec, clock)
         self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
+        # requests to shards written together at the end of each event-loop turn (upstream.Outbox)
+        self.outbox = Outbox() if spec.gateway.concurrency.coalesce_dispatches else None
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
         self.overload: OverloadManager | None = None  # set by `serve_on`

@@ -252,7 +252,12 @@ class Exchange:
         self.sent_at = self.gateway.clock()
         streamed = request.streamed
         if streamed is None:
-            upstream.send(request_bytes(b"POST", path, lines, body), self)
+            data = request_bytes(b"POST", path, lines, body)
+            outbox = self.gateway.outbox
+            if outbox is not None and len(data) == 1:  # (a large body is written at once, not held for the turn)
+                outbox.send(upstream, data[0], self)
+            else:
+                upstream.send(data, self)
             return
         # What arrived so far now, each later piece as it arrives (`write_body`), then the shard's time starts.
         upstream.send([*request_bytes(b"POST", path, lines, body, streamed.length),
