@@ -240,11 +240,12 @@ class Concurrency(StrictModel):
         "top class is active. 0 (the default): off, only `urgent_bound` and the limit; e.g. 2.0.")
     urgent_slack_ms: float = Field(
         2.0, ge=0, description="Absolute latency allowance for the top class added to `urgent_tolerance`.")
-    coalesce_dispatches: bool = Field(
-        True, description="Write the requests dispatched during one turn of the gateway's event loop to the shards "
-        "together at its end, instead of one by one as each is read: Triton's dynamic batcher then sees them at once "
-        "and runs them as one batch rather than several small ones (fewer executions, less shard CPU a request). A "
-        "request waits at most the rest of the turn. false: each is written as soon as it is dispatched.")
+    coalesce_writes: bool = Field(
+        True, description="Hold what one turn of the gateway's event loop writes (requests to the shards, whole "
+        "responses to clients that keep their connection) until the turn's end, then write it all together: Triton's "
+        "dynamic batcher sees the turn's requests at once and runs them as one batch rather than several small ones, "
+        "and the processes woken by the writes take the gateway's core once a turn rather than once a request. A "
+        "write waits at most the rest of its turn. false: each is written at once.")
 
 
 class Ejection(StrictModel):

@@ -1,5 +1,5 @@
 """Requests to shards written together at the end of the event loop's turn (`upstream.Outbox`,
-`gateway.concurrency.coalesce_dispatches`): on real loopback sockets, and end to end in front of real Triton shards
+`gateway.concurrency.coalesce_writes`): on real loopback sockets, and end to end in front of real Triton shards
 with the setting on and off."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ async def infer_through(gateway_port: int, index: int) -> tuple[int, list[float]
 def test_concurrent_requests_are_answered_by_real_shards_either_way(stack: RunningStack, coalesce: bool) -> None:
     """Many requests read in the same turns and written together (or one by one) each get their own answer."""
     spec = load_spec(EXAMPLE_SPEC)
-    concurrency = spec.gateway.concurrency.model_copy(update={"coalesce_dispatches": coalesce})
+    concurrency = spec.gateway.concurrency.model_copy(update={"coalesce_writes": coalesce})
     spec = spec.model_copy(update={"gateway": spec.gateway.model_copy(update={"concurrency": concurrency})})
     shards = [s for s in stack.state()["shards"] if s["url"] and "work" in s["models"]]
     assert shards, "the example stack serves `work`"
@@ -96,5 +96,35 @@ def test_concurrent_requests_are_answered_by_real_shards_either_way(stack: Runni
         assert answers == [(200, [float(i), float(-i)]) for i in range(24)]
         await server.stop()
         router.close()
+
+    asyncio.run(scenario())
+
+
+def test_held_responses_keep_their_order_before_a_stream_and_a_close_on_the_same_connection() -> None:
+    """Pipelined requests: a whole response held for the turn's end must still reach the client before the next
+    request's streamed response (written at once) and before the connection closes."""
+    def handler(request, conn) -> None:  # noqa: ANN001
+        if request.path == "/stream":
+            conn.start_stream(200, [(b"content-type", b"text/plain")])
+            conn.send_chunk(b"streamed")
+            conn.end_stream()
+        else:
+            conn.send(200, request.path.encode(), [(b"content-type", b"text/plain")])
+
+    async def scenario() -> None:
+        spec = load_spec(EXAMPLE_SPEC)
+        server = GatewayServer(handler, spec.gateway.limits)
+        server.outbox = Outbox()
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 10)  # until the gateway closes
+        writer.close()
+        await server.stop()
+        bodies = [received.index(marker) for marker in (b"/first", b"streamed", b"/second", b"/last")]
+        assert bodies == sorted(bodies), received
+        assert received.count(b"HTTP/1.1 200") == 4 and b"connection: close" in received
 
     asyncio.run(scenario())

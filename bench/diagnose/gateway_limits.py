@@ -1,14 +1,16 @@
 """Where the time goes in the gateway targets still missed on this machine (issue 10), in one run.
 
 Runs the bench stack (bench/overload.yaml: two real Triton shards, the gateway, nginx) and measures, setups
-alternating, 2 rounds each:
+alternating, 2 rounds each (`--rounds`):
 1. peak, `work` at 0 ms (wrk closed loop, 64 connections, as the suite): per setup the req/s, the CPU a request
    of the proxy and of the Triton shards (servers and their model stubs), Triton's mean batch, and how busy the
    machine's cores were. Where the load generator, the proxy and the shards share the cores, throughput is
    about cores / (CPU a request summed over all of them).
 2. half load, `work` at 5 ms (open loop at half of direct's peak, one class, as the suite's overhead step):
    client P50 against the time Triton itself reports a request took (queue + compute, its mean), per setup.
-3. flood: critical at 100 req/s alone and beside 256 connections of `sheddable` (as the suite's flood group),
+3. refusal cost: each gateway's CPU a request, admitted (0 ms model) and refused at admission (a tenant of
+   1 req/s), as the suite's cpu group measures it.
+4. flood: critical at 100 req/s alone and beside 256 connections of `sheddable` (as the suite's flood group),
    per model: the critical latency the client sees against the one the gateway measures itself (from its
    reading the request to its answer, the cp_latency_seconds histogram): the difference waited in sockets
    and in the event loop before the gateway read the request, or after it answered.
@@ -46,6 +48,7 @@ from controlplane.bench import procstat
 from controlplane.bench.loadgen import Flow, summarize
 from controlplane.bench.suite import (
     API_KEY,
+    REFUSED_KEY,
     Setups,
     critical_run,
     machine,
@@ -53,6 +56,7 @@ from controlplane.bench.suite import (
     work_body,
     wrk_peak,
 )
+from controlplane.bench.wrk import WrkRun
 from controlplane.bench.wrk import script as wrk_script
 from controlplane.procs import ManagedProcess, free_port, group_members
 from controlplane.resources import project_file
@@ -60,6 +64,7 @@ from controlplane.resources import project_file
 ROUNDS = 2
 PEAK_S, HALF_S, FLOOD_S = 4, 5.0, 5.0
 SAMPLE_S = 0.25  # how often a gateway's shard gauges are read during a window
+PARTS = ("peak", "half", "refusal", "flood")
 
 
 def busy_cpu_seconds() -> float:
@@ -232,11 +237,13 @@ def mean_of(windows: list[dict]) -> dict[str, float]:
 
 
 def mean_and_spread(windows: list[dict]) -> dict[str, float]:
-    """Means over the rounds, and for the headline numbers their spread (max - min)."""
+    """Means over the rounds, and for the headline numbers their spread (max - min) and each round's value."""
     out = mean_of(windows)
-    for key in ("rps", "client_p50_ms", "client_p99_ms", "mean_batch"):
-        if key in windows[0]:
-            out[f"{key}_spread"] = round(max(w[key] for w in windows) - min(w[key] for w in windows), 3)
+    headline = [key for key in ("rps", "client_p50_ms", "client_p99_ms", "mean_batch", "proxy_cpu_us")
+                if key in windows[0]]
+    for key in headline:
+        out[f"{key}_spread"] = round(max(w[key] for w in windows) - min(w[key] for w in windows), 3)
+    out["rounds"] = [{key: round(w[key], 3) for key in headline} for w in windows]  # for paired comparisons
     return out
 
 
@@ -265,6 +272,37 @@ def half_load(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
             runs[setup].append({"client_p50_ms": client["ok_p50_ms"], "client_p99_ms": client["ok_p99_ms"],
                                 **measured.end()})
     return {"rate": round(rate), **{setup: mean_and_spread(windows) for setup, windows in runs.items()}}
+
+
+def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
+    """CPU a request of each gateway, admitted (0 ms model) and refused at admission (the `refused` tenant, 1 req/s),
+    as the suite's cpu group measures it (wrk, 64 connections, 2 threads), gateways and kinds alternating."""
+    body = json.dumps(work_body({"work_ms": 0}))
+    scripts = {kind: wrk_script(workdir / f"cost-{kind}.lua", body, {"Content-Type": "application/json",
+                                                                    "Authorization": f"Bearer {key}"},
+                                count_statuses=True)
+               for kind, key in (("admitted", API_KEY), ("refused", REFUSED_KEY))}
+    gateways = [s for s in setup_names(variants) if s.startswith("gateway")]
+    runs: dict[str, dict[str, list[dict]]] = {g: {"admitted": [], "refused": []} for g in gateways}
+    for _ in range(ROUNDS):
+        for kind, lua in scripts.items():
+            for setup in gateways:
+                pids = proxy_pids(setups, setup, variants)
+                before = procstat.total_cpu_seconds(pids)
+                traffic = WrkRun(setup_urls(setups, setup, variants), "/v2/models/work/infer", lua, PEAK_S, 64,
+                                 threads=2).wait()
+                requests = max(sum(traffic.statuses.values()), 1)
+                runs[setup][kind].append({"us": (procstat.total_cpu_seconds(pids) - before) / requests * 1e6,
+                                          "rps": traffic.rps, "statuses": traffic.statuses})
+    out = {}
+    for setup, kinds in runs.items():
+        row = {kind: {"us_per_request": round(statistics.fmean(r["us"] for r in got), 2),
+                      "us_spread": round(max(r["us"] for r in got) - min(r["us"] for r in got), 2),
+                      "rps": round(statistics.fmean(r["rps"] for r in got)),
+                      "statuses": [r["statuses"] for r in got]} for kind, got in kinds.items()}
+        row["refused_over_admitted"] = round(row["refused"]["us_per_request"] / row["admitted"]["us_per_request"], 3)
+        out[setup] = row
+    return out
 
 
 def critical_latency_cdf(setups: Setups) -> dict[str, float]:
@@ -326,12 +364,12 @@ def markdown(result: dict) -> str:
              "| setup | req/s (spread) | proxy CPU us/req | Triton CPU us/req (servers + stubs) | "
              "proxy + Triton us/req | Triton mean batch (spread) | machine busy cores | " + GATEWAY_COLUMNS,
              "|---" * 10 + "|"]
-    for setup, r in result["peak"].items():
+    for setup, r in result.get("peak", {}).items():
         lines.append(f"| {setup} | {r['rps']:.0f} ({r['rps_spread']:.0f}) | {r['proxy_cpu_us']:.1f} | "
                      f"{r['triton_cpu_us']:.1f} | {r['proxy_cpu_us'] + r['triton_cpu_us']:.1f} | "
                      f"{r['mean_batch']:.2f} ({r['mean_batch_spread']:.2f}) | {r['machine_busy_cores']:.2f} "
                      + gateway_cells(r))
-    half = result["half_load"]
+    half = result.get("half_load", {"rate": 0})
     lines += ["", f"## 2. Half load, `work` at 5 ms, open loop at {half['rate']} req/s", "",
               "| setup | client P50 ms (spread) | client P99 ms (spread) | Triton's mean request ms (queue) | "
               "client P50 - Triton mean | Triton mean batch | proxy CPU us/req | machine busy cores | "
@@ -344,6 +382,15 @@ def markdown(result: dict) -> str:
                      f"{r['triton_request_ms']:.2f} ({r['triton_queue_ms']:.2f}) | "
                      f"{r['client_p50_ms'] - r['triton_request_ms']:.2f} | {r['mean_batch']:.2f} | "
                      f"{r['proxy_cpu_us']:.1f} | {r['machine_busy_cores']:.2f} " + gateway_cells(r))
+    if "refusal" in result:
+        lines += ["", "## Refusal cost: gateway CPU a request, admitted (0 ms model) and refused at admission "
+                  "(wrk, 64 connections)", "", "| setup | admitted us/req (spread) | admitted req/s | "
+                  "refused us/req (spread) | refused req/s | refused / admitted |", "|---|---|---|---|---|---|"]
+        for setup, r in result["refusal"].items():
+            admitted, refused = r["admitted"], r["refused"]
+            lines.append(f"| {setup} | {admitted['us_per_request']:.1f} ({admitted['us_spread']:.1f}) | "
+                         f"{admitted['rps']} | {refused['us_per_request']:.1f} ({refused['us_spread']:.1f}) | "
+                         f"{refused['rps']} | {r['refused_over_admitted']:.3f} |")
     if "flood" not in result:
         return "\n".join(lines) + "\n"
     lines += ["", "## 3. Flood: critical at 100 req/s, alone and beside 256 `sheddable` connections (gateway)", "",
@@ -366,7 +413,7 @@ def arguments() -> argparse.Namespace:
                         help="a second gateway with JSON merged into the spec's `gateway` section")
     parser.add_argument("--stem", help="output file name without suffix (default gateway-limits-DATE)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of each setup, alternating")
-    parser.add_argument("--no-flood", action="store_true", help="peak and half load only")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, of {','.join(PARTS)}")
     return parser.parse_args()
 
 
@@ -385,13 +432,15 @@ def main() -> None:
         result = {"date": datetime.date.today().isoformat(), "machine": machine(),
                   "command": "python bench/diagnose/gateway_limits.py " + " ".join(sys.argv[1:]),
                   "variants": args.variant}
-        print("peak, 0 ms", flush=True)
-        result["peak"] = peak(setups, workdir, variants)
-        print(json.dumps(result["peak"]), "\nhalf load, 5 ms", flush=True)
-        result["half_load"] = half_load(setups, workdir, variants)
-        if not args.no_flood:
-            print(json.dumps(result["half_load"]), "\nflood", flush=True)
-            result["flood"] = flood(setups, workdir)
+        steps = {"peak": lambda: peak(setups, workdir, variants),
+                 "half": lambda: half_load(setups, workdir, variants),
+                 "refusal": lambda: refusal_cost(setups, workdir, variants),
+                 "flood": lambda: flood(setups, workdir)}
+        for part in args.parts.split(","):
+            if part not in steps:
+                raise SystemExit(f"unknown part '{part}' (parts: {', '.join(PARTS)})")
+            print(part, flush=True)
+            result[{"half": "half_load"}.get(part, part)] = steps[part]()
     finally:
         for variant in variants:
             variant.process.stop()

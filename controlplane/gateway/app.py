@@ -68,8 +68,8 @@ class GatewayApp:
         self.admission = Admission(spec, clock)
         self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
-        # requests to shards written together at the end of each event-loop turn (upstream.Outbox)
-        self.outbox = Outbox() if spec.gateway.concurrency.coalesce_dispatches else None
+        # what a turn of the event loop writes, written together at its end (upstream.Outbox)
+        self.outbox = Outbox() if spec.gateway.concurrency.coalesce_writes else None
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
         self.overload: OverloadManager | None = None  # set by `serve_on`
@@ -100,6 +100,7 @@ class GatewayApp:
     def serve_on(self, server: GatewayServer) -> None:
         """Screen the server's requests after their headers and protect it from overload."""
         server.screen = self
+        server.outbox = self.outbox
         self.overload = OverloadManager(self.spec.gateway.overload, self.spec.priority_classes, server)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@
   against the bytes present); the ladder may send the lowest class to the model's cheaper variant.
 - queue: the scheduler dispatches the ticket into a free shard slot, now or later, or sheds it (429).
 - forward: the body goes as bytes on a pooled keep-alive connection, with Triton's `priority` and `timeout`
-  set from the class and the remaining deadline. A large binary body (server.StreamedBody) is checked, queued
-  and forwarded as soon as its JSON header is in, its tensor bytes following as they arrive; a slow client
-  then pauses nothing but itself, and a shard that reads slowly pauses its client (TCP back-pressure).
-- relay: the response goes back whole, or chunk by chunk when the shard streams.
+  set from the class and the remaining deadline; a small request is written at the end of the event loop's turn
+  with the turn's other requests, so that Triton batches them together (upstream.Outbox). A large binary body
+  (server.StreamedBody) is checked, queued and forwarded as soon as its JSON header is in, its tensor bytes
+  following as they arrive; a slow client then pauses nothing but itself, and a shard that reads slowly pauses
+  its client (TCP back-pressure).
+- relay: the response goes back whole (at the end of the turn, with the turn's other writes), or chunk by chunk
+  when the shard streams.
 - release: the slot goes back with the latency (the shard's limiter, the class's service time) and metrics.
 A failure before any response byte is retried once on another shard within the deadline and the retry budget.
 Everything runs in callbacks of the event loop: no task or future per request (a task only for the rare

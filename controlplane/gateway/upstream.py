@@ -221,30 +221,38 @@ class UpstreamPool:
 
 
 class Outbox:
-    """Requests to shards written together at the end of the event loop's turn, not one by one as each is read.
+    """Writes held until the end of the event loop's turn, then made together.
 
-    A turn reads several client requests, each costing the gateway tens of microseconds; written as they are read,
-    they reach a shard spread over the turn, and Triton's dynamic batcher (which waits `max_queue_delay` for more)
-    runs them as several small batches. Written at once, they arrive together and run as one batch: fewer model
-    executions, less of the shards' CPU per request (bench/results/gateway-limits-2026-12-01-run2.md). They wait at
-    most the rest of the turn (the callbacks of I/O that was ready with them), never for a timer or more traffic.
+    A turn reads several requests, each costing the gateway tens of microseconds. Toward the shards: written as
+    they are read, they reach a shard spread over the turn, and Triton's dynamic batcher (which waits
+    `max_queue_delay` for more) runs them as several small batches; written at once, they arrive together and run
+    as one batch: fewer model executions, less of the shards' CPU per request. Toward the clients and the shards
+    alike: every write wakes a process on the other side, which on a busy machine takes the gateway's core there
+    and then; writes made together cost one such switch a turn instead of one a request
+    (bench/results/gateway-limits-2026-12-01-run2.md). A write waits at most the rest of its turn (the callbacks of
+    I/O that was ready with it), never for a timer or for more traffic. Writes keep their order.
     """
 
     def __init__(self) -> None:
-        self.queued: list[tuple[UpstreamConnection, bytes]] = []
+        self.queued: list[tuple[asyncio.Transport, bytes]] = []
 
-    def send(self, conn: UpstreamConnection, data: bytes, sink: ResponseSink) -> None:
-        """Write `data` on `conn` at the end of this turn; its response goes to `sink`."""
-        conn.expect(sink)
+    def write(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Write `data` on `transport` at the end of this turn (dropped if it is closed by then)."""
         if not self.queued:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.queued.append((conn, data))
+        self.queued.append((transport, data))
+
+    def send(self, conn: UpstreamConnection, data: bytes, sink: ResponseSink) -> None:
+        """Send a request on `conn` at the end of this turn; its response goes to `sink`."""
+        conn.expect(sink)
+        self.write(conn.transport, data)
 
     def flush(self) -> None:
+        """Make the held writes now (also before a write that cannot wait, so that order is kept)."""
         queued, self.queued = self.queued, []
-        for conn, data in queued:
-            if not conn.closed:  # closed meanwhile: its exchange has heard of it (connection_lost, cancel)
-                conn.transport.write(data)
+        for transport, data in queued:
+            if not transport.is_closing():  # closed meanwhile: its exchange has heard of it (connection_lost, cancel)
+                transport.write(data)
 
 
 class CollectingSink:
