@@ -53,6 +53,7 @@ from controlplane.bench.suite import (
     critical_run,
     machine,
     open_loop,
+    target,
     work_body,
     wrk_peak,
 )
@@ -344,6 +345,25 @@ def flood(setups: Setups, workdir: Path) -> dict:
     return out
 
 
+def targets(result: dict) -> list[dict]:
+    """Issue 10's targets that this run measures, for each gateway setup (the suite's definitions)."""
+    found = []
+    for setup in [s for s in result.get("peak", result.get("half_load", {})) if s.startswith("gateway")]:
+        if "peak" in result:
+            ratio = result["peak"][setup]["rps"] / result["peak"]["nginx"]["rps"]
+            found.append(target(f"peak throughput {setup} / nginx, 0 ms model", ratio, ">= 0.9", ratio >= 0.9))
+        if "half_load" in result:
+            half = result["half_load"]
+            for name, limit in (("p50", 0.5), ("p99", 1.5)):
+                extra = half[setup][f"client_{name}_ms"] - half["direct"][f"client_{name}_ms"]
+                found.append(target(f"overhead {name.upper()} ms at ~50% load ({setup} - direct)", extra,
+                                    f"<= {limit}", extra <= limit))
+        if setup in result.get("refusal", {}):
+            ratio = result["refusal"][setup]["refused_over_admitted"]
+            found.append(target(f"CPU per refused / per admitted request ({setup})", ratio, "<= 0.1", ratio <= 0.1))
+    return found
+
+
 def gateway_cells(r: dict) -> str:
     """What a gateway measured itself over a window (blank cells for the other setups)."""
     if "gateway_latency_ms" not in r:
@@ -357,7 +377,10 @@ GATEWAY_COLUMNS = ("gateway-measured latency / queue wait, mean ms | shards' in 
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Where the gateway's time goes on this machine, {result['date']}", "",
+    lines = [f"# Where the gateway's time goes on this machine, {result['date']}", "", "## Targets", "",
+             "| target | value | goal | met |", "|---|---|---|---|",
+             *(f"| {t['name']} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
+               for t in result.get("targets", [])), "",
              f"Machine: {result['machine']}. `{result['command']}`; means over {ROUNDS} rounds, setups alternating "
              "(spread: max - min over the rounds).",
              "", "## 1. Peak, `work` at 0 ms (wrk, 64 connections)", "",
@@ -445,6 +468,7 @@ def main() -> None:
         for variant in variants:
             variant.process.stop()
         setups.close()
+    result["targets"] = targets(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / (args.stem or f"gateway-limits-{result['date']}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
