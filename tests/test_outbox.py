@@ -35,7 +35,8 @@ def test_requests_sent_during_a_turn_reach_their_shards_together_at_its_end() ->
         first, second, closed = [await pool.connect() for _ in range(3)]
         shard_side = [listener.accept()[0] for _ in range(3)]
         loop = asyncio.get_running_loop()
-        outbox = Outbox()
+        turns_ended: list[int] = []
+        outbox = Outbox(on_flush=lambda: turns_ended.append(1))  # as the router's end of a turn
         request = request_bytes(b"POST", "/v2/models/work/infer", [], b"{}")[0]
         seen_during_the_turn: list[bytes | None] = []
 
@@ -49,6 +50,7 @@ def test_requests_sent_during_a_turn_reach_their_shards_together_at_its_end() ->
         await asyncio.sleep(0)  # the turn that sends
         await asyncio.sleep(0)  # the turn after it
         assert seen_during_the_turn == [None, None, None], "a request left before its turn ended"
+        assert turns_ended == [1]  # the router hears once that the turn's requests went
         assert [unread(sock) for sock in shard_side[:2]] == [request, request]
         assert unread(shard_side[2]) in (None, b""), "a request was written on a closed connection"
         assert first.sink is not None and second.sink is not None  # their answers go to their sinks

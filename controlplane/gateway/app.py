@@ -69,7 +69,9 @@ class GatewayApp:
         self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
         # what a turn of the event loop writes, written together at its end (upstream.Outbox)
-        self.outbox = Outbox() if spec.gateway.concurrency.coalesce_writes else None
+        concurrency = spec.gateway.concurrency
+        self.outbox = Outbox(router.end_turn) if concurrency.coalesce_writes else None
+        router.turn_affinity = concurrency.coalesce_writes and concurrency.turn_affinity
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
         self.overload: OverloadManager | None = None  # set by `serve_on`

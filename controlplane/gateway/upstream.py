@@ -233,8 +233,9 @@ class Outbox:
     I/O that was ready with it), never for a timer or for more traffic. Writes keep their order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_flush: Callable[[], None] | None = None) -> None:
         self.queued: list[tuple[asyncio.Transport, bytes]] = []
+        self.on_flush = on_flush  # told when a turn's writes went (routing.Router.end_turn)
 
     def write(self, transport: asyncio.Transport, data: bytes) -> None:
         """Write `data` on `transport` at the end of this turn (dropped if it is closed by then)."""
@@ -253,6 +254,8 @@ class Outbox:
         for transport, data in queued:
             if not transport.is_closing():  # closed meanwhile: its exchange has heard of it (connection_lost, cancel)
                 transport.write(data)
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 class CollectingSink:
