@@ -62,7 +62,7 @@ from controlplane.bench.wrk import script as wrk_script
 from controlplane.procs import ManagedProcess, free_port, group_members
 from controlplane.resources import project_file
 
-ROUNDS = 2
+ROUNDS = 2  # rounds of each setup by default (`--rounds`)
 PEAK_S, HALF_S, FLOOD_S = 4, 5.0, 5.0
 SAMPLE_S = 0.25  # how often a gateway's shard gauges are read during a window
 PARTS = ("peak", "half", "refusal", "flood")
@@ -248,12 +248,12 @@ def mean_and_spread(windows: list[dict]) -> dict[str, float]:
     return out
 
 
-def peak(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
+def peak(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -> dict:
     runs: dict[str, list[dict]] = {s: [] for s in setup_names(variants)}
     for setup in runs:  # warm-up: connections, limits
         if setup.startswith("gateway"):
             wrk_peak(setup_urls(setups, setup, variants), {"work_ms": 0}, 1, 64, workdir)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for setup in runs:
             measured = window(setups, setup, variants)
             rps = wrk_peak(setup_urls(setups, setup, variants), {"work_ms": 0}, PEAK_S, 64, workdir)["rps"]
@@ -261,12 +261,12 @@ def peak(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
     return {setup: mean_and_spread(windows) for setup, windows in runs.items()}
 
 
-def half_load(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
+def half_load(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -> dict:
     rate = 0.5 * wrk_peak(setups.urls["direct"], {"work_ms": 5}, PEAK_S, 64, workdir)["rps"]
     flow = [Flow(name="standard", weight=1, api_key=API_KEY, deadline_ms=1000, send_deadline=False,
                  body=work_body({"work_ms": 5}))]
     runs: dict[str, list[dict]] = {s: [] for s in setup_names(variants)}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for setup in runs:
             measured = window(setups, setup, variants)
             client = open_loop(setup_urls(setups, setup, variants), rate, HALF_S, flow)["all"]
@@ -275,7 +275,7 @@ def half_load(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
     return {"rate": round(rate), **{setup: mean_and_spread(windows) for setup, windows in runs.items()}}
 
 
-def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant]) -> dict:
+def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -> dict:
     """CPU a request of each gateway, admitted (0 ms model) and refused at admission (the `refused` tenant, 1 req/s),
     as the suite's cpu group measures it (wrk, 64 connections, 2 threads), gateways and kinds alternating."""
     body = json.dumps(work_body({"work_ms": 0}))
@@ -285,7 +285,7 @@ def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant]) -> dict
                for kind, key in (("admitted", API_KEY), ("refused", REFUSED_KEY))}
     gateways = [s for s in setup_names(variants) if s.startswith("gateway")]
     runs: dict[str, dict[str, list[dict]]] = {g: {"admitted": [], "refused": []} for g in gateways}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for kind, lua in scripts.items():
             for setup in gateways:
                 pids = proxy_pids(setups, setup, variants)
@@ -318,7 +318,7 @@ def critical_latency_cdf(setups: Setups) -> dict[str, float]:
     return out
 
 
-def flood(setups: Setups, workdir: Path) -> dict:
+def flood(setups: Setups, workdir: Path, rounds: int) -> dict:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", "x-priority": "sheddable"}
     out = {}
     for label, work_ms in (("5ms", 5), ("0ms", 0)):
@@ -327,7 +327,7 @@ def flood(setups: Setups, workdir: Path) -> dict:
         row: dict = {}
         for mode in ("alone", "flood"):
             samples, cdf_runs, windows = [], [], []
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 setups.wait_gateway_idle()
                 before, measured = critical_latency_cdf(setups), Window(setups, setups.gateway_pids())
                 got, _, traffic = critical_run(setups, "gateway", work_ms, FLOOD_S, lua if mode == "flood" else None)
@@ -335,7 +335,7 @@ def flood(setups: Setups, workdir: Path) -> dict:
                 after = critical_latency_cdf(setups)
                 samples += got
                 cdf_runs.append({bound: after[bound] - before.get(bound, 0.0) for bound in after})
-            client = summarize(samples, FLOOD_S * ROUNDS)
+            client = summarize(samples, FLOOD_S * rounds)
             counted = sum(run["+Inf"] for run in cdf_runs) or 1.0
             cdf = {bound: round(sum(run[bound] for run in cdf_runs) / counted, 4) for bound in cdf_runs[0]}
             row[mode] = {"client_p50_ms": client["ok_p50_ms"], "client_p90_ms": client["ok_p90_ms"],
@@ -381,8 +381,8 @@ def markdown(result: dict) -> str:
              "| target | value | goal | met |", "|---|---|---|---|",
              *(f"| {t['name']} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
                for t in result.get("targets", [])), "",
-             f"Machine: {result['machine']}. `{result['command']}`; means over {ROUNDS} rounds, setups alternating "
-             "(spread: max - min over the rounds).",
+             f"Machine: {result['machine']}. `{result['command']}`; means over {result['rounds']} rounds, setups "
+             "alternating (spread: max - min over the rounds).",
              "", "## 1. Peak, `work` at 0 ms (wrk, 64 connections)", "",
              "| setup | req/s (spread) | proxy CPU us/req | Triton CPU us/req (servers + stubs) | "
              "proxy + Triton us/req | Triton mean batch (spread) | machine busy cores | " + GATEWAY_COLUMNS,
@@ -441,9 +441,7 @@ def arguments() -> argparse.Namespace:
 
 
 def main() -> None:
-    global ROUNDS
     args = arguments()
-    ROUNDS = args.rounds
     workdir = Path(tempfile.mkdtemp(prefix="gateway-limits-"))
     setups = Setups(workdir)
     variants: list[Variant] = []
@@ -454,11 +452,12 @@ def main() -> None:
             variants.append(Variant(setups, name, json.loads(overrides), workdir))
         result = {"date": datetime.date.today().isoformat(), "machine": machine(),
                   "command": "python bench/diagnose/gateway_limits.py " + " ".join(sys.argv[1:]),
-                  "variants": args.variant}
-        steps = {"peak": lambda: peak(setups, workdir, variants),
-                 "half": lambda: half_load(setups, workdir, variants),
-                 "refusal": lambda: refusal_cost(setups, workdir, variants),
-                 "flood": lambda: flood(setups, workdir)}
+                  "variants": args.variant, "rounds": args.rounds}
+        rounds = args.rounds
+        steps = {"peak": lambda: peak(setups, workdir, variants, rounds),
+                 "half": lambda: half_load(setups, workdir, variants, rounds),
+                 "refusal": lambda: refusal_cost(setups, workdir, variants, rounds),
+                 "flood": lambda: flood(setups, workdir, rounds)}
         for part in args.parts.split(","):
             if part not in steps:
                 raise SystemExit(f"unknown part '{part}' (parts: {', '.join(PARTS)})")

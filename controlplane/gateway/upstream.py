@@ -136,8 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, data: list[bytes], sink: ResponseSink) -> None:
         """Write a request; its response goes to `sink`."""
-        self.sink = sink
-        self.responded = False
+        self.expect(sink)
         if len(data) == 1:
             self.transport.write(data[0])  # uvloop's writelines() costs far more than write() for one buffer
         else:
