@@ -45,6 +45,15 @@ def test_with_turn_affinity_a_turns_requests_stay_on_one_shard_while_it_has_room
     assert r.acquire("m").name == "c"  # a shard that left the set is never the turn's shard
 
 
+def test_a_protected_top_class_ignores_turn_affinity_and_takes_the_least_loaded_shard() -> None:
+    r, _ = router(urgent_bound=8)
+    r.turn_affinity = True
+    a, b = r.target_named("a"), r.target_named("b")
+    assert [r.acquire("m", urgent=False) for _ in range(3)] == [a, a, a]  # the turn's shard
+    assert r.acquire("m", urgent=True) is b  # the top class: least loaded, not where the turn's flood went
+    assert r.acquire("m", urgent=False) is a  # and the turn's shard stays the others'
+
+
 def test_without_turn_affinity_each_request_goes_to_the_least_loaded_shard() -> None:
     r, _ = router()
     assert [t.name for t in (r.acquire("m") for _ in range(4))] == ["a", "b", "a", "b"]

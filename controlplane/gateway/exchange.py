@@ -257,7 +257,7 @@ class Exchange:
         if streamed is None:
             data = request_bytes(b"POST", path, lines, body)
             outbox = self.gateway.outbox
-            if outbox is not None and len(data) == 1:  # (a large body is written at once, not held for the turn)
+            if outbox is not None and len(data) == 1 and not self._protected():  # (a large body goes at once)
                 outbox.send(upstream, data[0], self)
             else:
                 upstream.send(data, self)
@@ -338,7 +338,7 @@ class Exchange:
             self.conn.end_stream()
         else:
             self.conn.send(self.status, self.parts[0] if len(self.parts) == 1 else b"".join(self.parts),
-                           self.headers)
+                           self.headers, at_once=self._protected())
         # 5xx from Triton (its queue full, a timeout, a crash in the model) is an overload or failure signal
         self._release(ok=self.status < 500)
         self._count("completed" if self.status < 500 else "failed")
@@ -410,6 +410,11 @@ class Exchange:
         return (self.attempt == 0 and (self.upstream is None or not self.upstream.responded)
                 and (self._retries_free() or router.retry_tokens >= 1.0)
                 and any(t is not target and t.available for t in router.by_model.get(self.model, ())))
+
+    def _protected(self) -> bool:
+        """A request of the top class where the spec protects its latency (`urgent_bound`, `urgent_tolerance`): it is
+        written at once, both ways, not at the end of a turn that a flood of lower classes may make long."""
+        return self.ticket.band == self.gateway.top_class and self.gateway.router.protects_top
 
     def _retries_free(self) -> bool:
         """The highest class retries its one retry outside the budget: when a shard dies with many requests in

@@ -164,11 +164,13 @@ class Router:
 
     def acquire(self, model: str, exclude: Target | None = None, urgent: bool = True) -> Target | None:
         """Reserve a slot on the least loaded shard (in flight relative to its room) with one free; with
-        `turn_affinity`, on the shard this turn's requests went to while it has one. `urgent`: the request is of the
-        top class (the scheduler says; see `room`)."""
+        `turn_affinity`, on the shard this turn's requests went to while it has one (not for the top class where its
+        latency is protected: it takes the least loaded shard). `urgent`: the request is of the top class (the
+        scheduler says; see `room`)."""
         best, best_load = None, 2.0
         turn_target = self.turn_target
-        if (turn_target is not None and turn_target is not exclude and model in turn_target.endpoint.models
+        affine = self.turn_affinity and not (urgent and self.protects_top)  # a protected top class: least loaded
+        if (affine and turn_target is not None and turn_target is not exclude and model in turn_target.endpoint.models
                 and turn_target.has_free_slot(self.room(turn_target, urgent))):
             best = turn_target
         else:
@@ -179,7 +181,7 @@ class Router:
                 load = target.outstanding / room
                 if load < best_load:
                     best, best_load = target, load
-            if self.turn_affinity:
+            if affine:
                 self.turn_target = best
         if best is not None:
             if urgent and self.protects_top:  # (no clock read per request where nothing is bounded)

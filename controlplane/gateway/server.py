@@ -541,10 +541,11 @@ class ClientConnection(asyncio.Protocol):
         self._let_held_go()
         self.transport.close()
 
-    def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """A whole response in one write. `headers` must include the content type."""
+    def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]], at_once: bool = False) -> None:
+        """A whole response in one write, at the end of the turn unless `at_once` (or the connection closes).
+        `headers` must include the content type."""
         self._write(self._head(status, headers, b"content-length: %d\r\n" % len(body)) + body,
-                    later=not self.close_after_response)
+                    later=not (at_once or self.close_after_response))
         self._response_done()
 
     def send_json(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
