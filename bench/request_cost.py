@@ -2,7 +2,10 @@
 exchange, scheduler, router, upstream parser, relay, metrics) driven through in-memory transports, so no
 syscall and no other process is measured. Repeatable where socket benchmarks are noisy; use it to compare
 changes of the request path (run it before and after, alternating). `--refused`: a request refused at
-admission instead (its tenant is over its rate: 429 right after the headers).
+admission instead (its tenant is over its rate: 429 right after the headers). The driver sends one request a turn
+of the loop, so the writes held to the end of a turn (`gateway.concurrency.coalesce_writes`, upstream.Outbox) cost
+a scheduled callback each here, which real traffic shares among the requests of a turn: in process 15-19 -> 17 us
+proxied and 2.9-3.6 -> 6.9 us refused (2026-12-01), while on sockets both fell (gateway-limits-2026-12-01-run2.md).
 
     .venv/bin/python bench/request_cost.py [REQUESTS] [--refused]
 """

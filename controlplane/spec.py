@@ -246,6 +246,20 @@ class Concurrency(StrictModel):
         "top class is active. 0 (the default): off, only `urgent_bound` and the limit; e.g. 2.0.")
     urgent_slack_ms: float = Field(
         2.0, ge=0, description="Absolute latency allowance for the top class added to `urgent_tolerance`.")
+    coalesce_writes: bool = Field(
+        True, description="Hold what one turn of the gateway's event loop writes (requests to the shards, whole "
+        "responses to clients that keep their connection) until the turn's end, then write it all together: Triton's "
+        "dynamic batcher sees the turn's requests at once and runs them as one batch rather than several small ones, "
+        "and the processes woken by the writes take the gateway's core once a turn rather than once a request. A "
+        "write waits at most the rest of its turn. A request of the top class, where `urgent_bound` or "
+        "`urgent_tolerance` protects its latency, is written at once both ways (a flood makes turns long). false: "
+        "each is written at once.")
+    turn_affinity: bool = Field(
+        True, description="With `coalesce_writes`: the requests dispatched during one turn of the event loop go to "
+        "the shard the turn's first one took, while it has a free slot, instead of each to the least loaded shard: "
+        "they reach one shard together and Triton runs them as one batch. The next turn picks the least loaded "
+        "shard again, so the load still evens out over turns. A protected top-class request (see `coalesce_writes`) "
+        "takes the least loaded shard.")
 
 
 class Ejection(StrictModel):

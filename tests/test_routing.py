@@ -30,6 +30,35 @@ def test_requests_go_only_into_free_slots_least_loaded_first() -> None:
     assert r.acquire("m") is taken[0]
 
 
+def test_with_turn_affinity_a_turns_requests_stay_on_one_shard_while_it_has_room() -> None:
+    r, _ = router()
+    r.turn_affinity = True
+    a, b = r.target_named("a"), r.target_named("b")
+    first_turn = [r.acquire("m") for _ in range(6)]
+    assert first_turn == [a] * 4 + [b] * 2  # the turn's shard until its limit of 4, then the least loaded
+    r.end_turn()
+    assert r.acquire("m") is b  # a new turn starts on the least loaded shard (b: 2 of 4)
+    assert r.acquire("m", exclude=b) is None  # a full; b excluded: never the turn's shard then
+    r.unreserve(a)
+    assert r.acquire("m", exclude=b) is a
+    r.update([Endpoint("c", "127.0.0.1", 3, MODELS)])
+    assert r.acquire("m").name == "c"  # a shard that left the set is never the turn's shard
+
+
+def test_a_protected_top_class_ignores_turn_affinity_and_takes_the_least_loaded_shard() -> None:
+    r, _ = router(urgent_bound=8)
+    r.turn_affinity = True
+    a, b = r.target_named("a"), r.target_named("b")
+    assert [r.acquire("m", urgent=False) for _ in range(3)] == [a, a, a]  # the turn's shard
+    assert r.acquire("m", urgent=True) is b  # the top class: least loaded, not where the turn's flood went
+    assert r.acquire("m", urgent=False) is a  # and the turn's shard stays the others'
+
+
+def test_without_turn_affinity_each_request_goes_to_the_least_loaded_shard() -> None:
+    r, _ = router()
+    assert [t.name for t in (r.acquire("m") for _ in range(4))] == ["a", "b", "a", "b"]
+
+
 def test_limit_grows_on_fast_answers_and_shrinks_on_slow_ones() -> None:
     r, clock = router()
     a = r.target_named("a")

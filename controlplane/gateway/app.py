@@ -34,7 +34,7 @@ from controlplane.gateway.pipeline_stream import PipelineRun, PipelineSequences
 from controlplane.gateway.routing import Router, Target
 from controlplane.gateway.scheduler import Scheduler
 from controlplane.gateway.server import Cancellable, ClientConnection, GatewayServer, Handler, Rejection, Request
-from controlplane.gateway.upstream import UpstreamError, fetch, request_bytes
+from controlplane.gateway.upstream import Outbox, UpstreamError, fetch, request_bytes
 from controlplane.shards.base import probe_ready
 from controlplane.spec import ClusterSpec
 
@@ -68,6 +68,10 @@ class GatewayApp:
         self.admission = Admission(spec, clock)
         self.scheduler: Scheduler[Target] = Scheduler(spec.priority_classes, self.limits, router, clock)
         router.on_capacity = self.scheduler.pump
+        # what a turn of the event loop writes, written together at its end (upstream.Outbox)
+        concurrency = spec.gateway.concurrency
+        self.outbox = Outbox(router.end_turn) if concurrency.coalesce_writes else None
+        router.turn_affinity = concurrency.coalesce_writes and concurrency.turn_affinity
         self.metrics = GatewayMetrics()
         self.ladder = DegradationLadder(spec, clock, set_standby)
         self.overload: OverloadManager | None = None  # set by `serve_on`
@@ -98,6 +102,7 @@ class GatewayApp:
     def serve_on(self, server: GatewayServer) -> None:
         """Screen the server's requests after their headers and protect it from overload."""
         server.screen = self
+        server.outbox = self.outbox
         self.overload = OverloadManager(self.spec.gateway.overload, self.spec.priority_classes, server)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@
   against the bytes present); the ladder may send the lowest class to the model's cheaper variant.
 - queue: the scheduler dispatches the ticket into a free shard slot, now or later, or sheds it (429).
 - forward: the body goes as bytes on a pooled keep-alive connection, with Triton's `priority` and `timeout`
-  set from the class and the remaining deadline. A large binary body (server.StreamedBody) is checked, queued
-  and forwarded as soon as its JSON header is in, its tensor bytes following as they arrive; a slow client
-  then pauses nothing but itself, and a shard that reads slowly pauses its client (TCP back-pressure).
-- relay: the response goes back whole, or chunk by chunk when the shard streams.
+  set from the class and the remaining deadline; a small request is written at the end of the event loop's turn
+  with the turn's other requests, so that Triton batches them together (upstream.Outbox). A large binary body
+  (server.StreamedBody) is checked, queued and forwarded as soon as its JSON header is in, its tensor bytes
+  following as they arrive; a slow client then pauses nothing but itself, and a shard that reads slowly pauses
+  its client (TCP back-pressure).
+- relay: the response goes back whole (at the end of the turn, with the turn's other writes), or chunk by chunk
+  when the shard streams.
 - release: the slot goes back with the latency (the shard's limiter, the class's service time) and metrics.
 A failure before any response byte is retried once on another shard within the deadline and the retry budget.
 Everything runs in callbacks of the event loop: no task or future per request (a task only for the rare
@@ -263,7 +266,12 @@ class Exchange:
             trace.mark("sent", arrived_before=sum(map(len, streamed.pieces)) if streamed is not None else len(body),
                        upstream_bufs=socket_buffers(upstream.transport))
         if streamed is None:
-            upstream.send(request_bytes(b"POST", path, lines, body), self)
+            data = request_bytes(b"POST", path, lines, body)
+            outbox = self.gateway.outbox
+            if outbox is not None and len(data) == 1 and not self._protected():  # (a large body goes at once)
+                outbox.send(upstream, data[0], self)
+            else:
+                upstream.send(data, self)
             if trace is not None:
                 trace.mark("body_out", unsent=upstream.transport.get_write_buffer_size())
             return
@@ -358,7 +366,7 @@ class Exchange:
             self.conn.end_stream()
         else:
             self.conn.send(self.status, self.parts[0] if len(self.parts) == 1 else b"".join(self.parts),
-                           self.headers)
+                           self.headers, at_once=self._protected())
         # 5xx from Triton (its queue full, a timeout, a crash in the model) is an overload or failure signal
         self._release(ok=self.status < 500)
         self._count("completed" if self.status < 500 else "failed")
@@ -430,6 +438,11 @@ class Exchange:
         return (self.attempt == 0 and (self.upstream is None or not self.upstream.responded)
                 and (self._retries_free() or router.retry_tokens >= 1.0)
                 and any(t is not target and t.available for t in router.by_model.get(self.model, ())))
+
+    def _protected(self) -> bool:
+        """A request of the top class where the spec protects its latency (`urgent_bound`, `urgent_tolerance`): it is
+        written at once, both ways, not at the end of a turn that a flood of lower classes may make long."""
+        return self.ticket.band == self.gateway.top_class and self.gateway.router.protects_top
 
     def _retries_free(self) -> bool:
         """The highest class retries its one retry outside the budget: when a shard dies with many requests in

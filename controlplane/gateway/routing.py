@@ -6,7 +6,8 @@
   multiplies the limit by `backoff`, at most once per round trip. The unloaded latency is the lowest latency
   seen, slowly forgotten so it follows a shard whose real speed changes.
 - A request is dispatched only into a free slot (in flight < limit): the least loaded shard relative to its
-  limit wins (`acquire`).
+  limit wins (`acquire`); with `turn_affinity` the requests of one turn of the event loop stay on the shard the
+  turn's first one took while it has a free slot, so that they reach it, and Triton's batcher, together.
 - A limit less than half used decays toward twice the use (RFC 7661's idle congestion window): a burst after
   a quiet spell starts from what was really in use, not from the peak of the last busy spell.
 - `consecutive_failures` failures in a row eject a shard for a back-off that doubles up to `max_s`; when it
@@ -97,6 +98,14 @@ class Router:
         self.validated_at = clock()
         self.urgent_at = -math.inf  # when a request of the top class was last dispatched
         self.protects_top = bool(self.concurrency.urgent_bound or self.concurrency.urgent_tolerance)
+        # The requests of one turn of the event loop go to one shard while it has room (set by the gateway when it
+        # writes a turn's requests together, upstream.Outbox): Triton batches only what reaches one shard at once.
+        self.turn_affinity = False
+        self.turn_target: Target | None = None
+
+    def end_turn(self) -> None:
+        """The turn's requests were written: the next turn picks its shard afresh (least loaded)."""
+        self.turn_target = None
 
     # --- the endpoint set ---------------------------------------------------------------------------------
     def update(self, endpoints: list[Endpoint]) -> None:
@@ -113,6 +122,7 @@ class Router:
         for gone in self.targets.values():
             gone.pool.close()
         self.targets = fresh
+        self.turn_target = None  # (it may have left the set)
         by_model: dict[str, list[Target]] = {}
         for target in fresh.values():
             for model in target.endpoint.models:
@@ -153,16 +163,26 @@ class Router:
         return float(sum(self.room(t, urgent) for t in self.targets.values() if t.available))
 
     def acquire(self, model: str, exclude: Target | None = None, urgent: bool = True) -> Target | None:
-        """Reserve a slot on the least loaded shard (in flight relative to its room) with one free. `urgent`:
-        the request is of the top class (the scheduler says; see `room`)."""
+        """Reserve a slot on the least loaded shard (in flight relative to its room) with one free; with
+        `turn_affinity`, on the shard this turn's requests went to while it has one (not for the top class where its
+        latency is protected: it takes the least loaded shard). `urgent`: the request is of the top class (the
+        scheduler says; see `room`)."""
         best, best_load = None, 2.0
-        for target in self.by_model.get(model, ()):
-            room = self.room(target, urgent)
-            if target is exclude or not target.has_free_slot(room):
-                continue
-            load = target.outstanding / room
-            if load < best_load:
-                best, best_load = target, load
+        turn_target = self.turn_target
+        affine = self.turn_affinity and not (urgent and self.protects_top)  # a protected top class: least loaded
+        if (affine and turn_target is not None and turn_target is not exclude and model in turn_target.endpoint.models
+                and turn_target.has_free_slot(self.room(turn_target, urgent))):
+            best = turn_target
+        else:
+            for target in self.by_model.get(model, ()):
+                room = self.room(target, urgent)
+                if target is exclude or not target.has_free_slot(room):
+                    continue
+                load = target.outstanding / room
+                if load < best_load:
+                    best, best_load = target, load
+            if affine:
+                self.turn_target = best
         if best is not None:
             if urgent and self.protects_top:  # (no clock read per request where nothing is bounded)
                 self.urgent_at = self.clock()

@@ -32,6 +32,7 @@ import httptools
 import orjson
 
 from controlplane.gateway import diagnostics
+from controlplane.gateway.upstream import Outbox
 from controlplane.spec import GatewayLimits
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
             self.rejected = self.rejected or item.close  # read nothing more; `_linger` closes
             self.response_started = True
             self.counters.count(item.status)
-            self.transport.write(item.response_bytes())
+            self._write(item.response_bytes(), later=not item.close)
             self._response_done()
             if item.close:
                 self._linger()
@@ -456,7 +457,7 @@ class ClientConnection(asyncio.Protocol):
             self.close_after_response = True
             self.send_json(500, json_error("internal gateway error; the gateway log has the details"))
         else:
-            self.transport.close()
+            self._close()
 
     def _response_done(self) -> None:
         self.responding = False
@@ -469,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_seen = self.server.now
         if self.close_after_response:
             if not self.rejected:
-                self.transport.close()
+                self._close()
         elif self.pending:
             self.loop.call_soon(self._next)  # not recursively: a pipelined burst must not deepen the stack
 
@@ -523,9 +524,32 @@ class ClientConnection(asyncio.Protocol):
         self.counters.count(status)
         return response_head(status, headers, framing, self.close_after_response)
 
-    def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """A whole response in one write. `headers` must include the content type."""
-        self.transport.write(self._head(status, headers, b"content-length: %d\r\n" % len(body)) + body)
+    def _write(self, data: bytes, later: bool = False) -> None:
+        """Write now, or (`later`: a whole response on a connection that stays open) at the end of the turn, with
+        the turn's other writes (upstream.Outbox). A write now first lets the held ones go: order is kept."""
+        outbox = self.server.outbox
+        if later and outbox is not None:
+            outbox.write(self.transport, data)
+            return
+        self._let_held_go()
+        self.transport.write(data)
+
+    def _let_held_go(self) -> None:
+        """Make the writes held for the end of the turn now, before a write or close that cannot wait."""
+        outbox = self.server.outbox
+        if outbox is not None and outbox.queued:
+            outbox.flush()
+
+    def _close(self) -> None:
+        """Close after what was written, held writes included."""
+        self._let_held_go()
+        self.transport.close()
+
+    def send(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]], at_once: bool = False) -> None:
+        """A whole response in one write, at the end of the turn unless `at_once` (or the connection closes).
+        `headers` must include the content type."""
+        self._write(self._head(status, headers, b"content-length: %d\r\n" % len(body)) + body,
+                    later=not (at_once or self.close_after_response))
         self._response_done()
 
     def send_json(self, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -533,24 +557,26 @@ class ClientConnection(asyncio.Protocol):
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Begin a chunked response; each `send_chunk` reaches the client as it comes."""
-        self.transport.write(self._head(status, headers, b"transfer-encoding: chunked\r\n"))
+        self._write(self._head(status, headers, b"transfer-encoding: chunked\r\n"))
 
     def send_chunk(self, data: bytes) -> None:
         if data:
+            self._let_held_go()
             self.transport.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
 
     def end_stream(self) -> None:
-        self.transport.write(b"0\r\n\r\n")
+        self._write(b"0\r\n\r\n")
         self._response_done()
 
     def abort(self) -> None:
         """Drop the connection mid-response (the shard failed after the response began)."""
-        self.transport.close()
+        self._close()
 
     def _linger(self) -> None:
         """Close after a refusal without losing the answer: closing a socket with unread input sends a TCP
         reset that can overtake the response, so half-close, drain what the client still sends, then close."""
         self.rejected = True
+        self._let_held_go()
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
@@ -569,6 +595,7 @@ class GatewayServer:
         self.connections: set[ClientConnection] = set()
         self.held: dict[ClientConnection, None] = {}  # connections not read while overloaded, oldest first
         self.max_connections = limits.max_connections
+        self.outbox: Outbox | None = None  # writes held to the end of the loop's turn (set by the app)
         self.connection_gate: Callable[[int], str | None] = lambda count: None
         self.listener: socket.socket | None = None
         self._opening: set[asyncio.Task] = set()  # accepted sockets whose transports are being made

@@ -135,10 +135,14 @@ class UpstreamConnection(asyncio.Protocol):
         sink.on_end()
 
     # --- used by the sink's owner --------------------------------------------------------------------
-    def send(self, data: list[bytes], sink: ResponseSink) -> None:
-        """Write a request; its response goes to `sink`."""
+    def expect(self, sink: ResponseSink) -> None:
+        """The next response goes to `sink` (the request is written now, or by an `Outbox` at the turn's end)."""
         self.sink = sink
         self.responded = False
+
+    def send(self, data: list[bytes], sink: ResponseSink) -> None:
+        """Write a request; its response goes to `sink`."""
+        self.expect(sink)
         if len(data) == 1:
             self.transport.write(data[0])  # uvloop's writelines() costs far more than write() for one buffer
         else:
@@ -247,6 +251,44 @@ class UpstreamPool:
         self.closed = True
         while self.idle:
             self.idle.pop().close()
+
+
+class Outbox:
+    """Writes held until the end of the event loop's turn, then made together.
+
+    A turn reads several requests, each costing the gateway tens of microseconds. Toward the shards: written as
+    they are read, they reach a shard spread over the turn, and Triton's dynamic batcher (which waits
+    `max_queue_delay` for more) runs them as several small batches; written at once, they arrive together and run
+    as one batch: fewer model executions, less of the shards' CPU per request. Toward the clients and the shards
+    alike: every write wakes a process on the other side, which on a busy machine takes the gateway's core there
+    and then; writes made together cost one such switch a turn instead of one a request
+    (bench/results/gateway-limits-2026-12-01-run2.md). A write waits at most the rest of its turn (the callbacks of
+    I/O that was ready with it), never for a timer or for more traffic. Writes keep their order.
+    """
+
+    def __init__(self, on_flush: Callable[[], None] | None = None) -> None:
+        self.queued: list[tuple[asyncio.Transport, bytes]] = []
+        self.on_flush = on_flush  # told when a turn's writes went (routing.Router.end_turn)
+
+    def write(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Write `data` on `transport` at the end of this turn (dropped if it is closed by then)."""
+        if not self.queued:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.queued.append((transport, data))
+
+    def send(self, conn: UpstreamConnection, data: bytes, sink: ResponseSink) -> None:
+        """Send a request on `conn` at the end of this turn; its response goes to `sink`."""
+        conn.expect(sink)
+        self.write(conn.transport, data)
+
+    def flush(self) -> None:
+        """Make the held writes now (also before a write that cannot wait, so that order is kept)."""
+        queued, self.queued = self.queued, []
+        for transport, data in queued:
+            if not transport.is_closing():  # closed meanwhile: its exchange has heard of it (connection_lost, cancel)
+                transport.write(data)
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 class CollectingSink:
