@@ -30,6 +30,13 @@ def large_x(rows: int = 4, seed: int = 0) -> np.ndarray:
     return values
 
 
+def assert_work_echoes(client: httpclient.InferenceServerClient, x: np.ndarray) -> None:
+    """`work` answers its input: sent as a binary tensor, `y` comes back equal to `x`."""
+    tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    np.testing.assert_array_equal(client.infer("work", [tensor], headers={"Authorization": KEY}).as_numpy("y"), x)
+
+
 def request_head(body_length: int, header_length: int, model: str = "work") -> bytes:
     return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: gateway\r\nAuthorization: {KEY}\r\n"
             f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
@@ -152,11 +159,7 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_in_flight(stack: RunningSt
     client = httpclient.InferenceServerClient(stack.address, network_timeout=30)
     try:
         for seed in range(4):
-            x = large_x(seed=seed + 10)
-            tensor = httpclient.InferInput("x", list(x.shape), "FP32")
-            tensor.set_data_from_numpy(x, binary_data=True)
-            np.testing.assert_array_equal(client.infer("work", [tensor], headers={"Authorization": KEY})
-                                          .as_numpy("y"), x)
+            assert_work_echoes(client, large_x(seed=seed + 10))
     finally:
         client.close()
 

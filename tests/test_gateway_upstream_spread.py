@@ -26,7 +26,7 @@ from controlplane.gateway.upstream import UpstreamError, UpstreamPool, fetch, re
 from controlplane.procs import free_port
 
 from .conftest import EXAMPLE_SPEC, RunningStack, start_gateway, stop_gateway
-from .test_gateway_large_body import KEY, large_x
+from .test_gateway_large_body import assert_work_echoes, large_x
 
 
 def test_a_pool_with_nothing_idle_opens_a_burst_and_uses_every_connection_in_turn(stack: RunningStack) -> None:
@@ -104,11 +104,7 @@ def test_a_gateway_with_the_timeline_on_records_each_large_request_in_order(stac
         client = httpclient.InferenceServerClient(gateway.url.removeprefix("http://"), network_timeout=30)
         try:
             for rows in (4, 4, 1):  # two large bodies (streamed), then a small one
-                x = large_x(seed=rows) if rows == 4 else np.ones((1, 4), np.float32)
-                tensor = httpclient.InferInput("x", list(x.shape), "FP32")
-                tensor.set_data_from_numpy(x, binary_data=True)
-                np.testing.assert_array_equal(client.infer("work", [tensor], headers={"Authorization": KEY})
-                                              .as_numpy("y"), x)
+                assert_work_echoes(client, large_x(seed=rows) if rows == 4 else np.ones((1, 4), np.float32))
         finally:
             client.close()
     finally:
