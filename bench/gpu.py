@@ -874,7 +874,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per request of the clients")
     parser.add_argument("--connections", default="8,32", help="closed-loop connections of the served runs (each)")
     parser.add_argument("--clients", type=int, default=8, help="client processes at most")
-    parser.add_argument("--instances", type=int, default=3, help="Triton instances of vision_fp16 (others: 1)")
+    parser.add_argument("--instances", type=int, default=6, help="Triton instances of vision_fp16 (others: 1); 6 "
+                        "served 0.95 of the ceiling on the H200, 3 and 4 0.69-0.77 (gpu-2026-12-01-run6.md)")
     parser.add_argument("--workers", type=int, default=4, help="gateway workers")
     parser.add_argument("--samples", type=int, default=512, help="images of the agreement set")
     parser.add_argument("--overload-batch", type=int, default=16, help="images per request of the overload mix")
