@@ -304,7 +304,8 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
 
 def test_connections_held_together_are_read_again_spread_over_the_probes(tmp_path: Path) -> None:
     """Held in one burst, expired in one burst, they would all be read in one loop turn: a stall for every
-    client each `hold_max_s`. Past it they come back oldest first, len(held) * probe / hold_max_s a probe, and
+    client each `hold_max_s`. Past half of it they come back oldest first, len(held) * probe / (hold_max_s / 2) a
+    probe (the last by `hold_max_s`), and
     the request waiting in one is answered: refused while its class is, whatever the refusal quota."""
     async def scenario(spec_file: Path) -> tuple[list[int], bytes]:
         server, overload, port = await gateway_without_shards(spec_file)
@@ -333,5 +334,5 @@ def test_connections_held_together_are_read_again_spread_over_the_probes(tmp_pat
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC)
     held, answer = asyncio.run(scenario(spec_file))
-    assert held == [4, 3, 2, 1, 0]  # ceil(4 * 0.05 / 60) = one a probe
+    assert held == [4, 3, 2, 1, 0]  # ceil(4 * 0.05 / 30) = one a probe
     assert answer.startswith(b"HTTP/1.1 429")

@@ -181,6 +181,21 @@ def test_request_that_cannot_meet_its_deadline_is_shed_at_admission() -> None:
     assert urgent.state == "queued"
 
 
+def test_a_request_queues_for_at_most_half_the_time_it_has_left() -> None:
+    scheduler, slots, clock, rec = make()
+    scheduler.completed(0.02)  # 4 slots at 20 ms: 200/s
+    for _ in range(20):
+        scheduler.submit(rec.ticket("standard", deadline=clock.now + 10))
+    # 20 queued ahead: ~100 ms of waiting (125 ms with the margin) and ~30 ms of service: a 250 ms deadline
+    # could be met, but only by queueing for most of it; 350 ms leaves room for the estimate to be wrong
+    tight = rec.ticket("standard", deadline=clock.now + 0.25)
+    scheduler.submit(tight)
+    assert tight.state == "shed" and rec.shed[-1][1].reason == "deadline"
+    roomy = rec.ticket("standard", deadline=clock.now + 0.35)
+    scheduler.submit(roomy)
+    assert roomy.state == "queued"
+
+
 def test_a_lower_band_waits_by_the_room_the_urgent_bound_leaves_it() -> None:
     scheduler, slots, clock, rec = make()
     scheduler.completed(0.02)  # 4 slots at 20 ms: 200/s for the top band

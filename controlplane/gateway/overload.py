@@ -29,9 +29,11 @@ always read. A held connection is not read but is looked at: the request its cli
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
 behind a hold. Once the levels are left, held connections are read again oldest first, one per calm refresh;
-those held longer than `hold_max_s` are read again oldest first, spread over the probes (so no client waits
-unanswered much longer: its request is refused if the overload lasts), and one whose client has closed it
-(looked at once a second: a connection not read never sees the client's FIN) is closed.
+those held longer than half of `hold_max_s` are read again oldest first, spread over the probes of the other
+half (so no client waits unanswered longer than `hold_max_s`: its request is refused if the overload lasts;
+spread over the probes after `hold_max_s`, connections held in one burst waited up to twice it, and a client
+with a 2 s timeout gave up on 47 of 120k flood requests, bench/results/flood-2026-12-01-run5.md), and one whose
+client has closed it (looked at once a second: a connection not read never sees the client's FIN) is closed.
 """
 
 from __future__ import annotations
@@ -247,12 +249,14 @@ class OverloadManager:
 
     def _look_at_held(self, now: float) -> None:
         """Read again each held connection whose waiting request is of a class not refused now (at least the
-        lowest class stays held: it comes back one connection per calm refresh), and those held past
-        `hold_max_s`, oldest first, spread over the probes (as many as the time since the last look is of
-        `hold_max_s`): connections held in one burst would otherwise all be read in one loop turn, a stall of
-        tens of milliseconds for everyone every `hold_max_s`."""
+        lowest class stays held: it comes back one connection per calm refresh), and those held past half of
+        `hold_max_s`, oldest first, spread over the probes (as many as the time since the last look is of the
+        other half): connections held in one burst would otherwise all be read in one loop turn, a stall of
+        tens of milliseconds for everyone every `hold_max_s`; spread so, the last of a burst is read by
+        `hold_max_s`."""
         read_from = self.refused_below_at(max(self.level, 1))
-        expiring = math.ceil(len(self.held) * max(LAG_PROBE_S, now - self._looked_at) / self.config.hold_max_s)
+        spread_s = self.config.hold_max_s / 2
+        expiring = math.ceil(len(self.held) * max(LAG_PROBE_S, now - self._looked_at) / spread_s)
         self._looked_at = now
         for conn, held in list(self.held.items()):
             if conn not in self.server.held:
@@ -263,7 +267,7 @@ class OverloadManager:
                 if held.waiting_level is None:  # nothing (whole) sent yet: look again later, less often
                     held.peek_wait_s = min(PEEK_MAX_WAIT_S, held.peek_wait_s * 2)
                     held.peek_at = now + held.peek_wait_s
-            expired = expiring > 0 and now - held.since > self.config.hold_max_s
+            expired = expiring > 0 and now - held.since > spread_s
             if expired or (held.waiting_level is not None and held.waiting_level >= read_from):
                 expiring -= expired
                 if expired:
