@@ -196,6 +196,17 @@ def test_a_request_queues_for_at_most_half_the_time_it_has_left() -> None:
     assert roomy.state == "queued"
 
 
+def test_the_top_class_may_queue_for_its_whole_deadline() -> None:
+    scheduler, slots, clock, rec = make()
+    scheduler.completed(0.02)
+    for _ in range(20):
+        scheduler.submit(rec.ticket("critical", deadline=clock.now + 10))
+    # the same ~125 ms of padded waiting as above: served first, critical keeps its whole 250 ms
+    urgent = rec.ticket("critical", deadline=clock.now + 0.25)
+    scheduler.submit(urgent)
+    assert urgent.state == "queued"
+
+
 def test_a_lower_band_waits_by_the_room_the_urgent_bound_leaves_it() -> None:
     scheduler, slots, clock, rec = make()
     scheduler.completed(0.02)  # 4 slots at 20 ms: 200/s for the top band

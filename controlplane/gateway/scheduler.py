@@ -12,11 +12,12 @@ Model (vocabulary after Kubernetes API Priority and Fairness):
 - Inside a band: deficit round robin over tenant flows by request *cost* (batch size), so a tenant sending
   big batches does not crowd out one sending small ones.
 - Admission sheds at once (never after a wasted wait) when: the band is full (requests or bytes); the whole
-  queue is full and no lower band has a request to displace; or the deadline cannot be met while queueing for
-  at most QUEUE_SHARE of the time left. The wait is estimated as the requests queued in this band and higher
-  bands over the service rate (slots of the shards over the mean time a request holds a slot; below the top
-  band, the slots the urgent bound leaves it), at least the band's own queue over its guaranteed share of that
-  rate, and at least its queue over the rate at which it really drained during the last second.
+  queue is full and no lower band has a request to displace; or the deadline cannot be met (below the top
+  band: while queueing for at most QUEUE_SHARE of the time left). The wait is estimated as the requests queued
+  in this band and higher bands over the service rate (slots of the shards over the mean time a request holds
+  a slot; below the top band, the slots the urgent bound leaves it), at least the band's own queue over its
+  guaranteed share of that rate, and at least its queue over the rate at which it really drained during the
+  last second.
 - When the whole queue is full, a request of a higher band displaces the newest request of the lowest
   backlogged band below it (answered 429); the arriving request never displaces its own band or a higher one.
 - A dispatched request whose shard failed before answering is *requeued*: first in its flow, never to that
@@ -46,9 +47,11 @@ QUANTUM = 8.0  # cost units a flow earns per round-robin turn
 RATE_WINDOW_S = 1.0  # completions counted over this window when the shards are saturated
 SERVICE_TIME_WEIGHT = 0.05  # EWMA weight of each completed request's service time
 WAIT_MARGIN = 1.25  # admission pads the wait estimate: a request admitted and then expiring is a wasted wait
-# A request queues for at most this share of the time it has left. A queue admitted up to the whole deadline fills
-# until waits sit at the deadline, and then every slowdown of its drain (a burst of a higher class) expires queued
-# requests after their wait: 429s after ~2 s, where a client waits out its own timeout (bench: shed P99 2.0 s).
+# A request below the top class queues for at most this share of the time it has left. Its drain depends on the
+# higher classes still to come: a queue admitted up to the whole deadline fills until waits sit at the deadline,
+# and then every burst of a higher class expires queued requests after their wait: 429s after ~2 s, where a client
+# waits out its own timeout (bench: shed P99 2.0 s). The top class, served first, keeps its whole deadline: its
+# wait is the shards' to estimate, and a shard's failure (the fault scenario) must not turn it away at once.
 QUEUE_SHARE = 0.5
 LOOP_ALLOWANCE_S = 0.005  # event-loop delay allowed for between dispatch and the request leaving
 CREDIT_MIN, CREDIT_MAX = -1.0, 2.0
@@ -290,7 +293,8 @@ class Scheduler(Generic[SlotT]):
                 ticket.dispatch(target)
                 return
         wait = self.estimated_wait(band)
-        if wait * WAIT_MARGIN > (ticket.deadline - now - self.time_needed_s(band)) * QUEUE_SHARE:
+        queue_share = 1.0 if band.top else QUEUE_SHARE
+        if wait * WAIT_MARGIN > (ticket.deadline - now - self.time_needed_s(band)) * queue_share:
             ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
                                          f"class '{band.name}' and above is queued", wait))
             return
