@@ -305,8 +305,8 @@ def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_pa
 def test_connections_held_together_are_read_again_spread_over_the_probes(tmp_path: Path) -> None:
     """Held in one burst, expired in one burst, they would all be read in one loop turn: a stall for every
     client each `hold_max_s`. Past half of it they come back oldest first, len(held) * probe / (hold_max_s / 2) a
-    probe (the last by `hold_max_s`), and
-    the request waiting in one is answered: refused while its class is, whatever the refusal quota."""
+    probe (the last by `hold_max_s`), and the request waiting in one is answered: refused while its class is,
+    whatever the refusal quota."""
     async def scenario(spec_file: Path) -> tuple[list[int], bytes]:
         server, overload, port = await gateway_without_shards(spec_file)
         overload.refuses(CONN, CRITICAL)

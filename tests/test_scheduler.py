@@ -186,7 +186,7 @@ def test_a_request_queues_for_at_most_half_the_time_it_has_left() -> None:
     scheduler.completed(0.02)  # 4 slots at 20 ms: 200/s
     for _ in range(20):
         scheduler.submit(rec.ticket("standard", deadline=clock.now + 10))
-    # 20 queued ahead: ~100 ms of waiting (125 ms with the margin) and ~30 ms of service: a 250 ms deadline
+    # 20 queued ahead: ~100 ms of waiting (125 ms with the margin) and ~35 ms of service: a 250 ms deadline
     # could be met, but only by queueing for most of it; 350 ms leaves room for the estimate to be wrong
     tight = rec.ticket("standard", deadline=clock.now + 0.25)
     scheduler.submit(tight)
