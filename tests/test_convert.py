@@ -14,6 +14,7 @@ import torch
 from controlplane.convert.entry import Serving, write_entry
 from controlplane.convert.fp8 import E4M3_MAX, Fp8Linear, fp8_module, fp8_unavailable, quantize
 from controlplane.convert.source import ConvertError, load, run_reference
+from controlplane.convert.verify import TOLERANCES
 
 from .conftest import ROOT
 
@@ -171,6 +172,18 @@ def test_fp8_module_swaps_every_linear_and_keeps_the_rest_in_bf16() -> None:
     assert not any(isinstance(m, torch.nn.Linear) for m in swapped.modules())
     assert swapped[0].weight.dtype == torch.bfloat16
     assert isinstance(model[1].classes, torch.nn.Linear) and model[0].weight.dtype == torch.float32  # a copy
+
+
+def test_a_traced_fp8_module_scales_each_call_on_its_own() -> None:
+    """Traced at batch 2 as entry.py does (on the GPU there; torch's CPU _scaled_mm here), then fed a batch of
+    another size and 100x the magnitude: a scale frozen at trace time would clip it at 448."""
+    model = TwoHeads().eval()
+    traced = torch.jit.trace(fp8_module(model), (torch.randn(2, 8).to(torch.bfloat16),), check_trace=False)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)) * 100
+    for got, expected in zip(traced(x.to(torch.bfloat16)), model(x), strict=True):
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        relative = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+        assert relative <= TOLERANCES["fp8"]
 
 
 class BatchSizes(torch.nn.Module):

@@ -33,10 +33,11 @@ def padded(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` as e4m3 with one FP32 scale (x ~= x_fp8 * scale): its largest magnitude maps to 448."""
-    scale = (x.abs().max().float() / E4M3_MAX).clamp(min=1e-12)  # an all-zero x keeps a finite scale
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+def quantize(x: torch.Tensor, largest: float = E4M3_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` as e4m3 with one FP32 scale (x ~= x_fp8 * scale): its largest magnitude maps to 448. (`largest` is
+    an argument because TorchScript takes no float globals.)"""
+    scale = (x.abs().max().float() / largest).clamp(min=1e-12)  # an all-zero x keeps a finite scale
+    return (x.float() / scale).clamp(-largest, largest).to(torch.float8_e4m3fn), scale
 
 
 def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
