@@ -32,6 +32,12 @@ class TritonPythonModel:
         model = torch.jit.load(str(Path(__file__).parent / "model.pt"), map_location=self.device)
         # The fp8 model is saved as it runs (BF16, FP8 weights, FP32 scales): a cast would undo its float8 weights.
         self.model = (model if precision == "fp8" else model.to(self.dtype)).eval()
+        # TorchScript's CUDA fuser writes kernels that have no float8 type ("identifier float8_e4m3fn is
+        # undefined", on the H200): the fp8 model runs unfused (what torch.jit.fuser("none") sets; this stub process
+        # serves this one model).
+        if precision == "fp8":
+            torch._C._jit_set_texpr_fuser_enabled(False)
+            torch._C._jit_override_can_fuse_on_gpu(False)
 
     @torch.inference_mode()
     def execute(self, requests):
