@@ -50,7 +50,7 @@ class Source:
     model: object  # a torch.nn.Module / ScriptModule, or the ONNX file's bytes
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    module: object = None  # the nn.Module a factory returned (the fp8 variant swaps its linear layers), else None
+    module: object | None = None  # the nn.Module a factory returned (fp8 swaps its linear layers); None for files
 
 
 def load(source: str, inputs: list[str], outputs: list[str]) -> Source:
