@@ -24,8 +24,8 @@ order of their importance (a run cut short keeps what came first):
      in front of the same shard, each with one concurrency setting changed (GATEWAY_VARIANTS);
   5. torch.compile of the served path's work in process (a separate process, bounded: compiling takes a while);
      the best in-process mode is the ceiling;
-  6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16) of the trained network, verified in their
-     own tritonserver on the fixed labelled set.
+  6. top-1 agreement of `cpctl convert`'s variants (fp32, fp16, bf16, and fp8 where the GPU has FP8) of the
+     trained network, verified in their own tritonserver on the fixed labelled set.
 Writes OUT/gpu-<date>.{json,md} after every step, with `targets` (issue 11).
 
     python bench/gpu.py OUT [--small] [--seconds 3] [--batches 64,256] [--connections 8,32] [--skip convert]
@@ -718,6 +718,7 @@ def agreement_inputs(shard: str, args: argparse.Namespace, results: dict) -> Non
 
 def convert_check(args: argparse.Namespace, workdir: Path) -> dict:
     from controlplane.convert.entry import Serving, write_entry
+    from controlplane.convert.fp8 import fp8_unavailable
     from controlplane.convert.source import load
     from controlplane.convert.verify import verify
 
@@ -728,7 +729,9 @@ def convert_check(args: argparse.Namespace, workdir: Path) -> dict:
                        f"def trained():\n    return resnet({args.arch!r}, "
                        f"{str(weights) if weights.exists() else None!r})\n")
     source = load(f"{factory}:trained", [f"images:fp32:3x{args.size}x{args.size}"], ["logits"])
-    variants = write_entry(source, workdir / "converted", "resnet", ["fp32", "fp16", "bf16"], Serving(max_batch=64))
+    no_fp8 = fp8_unavailable()
+    precisions = ["fp32", "fp16", "bf16"] + ([] if no_fp8 else ["fp8"])
+    variants = write_entry(source, workdir / "converted", "resnet", precisions, Serving(max_batch=64))
     # The comparison set: the fixed labelled images, preprocessed (the network's input), not noise.
     import torch
     from resnet import preprocess
@@ -737,7 +740,7 @@ def convert_check(args: argparse.Namespace, workdir: Path) -> dict:
     images = preprocess(labelled_images(args.samples, args.size, seed=AGREEMENT_SEED)[0], args.size,
                         torch.float32).numpy()
     checks = verify(source, workdir / "converted", variants, samples=args.samples, batch=64, inputs=[images])
-    return {"checks": [{**c.__dict__, "passed": c.passed} for c in checks]}
+    return {"checks": [{**c.__dict__, "passed": c.passed} for c in checks], "fp8_not_run": no_fp8}
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -850,6 +853,8 @@ def markdown(results: dict) -> str:
         lines.append(f"- convert {c['variant']} ({c['precision']}): relative error {c['relative_error']:.3g} "
                      f"(tolerance {c['tolerance']}), top-1 agreement {c['top1_agreement']} "
                      f"({c['classes_seen']} classes seen), {c['samples']} samples")
+    if results.get("convert", {}).get("fp8_not_run"):
+        lines.append(f"- convert fp8: not run ({results['convert']['fp8_not_run']})")
     lines += ["", f"torchvision check: `{json.dumps(results.get('torchvision'))}`", "",
               f"Errors: `{json.dumps(results.get('errors', {}))}`", ""]
     return "\n".join(lines)

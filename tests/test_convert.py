@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from controlplane.convert.entry import Serving, write_entry
+from controlplane.convert.fp8 import E4M3_MAX, Fp8Linear, fp8_module, fp8_unavailable, quantize
 from controlplane.convert.source import ConvertError, load, run_reference
+from controlplane.convert.verify import TOLERANCES
 
 from .conftest import ROOT
 
@@ -87,7 +89,7 @@ def test_onnx_file_signature_comes_from_the_graph(tmp_path: Path) -> None:
     ([], "needs its inputs: --input NAME:DATATYPE:DIMS"),
     (["--input", "images:float:3x32x32"], "expected NAME:DATATYPE:DIMS"),
     (["--input", "images:fp32:3xAx32"], "DIMS must be integers"),
-    (["--input", "images:fp32:3x32x32", "--precision", "fp8"], "each one of fp32, fp16, bf16"),
+    (["--input", "images:fp32:3x32x32", "--precision", "fp32,int8"], "each one of fp32, fp16, bf16, fp8"),
 ])
 def test_bad_requests_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
     done = cpctl(FACTORY, "--name", "tiny", "-o", str(tmp_path), *args)
@@ -117,6 +119,71 @@ def test_onnx_variants_other_than_fp32_are_refused(tmp_path: Path) -> None:
                       dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     with pytest.raises(ConvertError, match="fp32 only"):
         write_entry(load(str(onnx_file), [], []), tmp_path / "repo", "heads", ["fp32", "fp16"], Serving())
+
+
+@pytest.mark.skipif(fp8_unavailable() is None, reason="this machine has an FP8 GPU: fp8 converts here")
+def test_fp8_without_an_fp8_gpu_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    done = cpctl(FACTORY, "--name", "tiny", "-o", str(tmp_path), "--input", "images:fp32:3x32x32",
+                 "--precision", "fp32,fp8")
+    assert done.returncode == 2
+    assert "fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+" in done.stderr
+    assert f"{fp8_unavailable()}: leave fp8 out" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_needs_a_module_factory_source(tmp_path: Path) -> None:
+    torch.jit.script(TwoHeads().eval()).save(str(tmp_path / "heads.pt"))
+    onnx_file = tmp_path / "heads.onnx"
+    torch.onnx.export(TwoHeads().eval(), (torch.zeros(2, 8),), str(onnx_file), input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    for source in (load(str(tmp_path / "heads.pt"), ["x:fp32:8"], []), load(str(onnx_file), [], [])):
+        with pytest.raises(ConvertError, match="needs the Python nn.Module: convert from module:factory"):
+            write_entry(source, tmp_path / "repo", "heads", ["fp32", "fp8"], Serving())
+    assert not (tmp_path / "repo").exists()
+
+
+def test_fp8_quantization_stays_within_the_e4m3_rounding() -> None:
+    """e4m3 keeps 3 mantissa bits: a value is off by at most 2^-4 of itself, or half the smallest subnormal
+    step (2^-10 of the scale) near zero; the largest magnitude maps to 448 exactly."""
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)) * 3
+    x_fp8, scale = quantize(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert x_fp8.float().abs().max().item() == E4M3_MAX
+    error = (x_fp8.float() * scale - x).abs()
+    assert torch.all(error <= x.abs() * 2**-4 + scale * 2**-10)
+    zeros_fp8, zeros_scale = quantize(torch.zeros(3, 16))
+    assert torch.isfinite(zeros_scale) and zeros_fp8.float().abs().max().item() == 0
+
+
+def test_fp8_linear_pads_to_16_and_slices_back() -> None:
+    linear = torch.nn.Linear(20, 30)  # neither a multiple of 16, as ResNet-50's fc (2048 -> 1000) is not
+    layer = Fp8Linear(linear)
+    assert layer.weight_fp8.shape == (32, 32) and layer.bias.dtype == torch.bfloat16
+    assert torch.all(layer.weight_fp8.float()[30:] == 0) and torch.all(layer.weight_fp8.float()[:, 20:] == 0)
+    dequantized = layer.weight_fp8.float()[:30, :20] * layer.weight_scale
+    assert torch.all((dequantized - linear.weight).abs() <= linear.weight.abs() * 2**-4 + layer.weight_scale * 2**-10)
+
+
+def test_fp8_module_swaps_every_linear_and_keeps_the_rest_in_bf16() -> None:
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), TwoHeads())
+    swapped = fp8_module(model)
+    layers = [m for m in swapped.modules() if isinstance(m, torch.jit.ScriptModule)]
+    assert [m.original_name for m in layers] == ["Fp8Linear"] * 3
+    assert not any(isinstance(m, torch.nn.Linear) for m in swapped.modules())
+    assert swapped[0].weight.dtype == torch.bfloat16
+    assert isinstance(model[1].classes, torch.nn.Linear) and model[0].weight.dtype == torch.float32  # a copy
+
+
+def test_a_traced_fp8_module_scales_each_call_on_its_own() -> None:
+    """Traced at batch 2 as entry.py does (on the GPU there; torch's CPU _scaled_mm here), then fed a batch of
+    another size and 100x the magnitude: a scale frozen at trace time would clip it at 448."""
+    model = TwoHeads().eval()
+    traced = torch.jit.trace(fp8_module(model), (torch.randn(2, 8).to(torch.bfloat16),), check_trace=False)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)) * 100
+    for got, expected in zip(traced(x.to(torch.bfloat16)), model(x), strict=True):
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        relative = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+        assert relative <= TOLERANCES["fp8"]
 
 
 class BatchSizes(torch.nn.Module):

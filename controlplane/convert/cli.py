@@ -21,10 +21,12 @@ def convert(
     source: str = typer.Argument(..., help="A .onnx file, a TorchScript file, or module:factory / file.py:factory "
                                  "returning a torch nn.Module."),
     output: Path = OUTPUT_OPTION,
-    name: str = typer.Option(..., "--name", help="Model name (fp32 variant); others are NAME_fp16, NAME_bf16."),
+    name: str = typer.Option(..., "--name", help="Model name (fp32 variant); others are NAME_fp16, NAME_bf16, "
+                             "NAME_fp8."),
     inputs: list[str] = INPUT_OPTION,
     outputs: list[str] = OUTPUT_NAME_OPTION,
-    precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, fp16, bf16."),
+    precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, fp16, bf16, fp8 (BF16 with "
+                                  "FP8 linear layers: a module:factory source, on a GPU with FP8, Ada or Hopper)."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, max=65536, help="Triton max_batch_size."),
     instances: int = typer.Option(1, "--instances", min=1, max=64, help="Model instances per server."),
     queue_delay_us: int = typer.Option(1000, "--queue-delay-us", min=0, max=10_000_000,

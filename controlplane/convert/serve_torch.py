@@ -1,8 +1,9 @@
 """Triton Python-backend model written by `cpctl convert` as model.py: serves model.pt (TorchScript).
 
 On the instance's GPU when it has one, else on the CPU; floating inputs are cast to the variant's `precision`
-(config parameter) and floating outputs back to FP32, so every variant has the source's signature. Tensors
-cross the Triton boundary through DLPack both ways (numpy outputs fail in this Triton build under numpy 2).
+(config parameter; the fp8 variant's network runs in BF16, its linear layers in FP8) and floating outputs back to
+FP32, so every variant has the source's signature. Tensors cross the Triton boundary through DLPack both ways
+(numpy outputs fail in this Triton build under numpy 2).
 """
 
 import json
@@ -12,14 +13,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.dtype = PRECISIONS[parameters["precision"]]
+        precision = parameters["precision"]
+        self.dtype = PRECISIONS[precision]
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         on_gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
@@ -28,7 +30,14 @@ class TritonPythonModel:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         model = torch.jit.load(str(Path(__file__).parent / "model.pt"), map_location=self.device)
-        self.model = model.to(self.dtype).eval()
+        # The fp8 model is saved as it runs (BF16, FP8 weights, FP32 scales): a cast would undo its float8 weights.
+        self.model = (model if precision == "fp8" else model.to(self.dtype)).eval()
+        # TorchScript's CUDA fuser writes kernels that have no float8 type ("identifier float8_e4m3fn is
+        # undefined", on the H200): the fp8 model runs unfused (what torch.jit.fuser("none") sets; this stub process
+        # serves this one model).
+        if precision == "fp8":
+            torch._C._jit_set_texpr_fuser_enabled(False)
+            torch._C._jit_override_can_fuse_on_gpu(False)
 
     @torch.inference_mode()
     def execute(self, requests):

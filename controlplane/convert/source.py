@@ -50,6 +50,7 @@ class Source:
     model: object  # a torch.nn.Module / ScriptModule, or the ONNX file's bytes
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    module: object | None = None  # the nn.Module a factory returned (fp8 swaps its linear layers); None for files
 
 
 def load(source: str, inputs: list[str], outputs: list[str]) -> Source:
@@ -168,9 +169,10 @@ def _with_outputs(module, inputs: list[TensorSpec], names: list[str]) -> Source:
         if datatype not in DATATYPES:
             raise ConvertError(f"output {name}: datatype {tensor.dtype} is not supported")
         outputs.append(TensorSpec(name, datatype, tuple(tensor.shape[1:])))
-    if not isinstance(module, torch.jit.ScriptModule):
-        module = torch.jit.trace(module, tuple(torch.from_numpy(a) for a in arrays), check_trace=False)
-    return Source("torch", module, inputs, outputs)
+    if isinstance(module, torch.jit.ScriptModule):
+        return Source("torch", module, inputs, outputs)
+    traced = torch.jit.trace(module, tuple(torch.from_numpy(a) for a in arrays), check_trace=False)
+    return Source("torch", traced, inputs, outputs, module)
 
 
 def _load_onnx(path: Path) -> Source:
