@@ -30,10 +30,9 @@ always read. A held connection is not read but is looked at: the request its cli
 again at once, so a client that sends all classes down one connection pool never parks a critical request
 behind a hold. Once the levels are left, held connections are read again oldest first, one per calm refresh;
 those held longer than half of `hold_max_s` are read again oldest first, spread over the probes of the other
-half (so no client waits unanswered longer than `hold_max_s`: its request is refused if the overload lasts;
-spread over the probes after `hold_max_s`, connections held in one burst waited up to twice it, and a client
-with a 2 s timeout gave up on 47 of 120k flood requests, bench/results/flood-2026-12-01-run5.md), and one whose
-client has closed it (looked at once a second: a connection not read never sees the client's FIN) is closed.
+half (so no client waits unanswered longer than `hold_max_s`: its request is refused if the overload lasts),
+and one whose client has closed it (looked at once a second: a connection not read never sees the client's FIN)
+is closed.
 """
 
 from __future__ import annotations
