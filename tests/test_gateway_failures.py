@@ -1,20 +1,23 @@
 """Gateway answers when shards are missing, refuse connections, or freeze (in-process, on loopback).
 
 A frozen shard is a listening socket that never answers: on the wire, exactly what a SIGSTOPped server is
-(the kernel completes the TCP handshake, nothing ever replies).
+(the kernel completes the TCP handshake, nothing ever replies). `FreezingShard` answers until told to freeze,
+then reads requests and never answers them: a Triton server SIGSTOPped while it served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 
 from controlplane.gateway.app import GatewayApp
+from controlplane.gateway.inference import ModelSignature, TensorSpec
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import GatewayServer
 from controlplane.shards.base import Endpoint
-from controlplane.spec import load_spec
+from controlplane.spec import Concurrency, GatewayLimits, load_spec
 
 from .conftest import EXAMPLE_SPEC
 
@@ -85,8 +88,6 @@ def test_refusing_shard_is_reported_as_bad_gateway() -> None:
 
 
 def test_the_highest_class_retries_outside_a_spent_retry_budget() -> None:
-    from controlplane.gateway.inference import ModelSignature, TensorSpec
-
     async def scenario() -> dict[str, tuple[int, int]]:
         ports = []
         for _ in range(2):
@@ -117,3 +118,78 @@ def test_the_highest_class_retries_outside_a_spent_retry_budget() -> None:
     results = asyncio.run(scenario())
     assert results["standard"] == (502, 0)  # no token left: not retried
     assert results["critical"] == (502, 1)  # retried once, on the other shard, though no token was left
+
+
+def test_a_handler_that_neither_answers_nor_stays_pending_gets_a_500_not_silence() -> None:
+    """The server's safety net under every route: a handler that returns without answering and without anything
+    pending (a bug) still answers the client, and the connection is closed after it."""
+    async def scenario() -> tuple[int, dict, dict]:
+        server = GatewayServer(lambda request, conn: None, GatewayLimits())
+        port = await server.start("127.0.0.1", 0)
+        answer = await request(port, b"GET /v2/anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        await server.stop()
+        return answer
+
+    status, headers, error = asyncio.run(scenario())
+    assert status == 500 and headers["connection"] == "close" and "internal gateway error" in error["error"]
+
+class FreezingShard:
+    """A minimal HTTP/1.1 shard: answers every request with an empty 200 until `frozen`, then never again."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.answered = 0
+        self.never = asyncio.Event()  # never set: what a frozen request waits on
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1]))
+                if self.frozen:
+                    await self.never.wait()
+                body = b'{"outputs": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def test_a_class_that_no_shard_takes_any_more_is_refused_at_once_not_left_waiting() -> None:
+    """Every shard froze while a lower class queued: after a whole rate window in which the class drained nothing,
+    its wait is estimated as infinite. A new request of that class is refused at once, 429 with a finite
+    Retry-After. (Until 2026-12-01 the infinite estimate broke the Retry-After header after the request had been
+    marked answered: the client got nothing, up to 487 requests in bench/diagnose/fault_repeat.py's 4th run.)"""
+    async def scenario() -> list[tuple[int, dict, dict]]:
+        shard = FreezingShard()
+        shard_server = await asyncio.start_server(shard.serve, "127.0.0.1", 0)
+        spec = load_spec(EXAMPLE_SPEC)
+        router = Router(Concurrency(initial=2, min=1, max=2))  # two requests in flight, the rest queue
+        router.update([Endpoint("main-0", "127.0.0.1", shard_server.sockets[0].getsockname()[1], MODELS)])
+        app = GatewayApp(spec, router)
+        app.signatures["risk"] = ModelSignature({"features": TensorSpec("features", "FP32", (-1, 16))},
+                                                frozenset({"score"}), batching=True)
+        server = GatewayServer(app, spec.gateway.limits)
+        app.serve_on(server)
+        port = await server.start("127.0.0.1", 0)
+        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
+                                       "data": [0.0] * 16}]}).encode()
+        raw = (b"POST /v2/models/risk/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
+               b"x-priority: sheddable\r\nx-deadline-ms: 5000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(5):  # served: the gateway learns the service time
+            assert (await request(port, raw))[0] == 200
+        shard.frozen = True
+        stuck = [asyncio.ensure_future(request(port, raw)) for _ in range(6)]  # 2 in flight, 4 queued
+        await asyncio.sleep(1.3)  # a whole rate window without a dispatch of the class
+        answers = [await request(port, raw) for _ in range(3)]
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
+        await server.stop()
+        shard_server.close()
+        return answers
+
+    for status, headers, error in asyncio.run(scenario()):
+        assert (status, headers["retry-after"], error["reason"]) == (429, "1", "deadline")
+        assert "no request of class 'sheddable' was sent to a shard in the last 1 s" in error["error"]

@@ -233,6 +233,20 @@ def test_measured_drain_rate_of_a_band_overrides_an_optimistic_model() -> None:
     assert rec.shed[-1][1].retry_after_s == pytest.approx(16 / 5 + 0.2, abs=0.3)
 
 
+def test_a_band_that_drained_nothing_for_a_window_sheds_with_a_finite_retry_after() -> None:
+    scheduler, slots, clock, rec = make()
+    scheduler.completed(0.001)  # the model says 4000/s
+    for _ in range(5):
+        scheduler.submit(rec.ticket("sheddable", deadline=clock.now + 100))
+    clock.now += 1.5  # every shard is gone: nothing of the band was dispatched for a whole window
+    late = rec.ticket("sheddable", deadline=clock.now + 100)
+    scheduler.submit(late)
+    shed = rec.shed[-1][1]
+    assert late.state == "shed" and shed.reason == "deadline"
+    assert "no request of class 'sheddable' was sent to a shard in the last 1 s" in str(shed)
+    assert shed.retry_after_s == 1.0  # (the estimate itself is infinite)
+
+
 def test_rate_windows_stay_bounded_without_backlog() -> None:
     scheduler, slots, clock, rec = make(free=10**6)
     for _ in range(20000):  # 20 s of traffic that never queues: nobody reads the windows

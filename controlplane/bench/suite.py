@@ -146,6 +146,36 @@ class Setups:
         queued, in_flight = backlog if backlog is not None else (-1, -1)
         return {"waited_s": round(time.monotonic() - started, 2), "queued": queued, "in_flight": in_flight}
 
+    def shard_counts(self) -> tuple[int, int] | None:
+        """(requests waiting in the shards' own queues, inferences done) summed over the shards, from Triton's
+        metrics; None while a shard does not answer."""
+        import urllib.request
+        pending = done = 0
+        for shard in json.loads(self.state_file.read_text())["shards"]:
+            try:
+                with urllib.request.urlopen(shard["metrics_url"], timeout=2) as response:
+                    text = response.read().decode()
+            except (OSError, TypeError, ValueError):  # (TypeError/ValueError: no metrics URL while restarting)
+                return None
+            pending += sum(int(float(v)) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$",
+                                                               text, re.M))
+            done += sum(int(float(v)) for v in re.findall(r"^nv_inference_count\{[^}]*\} (\S+)$", text, re.M))
+        return pending, done
+
+    def wait_shards_idle(self, timeout_s: float = 30.0) -> float:
+        """Wait until the shards have nothing queued or executing (nothing done for 0.2 s); seconds waited. A setup
+        that overloads them without shedding (nginx, direct at 3x) leaves thousands of requests in Triton's queue
+        whose clients are gone; measured next, a setup would pay for them."""
+        started = time.monotonic()
+        last = None
+        while time.monotonic() - started < timeout_s:
+            counts = self.shard_counts()
+            if counts is not None and counts[0] == 0 and counts == last:
+                break
+            last = counts
+            time.sleep(0.2)
+        return round(time.monotonic() - started, 2)
+
     def nginx_pids(self) -> list[int]:
         return group_members(self.nginx.pgid)
 
@@ -156,9 +186,11 @@ class Setups:
                 "peak_rss_mb": max(p["peak_rss_mb"] for p in processes.values()), "processes": processes}
 
     def log_errors(self, limit: int = 20) -> list[str]:
-        """The first lines of the stack's log that report an error (ERROR, Traceback), with their count."""
-        lines = [line for line in self.stack.log_tail(10_000_000).splitlines()
-                 if "ERROR" in line or "Traceback" in line]
+        """The first lines of the stack's logs (cpctl's, and each gateway worker's and shard's) that report an
+        error (ERROR, Traceback), with their count."""
+        logs = [self.stack.log_tail(10_000_000)] + [
+            path.read_text(errors="replace") for path in sorted((self.workdir / "run").glob("*/logs/*.log"))]
+        lines = [line for text in logs for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
         return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
     def close(self, grace_s: float = 15.0) -> bool:
@@ -360,8 +392,9 @@ def overload_scenarios(setups: Setups, tmp: Path, quick: bool, log: Callable[[st
     for multiple in (0.5, 1, 2, 3):
         overload[str(multiple)] = {}
         for setup in SETUPS:
+            drained_s = setups.wait_shards_idle()  # what the previous setup left in Triton's queues
             summary = open_loop(setups.urls[setup], base * multiple, step_s, mix_flows(setup == "gateway"))
-            overload[str(multiple)][setup] = summary
+            overload[str(multiple)][setup] = {**summary, "shards_drained_before_s": drained_s}
             log(f"  {multiple}x {setup:8s} " + "  ".join(
                 f"{c} P99 {summary['flows'][c]['ok_p99_ms']:.0f} ms ok {summary['flows'][c]['ok']}"
                 for c in ("critical", "standard", "sheddable") if c in summary["flows"])
@@ -743,14 +776,16 @@ def overload_markdown(r: dict) -> list[str]:
     lines += ["", "## Capacity (GPU-like work, P99 under 250 ms), req/s", "",
               " | ".join(f"{s}: {r['capacity'][s]['rate']:.0f}" for s in SETUPS), "",
               "## Overload mix, per class: P99 of 2xx (ms) / goodput (req/s) / shed / 5xx", "",
-              "| load | setup | critical | standard | sheddable | sent/s achieved | generator lag P99 ms |",
-              "|---|---|---|---|---|---|---|"]
+              "| load | setup | critical | standard | sheddable | sent/s achieved | generator lag P99 ms "
+              "| shards drained before (s) |",
+              "|---|---|---|---|---|---|---|---|"]
     for multiple, row in r["overload"].items():
         for setup in SETUPS:
             s = row[setup]
             cells = [class_cell(s["flows"].get(c)) for c in ("critical", "standard", "sheddable")]
             lines.append(f"| {multiple}x | {setup} | {' | '.join(cells)} | {s['achieved_rate']:.0f} | "
-                         f"{s['generator_lag_p99_ms']}{' (behind)' if s['generator_fell_behind'] else ''} |")
+                         f"{s['generator_lag_p99_ms']}{' (behind)' if s['generator_fell_behind'] else ''} | "
+                         f"{s.get('shards_drained_before_s', '-')} |")
     lines += ["", "## Fault (SIGKILL one shard, SIGSTOP the other for 3 s, mix at 1x): statuses per class", ""]
     for setup, summary in r["fault"].items():
         lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"]))

@@ -9,6 +9,7 @@ from controlplane.gateway.inference import BadRequest
 from controlplane.gateway.server import ClientConnection, json_error
 
 RETRY_AFTER_NO_SHARD = [(b"retry-after", b"1")]
+RETRY_AFTER_MAX_S = 60  # a longer (or unknown: infinite) estimate is a guess; ask again within a minute
 
 
 class HttpError(Exception):
@@ -22,8 +23,8 @@ ANSWERED = (HttpError, BadRequest, Refused)  # the errors that have a response (
 
 
 def retry_after_header(seconds: float) -> bytes:
-    """Retry-After in whole seconds, at least 1 (0 would invite an immediate retry storm)."""
-    return str(max(1, math.ceil(seconds))).encode()
+    """Retry-After in whole seconds, at least 1 (0 would invite an immediate retry storm), at most a minute."""
+    return str(max(1, math.ceil(min(seconds, RETRY_AFTER_MAX_S)))).encode()
 
 
 def refusal_headers(refused: Refused) -> list[tuple[bytes, bytes]]:

@@ -62,16 +62,15 @@ def guarded(step: Callable) -> Callable:
             step(self, *args)
         except Exception:
             log.exception("inference exchange failed in %s", step.__name__)
-            if not self.finished:
-                self._done()
-                self.conn.fail()
+            self._fail()
     return run
 
 
 class Exchange:
     __slots__ = ("gateway", "request", "conn", "model", "action", "admitted", "arrived", "checked", "signature",
                  "ticket", "target", "upstream", "sent_at", "timer", "expiry", "task", "attempt", "fresh_retry",
-                 "status", "headers", "chunked", "parts", "started", "finished", "give_up_at", "path", "trace")
+                 "status", "headers", "chunked", "parts", "started", "finished", "answered", "give_up_at", "path",
+                 "trace")
 
     def __init__(self, gateway: GatewayApp, request: Request, conn: ClientConnection, model: str, action: str,
                  admitted: Admitted) -> None:
@@ -100,7 +99,8 @@ class Exchange:
         self.chunked = False
         self.parts: list[bytes] = []
         self.started = False  # bytes reached the client: no retry, no error response any more
-        self.finished = False
+        self.finished = False  # no step is left (answered, or being answered, or the client left)
+        self.answered = False  # the whole answer went to the client (or it left): nothing more to send
         # CPCTL_GATEWAY_TIMELINE: a large request's moments, for bench/diagnose/large_body.py (off: None)
         self.trace = (Timeline(id(conn), conn.transport)
                       if TIMELINE_DIR and (request.streamed is not None or len(request.body) >= TRACED_BYTES)
@@ -125,9 +125,7 @@ class Exchange:
             return
         except Exception:
             log.exception("model signature lookup failed")
-            if not self.finished:
-                self._done()
-                self.conn.fail()
+            self._fail()
             return
         finally:
             self.task = None
@@ -367,6 +365,7 @@ class Exchange:
         else:
             self.conn.send(self.status, self.parts[0] if len(self.parts) == 1 else b"".join(self.parts),
                            self.headers, at_once=self._protected())
+        self.answered = True
         # 5xx from Triton (its queue full, a timeout, a crash in the model) is an overload or failure signal
         self._release(ok=self.status < 500)
         self._count("completed" if self.status < 500 else "failed")
@@ -396,6 +395,7 @@ class Exchange:
             self._done()
             self._count("failed")
             self.conn.abort()
+            self.answered = True
             return
         gateway = self.gateway
         deadline_left = self.ticket.deadline - gateway.clock()
@@ -485,12 +485,23 @@ class Exchange:
             return
         self._done()
         send_error(self.conn, error)
+        self.answered = True
+
+    def _fail(self) -> None:
+        """A step broke (a bug): a 500, or the connection dropped if the answer had begun; never no answer, even
+        when the step broke while answering."""
+        if not self.finished:
+            self._done()
+        if not self.answered:
+            self.answered = True
+            self.conn.fail()
 
     def cancel(self) -> None:
         """The client left before its answer: give back what the request holds."""
         if self.finished:
             return
         self._done()
+        self.answered = True  # nobody to answer
         for handle in (self.timer, self.expiry, self.task):
             if handle is not None:
                 handle.cancel()

@@ -295,8 +295,12 @@ class Scheduler(Generic[SlotT]):
         wait = self.estimated_wait(band)
         queue_share = 1.0 if band.top else QUEUE_SHARE
         if wait * WAIT_MARGIN > (ticket.deadline - now - self.time_needed_s(band)) * queue_share:
-            ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
-                                         f"class '{band.name}' and above is queued", wait))
+            if math.isinf(wait):  # the band drained nothing for a whole window: no shard takes it now
+                ticket.shed(Shed("deadline", f"no request of class '{band.name}' was sent to a shard in the last "
+                                             f"{RATE_WINDOW_S:g} s", RATE_WINDOW_S))
+            else:
+                ticket.shed(Shed("deadline", f"the deadline cannot be met: about {wait * 1000:.0f} ms of work of "
+                                             f"class '{band.name}' and above is queued", wait))
             return
         self._enqueue_within_bounds(ticket, band, now)
 

@@ -447,6 +447,10 @@ class ClientConnection(asyncio.Protocol):
             self.fail()
             return
         if self.responding:
+            if pending is None:  # neither answered nor pending: a bug in the handler; never leave the client waiting
+                log.error("request handler left %s %s without an answer", item.method.decode(), item.path)
+                self.fail()
+                return
             self.active = pending
 
     def fail(self) -> None:
