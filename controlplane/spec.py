@@ -287,8 +287,10 @@ class Overload(StrictModel):
     enabled: bool = Field(True, description="Watch the gateway's own saturation and act by class.")
     refresh_s: float = Field(0.25, gt=0, description="How often CPU, memory and connections are read.")
     lag_saturated_ms: float = Field(
-        2.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
-        "looks at it."
+        0.5, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
+        "looks at it. What the top class may be delayed by the gateway's own load: at 2 ms a gateway-bound flood "
+        "still raised its P99 6-8x on 2 shared cores, at 0.5 ms (with `hold_max_s` 1.5) not measurably "
+        "(bench/results/gateway-limits-2026-12-01-run3.md to -run5.md)."
     )
     max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
     shed_lowest_at: float = Field(
@@ -304,9 +306,11 @@ class Overload(StrictModel):
         5.0, gt=0, description="A class is refused only if a higher class was seen this recently (else shedding "
         "would protect nothing)."
     )
-    hold_max_s: float = Field(1.0, gt=0, description="A connection not read for overload this long is read again "
+    hold_max_s: float = Field(1.5, gt=0, description="A connection not read for overload this long is read again "
                               "(its waiting request is answered, refused if the overload lasts): how long a "
-                              "client can wait unanswered.")
+                              "client can wait unanswered. Held connections that come back once the overload has "
+                              "passed bring their traffic back with them: at 1 s, often enough to be the top "
+                              "class's tail under a flood.")
     connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
                                    "are refused at the highest overload level.")
 

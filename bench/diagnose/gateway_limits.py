@@ -306,9 +306,9 @@ def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant], rounds:
     return out
 
 
-def critical_latency_cdf(setups: Setups) -> dict[str, float]:
-    """The gateway's cp_latency_seconds buckets of the critical class (cumulative counts by bound)."""
-    with urllib.request.urlopen(setups.urls["gateway"][0] + "/metrics", timeout=5) as answer:
+def critical_latency_cdf(url: str) -> dict[str, float]:
+    """A gateway's cp_latency_seconds buckets of the critical class (cumulative counts by bound)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
         text = answer.read().decode()
     out = {}
     for line in text.splitlines():
@@ -318,30 +318,38 @@ def critical_latency_cdf(setups: Setups) -> dict[str, float]:
     return out
 
 
-def flood(setups: Setups, workdir: Path, rounds: int) -> dict:
+def flood(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -> dict:
+    """Per model, per gateway (the stack's and each variant, alternating), critical alone and beside the flood."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", "x-priority": "sheddable"}
-    out = {}
+    gateways = [s for s in setup_names(variants) if s.startswith("gateway")]
+    for variant in variants:  # (critical_run finds a setup's URL there)
+        setups.urls[variant.name] = [variant.url]
+    out: dict = {}
     for label, work_ms in (("5ms", 5), ("0ms", 0)):
         lua = wrk_script(workdir / f"flood-{label}.lua", json.dumps(work_body({"work_ms": work_ms})), headers,
                          count_statuses=True)
-        row: dict = {}
-        for mode in ("alone", "flood"):
-            samples, cdf_runs, windows = [], [], []
-            for _ in range(rounds):
-                setups.wait_gateway_idle()
-                before, measured = critical_latency_cdf(setups), Window(setups, setups.gateway_pids())
-                got, _, traffic = critical_run(setups, "gateway", work_ms, FLOOD_S, lua if mode == "flood" else None)
-                windows.append(measured.end())
-                after = critical_latency_cdf(setups)
-                samples += got
-                cdf_runs.append({bound: after[bound] - before.get(bound, 0.0) for bound in after})
-            client = summarize(samples, FLOOD_S * rounds)
-            counted = sum(run["+Inf"] for run in cdf_runs) or 1.0
-            cdf = {bound: round(sum(run[bound] for run in cdf_runs) / counted, 4) for bound in cdf_runs[0]}
-            row[mode] = {"client_p50_ms": client["ok_p50_ms"], "client_p90_ms": client["ok_p90_ms"],
-                         "client_p99_ms": client["ok_p99_ms"], "statuses": client["statuses"],
-                         "gateway_measured_cdf": cdf, **mean_of(windows)}
-        out[label] = row
+        runs: dict = {(g, m): {"samples": [], "cdfs": [], "windows": []} for g in gateways for m in ("alone", "flood")}
+        for _ in range(rounds):
+            for setup in gateways:
+                url = setup_urls(setups, setup, variants)[0]
+                for mode in ("alone", "flood"):
+                    setups.wait_gateway_idle()
+                    run = runs[setup, mode]
+                    before, measured = critical_latency_cdf(url), window(setups, setup, variants)
+                    got, _, _ = critical_run(setups, setup, work_ms, FLOOD_S, lua if mode == "flood" else None)
+                    run["windows"].append(measured.end())
+                    after = critical_latency_cdf(url)
+                    run["samples"] += got
+                    run["cdfs"].append({bound: after[bound] - before.get(bound, 0.0) for bound in after})
+        out[label] = {}
+        for (setup, mode), run in runs.items():
+            client = summarize(run["samples"], FLOOD_S * rounds)
+            counted = sum(c["+Inf"] for c in run["cdfs"]) or 1.0
+            cdf = {bound: round(sum(c[bound] for c in run["cdfs"]) / counted, 4) for bound in run["cdfs"][0]}
+            out[label].setdefault(setup, {})[mode] = {
+                "client_p50_ms": client["ok_p50_ms"], "client_p90_ms": client["ok_p90_ms"],
+                "client_p99_ms": client["ok_p99_ms"], "statuses": client["statuses"], "gateway_measured_cdf": cdf,
+                **mean_of(run["windows"])}
     return out
 
 
@@ -416,16 +424,19 @@ def markdown(result: dict) -> str:
                          f"{refused['rps']} | {r['refused_over_admitted']:.3f} |")
     if "flood" not in result:
         return "\n".join(lines) + "\n"
-    lines += ["", "## 3. Flood: critical at 100 req/s, alone and beside 256 `sheddable` connections (gateway)", "",
-              "| model | mode | client P50 / P90 / P99 ms | gateway-measured share <= 2.5 / 5 / 10 / 25 ms | "
-              "critical statuses | Triton CPU us/req | machine busy cores |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## 3. Flood: critical at 100 req/s, alone and beside 256 `sheddable` connections", "",
+              "| model | gateway | mode | client P50 / P90 / P99 ms | P99 flood / alone | gateway-measured share "
+              "<= 2.5 / 5 / 10 / 25 ms | critical statuses | Triton CPU us/req | machine busy cores |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, row in result["flood"].items():
-        for mode, r in row.items():
-            cdf = r["gateway_measured_cdf"]
-            lines.append(f"| {label} | {mode} | {r['client_p50_ms']:.2f} / {r['client_p90_ms']:.2f} / "
-                         f"{r['client_p99_ms']:.2f} | {cdf.get('0.0025')} / {cdf.get('0.005')} / {cdf.get('0.01')} / "
-                         f"{cdf.get('0.025')} | {r['statuses']} | {r['triton_cpu_us']:.1f} | "
-                         f"{r['machine_busy_cores']:.2f} |")
+        for setup, modes in row.items():
+            for mode, r in modes.items():
+                cdf = r["gateway_measured_cdf"]
+                ratio = r["client_p99_ms"] / max(modes["alone"]["client_p99_ms"], 1e-9)
+                lines.append(f"| {label} | {setup} | {mode} | {r['client_p50_ms']:.2f} / {r['client_p90_ms']:.2f} / "
+                             f"{r['client_p99_ms']:.2f} | {ratio:.2f} | {cdf.get('0.0025')} / {cdf.get('0.005')} / "
+                             f"{cdf.get('0.01')} / {cdf.get('0.025')} | {r['statuses']} | {r['triton_cpu_us']:.1f} | "
+                             f"{r['machine_busy_cores']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -457,7 +468,7 @@ def main() -> None:
         steps = {"peak": lambda: peak(setups, workdir, variants, rounds),
                  "half": lambda: half_load(setups, workdir, variants, rounds),
                  "refusal": lambda: refusal_cost(setups, workdir, variants, rounds),
-                 "flood": lambda: flood(setups, workdir, rounds)}
+                 "flood": lambda: flood(setups, workdir, variants, rounds)}
         for part in args.parts.split(","):
             if part not in steps:
                 raise SystemExit(f"unknown part '{part}' (parts: {', '.join(PARTS)})")

@@ -432,7 +432,7 @@ def fault_run(setups: Setups, setup: str, rate: float, seconds: float) -> dict:
 
 def critical_flow(work_ms: float, setup: str) -> list[Flow]:
     return [Flow(name="critical", weight=1, priority="critical", api_key=API_KEY, deadline_ms=250,
-                 send_deadline=setup == "gateway", body=work_body({"work_ms": work_ms}))]
+                 send_deadline=setup.startswith("gateway"), body=work_body({"work_ms": work_ms}))]
 
 
 class MemorySampler:
