@@ -287,10 +287,11 @@ class Overload(StrictModel):
     enabled: bool = Field(True, description="Watch the gateway's own saturation and act by class.")
     refresh_s: float = Field(0.25, gt=0, description="How often CPU, memory and connections are read.")
     lag_saturated_ms: float = Field(
-        0.5, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
-        "looks at it. What the top class may be delayed by the gateway's own load: at 2 ms a gateway-bound flood "
-        "still raised its P99 6-8x on 2 shared cores, at 0.5 ms (with `hold_max_s` 1.5) not measurably "
-        "(bench/results/gateway-limits-2026-12-01-run3.md to -run5.md)."
+        1.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
+        "looks at it, so what the top class may be delayed by the gateway's own load. Measured in the loop's own "
+        "clock (uvloop's: whole milliseconds), so 1.0 acts on any lag the loop can see. At 2 ms a gateway-bound flood "
+        "raised the top class's P99 5-8x on 2 shared cores; tighter, not measurably (bench/results/"
+        "gateway-limits-2026-12-01-run3.md to -run6.md)."
     )
     max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
     shed_lowest_at: float = Field(

@@ -38,11 +38,13 @@ def manager(**config) -> tuple[OverloadManager, ManualClock]:
     return OverloadManager(Overload(**config), CLASSES, server, clock), clock
 
 
-def refresh(overload: OverloadManager, clock: ManualClock, lag_ms: float, seconds: float = 0.25) -> None:
+def refresh(overload: OverloadManager, clock: ManualClock, lag_ms: float, seconds: float = 0.25,
+            cpu: float = 0.5) -> None:
+    """One refresh window with probes `lag_ms` late, the process busy `cpu` of a core."""
     clock.now += seconds
     overload.now = clock.now
     overload.lags_s = [lag_ms / 1000] * 5
-    overload._refresh(clock.now, seconds, 0.0)
+    overload._refresh(clock.now, seconds, cpu * seconds)
 
 
 def test_nothing_is_refused_without_a_higher_class_to_protect() -> None:
@@ -118,6 +120,33 @@ def test_every_waiting_connection_is_accepted_in_one_loop_turn() -> None:
         return turns
 
     assert uvloop.run(turns_until_all_accepted(64)) <= 4
+
+
+def test_a_late_loop_in_an_idle_process_is_not_an_overload() -> None:
+    """On shared cores the loop also runs late when other processes take the CPU: with the gateway itself hardly
+    busy, refusing its requests would free nothing (the shard-bound mix at half load was refused so)."""
+    overload, clock = manager(lag_saturated_ms=1)
+    refresh(overload, clock, lag_ms=3, cpu=0.05)
+    assert overload.level == 0 and overload.pressure["lag"] == 0.0
+    refresh(overload, clock, lag_ms=3, cpu=0.5)  # the gateway's own work makes it late: an overload
+    assert overload.level == 2
+    refresh(overload, clock, lag_ms=3, cpu=0.05)  # once in one, the lag alone keeps it (holding frees the CPU)
+    assert overload.level == 2
+
+
+def test_an_idle_event_loop_reads_no_lag() -> None:
+    """The lag probe reads the loop's own clock, as its timers run: an idle uvloop reads no lag, where
+    time.monotonic read its timers' millisecond rounding as 0.2-0.5 ms of lag, which a tight `lag_saturated_ms`
+    took for saturation (lower classes were refused at half load)."""
+    async def idle_lag_pressure() -> float:
+        server = GatewayServer(lambda request, conn: None, GatewayLimits())
+        overload = OverloadManager(Overload(lag_saturated_ms=1.0, refresh_s=0.25), CLASSES, server)
+        overload.start()
+        await asyncio.sleep(0.6)  # two windows of five probes each
+        overload.stop()
+        return overload.pressure["lag"]
+
+    assert uvloop.run(idle_lag_pressure()) == 0.0
 
 
 def test_memory_pressure_withdraws_keep_alive_instead_of_holding() -> None:

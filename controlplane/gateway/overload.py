@@ -5,8 +5,10 @@ critical traffic there. Like Envoy's overload manager, monitors are refreshed ev
 scaled into a pressure of 0..1; unlike it, the gateway also watches its event-loop lag and acts by class.
 
 Monitors (the pressure is the highest of them; two lag probes in a row past saturation refresh at once):
-- event-loop lag: how late a timer due every LAG_PROBE_S fires (the median over the window): how long any new
-  request waits before the gateway even looks at it; `lag_saturated_ms` is pressure 1;
+- event-loop lag: how late a timer due every LAG_PROBE_S fires, in the loop's own clock (the median over the
+  window): how long any new request waits before the gateway even looks at it; `lag_saturated_ms` is pressure 1.
+  It starts an overload only while the process itself is busy (LAG_NEEDS_CPU): on shared cores the loop also
+  runs late when other processes take the CPU, and refusing requests then frees nothing;
 - CPU: the process's CPU time over wall time in the window (a worker is one thread: 1.0 is a full core);
 - memory: resident set over `max_rss_mb`;
 - connections: open client connections over the connection limit.
@@ -55,6 +57,7 @@ from controlplane.spec import Overload, PriorityClass
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
+LAG_NEEDS_CPU = 0.25  # the lag enters an overload only while the process uses this much of a core (see _refresh)
 TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
 HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients
 PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
@@ -121,8 +124,9 @@ class OverloadManager:
             # the first window starts now: from __init__ it would take in the process's own start (the CPU of
             # loading the spec and the endpoints, the collector's pass) as load: "cpu 1.00" at startup
             self._window_start = (self.clock(), time.process_time())
-            self._expected = self.clock() + LAG_PROBE_S
-            self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
+            loop = asyncio.get_running_loop()
+            self._expected = loop.time() + LAG_PROBE_S
+            self._timer = loop.call_later(LAG_PROBE_S, self._probe)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -130,7 +134,10 @@ class OverloadManager:
 
     def _probe(self) -> None:
         now = self.now = self.clock()
-        lag_s = max(0.0, now - self._expected)
+        loop = asyncio.get_running_loop()
+        # In the loop's own clock, as its timers run: uvloop's is in whole milliseconds, read when a turn begins,
+        # so an idle loop reads 0 (time.monotonic read a timer's rounding as 0.2-0.5 ms of lag when idle)
+        lag_s = max(0.0, loop.time() - self._expected)
         self.lags_s.append(lag_s)
         started, cpu_started = self._window_start
         saturated = self.config.lag_saturated_ms / 1000
@@ -144,16 +151,20 @@ class OverloadManager:
         if now - self._held_checked_at >= HELD_CHECK_S:
             self._held_checked_at = now
             self._close_held()
-        self._expected = self.clock() + LAG_PROBE_S
-        self._timer = asyncio.get_running_loop().call_later(LAG_PROBE_S, self._probe)
+        self._expected = loop.time() + LAG_PROBE_S
+        self._timer = loop.call_later(LAG_PROBE_S, self._probe)
 
     # --- monitors ------------------------------------------------------------------------------------
     def _refresh(self, now: float, wall_s: float, cpu_s: float) -> None:
         config = self.config
+        cpu = min(1.0, cpu_s / wall_s) if wall_s > 0 else 0.0
+        # the median, not the worst: one pause (a collection, a big write) is not saturation
+        lag = min(1.0, statistics.median(self.lags_s or [0.0]) * 1000 / config.lag_saturated_ms)
+        if self.level == 0 and cpu < LAG_NEEDS_CPU:
+            lag = 0.0  # a late loop in a process that is not busy: the machine is, not the gateway; shedding won't help
         self.pressure = {
-            # the median, not the worst: one pause (a collection, a big write) is not saturation
-            "lag": min(1.0, statistics.median(self.lags_s or [0.0]) * 1000 / config.lag_saturated_ms),
-            "cpu": min(1.0, cpu_s / wall_s) if wall_s > 0 else 0.0,
+            "lag": lag,
+            "cpu": cpu,
             "memory": min(1.0, resident_mb() / config.max_rss_mb),
             "connections": min(1.0, self.server.counters.connections / self.server.max_connections),
         }
