@@ -7,6 +7,8 @@ goodput and sheds, the sheds' P99 and the load generator's own send lag.
 Seen on 2026-12-01 (2 shared cores, the code of suite run 6): the 3x gateway step, alone or after direct and nginx
 at 3x as in the suite, gave critical P99 70-81 ms against 45-55 ms at 0.5x (x1.4-1.6, six runs), sheds P99
 1.6-2.3 ms, the generator 1.1-1.3 ms behind; in the suite's own 3x step the generator was 72 ms behind (run 6).
+The difference was the generator's collector: in the suite's process its full passes scan what the earlier scenarios
+left; the load generator now runs with it off (suite run 9: 1.0-1.6 ms behind at every step, critical x1.25).
 """
 
 from __future__ import annotations
