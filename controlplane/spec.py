@@ -290,8 +290,8 @@ class Overload(StrictModel):
         1.0, gt=0, description="Event-loop lag that is pressure 1: what any new request waits before the gateway "
         "looks at it, so what the top class may be delayed by the gateway's own load. Measured in the loop's own "
         "clock (uvloop's: whole milliseconds), so 1.0 acts on any lag the loop can see. At 2 ms a gateway-bound flood "
-        "raised the top class's P99 5-8x on 2 shared cores; tighter, not measurably (bench/results/"
-        "gateway-limits-2026-12-01-run3.md to -run6.md)."
+        "raised the top class's P99 5-8x on 2 shared cores; at 1 ms, with `cool_down_s` 6, 1.06x (bench/results/"
+        "gateway-limits-2026-12-01-run3.md to -run7.md, overload-2026-12-01-run10.md)."
     )
     max_rss_mb: float = Field(1024.0, gt=0, description="Resident memory of one gateway process that is pressure 1.")
     shed_lowest_at: float = Field(

@@ -133,12 +133,12 @@ def test_a_handler_that_neither_answers_nor_stays_pending_gets_a_500_not_silence
     status, headers, error = asyncio.run(scenario())
     assert status == 500 and headers["connection"] == "close" and "internal gateway error" in error["error"]
 
+
 class FreezingShard:
     """A minimal HTTP/1.1 shard: answers every request with an empty 200 until `frozen`, then never again."""
 
     def __init__(self) -> None:
         self.frozen = False
-        self.answered = 0
         self.never = asyncio.Event()  # never set: what a frozen request waits on
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -151,7 +151,6 @@ class FreezingShard:
                 body = b'{"outputs": []}'
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                              % (len(body), body))
-                self.answered += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
