@@ -12,10 +12,13 @@ import json
 import re
 import socket
 
+import uvloop
+
 from controlplane.gateway.app import GatewayApp
 from controlplane.gateway.inference import ModelSignature, TensorSpec
 from controlplane.gateway.routing import Router
 from controlplane.gateway.server import GatewayServer
+from controlplane.gateway.upstream import UpstreamPool
 from controlplane.shards.base import Endpoint
 from controlplane.spec import Concurrency, GatewayLimits, load_spec
 
@@ -133,6 +136,25 @@ def test_a_handler_that_neither_answers_nor_stays_pending_gets_a_500_not_silence
     status, headers, error = asyncio.run(scenario())
     assert status == 500 and headers["connection"] == "close" and "internal gateway error" in error["error"]
 
+
+def test_an_idle_upstream_connection_whose_transport_is_closing_is_not_reused() -> None:
+    """A shard killed with connections idle in the pool: the event loop closes each transport on the reset before
+    `connection_lost` reaches us; reused in that window, a write raised and the request got a 500 (seen in
+    tests/test_stack.py's killed shard, a model signature lookup)."""
+    async def scenario() -> tuple[bool, bool]:
+        listener = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        pool = UpstreamPool("127.0.0.1", listener.sockets[0].getsockname()[1])
+        conn = await pool.connect()
+        pool.release(conn)
+        conn.transport.close()  # what the loop does on a reset; `connection_lost` comes a turn later
+        skipped = pool.take_idle() is None
+        fresh = await pool.acquire()
+        reused = fresh is conn
+        fresh.close()
+        listener.close()
+        return skipped, reused
+
+    assert uvloop.run(scenario()) == (True, False)
 
 class FreezingShard:
     """A minimal HTTP/1.1 shard: answers every request with an empty 200 until `frozen`, then never again."""

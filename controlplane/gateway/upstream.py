@@ -192,11 +192,12 @@ class UpstreamPool:
         self.spreading = False  # a burst of connections is being opened
 
     def take_idle(self) -> UpstreamConnection | None:
-        """An open idle connection, or None (then `connect`)."""
+        """An open idle connection, or None (then `connect`). One whose transport is already closing is skipped: the
+        event loop closes it on a reset (a shard killed) before telling us, and a write on it raises."""
         idle = self.idle
         while idle:
             conn = idle.popleft()
-            if not conn.closed:
+            if not conn.closed and not conn.transport.is_closing():
                 return conn
         return None
 
