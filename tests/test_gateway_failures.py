@@ -181,7 +181,7 @@ def test_a_class_that_no_shard_takes_any_more_is_refused_at_once_not_left_waitin
     """Every shard froze while a lower class queued: after a whole rate window in which the class drained nothing,
     its wait is estimated as infinite. A new request of that class is refused at once, 429 with a finite
     Retry-After. (Until 2026-12-01 the infinite estimate broke the Retry-After header after the request had been
-    marked answered: the client got nothing, up to 487 requests in bench/diagnose/fault_repeat.py's 4th run.)"""
+    marked finished: the client got nothing, up to 487 requests in bench/diagnose/fault_repeat.py's 4th run.)"""
     async def scenario() -> list[tuple[int, dict, dict]]:
         shard = FreezingShard()
         shard_server = await asyncio.start_server(shard.serve, "127.0.0.1", 0)

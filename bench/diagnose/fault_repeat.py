@@ -7,7 +7,7 @@ ready. Prints the statuses per class of each run (status "0": no answer within t
 Found on 2026-12-01 with it (session 9): in the run where no shard served (main-0 restarting after its back-off
 of 0.5, 1, 2, then 4 s, controlplane/shards/local.py, while main-1 was frozen), a lower class drained nothing for
 a whole rate window, so the scheduler estimated its wait as infinite and shed new requests with an infinite
-Retry-After; turning that into a header raised OverflowError after the exchange had been marked answered, and the
+Retry-After; turning that into a header raised OverflowError after the exchange had been marked finished, and the
 client got nothing: up to 487 requests in the 4th run, each a TimeoutError after the client's full 10 s. The gateway
 worker logged each one, but in its own log (run/*/logs/), which this script did not read. Fixed: the refusal names
 the stalled class with Retry-After 1 (Retry-After is capped at 60 s), a step that breaks while answering still
