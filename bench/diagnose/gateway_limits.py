@@ -369,6 +369,11 @@ def targets(result: dict) -> list[dict]:
         if setup in result.get("refusal", {}):
             ratio = result["refusal"][setup]["refused_over_admitted"]
             found.append(target(f"CPU per refused / per admitted request ({setup})", ratio, "<= 0.1", ratio <= 0.1))
+    for label, row in result.get("flood", {}).items():
+        for setup, modes in row.items():
+            ratio = round(modes["flood"]["client_p99_ms"] / max(modes["alone"]["client_p99_ms"], 1e-9), 3)
+            found.append(target(f"critical P99 with flood / alone ({setup}, {label} model)", ratio, "<= 1.5",
+                                ratio <= 1.5))
     return found
 
 
