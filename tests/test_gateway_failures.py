@@ -48,6 +48,22 @@ async def gateway(endpoints: list[Endpoint], **limits) -> tuple[GatewayServer, i
     return server, await server.start("127.0.0.1", 0)
 
 
+RISK_BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
+                                   "data": [0.0] * 16}]}).encode()
+
+
+async def risk_gateway(router: Router) -> tuple[GatewayApp, GatewayServer, int]:
+    """The example spec's gateway (admission, overload manager) over `router`, the `risk` model's signature known,
+    so no lookup goes to a shard."""
+    spec = load_spec(EXAMPLE_SPEC)
+    app = GatewayApp(spec, router)
+    app.signatures["risk"] = ModelSignature({"features": TensorSpec("features", "FP32", (-1, 16))},
+                                            frozenset({"score"}), batching=True)
+    server = GatewayServer(app, spec.gateway.limits)
+    app.serve_on(server)
+    return app, server, await server.start("127.0.0.1", 0)
+
+
 def test_no_ready_shard_is_503_with_retry_after() -> None:
     async def scenario() -> None:
         server, port = await gateway([])
@@ -97,23 +113,15 @@ def test_the_highest_class_retries_outside_a_spent_retry_budget() -> None:
             closed = socket.create_server(("127.0.0.1", 0))
             ports.append(closed.getsockname()[1])
             closed.close()  # nothing listens there: connections are refused, a failure before any response
-        spec = load_spec(EXAMPLE_SPEC)
         router = Router()
         router.update([Endpoint(f"dead-{i}", "127.0.0.1", port, MODELS) for i, port in enumerate(ports)])
         router.retry_tokens = 0.0  # the budget is spent
-        app = GatewayApp(spec, router)
-        app.signatures["risk"] = ModelSignature({"features": TensorSpec("features", "FP32", (-1, 16))},
-                                                frozenset({"score"}), batching=True)
-        server = GatewayServer(app, spec.gateway.limits)
-        app.serve_on(server)
-        port = await server.start("127.0.0.1", 0)
-        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
-                                       "data": [0.0] * 16}]}).encode()
+        app, server, port = await risk_gateway(router)
         results = {}
         for priority in ("standard", "critical"):
             head = (b"POST /v2/models/risk/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
-                    b"x-priority: %s\r\nContent-Length: %d\r\n\r\n" % (priority.encode(), len(body)))
-            status, _, _ = await request(port, head + body)
+                    b"x-priority: %s\r\nContent-Length: %d\r\n\r\n" % (priority.encode(), len(RISK_BODY)))
+            status, _, _ = await request(port, head + RISK_BODY)
             results[priority] = (status, app.metrics.retries)
         await server.stop()
         return results
@@ -185,19 +193,12 @@ def test_a_class_that_no_shard_takes_any_more_is_refused_at_once_not_left_waitin
     async def scenario() -> list[tuple[int, dict, dict]]:
         shard = FreezingShard()
         shard_server = await asyncio.start_server(shard.serve, "127.0.0.1", 0)
-        spec = load_spec(EXAMPLE_SPEC)
         router = Router(Concurrency(initial=2, min=1, max=2))  # two requests in flight, the rest queue
         router.update([Endpoint("main-0", "127.0.0.1", shard_server.sockets[0].getsockname()[1], MODELS)])
-        app = GatewayApp(spec, router)
-        app.signatures["risk"] = ModelSignature({"features": TensorSpec("features", "FP32", (-1, 16))},
-                                                frozenset({"score"}), batching=True)
-        server = GatewayServer(app, spec.gateway.limits)
-        app.serve_on(server)
-        port = await server.start("127.0.0.1", 0)
-        body = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16],
-                                       "data": [0.0] * 16}]}).encode()
+        _, server, port = await risk_gateway(router)
         raw = (b"POST /v2/models/risk/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
-               b"x-priority: sheddable\r\nx-deadline-ms: 5000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+               b"x-priority: sheddable\r\nx-deadline-ms: 5000\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(RISK_BODY), RISK_BODY))
         for _ in range(5):  # served: the gateway learns the service time
             assert (await request(port, raw))[0] == 200
         shard.frozen = True

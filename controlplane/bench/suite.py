@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,6 +72,20 @@ def work_body(parameters: dict) -> dict:
 def mix_flows(send_deadline: bool) -> list[Flow]:
     return [Flow(name=name, weight=weight, priority=name, api_key=API_KEY, deadline_ms=deadline,
                  send_deadline=send_deadline, body=work_body(GPU_LIKE)) for name, weight, deadline in MIX]
+
+
+def metrics_text(url: str) -> str | None:
+    """A Prometheus text exposition, or None when its server does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def metric_total(text: str, name: str) -> int:
+    """The sum of a metric's samples over all its label sets."""
+    return int(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M)))
 
 
 class Setups:
@@ -118,17 +133,10 @@ class Setups:
 
     def gateway_backlog(self) -> tuple[int, int] | None:
         """Requests queued in the gateway and in flight to shards (its /metrics); None when it does not answer."""
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"{self.urls['gateway'][0]}/metrics", timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
+        text = metrics_text(f"{self.urls['gateway'][0]}/metrics")
+        if text is None:
             return None
-
-        def total(name: str) -> int:
-            return int(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M)))
-
-        return total("cp_queue_depth"), total("cp_shard_in_flight")
+        return metric_total(text, "cp_queue_depth"), metric_total(text, "cp_shard_in_flight")
 
     def wait_gateway_idle(self, timeout_s: float = 10.0, stuck_s: float = 1.0) -> dict:
         """Wait until the gateway has nothing queued or in flight (a flood leaves requests of clients that are
@@ -148,18 +156,14 @@ class Setups:
 
     def shard_counts(self) -> tuple[int, int] | None:
         """(requests waiting in the shards' own queues, inferences done) summed over the shards, from Triton's
-        metrics; None while a shard does not answer."""
-        import urllib.request
+        metrics; None while a shard does not answer (or has no metrics URL while restarting)."""
         pending = done = 0
         for shard in json.loads(self.state_file.read_text())["shards"]:
-            try:
-                with urllib.request.urlopen(shard["metrics_url"], timeout=2) as response:
-                    text = response.read().decode()
-            except (OSError, TypeError, ValueError):  # (TypeError/ValueError: no metrics URL while restarting)
+            text = metrics_text(shard["metrics_url"]) if shard.get("metrics_url") else None
+            if text is None:
                 return None
-            pending += sum(int(float(v)) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$",
-                                                               text, re.M))
-            done += sum(int(float(v)) for v in re.findall(r"^nv_inference_count\{[^}]*\} (\S+)$", text, re.M))
+            pending += metric_total(text, "nv_inference_pending_request_count")
+            done += metric_total(text, "nv_inference_count")
         return pending, done
 
     def wait_shards_idle(self, timeout_s: float = 30.0) -> float:
@@ -258,7 +262,6 @@ http {{
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            import urllib.request
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).close()
             return process
         except OSError:
