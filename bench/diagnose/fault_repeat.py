@@ -12,8 +12,9 @@ client got nothing: up to 487 requests in the 4th run, each a TimeoutError after
 worker logged each one, but in its own log (run/*/logs/), which this script did not read. Fixed: the refusal names
 the stalled class with Retry-After 1 (Retry-After is capped at 60 s), a step that breaks while answering still
 answers 500, and the server answers 500 for a handler that leaves a request neither answered nor pending
-(tests/test_gateway_failures.py). Since: 0 unanswered in 2 repeats of 4 runs; the critical losses of the 4th run
-remain (the back-off, as in Kubernetes' CrashLoopBackOff, by design).
+(tests/test_gateway_failures.py). Since: 0 unanswered in 3 repeats of 4 runs
+(bench/results/fault-repeat-2026-12-01.txt); the critical losses of the 4th run remain (the back-off, as in
+Kubernetes' CrashLoopBackOff, by design).
 """
 
 from __future__ import annotations
