@@ -86,7 +86,24 @@ def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cpu["refused"]["statuses"].get("429", 0) >= 0.99 * cpu["refused"]["requests"]  # refused at admission
     assert cpu["admitted"]["requests"] > 0 and cpu["admitted"]["cpu_s"] > 0
     assert cpu["nginx_429"]["statuses"] == {"429": cpu["nginx_429"]["requests"]}  # the floor's reference row
+    for kind in ("admitted", "refused", "nginx", "nginx_429"):  # the kernel's part is a part
+        assert 0 < cpu[kind]["kernel_us_per_request"] <= cpu[kind]["us_per_request"], cpu[kind]
     assert results["stack_stopped_on_sigint"]
+
+
+def test_procstat_reads_this_process() -> None:
+    """CPU, kernel CPU and run-queue readings of a live process (this one): the kernel's part is a part of the
+    whole, and a process that ran was given a core."""
+    import os
+
+    from controlplane.bench import procstat
+
+    sum(range(2_000_000))  # some CPU of its own
+    os.stat("/")  # and a system call
+    whole, kernel = procstat.total_cpu_seconds([os.getpid()]), procstat.kernel_cpu_seconds([os.getpid()])
+    waited, slices = procstat.run_queue([os.getpid()])
+    assert 0 <= kernel <= whole and whole > 0
+    assert waited >= 0 and slices > 0
 
 
 def test_wrk_output_parsing_and_gateway_pids() -> None:

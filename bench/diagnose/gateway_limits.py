@@ -14,6 +14,10 @@ alternating, 2 rounds each (`--rounds`):
    per model: the critical latency the client sees against the one the gateway measures itself (from its
    reading the request to its answer, the cp_latency_seconds histogram): the difference waited in sockets
    and in the event loop before the gateway read the request, or after it answered.
+5. mix: the suite's shard-bound overload mix (10% critical, 30% standard, 60% sheddable of the GPU-like `work`)
+   at 0.5x and 3x direct's capacity, per gateway: each class's P99 and goodput, Triton's mean batch, the shards'
+   requests in flight. Where the gateway trades the other classes' throughput for critical latency
+   (`concurrency.urgent_bound`, `urgent_tolerance`), a variant shows the other side of the trade.
 
 With `--variant NAME='{"concurrency": {...}}'` a second gateway (`cpctl gateway`, the same spec with that JSON
 merged into its `gateway` section, in front of the same shards) runs as one more setup, `gateway:NAME`,
@@ -52,6 +56,7 @@ from controlplane.bench.suite import (
     Setups,
     critical_run,
     machine,
+    mix_flows,
     open_loop,
     target,
     work_body,
@@ -65,7 +70,8 @@ from controlplane.resources import project_file
 ROUNDS = 2  # rounds of each setup by default (`--rounds`)
 PEAK_S, HALF_S, FLOOD_S = 4, 5.0, 5.0
 SAMPLE_S = 0.25  # how often a gateway's shard gauges are read during a window
-PARTS = ("peak", "half", "refusal", "flood")
+PARTS = ("peak", "half", "refusal", "flood", "mix")
+MIX_MULTIPLES, MIX_CAPACITY = (0.5, 3.0), 800.0  # multiples of direct's capacity in the suite, req/s
 
 
 def busy_cpu_seconds() -> float:
@@ -108,7 +114,8 @@ def gateway_readings(url: str) -> dict[str, float]:
 
     return {"latency_s": total("cp_latency_seconds_sum"), "latency_n": total("cp_latency_seconds_count"),
             "wait_s": total("cp_queue_wait_seconds_sum"), "wait_n": total("cp_queue_wait_seconds_count"),
-            "in_flight": total("cp_shard_in_flight"), "limit": total("cp_shard_concurrency_limit")}
+            "in_flight": total("cp_shard_in_flight"), "limit": total("cp_shard_concurrency_limit"),
+            "overload_actions": total("cp_overload_actions_total")}
 
 
 class GaugeSampler:
@@ -145,6 +152,7 @@ class Window:
         self.sampler = GaugeSampler(gateway_url) if gateway_url else None
         self.start = time.monotonic()
         self.proxy0 = procstat.total_cpu_seconds(proxy_pids)
+        self.run_queue0 = procstat.run_queue(proxy_pids)
         self.shards0 = procstat.total_cpu_seconds(self.shard_pids)
         self.busy0 = busy_cpu_seconds()
         self.triton0 = triton_stats(setups)
@@ -156,12 +164,20 @@ class Window:
         return {**self._gateway(),
             "requests": triton["inferences"],
             "proxy_cpu_us": (procstat.total_cpu_seconds(self.proxy_pids) - self.proxy0) / requests * 1e6,
+            **self._run_queue(requests),
             "triton_cpu_us": (procstat.total_cpu_seconds(self.shard_pids) - self.shards0) / requests * 1e6,
             "machine_busy_cores": (busy_cpu_seconds() - self.busy0) / wall,
             "mean_batch": triton["inferences"] / max(triton["executions"], 1.0),
             "triton_request_ms": triton["success_ns"] / max(triton["successes"], 1.0) / 1e6,
             "triton_queue_ms": triton["queue_ns"] / max(triton["successes"], 1.0) / 1e6,
         }
+
+    def _run_queue(self, requests: float) -> dict[str, float]:
+        """Per request: how long the proxy waited for a core (runnable while the load generator or the shards held
+        both), and how many times it was given one (about its event loop's wake-ups)."""
+        waited, slices = procstat.run_queue(self.proxy_pids)
+        return {"proxy_run_queue_us": (waited - self.run_queue0[0]) / requests * 1e6,
+                "proxy_slices": (slices - self.run_queue0[1]) / requests}
 
     def _gateway(self) -> dict[str, float]:
         """The gateway's own mean latency and queue wait over the window, and its sampled gauges."""
@@ -172,7 +188,8 @@ class Window:
         answered = max(now["latency_n"] - then["latency_n"], 1.0)
         waited = max(now["wait_n"] - then["wait_n"], 1.0)
         return {"gateway_latency_ms": (now["latency_s"] - then["latency_s"]) / answered * 1000,
-                "gateway_queue_wait_ms": (now["wait_s"] - then["wait_s"]) / waited * 1000, **gauges}
+                "gateway_queue_wait_ms": (now["wait_s"] - then["wait_s"]) / waited * 1000,
+                "overload_actions": now["overload_actions"] - then["overload_actions"], **gauges}
 
 
 class Variant:
@@ -289,16 +306,19 @@ def refusal_cost(setups: Setups, workdir: Path, variants: list[Variant], rounds:
         for kind, lua in scripts.items():
             for setup in gateways:
                 pids = proxy_pids(setups, setup, variants)
-                before = procstat.total_cpu_seconds(pids)
+                before, kernel_before = procstat.total_cpu_seconds(pids), procstat.kernel_cpu_seconds(pids)
                 traffic = WrkRun(setup_urls(setups, setup, variants), "/v2/models/work/infer", lua, PEAK_S, 64,
                                  threads=2).wait()
                 requests = max(sum(traffic.statuses.values()), 1)
                 runs[setup][kind].append({"us": (procstat.total_cpu_seconds(pids) - before) / requests * 1e6,
+                                          "kernel_us": (procstat.kernel_cpu_seconds(pids) - kernel_before)
+                                          / requests * 1e6,
                                           "rps": traffic.rps, "statuses": traffic.statuses})
     out = {}
     for setup, kinds in runs.items():
         row = {kind: {"us_per_request": round(statistics.fmean(r["us"] for r in got), 2),
                       "us_spread": round(max(r["us"] for r in got) - min(r["us"] for r in got), 2),
+                      "kernel_us_per_request": round(statistics.fmean(r["kernel_us"] for r in got), 2),
                       "rps": round(statistics.fmean(r["rps"] for r in got)),
                       "statuses": [r["statuses"] for r in got]} for kind, got in kinds.items()}
         row["refused_over_admitted"] = round(row["refused"]["us_per_request"] / row["admitted"]["us_per_request"], 3)
@@ -353,6 +373,25 @@ def flood(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -
     return out
 
 
+def mix(setups: Setups, workdir: Path, variants: list[Variant], rounds: int) -> dict:
+    """Per gateway (alternating) and load multiple: the suite's overload mix, each class's P99 and goodput."""
+    gateways = [s for s in setup_names(variants) if s.startswith("gateway")]
+    runs: dict = {(g, m): [] for m in MIX_MULTIPLES for g in gateways}
+    for _ in range(rounds):
+        for multiple in MIX_MULTIPLES:
+            for setup in gateways:
+                setups.wait_shards_idle()
+                measured = window(setups, setup, variants)
+                got = open_loop(setup_urls(setups, setup, variants), MIX_CAPACITY * multiple, FLOOD_S,
+                                mix_flows(True))
+                runs[setup, multiple].append({
+                    **{f"{c}_p99_ms": f["ok_p99_ms"] for c, f in got["flows"].items()},
+                    **{f"{c}_goodput": f["goodput_rps"] for c, f in got["flows"].items()},
+                    "goodput": sum(f["goodput_rps"] for f in got["flows"].values()),
+                    "generator_lag_p99_ms": got["generator_lag_p99_ms"], **measured.end()})
+    return {f"{setup} {multiple:g}x": mean_of(windows) for (setup, multiple), windows in runs.items()}
+
+
 def targets(result: dict) -> list[dict]:
     """Issue 10's targets that this run measures, for each gateway setup (the suite's definitions)."""
     found = []
@@ -374,19 +413,27 @@ def targets(result: dict) -> list[dict]:
             ratio = round(modes["flood"]["client_p99_ms"] / max(modes["alone"]["client_p99_ms"], 1e-9), 3)
             found.append(target(f"critical P99 with flood / alone ({setup}, {label} model)", ratio, "<= 1.5",
                                 ratio <= 1.5))
+    rows = result.get("mix", {})
+    for setup in sorted({key.split(" ")[0] for key in rows}):
+        low, high = rows[f"{setup} {MIX_MULTIPLES[0]:g}x"], rows[f"{setup} {MIX_MULTIPLES[-1]:g}x"]
+        ratio = high["critical_p99_ms"] / max(low["critical_p99_ms"], 1e-9)
+        found.append(target(f"critical P99 at 3x / at 0.5x ({setup})", ratio, "<= 1.5", ratio <= 1.5))
+        share = high["goodput"] / MIX_CAPACITY
+        found.append(target(f"goodput at 3x / direct's capacity in the suite ({setup})", share, ">= 0.9", share >= 0.9))
     return found
 
 
 def gateway_cells(r: dict) -> str:
     """What a gateway measured itself over a window (blank cells for the other setups)."""
     if "gateway_latency_ms" not in r:
-        return "| | | |"
+        return "| | | | |"
     return (f"| {r['gateway_latency_ms']:.2f} / {r['gateway_queue_wait_ms']:.3f} | {r['in_flight_mean']:.1f} "
-            f"(max {r['in_flight_max']:.0f}) | {r['limit_mean']:.1f} (min {r['limit_min']:.1f}) |")
+            f"(max {r['in_flight_max']:.0f}) | {r['limit_mean']:.1f} (min {r['limit_min']:.1f}) | "
+            f"{r['overload_actions']:.0f} |")
 
 
 GATEWAY_COLUMNS = ("gateway-measured latency / queue wait, mean ms | shards' in flight, sampled mean (max) | "
-                   "shards' limits summed, sampled mean (min) |")
+                   "shards' limits summed, sampled mean (min) | overload actions (refusals, holds) |")
 
 
 def markdown(result: dict) -> str:
@@ -399,7 +446,7 @@ def markdown(result: dict) -> str:
              "", "## 1. Peak, `work` at 0 ms (wrk, 64 connections)", "",
              "| setup | req/s (spread) | proxy CPU us/req | Triton CPU us/req (servers + stubs) | "
              "proxy + Triton us/req | Triton mean batch (spread) | machine busy cores | " + GATEWAY_COLUMNS,
-             "|---" * 10 + "|"]
+             "|---" * 11 + "|"]
     for setup, r in result.get("peak", {}).items():
         lines.append(f"| {setup} | {r['rps']:.0f} ({r['rps_spread']:.0f}) | {r['proxy_cpu_us']:.1f} | "
                      f"{r['triton_cpu_us']:.1f} | {r['proxy_cpu_us'] + r['triton_cpu_us']:.1f} | "
@@ -408,8 +455,8 @@ def markdown(result: dict) -> str:
     half = result.get("half_load", {"rate": 0})
     lines += ["", f"## 2. Half load, `work` at 5 ms, open loop at {half['rate']} req/s", "",
               "| setup | client P50 ms (spread) | client P99 ms (spread) | Triton's mean request ms (queue) | "
-              "client P50 - Triton mean | Triton mean batch | proxy CPU us/req | machine busy cores | "
-              + GATEWAY_COLUMNS, "|---" * 11 + "|"]
+              "client P50 - Triton mean | Triton mean batch | proxy CPU us/req | proxy waited for a core, us/req "
+              "| proxy given a core, times/req | machine busy cores | " + GATEWAY_COLUMNS, "|---" * 14 + "|"]
     for setup, r in half.items():
         if setup == "rate":
             continue
@@ -417,16 +464,28 @@ def markdown(result: dict) -> str:
                      f"{r['client_p99_ms']:.2f} ({r['client_p99_ms_spread']:.2f}) | "
                      f"{r['triton_request_ms']:.2f} ({r['triton_queue_ms']:.2f}) | "
                      f"{r['client_p50_ms'] - r['triton_request_ms']:.2f} | {r['mean_batch']:.2f} | "
-                     f"{r['proxy_cpu_us']:.1f} | {r['machine_busy_cores']:.2f} " + gateway_cells(r))
+                     f"{r['proxy_cpu_us']:.1f} | {r['proxy_run_queue_us']:.1f} | {r['proxy_slices']:.2f} | "
+                     f"{r['machine_busy_cores']:.2f} " + gateway_cells(r))
     if "refusal" in result:
         lines += ["", "## Refusal cost: gateway CPU a request, admitted (0 ms model) and refused at admission "
                   "(wrk, 64 connections)", "", "| setup | admitted us/req (spread) | admitted req/s | "
-                  "refused us/req (spread) | refused req/s | refused / admitted |", "|---|---|---|---|---|---|"]
+                  "refused us/req (spread) | of which in the kernel | refused req/s | refused / admitted |",
+                  "|---|---|---|---|---|---|---|"]
         for setup, r in result["refusal"].items():
             admitted, refused = r["admitted"], r["refused"]
             lines.append(f"| {setup} | {admitted['us_per_request']:.1f} ({admitted['us_spread']:.1f}) | "
                          f"{admitted['rps']} | {refused['us_per_request']:.1f} ({refused['us_spread']:.1f}) | "
-                         f"{refused['rps']} | {r['refused_over_admitted']:.3f} |")
+                         f"{refused['kernel_us_per_request']:.1f} | {refused['rps']} | "
+                         f"{r['refused_over_admitted']:.3f} |")
+    if "mix" in result:
+        lines += ["", "## Overload mix (10% critical / 30% standard / 60% sheddable, GPU-like `work`), open loop", "",
+                  "| gateway, load | critical P99 ms / goodput | standard | sheddable | goodput req/s | "
+                  "Triton mean batch | generator lag P99 ms | " + GATEWAY_COLUMNS, "|---" * 11 + "|"]
+        for key, r in result["mix"].items():
+            classes = " | ".join(f"{r[f'{c}_p99_ms']:.0f} / {r[f'{c}_goodput']:.0f}"
+                                 for c in ("critical", "standard", "sheddable"))
+            lines.append(f"| {key} | {classes} | {r['goodput']:.0f} | {r['mean_batch']:.2f} | "
+                         f"{r['generator_lag_p99_ms']:.2f} " + gateway_cells(r))
     if "flood" not in result:
         return "\n".join(lines) + "\n"
     lines += ["", "## 3. Flood: critical at 100 req/s, alone and beside 256 `sheddable` connections", "",
@@ -473,7 +532,8 @@ def main() -> None:
         steps = {"peak": lambda: peak(setups, workdir, variants, rounds),
                  "half": lambda: half_load(setups, workdir, variants, rounds),
                  "refusal": lambda: refusal_cost(setups, workdir, variants, rounds),
-                 "flood": lambda: flood(setups, workdir, variants, rounds)}
+                 "flood": lambda: flood(setups, workdir, variants, rounds),
+                 "mix": lambda: mix(setups, workdir, variants, rounds)}
         for part in args.parts.split(","):
             if part not in steps:
                 raise SystemExit(f"unknown part '{part}' (parts: {', '.join(PARTS)})")

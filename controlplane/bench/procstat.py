@@ -18,6 +18,25 @@ def total_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
+def kernel_cpu_seconds(pids: list[int]) -> float:
+    """stime of the processes: their CPU spent in the kernel (system calls, the TCP stack)."""
+    return sum(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) for pid in pids) / CLOCK_TICKS
+
+
+def run_queue(pids: list[int]) -> tuple[float, int]:
+    """Seconds the processes' threads waited on a run queue (runnable, no core free) and how many times they were
+    given a core, since they started (/proc/PID/task/TID/schedstat: run ns, wait ns, timeslices)."""
+    waited, slices = 0.0, 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                _, wait_ns, count = (task / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue
+            waited, slices = waited + int(wait_ns) / 1e9, slices + int(count)
+    return waited, slices
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """utime + stime of each thread of one process, by thread id (threads that end meanwhile are skipped)."""
     found = {}

@@ -403,6 +403,12 @@ def overload_scenarios(setups: Setups, tmp: Path, quick: bool, log: Callable[[st
                 for c in ("critical", "standard", "sheddable") if c in summary["flows"])
                 + f"  5xx {summary['all']['errors_5xx']}  lag P99 {summary['generator_lag_p99_ms']} ms")
     results["overload"] = overload
+    # The floor of a shed's latency as this generator measures it (from the intended send time, its own lag
+    # included): nginx answering every request `return 429`, at the top step's rate.
+    floor = open_loop(setups.urls["nginx_429"], base * 3, step_s, mix_flows(True))
+    results["shed_floor"] = {"shed_p99_ms": floor["all"]["shed_p99_ms"],
+                             "generator_lag_p99_ms": floor["generator_lag_p99_ms"]}
+    log(f"  3x nginx `return 429`: P99 {floor['all']['shed_p99_ms']} ms, lag P99 {floor['generator_lag_p99_ms']} ms")
     results["gateway_memory"] = setups.gateway_memory_mb()
 
     log("fault: SIGKILL main-0 at 2 s, SIGSTOP main-1 from 5 s to 8 s, under the mix at 1x")
@@ -561,22 +567,24 @@ def cpu_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[str]
         "nginx": ("nginx", {"Content-Type": "application/json"}),
         "nginx_429": ("nginx_429", {"Content-Type": "application/json"}),
     }
-    totals = {k: {"cpu_s": 0.0, "requests": 0, "traffic": WrkResult()} for k in kinds}
+    totals = {k: {"cpu_s": 0.0, "kernel_s": 0.0, "requests": 0, "traffic": WrkResult()} for k in kinds}
     wrk_peak(setups.urls["gateway"], {"work_ms": 0}, 1, 64, workdir)  # warm-up
     for _ in range(rounds):
         for kind, (setup, headers) in kinds.items():
             lua = wrk_script(workdir / f"cpu-{kind}.lua", body, headers, count_statuses=True)
             pids = setups.gateway_pids() if setup == "gateway" else setups.nginx_pids()
             setups.wait_gateway_idle()
-            before = procstat.total_cpu_seconds(pids)
+            before, kernel_before = procstat.total_cpu_seconds(pids), procstat.kernel_cpu_seconds(pids)
             result = WrkRun(setups.urls[setup], "/v2/models/work/infer", lua, seconds, 64, threads=2).wait()
             totals[kind]["cpu_s"] += procstat.total_cpu_seconds(pids) - before
+            totals[kind]["kernel_s"] += procstat.kernel_cpu_seconds(pids) - kernel_before
             totals[kind]["requests"] += sum(result.statuses.values())
             totals[kind]["traffic"].add(result)
     out: dict = {"seconds": seconds, "rounds": rounds, "connections": 64}
     for kind, t in totals.items():
         out[kind] = {"cpu_s": round(t["cpu_s"], 3), "requests": t["requests"],
                      "us_per_request": round(t["cpu_s"] / max(t["requests"], 1) * 1e6, 2),
+                     "kernel_us_per_request": round(t["kernel_s"] / max(t["requests"], 1) * 1e6, 2),
                      "statuses": dict(sorted(t["traffic"].statuses.items())),
                      "rps": round(t["traffic"].rps / rounds, 1), "socket_errors": t["traffic"].socket_errors}
         log(f"  {kind:8s}: {out[kind]['us_per_request']:.1f} us CPU a request ({out[kind]['requests']} requests, "
@@ -659,6 +667,9 @@ def cpu_targets(c: dict) -> list[dict]:
                c["nginx_429"]["us_per_request"], "none", True),
         target("gateway CPU per refused request / nginx's per `return 429` (for reference)",
                c["refused_over_nginx_429"], "none", True),
+        # what the socket's read and write cost in the kernel alone, whatever runs above them
+        target("gateway kernel CPU per refused request / all CPU per admitted one (for reference)",
+               c["refused"]["kernel_us_per_request"] / max(admitted, 1e-9), "none", True),
     ]
 
 
@@ -693,6 +704,8 @@ def overload_targets(r: dict) -> list[dict]:
         target("peak throughput gateway / nginx, 0 ms model", peak_0, ">= 0.9", peak_0 >= 0.9),
         target("shed answered, P99 ms (worst overload step)", max(sheds) if sheds else 0.0, "<= 1",
                (max(sheds) if sheds else 0.0) <= 1.0),
+        *([target("nginx `return 429` at the 3x rate, P99 ms (this generator's floor for a shed, for reference)",
+                  r["shed_floor"]["shed_p99_ms"], "none", True)] if "shed_floor" in r else []),
         target("critical requests failed in the fault scenario (gateway)",
                fault_critical["sent"] - fault_critical["ok"], "== 0", fault_critical["sent"] == fault_critical["ok"]),
     ]
@@ -753,13 +766,14 @@ def flood_markdown(f: dict) -> list[str]:
 def cpu_markdown(c: dict) -> list[str]:
     lines = ["", f"## CPU per request (utime + stime of the processes from /proc; wrk, {c['connections']} connections, "
              f"{c['rounds']} x {c['seconds']} s each, alternating; 0 ms model)", "",
-             "| what | us CPU / request | requests | CPU s | req/s | statuses |", "|---|---|---|---|---|---|"]
+             "| what | us CPU / request | of which in the kernel | requests | CPU s | req/s | statuses |",
+             "|---|---|---|---|---|---|---|"]
     names = {"admitted": "gateway, admitted (proxied)", "refused": "gateway, refused at admission (429)",
              "nginx": "nginx, proxied", "nginx_429": "nginx, `return 429` (the floor of a refusal)"}
     for kind, name in names.items():
         k = c[kind]
-        lines.append(f"| {name} | {k['us_per_request']:.1f} | {k['requests']} | {k['cpu_s']:.2f} | {k['rps']:.0f} | "
-                     f"{k['statuses']} |")
+        lines.append(f"| {name} | {k['us_per_request']:.1f} | {k.get('kernel_us_per_request', '-')} | "
+                     f"{k['requests']} | {k['cpu_s']:.2f} | {k['rps']:.0f} | {k['statuses']} |")
     lines += ["", f"Refused / admitted CPU per request: {c['refused_over_admitted']:.3f}; refused / nginx's "
               f"`return 429`: {c['refused_over_nginx_429']:.2f}."]
     return lines
@@ -789,6 +803,12 @@ def overload_markdown(r: dict) -> list[str]:
             lines.append(f"| {multiple}x | {setup} | {' | '.join(cells)} | {s['achieved_rate']:.0f} | "
                          f"{s['generator_lag_p99_ms']}{' (behind)' if s['generator_fell_behind'] else ''} | "
                          f"{s.get('shards_drained_before_s', '-')} |")
+    if "shed_floor" in r:
+        floor = r["shed_floor"]
+        steps = ", ".join(f"{m}x {row['gateway']['all']['shed_p99_ms']} ms" for m, row in r["overload"].items())
+        lines += ["", f"Sheds P99 per step (gateway): {steps}. The floor as this generator measures a shed (from the "
+                  f"intended send time): nginx answering `return 429` to the 3x mix, P99 {floor['shed_p99_ms']} ms, "
+                  f"generator lag P99 {floor['generator_lag_p99_ms']} ms."]
     lines += ["", "## Fault (SIGKILL one shard, SIGSTOP the other for 3 s, mix at 1x): statuses per class", ""]
     for setup, summary in r["fault"].items():
         lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"]))
