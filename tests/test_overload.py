@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from controlplane.gateway.overload import LAG_PROBE_S, UNLIMITED, OverloadManager
+from controlplane.gateway.overload import LAG_PROBE_S, UNLIMITED, OverloadManager, thread_times
 from controlplane.gateway.server import ClientConnection, GatewayServer
 from controlplane.spec import GatewayLimits, Overload, PriorityClass, hash_api_key
 
@@ -39,12 +39,13 @@ def manager(**config) -> tuple[OverloadManager, ManualClock]:
 
 
 def refresh(overload: OverloadManager, clock: ManualClock, lag_ms: float, seconds: float = 0.25,
-            cpu: float = 0.5) -> None:
-    """One refresh window with probes `lag_ms` late, the process busy `cpu` of a core."""
+            cpu: float = 0.5, waited: float = 0.0) -> None:
+    """One refresh window with probes `lag_ms` late, the loop's thread running `cpu` of it and waiting `waited` of
+    it for a core."""
     clock.now += seconds
     overload.now = clock.now
     overload.lags_s = [lag_ms / 1000] * 5
-    overload._refresh(clock.now, seconds, cpu * seconds)
+    overload._refresh(clock.now, seconds, cpu * seconds, waited * seconds)
 
 
 def test_nothing_is_refused_without_a_higher_class_to_protect() -> None:
@@ -132,6 +133,29 @@ def test_a_late_loop_in_an_idle_process_is_not_an_overload() -> None:
     assert overload.level == 2
     refresh(overload, clock, lag_ms=3, cpu=0.05)  # once in one, the lag alone keeps it (holding frees the CPU)
     assert overload.level == 2
+
+
+def test_a_loop_that_never_sleeps_is_saturated_though_it_waits_for_a_core() -> None:
+    """On shared cores a flood kept the loop running half the time and waiting for a core the other half, its
+    timers on time to the millisecond: the process's CPU alone (0.5) and the lag (0) saw nothing, and every
+    critical request waited. Run and wait together are the loop's busy share; the shard-bound mix reads <= 0.57."""
+    overload, clock = manager(lag_saturated_ms=1)
+    overload.refuses(CONN, CRITICAL)
+    refresh(overload, clock, lag_ms=0, cpu=0.4, waited=0.17)  # the busiest the mix or half load read
+    assert overload.level == 0 and overload.pressure["cpu"] == pytest.approx(0.57)
+    refresh(overload, clock, lag_ms=0, cpu=0.1, waited=0.85)  # hardly busy itself: the machine is, not the gateway
+    assert overload.level == 0 and overload.pressure["cpu"] == pytest.approx(0.1)
+    refresh(overload, clock, lag_ms=0, cpu=0.5, waited=0.47)
+    assert overload.level == 2 and overload.refuses(CONN, SHEDDABLE)
+
+
+def test_thread_times_read_this_threads_run_and_wait() -> None:
+    ran, waited = thread_times()
+    busy_until = time.thread_time() + 0.05
+    while time.thread_time() < busy_until:
+        pass
+    ran_after, waited_after = thread_times()
+    assert ran_after - ran >= 0.04 and waited_after >= waited >= 0
 
 
 def test_an_idle_event_loop_reads_no_lag() -> None:

@@ -7,9 +7,13 @@ scaled into a pressure of 0..1; unlike it, the gateway also watches its event-lo
 Monitors (the pressure is the highest of them; two lag probes in a row past saturation refresh at once):
 - event-loop lag: how late a timer due every LAG_PROBE_S fires, in the loop's own clock (the median over the
   window): how long any new request waits before the gateway even looks at it; `lag_saturated_ms` is pressure 1.
-  It starts an overload only while the process itself is busy (LAG_NEEDS_CPU): on shared cores the loop also
+  It starts an overload only while the process itself is busy (OVERLOAD_NEEDS_CPU): on shared cores the loop also
   runs late when other processes take the CPU, and refusing requests then frees nothing;
-- CPU: the process's CPU time over wall time in the window (a worker is one thread: 1.0 is a full core);
+- CPU: the share of the window in which the loop's thread ran or waited, runnable, for a core (schedstat): a
+  loop that never sleeps in its poll is saturated whoever holds the core. On shared cores a flood kept every
+  critical request waiting while the process's own CPU read 0.45-0.55 (it waited for a core the rest of the time);
+  run and wait together read 0.96-0.98 there, and at most 0.57 in the shard-bound mix and at half load. Like the
+  lag, the wait counts toward starting an overload only while the process uses OVERLOAD_NEEDS_CPU of a core;
 - memory: resident set over `max_rss_mb`;
 - connections: open client connections over the connection limit.
 
@@ -57,7 +61,8 @@ from controlplane.spec import Overload, PriorityClass
 log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.05
-LAG_NEEDS_CPU = 0.25  # the lag enters an overload only while the process uses this much of a core (see _refresh)
+# Lag and waiting for a core start an overload only while the process itself uses this much of a core (_refresh)
+OVERLOAD_NEEDS_CPU = 0.25
 TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
 HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients
 PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
@@ -87,6 +92,17 @@ class Held:
     waiting_level: int | None = None  # class level of the request waiting unread, once peeked
 
 
+def thread_times() -> tuple[float, float]:
+    """Seconds the calling thread has run, and seconds it has waited runnable for a core
+    (/proc/thread-self/schedstat; where that is missing, its CPU time and no wait)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as schedstat:
+            ran_ns, waited_ns = schedstat.read().split()[:2]
+        return int(ran_ns) / 1e9, int(waited_ns) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time(), 0.0
+
+
 def resident_mb() -> float:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * PAGE_SIZE / 2**20
@@ -114,7 +130,7 @@ class OverloadManager:
         self._expected = 0.0
         self._held_checked_at = clock()
         self._looked_at = clock()  # when held connections were last looked at
-        self._window_start = (clock(), time.process_time())
+        self._window_start = (clock(), *thread_times())
         self._timer: asyncio.TimerHandle | None = None
         server.connection_gate = self.refuse_connection
 
@@ -123,7 +139,7 @@ class OverloadManager:
         if self.config.enabled:
             # the first window starts now: from __init__ it would take in the process's own start (the CPU of
             # loading the spec and the endpoints, the collector's pass) as load: "cpu 1.00" at startup
-            self._window_start = (self.clock(), time.process_time())
+            self._window_start = (self.clock(), *thread_times())
             loop = asyncio.get_running_loop()
             self._expected = loop.time() + LAG_PROBE_S
             self._timer = loop.call_later(LAG_PROBE_S, self._probe)
@@ -139,13 +155,14 @@ class OverloadManager:
         # so an idle loop reads 0 (time.monotonic read a timer's rounding as 0.2-0.5 ms of lag when idle)
         lag_s = max(0.0, loop.time() - self._expected)
         self.lags_s.append(lag_s)
-        started, cpu_started = self._window_start
+        started, ran_before, waited_before = self._window_start
         saturated = self.config.lag_saturated_ms / 1000
         # Two late probes in a row are a burst, not a pause: act now rather than at the end of the window.
         burst = len(self.lags_s) >= 2 and self.lags_s[-2] >= saturated and lag_s >= saturated
         if now - started >= self.config.refresh_s or burst:
-            self._refresh(now, now - started, time.process_time() - cpu_started)
-            self._window_start = (now, time.process_time())
+            ran, waited = thread_times()
+            self._refresh(now, now - started, ran - ran_before, waited - waited_before)
+            self._window_start = (now, ran, waited)
         if self.held:
             self._look_at_held(now)
         if now - self._held_checked_at >= HELD_CHECK_S:
@@ -155,16 +172,21 @@ class OverloadManager:
         self._timer = loop.call_later(LAG_PROBE_S, self._probe)
 
     # --- monitors ------------------------------------------------------------------------------------
-    def _refresh(self, now: float, wall_s: float, cpu_s: float) -> None:
+    def _refresh(self, now: float, wall_s: float, cpu_s: float, waited_s: float = 0.0) -> None:
+        """Read the monitors over a window of `wall_s` in which the loop's thread ran `cpu_s` and waited `waited_s`
+        for a core, and set the level."""
         config = self.config
         cpu = min(1.0, cpu_s / wall_s) if wall_s > 0 else 0.0
+        busy = min(1.0, (cpu_s + waited_s) / wall_s) if wall_s > 0 else 0.0
         # the median, not the worst: one pause (a collection, a big write) is not saturation
         lag = min(1.0, statistics.median(self.lags_s or [0.0]) * 1000 / config.lag_saturated_ms)
-        if self.level == 0 and cpu < LAG_NEEDS_CPU:
-            lag = 0.0  # a late loop in a process that is not busy: the machine is, not the gateway; shedding won't help
+        if self.level == 0 and cpu < OVERLOAD_NEEDS_CPU:
+            # late, or waiting for a core, in a process that is hardly busy: the machine is, not the gateway;
+            # shedding its few requests frees nothing
+            lag, busy = 0.0, cpu
         self.pressure = {
             "lag": lag,
-            "cpu": cpu,
+            "cpu": busy,
             "memory": min(1.0, resident_mb() / config.max_rss_mb),
             "connections": min(1.0, self.server.counters.connections / self.server.max_connections),
         }
