@@ -131,6 +131,10 @@ class Setups:
         """The gateway's processes (state.json's pid, plus its workers when there are several)."""
         return procstat.gateway_pids(json.loads(self.state_file.read_text()))
 
+    def overload_actions(self) -> int:
+        """The gateway's overload actions so far (refusals, holds, releases: cp_overload_actions_total)."""
+        return metric_total(metrics_text(f"{self.urls['gateway'][0]}/metrics") or "", "cp_overload_actions_total")
+
     def gateway_backlog(self) -> tuple[int, int] | None:
         """Requests queued in the gateway and in flight to shards (its /metrics); None when it does not answer."""
         text = metrics_text(f"{self.urls['gateway'][0]}/metrics")
@@ -396,8 +400,11 @@ def overload_scenarios(setups: Setups, tmp: Path, quick: bool, log: Callable[[st
         overload[str(multiple)] = {}
         for setup in SETUPS:
             drained_s = setups.wait_shards_idle()  # what the previous setup left in Triton's queues
+            actions = setups.overload_actions()
             summary = open_loop(setups.urls[setup], base * multiple, step_s, mix_flows(setup == "gateway"))
             overload[str(multiple)][setup] = {**summary, "shards_drained_before_s": drained_s}
+            if setup == "gateway":  # the shards are the bottleneck here: the gateway's own overload should not act
+                overload[str(multiple)][setup]["overload_actions"] = setups.overload_actions() - actions
             log(f"  {multiple}x {setup:8s} " + "  ".join(
                 f"{c} P99 {summary['flows'][c]['ok_p99_ms']:.0f} ms ok {summary['flows'][c]['ok']}"
                 for c in ("critical", "standard", "sheddable") if c in summary["flows"])
@@ -415,7 +422,10 @@ def overload_scenarios(setups: Setups, tmp: Path, quick: bool, log: Callable[[st
     fault = {}
     for setup in ("gateway", "nginx"):
         setups.wait_all_ready()
+        actions = setups.overload_actions()
         fault[setup] = fault_run(setups, setup, base, 10.0 if not quick else 6.0)
+        if setup == "gateway":
+            fault[setup]["overload_actions"] = setups.overload_actions() - actions
         log(f"  {setup}: " + json.dumps({c: fault[setup]["flows"][c]["statuses"]
                                           for c in fault[setup]["flows"]}))
     results["fault"] = fault
@@ -682,6 +692,8 @@ def overload_targets(r: dict) -> list[dict]:
     capacity = r["capacity"]["direct"]["rate"]
     goodput = over["3"][gw]["all"]["goodput_rps"]
     fault_critical = r["fault"][gw]["flows"]["critical"]
+    # (runs before the suite counted them have none recorded)
+    actions = sum(over[m][gw].get("overload_actions", 0) for m in over) + r["fault"][gw].get("overload_actions", 0)
     sheds = [over[m][gw]["all"]["shed_p99_ms"] for m in over if over[m][gw]["all"]["shed"]]
     peak_5, peak_0 = (r["peak"][k][gw]["rps"] / r["peak"][k]["nginx"]["rps"] for k in ("5ms", "0ms"))
     return [
@@ -706,6 +718,8 @@ def overload_targets(r: dict) -> list[dict]:
                (max(sheds) if sheds else 0.0) <= 1.0),
         *([target("nginx `return 429` at the 3x rate, P99 ms (this generator's floor for a shed, for reference)",
                   r["shed_floor"]["shed_p99_ms"], "none", True)] if "shed_floor" in r else []),
+        target("gateway overload actions in the shard-bound mix and the fault run (the shards are the bottleneck)",
+               actions, "== 0", actions == 0),
         target("critical requests failed in the fault scenario (gateway)",
                fault_critical["sent"] - fault_critical["ok"], "== 0", fault_critical["sent"] == fault_critical["ok"]),
     ]
@@ -794,15 +808,15 @@ def overload_markdown(r: dict) -> list[str]:
               " | ".join(f"{s}: {r['capacity'][s]['rate']:.0f}" for s in SETUPS), "",
               "## Overload mix, per class: P99 of 2xx (ms) / goodput (req/s) / shed / 5xx", "",
               "| load | setup | critical | standard | sheddable | sent/s achieved | generator lag P99 ms "
-              "| shards drained before (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| shards drained before (s) | gateway overload actions |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for multiple, row in r["overload"].items():
         for setup in SETUPS:
             s = row[setup]
             cells = [class_cell(s["flows"].get(c)) for c in ("critical", "standard", "sheddable")]
             lines.append(f"| {multiple}x | {setup} | {' | '.join(cells)} | {s['achieved_rate']:.0f} | "
                          f"{s['generator_lag_p99_ms']}{' (behind)' if s['generator_fell_behind'] else ''} | "
-                         f"{s.get('shards_drained_before_s', '-')} |")
+                         f"{s.get('shards_drained_before_s', '-')} | {s.get('overload_actions', '')} |")
     if "shed_floor" in r:
         floor = r["shed_floor"]
         steps = ", ".join(f"{m}x {row['gateway']['all']['shed_p99_ms']} ms" for m, row in r["overload"].items())
@@ -811,7 +825,9 @@ def overload_markdown(r: dict) -> list[str]:
                   f"generator lag P99 {floor['generator_lag_p99_ms']} ms."]
     lines += ["", "## Fault (SIGKILL one shard, SIGSTOP the other for 3 s, mix at 1x): statuses per class", ""]
     for setup, summary in r["fault"].items():
-        lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"]))
+        actions = f" (overload actions: {summary['overload_actions']})" if "overload_actions" in summary else ""
+        lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"])
+                     + actions)
     mem = r["gateway_memory"]
     lines += ["", f"Gateway process memory after the overload runs: RSS {mem['rss_mb']} MB, "
               f"peak {mem['peak_rss_mb']} MB."]
