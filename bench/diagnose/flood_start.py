@@ -7,13 +7,19 @@ held connections, lag and CPU pressure and admitted `sheddable` requests are sam
 round the critical P99 alone and beside the flood, when the level first rose, and the slow critical requests
 (over twice the P99 alone) with their time since the flood started (completion order at 100 req/s).
 
-    .venv/bin/python bench/diagnose/flood_start.py [WORK_MS]      # 0 (default) or 5; ~1.5 min
+    .venv/bin/python bench/diagnose/flood_start.py [WORK_MS] [--like-suite]   # 0 (default) or 5; ~1.5 min
+
+`--like-suite` orders the cells as the suite's flood group does: odd rounds flood first, and nginx's and direct's
+cells (alone and flooded, not printed) between the gateway's (~4 min).
 
 Seen on 2026-12-01 (2 shared cores): with the CPU monitor on the process's CPU alone, the 0 ms flood went unseen
 for 0.5-1.5 s at the start of a round (level 0, lag pressure 0, CPU 0.45-0.55: the loop's timers were on time
 to the millisecond while it waited for a core the rest of the time; critical x8.55, x1.18, x2.91 in three
 rounds). With the loop thread's run plus run-queue wait (schedstat, 0.96-0.98 there), the level rose at the first
-refresh: x1.30, x1.32, x1.29. bench/results/flood-start-2026-12-01.txt.
+refresh: x1.30, x1.32, x1.29. bench/results/flood-start-2026-12-01.txt. With `--like-suite` (-like-suite.txt): in a
+round that starts with the flood the gateway had seen no critical request for ~26 s (nginx's and direct's cells),
+so it refused nothing until the first critical request came, 0.5 s in (`protect_window_s`, 5 s), and those first
+critical requests waited behind the flood already in its loop (10.9, 14.1 ms; x1.21-1.43 in three rounds).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def p99(latencies: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def main(work_ms: int) -> None:
+def main(work_ms: int, like_suite: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="flood-start-") as tmp:
         setups = Setups(Path(tmp))
         try:
@@ -69,9 +75,10 @@ def main(work_ms: int) -> None:
                              count_statuses=True)
             critical_run(setups, "gateway", work_ms, 1.0, None)  # warm-up
             for round_number in range(ROUNDS):
-                setups.wait_gateway_idle()
-                alone, _, _ = critical_run(setups, "gateway", work_ms, SECONDS, None)
-                alone_p99 = p99([s.latency_s * 1000 for s in alone])
+                flood_first = like_suite and round_number % 2 == 1
+                if not flood_first:
+                    setups.wait_gateway_idle()
+                    alone, _, _ = critical_run(setups, "gateway", work_ms, SECONDS, None)
                 setups.wait_gateway_idle()
                 stop, rows = threading.Event(), []
                 sampler = threading.Thread(target=sample, args=(url, stop, rows))
@@ -81,6 +88,14 @@ def main(work_ms: int) -> None:
                 finally:
                     stop.set()
                     sampler.join()
+                if flood_first:
+                    setups.wait_gateway_idle()
+                    alone, _, _ = critical_run(setups, "gateway", work_ms, SECONDS, None)
+                alone_p99 = p99([s.latency_s * 1000 for s in alone])
+                for other in ("nginx", "direct") if like_suite else ():  # the suite's other cells, not printed
+                    for flooded in (None, lua):
+                        setups.wait_gateway_idle()
+                        critical_run(setups, other, work_ms, SECONDS, flooded)
                 latencies = [s.latency_s * 1000 for s in beside]
                 rose = next((r["t"] for r in rows if r["held"] > 0), None)
                 slow = [(round(0.5 + i / CRITICAL_RATE, 2), round(ms, 1)) for i, ms in enumerate(latencies)
@@ -97,4 +112,4 @@ def main(work_ms: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    main(int(next((a for a in sys.argv[1:] if a.isdigit()), "0")), "--like-suite" in sys.argv)
