@@ -86,8 +86,8 @@ def test_suite_flood_and_cpu_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cpu["refused"]["statuses"].get("429", 0) >= 0.99 * cpu["refused"]["requests"]  # refused at admission
     assert cpu["admitted"]["requests"] > 0 and cpu["admitted"]["cpu_s"] > 0
     assert cpu["nginx_429"]["statuses"] == {"429": cpu["nginx_429"]["requests"]}  # the floor's reference row
-    for kind in ("admitted", "refused", "nginx", "nginx_429"):  # the kernel's part is a part
-        assert 0 < cpu[kind]["kernel_us_per_request"] <= cpu[kind]["us_per_request"], cpu[kind]
+    for kind in ("admitted", "refused", "nginx", "nginx_429"):  # the kernel's part is a part (in clock ticks:
+        assert 0 <= cpu[kind]["kernel_us_per_request"] <= cpu[kind]["us_per_request"], cpu[kind]  # may read 0)
     assert results["stack_stopped_on_sigint"]
 
 
