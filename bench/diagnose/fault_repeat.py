@@ -43,12 +43,6 @@ def counting_request(request):  # noqa: ANN001, ANN201 - wraps HttpClient.reques
     return wrapped
 
 
-def overload_actions(setups: suite.Setups) -> int:
-    """The gateway's overload actions so far (refusals, holds, releases: cp_overload_actions_total)."""
-    return suite.metric_total(suite.metrics_text(setups.urls["gateway"][0] + "/metrics") or "",
-                              "cp_overload_actions_total")
-
-
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     if not 1 <= runs <= 10:
@@ -62,15 +56,13 @@ def main() -> None:
             for run in range(1, runs + 1):
                 setups.wait_all_ready()
                 unanswered.clear()
-                actions_before = overload_actions(setups)
+                actions_before = setups.overload_actions()
                 fault = suite.fault_run(setups, "gateway", RATE, 10.0)
                 print(f"run {run}: " + ", ".join(f"{c} {fault['flows'][c]['statuses']}" for c in fault["flows"])
                       + (f"; no answer: {dict(unanswered)}" if unanswered else "")
-                      + f"; overload actions {overload_actions(setups) - actions_before}", flush=True)
+                      + f"; overload actions {setups.overload_actions() - actions_before}", flush=True)
             # the supervisor's restarts (with their back-off) and the gateway's overload levels, then every error
-            logs = [setups.stack.log_tail(2_000_000)] + [
-                path.read_text(errors="replace") for path in sorted((Path(tmp) / "run").glob("*/logs/*.log"))]
-            for line in (line for text in logs for line in text.splitlines()):
+            for line in setups.log_lines():
                 if "restarting in" in line or "overload level" in line:
                     print("  " + line.strip()[:160])
             for line in setups.log_errors():  # cpctl's, the gateway workers' and the shards' logs

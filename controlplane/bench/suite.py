@@ -193,12 +193,15 @@ class Setups:
         return {"rss_mb": max(p["rss_mb"] for p in processes.values()),
                 "peak_rss_mb": max(p["peak_rss_mb"] for p in processes.values()), "processes": processes}
 
-    def log_errors(self, limit: int = 20) -> list[str]:
-        """The first lines of the stack's logs (cpctl's, and each gateway worker's and shard's) that report an
-        error (ERROR, Traceback), with their count."""
+    def log_lines(self) -> list[str]:
+        """Every line of the stack's logs: cpctl's, then each gateway worker's and shard's."""
         logs = [self.stack.log_tail(10_000_000)] + [
             path.read_text(errors="replace") for path in sorted((self.workdir / "run").glob("*/logs/*.log"))]
-        lines = [line for text in logs for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+        return [line for text in logs for line in text.splitlines()]
+
+    def log_errors(self, limit: int = 20) -> list[str]:
+        """The first lines of the stack's logs that report an error (ERROR, Traceback), with their count."""
+        lines = [line for line in self.log_lines() if "ERROR" in line or "Traceback" in line]
         return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
     def close(self, grace_s: float = 15.0) -> bool:

@@ -12,8 +12,9 @@ Monitors (the pressure is the highest of them; two lag probes in a row past satu
 - CPU: the share of the window in which the loop's thread ran or waited, runnable, for a core (schedstat): a
   loop that never sleeps in its poll is saturated whoever holds the core. On shared cores a flood kept every
   critical request waiting while the process's own CPU read 0.45-0.55 (it waited for a core the rest of the time);
-  run and wait together read 0.96-0.98 there, and at most 0.57 in the shard-bound mix and at half load. Like the
-  lag, the wait counts toward starting an overload only while the process uses OVERLOAD_NEEDS_CPU of a core;
+  run and wait together read 0.96-1.00 there, at most 0.57 at half load and 0.33 in the shard-bound mix
+  (bench/diagnose/loop_busy.py). Like the lag, the wait counts toward starting an overload only while the
+  process uses OVERLOAD_NEEDS_CPU of a core;
 - memory: resident set over `max_rss_mb`;
 - connections: open client connections over the connection limit.
 
