@@ -69,6 +69,7 @@ class Sample:
     lag_s: float
     deadline_s: float
     reason: str = ""
+    sent_s: float = 0.0  # the intended send time, seconds since the run started
 
 
 @dataclass
@@ -152,7 +153,7 @@ async def run(scenario: Scenario, urls: list[str], progress: Callable[[int, int]
     samples: list[Sample] = []
     pending: set[asyncio.Task[None]] = set()
 
-    async def one(index: int, intended: float) -> None:
+    async def one(index: int, intended: float, started: float) -> None:
         flow, path, body, headers = rng.choices(prepared, weights)[0] if len(prepared) > 1 else prepared[0]
         lag = time.perf_counter() - intended
         client = clients[index % len(clients)]
@@ -162,7 +163,7 @@ async def run(scenario: Scenario, urls: list[str], progress: Callable[[int, int]
         except (ClientError, TimeoutError):
             status, reason = 0, ""
         samples.append(Sample(flow.name, status, time.perf_counter() - intended, lag, flow.deadline_ms / 1000,
-                              reason))
+                              reason, intended - started))
 
     # The collector's full passes scan every object of the process (in the suite, all that earlier scenarios left):
     # tens of milliseconds in which nothing is sent. Off for the run; its garbage is bounded by MAX_REQUESTS.
@@ -176,7 +177,7 @@ async def run(scenario: Scenario, urls: list[str], progress: Callable[[int, int]
             delay = next_send - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.get_running_loop().create_task(one(index, next_send))
+            task = asyncio.get_running_loop().create_task(one(index, next_send, started))
             pending.add(task)
             task.add_done_callback(pending.discard)
             if progress is not None and index % 256 == 0:

@@ -44,7 +44,7 @@ from pathlib import Path
 import uvloop
 
 from controlplane.bench import procstat
-from controlplane.bench.loadgen import Flow, Sample, Scenario, run, summarize
+from controlplane.bench.loadgen import Flow, Sample, Scenario, ms, run, summarize
 from controlplane.bench.wrk import WrkResult, WrkRun
 from controlplane.bench.wrk import script as wrk_script
 from controlplane.procs import ManagedProcess, free_port, group_members
@@ -60,6 +60,8 @@ SETUPS = ("direct", "nginx", "gateway")
 GROUPS = ("overload", "flood", "cpu")
 FLOOD_SETUPS = ("gateway", "nginx", "direct")
 FLOOD_CONNECTIONS = 256
+FLOOD_LEAD_S = 0.5  # the flood starts this long before the critical traffic beside it
+SLOWEST_KEPT = 15  # the slowest critical requests beside the gateway's flood kept, to locate a burst (P99 is the 10th)
 CRITICAL_RATE = 100.0
 FLOOD_MODELS = (("5ms", 5), ("0ms", 0))
 
@@ -493,7 +495,7 @@ def critical_run(setups: Setups, setup: str, work_ms: float, seconds: float, flo
     if flood_lua is not None:
         flood = WrkRun(setups.urls[setup], "/v2/models/work/infer", flood_lua, seconds + 1.5, FLOOD_CONNECTIONS,
                        threads=2)
-        time.sleep(0.5)
+        time.sleep(FLOOD_LEAD_S)
     try:
         scenario = Scenario(rate=CRITICAL_RATE, duration_s=seconds, flows=critical_flow(work_ms, setup),
                             arrivals="poisson", timeout_s=10, seed=int(time.monotonic() * 1000) % 100_000)
@@ -520,6 +522,7 @@ def flood_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[st
         lags: dict[str, dict[str, list[float]]] = {s: {"alone": [], "flood": []} for s in FLOOD_SETUPS}
         floods: dict[str, WrkResult] = {s: WrkResult() for s in FLOOD_SETUPS}
         drains: dict[str, list[dict]] = {s: [] for s in FLOOD_SETUPS}  # the gateway's backlog after each flood
+        slowest: list[dict] = []  # the gateway's slowest critical requests beside the flood, and when they were sent
         for index in range(rounds):
             for setup in FLOOD_SETUPS:
                 order = ("alone", "flood") if index % 2 == 0 else ("flood", "alone")
@@ -538,6 +541,12 @@ def flood_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[st
                     lags[setup][mode].append(summary["generator_lag_p99_ms"])
                     if mode == "flood":
                         floods[setup].add(flood)
+                        if setup == "gateway":
+                            slowest += [{"round": index, "flood_first": order[0] == "flood",
+                                         "since_flood_start_s": round(s.sent_s + FLOOD_LEAD_S, 3),
+                                         "ms": ms(s.latency_s), "generator_lag_ms": ms(s.lag_s), "status": s.status}
+                                        for s in got]
+                            slowest = sorted(slowest, key=lambda s: -s["ms"])[:SLOWEST_KEPT]
                         drains[setup].append(setups.wait_gateway_idle())  # the gateway's, after any setup's
         row = {}
         for setup in FLOOD_SETUPS:
@@ -549,6 +558,8 @@ def flood_scenario(setups: Setups, workdir: Path, quick: bool, log: Callable[[st
                           "generator_lag_p99_ms": {m: max(v) for m, v in lags[setup].items()},
                           "flood_traffic": floods[setup].as_dict(),
                           "gateway_after_flood": max(drains[setup], key=lambda d: (d["in_flight"], d["waited_s"]))}
+            if setup == "gateway":
+                row[setup]["slowest_critical"] = slowest
             log(f"  {label} {setup:8s} critical P50/P99 alone {alone['ok_p50_ms']:.2f}/{alone['ok_p99_ms']:.2f} ms, "
                 f"flood {flooded['ok_p50_ms']:.2f}/{flooded['ok_p99_ms']:.2f} ms (x{row[setup]['p99_ratio']}); "
                 f"critical {flooded['statuses']}; flood {floods[setup].rps:.0f} req/s "
@@ -773,6 +784,13 @@ def flood_markdown(f: dict) -> list[str]:
                          f"{w['ok_p50_ms']:.2f} / {w['ok_p99_ms']:.2f} | {c['p99_ratio']} | {w['statuses']} | "
                          f"{t['rps']:.0f} | {t['statuses']} | {t['socket_errors'] or '-'} | "
                          f"{c['gateway_after_flood']} |")
+    for label, row in f["models"].items():
+        slowest = row["gateway"].get("slowest_critical")
+        if slowest:
+            lines += ["", f"Slowest critical requests beside the flood (gateway, {label} model; round, flood first, "
+                      "s since the flood started, ms, generator lag ms): " + ", ".join(
+                          f"({s['round']}, {'yes' if s['flood_first'] else 'no'}, {s['since_flood_start_s']:.2f}, "
+                          f"{s['ms']:.1f}, {s['generator_lag_ms']:.1f})" for s in slowest)]
     lines += ["", "Gateway memory per process: " + "; ".join(
         f"pid {pid}: RSS at start {m['rss_mb_at_start']} MB, max during the floods {m['max_rss_mb_during_flood']} MB, "
         f"peak (VmHWM) {m['peak_rss_mb']} MB"
