@@ -222,7 +222,14 @@ class Exchange:
         streamed = self.request.streamed
         if self.action == "infer" and self.attempt == 0 and (streamed is None or streamed.complete):
             # (while a streamed body still arrives, a slow client must not look like a stalled shard)
-            stall_s = STALL_FACTOR * gateway.scheduler.band[self.ticket.band].service.stall_s()
+            band = gateway.scheduler.band[self.ticket.band]
+            stall_s = STALL_FACTOR * band.service.stall_s()
+            # The highest class, whose retries are free, sooner where waiting that long would leave a retry no
+            # time before the deadline: a stall seen after the deadline costs the request, one seen in time does
+            # not. (Lower classes wait on: there a late answer is worth more than a retry's duplicate work.)
+            retry_room_s = remaining - gateway.scheduler.time_needed_s(band)
+            if retry_room_s >= STALL_MIN_S and self._retries_free():
+                stall_s = min(stall_s, retry_room_s)
             timeout = min(timeout, max(STALL_MIN_S, stall_s))
         self.timer = self.conn.loop.call_later(timeout, self._timed_out, timeout, now + timeout)
         upstream = target.pool.take_idle()
