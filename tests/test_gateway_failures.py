@@ -220,9 +220,10 @@ def test_a_class_that_no_shard_takes_any_more_is_refused_at_once_not_left_waitin
 
 
 def test_a_stall_is_seen_while_the_deadline_still_leaves_a_retry_time() -> None:
-    """A shard froze with a critical request in flight. Its stall timeout (twice mean + 4 deviations of the class's
-    service time) would run past the request's deadline; it fires early enough for a retry on the other shard to
-    answer in time: 200, not 504. (Suite run 13's fault run lost one critical request so.)"""
+    """A shard froze with a critical request in flight. A lower class's stall timeout (twice mean + 4 deviations of
+    its service time) would run past the deadline; the top class's fires after one such time, or sooner, leaving
+    its retry as long before the deadline: the retry on the other shard answers in time, 200, not 504. (Suite run
+    13's fault run lost one critical request so.)"""
     async def scenario() -> tuple[list[int], int]:
         shards = [FreezingShard(service_s=0.1), FreezingShard(service_s=0.1)]
         servers = [await asyncio.start_server(shard.serve, "127.0.0.1", 0) for shard in shards]

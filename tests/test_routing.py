@@ -93,6 +93,29 @@ def test_failing_shard_is_ejected_then_probed_before_it_returns() -> None:
     assert a.available and a.limit == 4  # back at the initial limit (slow start)
 
 
+def test_an_overloaded_shard_whose_requests_time_out_together_is_not_ejected() -> None:
+    """Requests of a shard that keeps answering others time out at their deadlines in bursts: slow, not dead.
+    (In the fault run such a burst ejected the only shard left while the other was frozen: 154 critical requests
+    shed.) A shard that answers nothing while its requests are out is still ejected."""
+    r, clock = router()
+    a, b = r.target_named("a"), r.target_named("b")
+    for _ in range(4):
+        r.acquire("m", exclude=b)
+    clock.now += 0.2
+    r.release(a, 0.2, ok=True)  # answered one of them
+    clock.now += 0.05
+    for _ in range(3):
+        r.release(a, 0.25, ok=False)  # the others time out together, all sent before that answer
+    assert a.available and a.consecutive_failures == 0 and a.failures == 3
+    assert a.limit < 4  # what does change: its limit, as for any slow answer
+    for _ in range(3):
+        r.acquire("m", exclude=b)
+    clock.now += 1.0
+    for _ in range(3):
+        r.release(a, 1.0, ok=False)  # nothing answered in that second
+    assert not a.available
+
+
 def test_retries_stay_within_the_budget() -> None:
     r, _ = router()
     granted = 0

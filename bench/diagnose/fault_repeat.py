@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -57,13 +58,18 @@ def main() -> None:
                 setups.wait_all_ready()
                 unanswered.clear()
                 actions_before = setups.overload_actions()
+                print(f"run {run} starts at {time.strftime('%H:%M:%S')} (main-0 killed 2 s in, main-1 frozen 5-8 s)",
+                      flush=True)
                 fault = suite.fault_run(setups, "gateway", RATE, 10.0)
+                shed, lost = fault["flows"]["critical"]["shed_reasons"], fault["critical_lost_sent_s"]
                 print(f"run {run}: " + ", ".join(f"{c} {fault['flows'][c]['statuses']}" for c in fault["flows"])
+                      + (f"; critical shed for {shed}" if shed else "")
+                      + (f"; critical lost, sent {lost[0]}-{lost[-1]} s into the run" if lost else "")
                       + (f"; no answer: {dict(unanswered)}" if unanswered else "")
                       + f"; overload actions {setups.overload_actions() - actions_before}", flush=True)
             # the supervisor's restarts (with their back-off) and the gateway's overload levels, then every error
             for line in setups.log_lines():
-                if "restarting in" in line or "overload level" in line:
+                if any(s in line for s in ("shard main-0:", "overload level", "timed out a request", "probed after")):
                     print("  " + line.strip()[:160])
             for line in setups.log_errors():  # cpctl's, the gateway workers' and the shards' logs
                 print("  " + line.strip()[:160])

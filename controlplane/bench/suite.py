@@ -449,7 +449,9 @@ def fault_run(setups: Setups, setup: str, rate: float, seconds: float) -> dict:
     async def both():
         scenario = Scenario(rate=rate, duration_s=seconds, flows=mix_flows(setup == "gateway"), timeout_s=10)
         report, _ = await asyncio.gather(run(scenario, setups.urls[setup]), faults())
-        return report.summary()
+        # when the lost critical requests were sent (s into the run), to tell the kill from the freeze
+        lost = [s for s in report.samples if s.flow == "critical" and not 200 <= s.status < 300]
+        return {**report.summary(), "critical_lost_sent_s": sorted(round(s.sent_s, 2) for s in lost)}
 
     return uvloop.run(both())
 
@@ -847,8 +849,9 @@ def overload_markdown(r: dict) -> list[str]:
     lines += ["", "## Fault (SIGKILL one shard, SIGSTOP the other for 3 s, mix at 1x): statuses per class", ""]
     for setup, summary in r["fault"].items():
         actions = f" (overload actions: {summary['overload_actions']})" if "overload_actions" in summary else ""
+        lost = summary.get("critical_lost_sent_s")
         lines.append(f"- {setup}: " + "; ".join(f"{c} {summary['flows'][c]['statuses']}" for c in summary["flows"])
-                     + actions)
+                     + actions + (f"; critical lost, sent {lost[0]}-{lost[-1]} s into the run" if lost else ""))
     mem = r["gateway_memory"]
     lines += ["", f"Gateway process memory after the overload runs: RSS {mem['rss_mb']} MB, "
               f"peak {mem['peak_rss_mb']} MB."]

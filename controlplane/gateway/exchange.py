@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 # Client request headers that mean something to Triton; all others stay at the gateway.
 FORWARDED_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-encoding", b"accept")
-STALL_FACTOR = 2.0  # no answer after this many of the class's stall times (and STALL_MIN_S): stalled
+STALL_FACTOR = 2.0  # no answer after this many of its class's stall times (and STALL_MIN_S): stalled (top class: 1)
 STALL_MIN_S = 0.1
 LOOP_BEHIND_S = 0.005  # a timer firing this late means the event loop, not the shard, is slow
 
@@ -222,14 +222,16 @@ class Exchange:
         streamed = self.request.streamed
         if self.action == "infer" and self.attempt == 0 and (streamed is None or streamed.complete):
             # (while a streamed body still arrives, a slow client must not look like a stalled shard)
-            band = gateway.scheduler.band[self.ticket.band]
-            stall_s = STALL_FACTOR * band.service.stall_s()
-            # The highest class, whose retries are free, sooner where waiting that long would leave a retry no
-            # time before the deadline: a stall seen after the deadline costs the request, one seen in time does
-            # not. (Lower classes wait on: there a late answer is worth more than a retry's duplicate work.)
-            retry_room_s = remaining - gateway.scheduler.time_needed_s(band)
-            if retry_room_s >= STALL_MIN_S and self._retries_free():
-                stall_s = min(stall_s, retry_room_s)
+            stall_s = gateway.scheduler.band[self.ticket.band].service.stall_s()
+            if self._retries_free():
+                # The highest class (its retries are free) after one such time, or sooner where that would leave
+                # its retry less than one before the deadline: a stall seen in time costs it nothing, and its
+                # retry lands on a shard that now takes the stalled one's load too (the suite's fault run).
+                retry_room_s = remaining - stall_s
+                if retry_room_s >= STALL_MIN_S:
+                    stall_s = min(stall_s, retry_room_s)
+            else:  # the others wait longer: a late answer is worth more to them than a retry's duplicate work
+                stall_s *= STALL_FACTOR
             timeout = min(timeout, max(STALL_MIN_S, stall_s))
         self.timer = self.conn.loop.call_later(timeout, self._timed_out, timeout, now + timeout)
         upstream = target.pool.take_idle()
@@ -408,6 +410,8 @@ class Exchange:
         deadline_left = self.ticket.deadline - gateway.clock()
         if error.timed_out and (deadline_left <= 0 or self.attempt == 1 or not error.before_response):
             self._count("failed")
+            log.warning("shard %s timed out a request of class %s (attempt %d, %.0f ms before its deadline): %s",
+                        target.name, self.ticket.band, self.attempt + 1, deadline_left * 1000, error)
             self._answer(HttpError(504, f"the deadline passed in flight: {error}"))
             return
         if self.attempt == 0 and error.before_response and (self._retries_free() or gateway.router.take_retry_token()):

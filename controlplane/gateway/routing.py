@@ -10,7 +10,8 @@
   turn's first one took while it has a free slot, so that they reach it, and Triton's batcher, together.
 - A limit less than half used decays toward twice the use (RFC 7661's idle congestion window): a burst after
   a quiet spell starts from what was really in use, not from the peak of the last busy spell.
-- `consecutive_failures` failures in a row eject a shard for a back-off that doubles up to `max_s`; when it
+- `consecutive_failures` failures in a row eject a shard for a back-off that doubles up to `max_s` (a failure
+  counts only if the shard answered nothing while the request was out: an overloaded shard is not dead); when it
   runs out, the shard is probed (GET /v2/health/ready) before it gets traffic again, starting from the
   initial limit (slow start).
 - A retry budget keeps retries under `retry_budget` of the requests.
@@ -66,6 +67,7 @@ class Target:
     probing: bool = False
     draining: bool = False
     served: int = 0
+    answered_at: float = 0.0  # when it last answered a request
     failures: int = 0
     ejections: int = 0
     used: int = 0  # the most requests in flight at once since the limit was last validated
@@ -211,6 +213,7 @@ class Router:
         now = self.clock()
         if ok:
             target.served += 1
+            target.answered_at = now
             target.consecutive_failures = 0
             target.ejections_in_a_row = 0
             self._adapt(target, latency_s, now)
@@ -218,10 +221,14 @@ class Router:
                 self._adapt_urgent_room(target, latency_s, now)
         else:
             target.failures += 1
-            target.consecutive_failures += 1
             self._decrease(target, now)
-            if target.consecutive_failures >= self.ejection.consecutive_failures and target.available:
-                self.eject(target, now)
+            # A shard that answered others while this request was out is slow (requests of an overloaded shard
+            # time out at their deadlines in bursts), not dead: ejecting it would take away capacity when it is
+            # needed most (the fault run: the only shard left, while the other was frozen).
+            if target.answered_at <= now - latency_s:
+                target.consecutive_failures += 1
+                if target.consecutive_failures >= self.ejection.consecutive_failures and target.available:
+                    self.eject(target, now)
         self.on_capacity()
 
     def _adapt(self, target: Target, latency_s: float, now: float) -> None:
