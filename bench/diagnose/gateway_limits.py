@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from controlplane.bench.suite import (
     Setups,
     critical_run,
     machine,
+    metric_sum,
     mix_flows,
     open_loop,
     target,
@@ -109,13 +109,11 @@ def gateway_readings(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
         text = answer.read().decode()
 
-    def total(pattern: str) -> float:
-        return sum(float(v) for v in re.findall(rf"^{pattern}\{{[^}}]*\}} ([\d.e+-]+)$", text, re.M))
-
-    return {"latency_s": total("cp_latency_seconds_sum"), "latency_n": total("cp_latency_seconds_count"),
-            "wait_s": total("cp_queue_wait_seconds_sum"), "wait_n": total("cp_queue_wait_seconds_count"),
-            "in_flight": total("cp_shard_in_flight"), "limit": total("cp_shard_concurrency_limit"),
-            "overload_actions": total("cp_overload_actions_total")}
+    names = {"latency_s": "cp_latency_seconds_sum", "latency_n": "cp_latency_seconds_count",
+             "wait_s": "cp_queue_wait_seconds_sum", "wait_n": "cp_queue_wait_seconds_count",
+             "in_flight": "cp_shard_in_flight", "limit": "cp_shard_concurrency_limit",
+             "overload_actions": "cp_overload_actions_total"}
+    return {key: metric_sum(text, name) for key, name in names.items()}
 
 
 class GaugeSampler:

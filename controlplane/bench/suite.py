@@ -85,9 +85,14 @@ def metrics_text(url: str) -> str | None:
         return None
 
 
-def metric_total(text: str, name: str) -> int:
+def metric_sum(text: str, name: str) -> float:
     """The sum of a metric's samples over all its label sets."""
-    return int(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+]+)$", text, re.M)))
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([\d.e+-]+)$", text, re.M))
+
+
+def metric_total(text: str, name: str) -> int:
+    """The same, of a count."""
+    return int(metric_sum(text, name))
 
 
 class Setups:
