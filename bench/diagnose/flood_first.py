@@ -14,7 +14,8 @@ of critical traffic). Here, 10 repetitions: 1-13 requests over 5 ms a repetition
 0.2-3 ms once the manager holds the flood. Holding the refused classes' connections at once when the first critical
 request is read, and also refusing their queued requests, made no difference beyond the spread
 (bench/results/flood-first-2026-12-01.txt): those requests wait before the gateway has read them, in the saturated
-loop's turns.
+loop's turns. Reading the lowest class on at most `overload.lowest_class_read` (32) connections while nothing is
+protected did: the slowest 3-15 ms (bench/results/flood-start-2026-12-01-session11.txt for what it took besides).
 """
 
 from __future__ import annotations
