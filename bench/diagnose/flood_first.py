@@ -16,8 +16,9 @@ request is read, and also refusing their queued requests, made no difference bey
 (bench/results/flood-first-2026-12-01.txt): those requests wait before the gateway has read them, in the saturated
 loop's turns. Reading the lowest class on at most `overload.lowest_class_read` (32) connections while nothing is
 protected did: the slowest 3-15 ms (bench/results/flood-start-2026-12-01-session11.txt for what it took besides),
-and suite run 15 met both floods with it; but it held back a flood refused at admission to 503 req/s, for a reason
-not found, and was reverted (bench/results/overload-2026-12-01-run15-readbound.md).
+and suite run 15 met both floods with it (bench/results/overload-2026-12-01-run15-readbound.md). Its refusal cell
+read 503 req/s, which got it reverted for an hour; the suite's cell order caused that, with or without it
+(bench/diagnose/refused_cell.py), and it is back.
 """
 
 from __future__ import annotations
