@@ -248,3 +248,30 @@ def test_a_stall_is_seen_while_the_deadline_still_leaves_a_retry_time() -> None:
     statuses, retries = asyncio.run(scenario())
     assert statuses == [200, 200]
     assert retries == 1
+
+
+def test_a_shard_that_served_and_then_died_is_ejected() -> None:
+    """A shard that answered before and now refuses connections: its failures count toward ejection (they are timed
+    from the dispatch, so they do not look like requests out while it answered others)."""
+    async def scenario() -> tuple[bool, bool]:
+        shard = FreezingShard()
+        listener = await asyncio.start_server(shard.serve, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        router = Router()
+        router.update([Endpoint("main-0", "127.0.0.1", port, MODELS)])
+        _, server, gateway_port = await risk_gateway(router)
+        raw = (b"POST /v2/models/risk/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp-demo-key\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(RISK_BODY), RISK_BODY))
+        assert (await request(gateway_port, raw))[0] == 200
+        target = router.target_named("main-0")
+        target.pool.close()  # no idle connection to reuse
+        listener.close()
+        await listener.wait_closed()
+        for _ in range(3):
+            await request(gateway_port, raw)  # connection refused: 502
+        ejected = not target.available
+        await server.stop()
+        return target.served > 0, ejected
+
+    served, ejected = asyncio.run(scenario())
+    assert served and ejected

@@ -207,7 +207,8 @@ class Exchange:
         self.target = target
         if self.trace is not None:
             self.trace.mark("dispatched", in_flight=target.outstanding, room=gateway.router.room(target))
-        now = gateway.clock()
+        now = self.sent_at = gateway.clock()  # (`_send` sets it again once the request leaves: a connection may
+        # be opened first, and a failure to open it is timed from here, for the router's ejection)
         if self.attempt == 0:
             gateway.metrics.queue_wait[self.ticket.band].observe(now - self.arrived)
         remaining = self.ticket.deadline - now
