@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from controlplane.bench.loadgen import percentile  # noqa: E402
 from controlplane.bench.suite import API_KEY, Setups, critical_run, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
 
@@ -41,8 +42,7 @@ QUIET_S = 6.0  # longer than the bench stack's protect_window_s (5 s): nothing t
 
 
 def p99(latencies: list[float]) -> float:
-    ordered = sorted(latencies)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return percentile(sorted(latencies), 99)
 
 
 def main(reps: int) -> None:

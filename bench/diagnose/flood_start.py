@@ -5,7 +5,7 @@ suite's flood (256 wrk connections of `sheddable`, Retry-After ignored, started 
 each round starting at whatever level the last one left. While the flood runs, the gateway's overload level,
 held connections, lag and CPU pressure and admitted `sheddable` requests are sampled every SAMPLE_S. Prints per
 round the critical P99 alone and beside the flood, when the level first rose, and the slow critical requests
-(over twice the P99 alone) with their time since the flood started (completion order at 100 req/s).
+(over twice the P99 alone) with the time they were sent, since the flood started.
 
     .venv/bin/python bench/diagnose/flood_start.py [WORK_MS] [--like-suite]   # 0 (default) or 5; ~1.5 min
 
@@ -35,10 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controlplane.bench.suite import API_KEY, Setups, critical_run, work_body  # noqa: E402
+from controlplane.bench.loadgen import percentile  # noqa: E402
+from controlplane.bench.suite import API_KEY, FLOOD_LEAD_S, Setups, critical_run, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
 
-ROUNDS, SECONDS, SAMPLE_S, CRITICAL_RATE = 3, 5.0, 0.05, 100
+ROUNDS, SECONDS, SAMPLE_S = 3, 5.0, 0.05
 SAMPLED = {"level": r"^cp_overload_level (\S+)", "held": r"^cp_overload_held_connections (\S+)",
            "lag": r'^cp_overload_pressure\{monitor="lag"\} (\S+)',
            "cpu": r'^cp_overload_pressure\{monitor="cpu"\} (\S+)'}
@@ -59,8 +60,7 @@ def sample(url: str, stop: threading.Event, rows: list[dict]) -> None:
 
 
 def p99(latencies: list[float]) -> float:
-    ordered = sorted(latencies)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return percentile(sorted(latencies), 99)
 
 
 def main(work_ms: int, like_suite: bool) -> None:
@@ -98,8 +98,8 @@ def main(work_ms: int, like_suite: bool) -> None:
                         critical_run(setups, other, work_ms, SECONDS, flooded)
                 latencies = [s.latency_s * 1000 for s in beside]
                 rose = next((r["t"] for r in rows if r["held"] > 0), None)
-                slow = [(round(0.5 + i / CRITICAL_RATE, 2), round(ms, 1)) for i, ms in enumerate(latencies)
-                        if ms > 2 * alone_p99]
+                slow = [(round(s.sent_s + FLOOD_LEAD_S, 2), round(s.latency_s * 1000, 1))
+                        for s in sorted(beside, key=lambda s: s.sent_s) if s.latency_s * 1000 > 2 * alone_p99]
                 print(f"round {round_number}: critical P99 alone {alone_p99:.2f} ms, beside the flood "
                       f"{p99(latencies):.2f} ms (x{p99(latencies) / alone_p99:.2f}); flood statuses "
                       f"{flood.statuses if flood else {}}; first connection held at {rose} s", flush=True)
