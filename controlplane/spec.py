@@ -318,6 +318,11 @@ class Overload(StrictModel):
                               "class's tail under a flood.")
     connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
                                    "are refused at the highest overload level.")
+    lowest_class_read: int = Field(
+        32, ge=1, description="Connections of the lowest class a gateway process keeps reading while overloaded "
+        "with no higher class to protect; the others are held (served in turn, each within `hold_max_s`), so the "
+        "loop's turns stay short and a higher class that arrives is read at once, not after turns of the whole "
+        "flood (bench/diagnose/flood_first.py).")
 
 
 class Gateway(StrictModel):

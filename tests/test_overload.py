@@ -312,6 +312,52 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
     assert held_again == 1 and left == (0, 0)
 
 
+def test_with_nothing_to_protect_the_lowest_class_is_read_on_a_bounded_number_of_connections(tmp_path: Path
+                                                                                             ) -> None:
+    """Overloaded, with no higher class seen: nothing is refused, but only `lowest_class_read` (2) connections of
+    the lowest class are read on; the requests of the others are served and their connections then held."""
+    async def scenario(spec_file: Path):
+        server, overload, port = await gateway_without_shards(spec_file)
+        overload._set_level(2)  # (the real refreshes leave it there: it is left only after `cool_down_s`)
+        request = head("sheddable", len(BODY)) + BODY
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+
+        async def answered(reader: asyncio.StreamReader, wait_s: float) -> bytes | None:
+            try:
+                head_ = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), wait_s)
+            except TimeoutError:
+                return None
+            length = next(int(line.split(b":")[1]) for line in head_.lower().split(b"\r\n")
+                          if line.startswith(b"content-length"))
+            await reader.readexactly(length)
+            return head_
+
+        for reader, writer in clients:  # each connection carries the lowest class
+            writer.write(request)
+            assert await answered(reader, 5)
+        overload._refresh(overload.clock(), 0.25, 0.0)  # a refresh (its timer is not started here): 4 read, 2 too many
+        second = []
+        for reader, writer in clients:
+            writer.write(request)
+            second.append(await answered(reader, 5))
+        held = len(server.held)
+        for _, writer in clients:
+            writer.write(request)
+        third = [await answered(reader, 0.3) for reader, _ in clients]
+        actions = dict(overload.actions)
+        for _, writer in clients:
+            writer.close()
+        await server.stop()
+        return second, held, third, actions
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC.replace("max_rss_mb: 1, hold_max_s: 60", "lowest_class_read: 2, hold_max_s: 60"))
+    second, held, third, actions = asyncio.run(scenario(spec_file))
+    assert all(answer.startswith(b"HTTP/1.1 503") for answer in second)  # all served (no shard here), none refused
+    assert held == 2 and actions == {("connection_held", "sheddable"): 2}
+    assert sum(answer is not None for answer in third) == 2  # two read on, two wait unread
+
+
 def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_path: Path) -> None:
     """Clients send every class down one connection pool: a critical request that lands on a held connection
     is seen (peeked, left in the socket) and the connection is read again while the overload lasts."""

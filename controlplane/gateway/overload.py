@@ -31,7 +31,11 @@ pressure stayed `hysteresis` below for `cool_down_s`:
 - 2 (`shed_all_but_top_at`, 0.95): every request of a class but the highest is refused so, and new
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
-to protect, shedding would only lose work. The highest class is never refused here and its connections are
+to protect, shedding would only lose work. But at a level, with nothing to protect, the lowest class is read on
+at most `lowest_class_read` connections: its requests beyond are served, their connections then held (read again
+within `hold_max_s`, as any held connection). Every turn of the loop read every ready connection of a flood (256:
+tens of milliseconds on shared cores), and a critical request that came waited two or three such turns before the
+gateway even read it (bench/diagnose/flood_first.py). The highest class is never refused here and its connections are
 always read. A held connection is not read but is looked at: the request its client sends next is peeked
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
@@ -123,6 +127,7 @@ class OverloadManager:
         self.lags_s: list[float] = []  # how late each lag probe of this window fired
         self.calm_since: float | None = None
         self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
+        self.unprotected_holds = 0  # lowest-class connections over `lowest_class_read` to hold, until the next refresh
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
@@ -197,6 +202,7 @@ class OverloadManager:
             self._release(1)  # additive increase: one more low-class connection is read again per calm refresh
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
         self.hold_quota = self._quota(wanted)
+        self.unprotected_holds = self._excess_lowest() if max(wanted, self.level) else 0
         if wanted >= self.level:
             self.calm_since = None
             self._set_level(wanted)
@@ -222,6 +228,12 @@ class OverloadManager:
         read = sum(1 for c in self.server.connections if c.top_level < refused_below and not c.paused_for)
         return max(1, read // 2)
 
+    def _excess_lowest(self) -> int:
+        """Connections of the lowest class read now beyond `lowest_class_read`."""
+        lowest = self.levels[0]
+        read = sum(1 for c in self.server.connections if c.top_level == lowest and not c.paused_for)
+        return max(0, read - self.config.lowest_class_read)
+
     def refused_below_at(self, level: int) -> int:
         """Classes below this level are refused at an overload level: none at 0, the lowest at 1, all but the
         highest at 2."""
@@ -243,12 +255,19 @@ class OverloadManager:
         self.last_seen[level] = self.now
         overdue = conn in self.overdue
         self.overdue.discard(conn)
-        if level >= self.refused_below or (self.hold_quota == 0 and not overdue):
+        if level >= self.refused_below:
             return False
         window = self.config.protect_window_s
         if any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
+            if self.hold_quota == 0 and not overdue:
+                return False
             self.hold_quota -= not overdue
             return True
+        if (self.unprotected_holds and level == self.levels[0] and conn.top_level <= level
+                and not self.withdraws_keep_alive()):
+            # nothing to protect: served, but its connection is not read again for a while (lowest_class_read)
+            self.unprotected_holds -= 1
+            self._hold(conn, priority_class)
         return False
 
     def refused(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
@@ -260,9 +279,12 @@ class OverloadManager:
         if self.withdraws_keep_alive():
             self._count("keepalive_withdrawn", priority_class.name)
         else:
-            self._count("connection_held", priority_class.name)
-            self.held[conn] = Held(since=self.now, peek_at=self.now)
-            conn.hold()
+            self._hold(conn, priority_class)
+
+    def _hold(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
+        self._count("connection_held", priority_class.name)
+        self.held[conn] = Held(since=self.now, peek_at=self.now)
+        conn.hold()
 
     def withdraws_keep_alive(self) -> bool:
         """Closing costs the client a new connection and the gateway an accept: worth it only when open
