@@ -252,12 +252,17 @@ class OverloadManager:
         request of a connection read again because it was held past `hold_max_s` is refused while its class is,
         whatever the quota: it gets its answer, not a way past the hold."""
         level = priority_class.level
+        window = self.config.protect_window_s
+        if self.level and level > self.levels[0] and not any(
+                seen_level >= level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
+            # Protection begins: the classes below are refused until the next refresh, whatever the pressure (kept
+            # under the thresholds by `lowest_class_read`, it would leave the connections still read to the flood).
+            self.hold_quota = UNLIMITED
         self.last_seen[level] = self.now
         overdue = conn in self.overdue
         self.overdue.discard(conn)
         if level >= self.refused_below:
             return False
-        window = self.config.protect_window_s
         if any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
             if self.hold_quota == 0 and not overdue:
                 return False
