@@ -319,10 +319,10 @@ class Overload(StrictModel):
     connection_budget: int = Field(1024, ge=1, description="Connections per gateway process beyond which new ones "
                                    "are refused at the highest overload level.")
     lowest_class_read: int = Field(
-        32, ge=1, description="Connections of the lowest class a gateway process keeps reading while overloaded "
-        "with no higher class to protect; the others are held (served in turn, each within `hold_max_s`), so the "
-        "loop's turns stay short and a higher class that arrives is read at once, not after turns of the whole "
-        "flood (bench/diagnose/flood_first.py).")
+        32, ge=1, description="Connections of the lowest class a gateway process reads at a time while overloaded "
+        "with no higher class to protect; the others are held and take turns (one answered is held, the one held "
+        "longest read in its place), so the loop's turns stay short and a higher class that arrives is read at "
+        "once, not after turns of the whole flood (bench/diagnose/flood_first.py).")
 
 
 class Gateway(StrictModel):

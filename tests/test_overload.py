@@ -312,12 +312,12 @@ def test_a_low_class_connection_is_held_after_its_refusal_and_read_again_once_re
     assert held_again == 1 and left == (0, 0)
 
 
-def test_with_nothing_to_protect_the_lowest_class_is_read_on_a_bounded_number_of_connections(tmp_path: Path
-                                                                                             ) -> None:
-    """Overloaded, with no higher class seen: nothing is refused, but only `lowest_class_read` (2) connections of
-    the lowest class are read on; the requests of the others are served and their connections then held. When a
-    critical request comes, the lowest class is refused at once, though the refresh found no pressure (the bound
-    keeps it low)."""
+def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_number_of_connections(
+        tmp_path: Path) -> None:
+    """Overloaded, with no higher class seen: nothing is refused, but the lowest class is read on only
+    `lowest_class_read` (2) connections at a time, in turns: a request served holds its connection and, once
+    answered, reads again the one held longest, so every client is answered and none waits for `hold_max_s`. When a critical request
+    comes, the lowest class is refused at once, though the refresh found no pressure (the bound keeps it low)."""
     async def scenario(spec_file: Path):
         server, overload, port = await gateway_without_shards(spec_file)
         overload._set_level(2)  # (the real refreshes leave it there: it is left only after `cool_down_s`)
@@ -342,33 +342,45 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_on_a_bounded_number_of
         for reader, writer in clients:
             writer.write(request)
             second.append(await answered(reader, 5))
+        held_after_second = len(server.held)
+        for _ in range(3):  # three more rounds: each client's request is answered in its turn
+            for _, writer in clients:
+                writer.write(request)
+            rounds = [await answered(reader, 5) for reader, _ in clients]
+            assert all(answer is not None for answer in rounds)
         held = len(server.held)
+        actions = dict(overload.actions)
+        # A critical request comes: the lowest class is refused from now on, though no refresh found any pressure;
+        # the two connections read on are answered 429, the two held for their turn stay held
+        overload._refresh(overload.clock(), 0.25, 0.0)
+        critical, _, critical_writer = await exchange(("127.0.0.1", port), head("critical", len(BODY)), BODY)
         for _, writer in clients:
             writer.write(request)
-        third = [await answered(reader, 0.3) for reader, _ in clients]
-        actions = dict(overload.actions)
-        # A critical request comes: the lowest class is refused from now on, though no refresh found any pressure
-        overload._refresh(overload.clock(), 0.25, 0.0)
-        refused, _, critical_writer = await exchange(("127.0.0.1", port), head("critical", len(BODY)), BODY)
-        read_on = [reader for (reader, _), answer in zip(clients, third, strict=True) if answer is not None]
-        for reader, writer in clients:
-            if reader in read_on:
-                writer.write(request)
-        after = [await answered(reader, 5) for reader in read_on]
+        after = [await answered(reader, 0.5) for reader, _ in clients]
+        # The levels are left: the connections held for their turn are read again at the next probe
+        overload._set_level(0)
+        overload._probe()
+        overload.stop()
+        turned = [await answered(reader, 5) for (reader, _), answer in zip(clients, after, strict=True)
+                  if answer is None]
         critical_writer.close()
         for _, writer in clients:
             writer.close()
         await server.stop()
-        return second, held, third, actions, refused, after
+        return second, held_after_second, held, actions, critical, after, turned
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC.replace("max_rss_mb: 1, hold_max_s: 60", "lowest_class_read: 2, hold_max_s: 60"))
-    second, held, third, actions, critical, after = asyncio.run(scenario(spec_file))
+    second, held_after_second, held, actions, critical, after, turned = asyncio.run(scenario(spec_file))
     assert all(answer.startswith(b"HTTP/1.1 503") for answer in second)  # all served (no shard here), none refused
-    assert held == 2 and actions == {("connection_held", "sheddable"): 2}
-    assert sum(answer is not None for answer in third) == 2  # two read on, two wait unread
+    assert held_after_second == 2 and held == 2  # two read at a time, all along
+    # the second round's first two requests hold their connections (2 read too many); every later one (2 + 12)
+    # takes a turn: its connection held, the one held longest read again
+    assert actions == {("connection_held", "sheddable"): 16, ("connection_released", "-"): 14}
     assert critical.startswith(b"HTTP/1.1 503")  # admitted (no shard here)
-    assert len(after) == 2 and all(answer.startswith(b"HTTP/1.1 429") for answer in after)
+    answers = [answer for answer in after if answer is not None]
+    assert len(answers) == 2 and all(answer.startswith(b"HTTP/1.1 429") for answer in answers)
+    assert len(turned) == 2 and all(answer.startswith(b"HTTP/1.1 503") for answer in turned)  # admitted now
 
 
 def test_a_held_connection_whose_next_request_is_critical_is_read_at_once(tmp_path: Path) -> None:

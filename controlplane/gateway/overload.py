@@ -32,10 +32,13 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. But at a level, with nothing to protect, the lowest class is read on
-at most `lowest_class_read` connections: its requests beyond are served, their connections then held (read again
-within `hold_max_s`, as any held connection). Every turn of the loop read every ready connection of a flood (256:
-tens of milliseconds on shared cores), and a critical request that came waited two or three such turns before the
-gateway even read it (bench/diagnose/flood_first.py). The highest class is never refused here and its connections are
+at most `lowest_class_read` connections, in turns: each of its requests is served, its connection then held, and
+the connection held longest in this turn is read again (so each waits about as long as all of them being read
+would make it wait, not `hold_max_s`: holds that long left a flood's requests unanswered past their 2 s deadline).
+Every turn of the loop read every ready connection of a flood (256: tens of milliseconds on shared cores), and a
+critical request that came waited two or three such turns before the gateway even read it
+(bench/diagnose/flood_first.py). Once the levels are left, the connections waiting their turn are read again,
+`lowest_class_read` a probe. The highest class is never refused here and its connections are
 always read. A held connection is not read but is looked at: the request its client sends next is peeked
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
@@ -72,6 +75,9 @@ TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
 HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients
 PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
 UNLIMITED = 1 << 30
+# A connection held for its turn is read again within tens of milliseconds: peeking each (thousands a second, tens
+# of microseconds each) stalled the loop's probes for ~10 ms; one still held after this is peeked as any held one
+TURN_PEEK_S = 0.1
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -128,6 +134,8 @@ class OverloadManager:
         self.calm_since: float | None = None
         self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
         self.unprotected_holds = 0  # lowest-class connections over `lowest_class_read` to hold, until the next refresh
+        self.in_turn: dict[ClientConnection, None] = {}  # held for their turn by that bound, oldest first
+        self.owes_turn: set[ClientConnection] = set()  # held for their turn while answered: each frees one
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
@@ -139,6 +147,7 @@ class OverloadManager:
         self._window_start = (clock(), *thread_times())
         self._timer: asyncio.TimerHandle | None = None
         server.connection_gate = self.refuse_connection
+        server.held_answered = self._turn_done
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +178,8 @@ class OverloadManager:
             ran, waited = thread_times()
             self._refresh(now, now - started, ran - ran_before, waited - waited_before)
             self._window_start = (now, ran, waited)
+        if self.in_turn and not self.level:
+            self._read_in_turn(self.config.lowest_class_read)
         if self.held:
             self._look_at_held(now)
         if now - self._held_checked_at >= HELD_CHECK_S:
@@ -202,7 +213,10 @@ class OverloadManager:
             self._release(1)  # additive increase: one more low-class connection is read again per calm refresh
         wanted = 2 if pressure >= config.shed_all_but_top_at else 1 if pressure >= config.shed_lowest_at else 0
         self.hold_quota = self._quota(wanted)
-        self.unprotected_holds = self._excess_lowest() if max(wanted, self.level) else 0
+        excess = self._excess_lowest() if max(wanted, self.level) else 0
+        self.unprotected_holds = max(0, excess)
+        if excess < 0 and not self._protects(self.levels[0]):
+            self._read_in_turn(-excess)  # fewer read than the bound (a connection owing a turn closed, say)
         if wanted >= self.level:
             self.calm_since = None
             self._set_level(wanted)
@@ -229,10 +243,11 @@ class OverloadManager:
         return max(1, read // 2)
 
     def _excess_lowest(self) -> int:
-        """Connections of the lowest class read now beyond `lowest_class_read`."""
+        """Connections of the lowest class read now (or answering a request) beyond `lowest_class_read`."""
         lowest = self.levels[0]
-        read = sum(1 for c in self.server.connections if c.top_level == lowest and not c.paused_for)
-        return max(0, read - self.config.lowest_class_read)
+        read = sum(1 for c in self.server.connections
+                   if c.top_level == lowest and (not c.paused_for or c in self.owes_turn))
+        return read - self.config.lowest_class_read
 
     def refused_below_at(self, level: int) -> int:
         """Classes below this level are refused at an overload level: none at 0, the lowest at 1, all but the
@@ -263,17 +278,56 @@ class OverloadManager:
         self.overdue.discard(conn)
         if level >= self.refused_below:
             return False
-        if any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
+        if self._protects(level):
             if self.hold_quota == 0 and not overdue:
                 return False
             self.hold_quota -= not overdue
             return True
-        if (self.unprotected_holds and level == self.levels[0] and conn.top_level <= level
-                and not self.withdraws_keep_alive()):
-            # nothing to protect: served, but its connection is not read again for a while (lowest_class_read)
-            self.unprotected_holds -= 1
-            self._hold(conn, priority_class)
+        if self.level and level == self.levels[0] and conn.top_level <= level and not self.withdraws_keep_alive():
+            self._take_turns(conn, priority_class)
         return False
+
+    def _take_turns(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
+        """Nothing to protect, at a level: this lowest-class request is served and its connection held for its
+        turn; once it is answered, the connection that waited longest is read again in its place (not at once: the
+        connection's request is still in flight, and reading another now would let twice the bound in at a time,
+        enough to keep the loop saturated). None while more are read than `lowest_class_read`."""
+        if self.unprotected_holds:
+            self.unprotected_holds -= 1
+        elif self.in_turn:
+            self.owes_turn.add(conn)
+        else:
+            return  # no more read than the bound: nothing to take turns with
+        self._hold(conn, priority_class, peek_after_s=TURN_PEEK_S)
+        self.in_turn[conn] = None
+
+    def _protects(self, level: int) -> bool:
+        """Whether a class above this level was seen in the last `protect_window_s`: refusing it protects that."""
+        window = self.config.protect_window_s
+        return any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items())
+
+    def _turn_done(self, conn: ClientConnection) -> None:
+        """A held connection was answered: if it was held for its turn in place of another, that one is read, unless
+        a higher class is protected now (then the turns stop: the lowest class is refused, and the connections
+        waiting their turn are read again as any held one, after `hold_max_s`)."""
+        if conn in self.owes_turn:
+            self.owes_turn.discard(conn)
+            if not self._protects(self.levels[0]):
+                self._read_in_turn(1)
+
+    def _read_in_turn(self, count: int) -> int:
+        """Read again up to `count` connections held for their turn, oldest first; how many."""
+        read = 0
+        while self.in_turn and read < count:
+            conn = next(iter(self.in_turn))
+            del self.in_turn[conn]
+            self.owes_turn.discard(conn)  # read again before it was answered: it frees no other
+            if conn in self.server.held:
+                self.held.pop(conn, None)
+                self.server.release(conn)
+                self._count("connection_released", "-")
+                read += 1
+        return read
 
     def refused(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
         """After refusing a request: a connection that carried only refused classes is held (not read), or,
@@ -281,14 +335,16 @@ class OverloadManager:
         self._count("refused_after_headers", priority_class.name)
         if conn.top_level >= self.refused_below:
             return
+        self.in_turn.pop(conn, None)
+        self.owes_turn.discard(conn)
         if self.withdraws_keep_alive():
             self._count("keepalive_withdrawn", priority_class.name)
         else:
             self._hold(conn, priority_class)
 
-    def _hold(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
+    def _hold(self, conn: ClientConnection, priority_class: PriorityClass, peek_after_s: float = 0.0) -> None:
         self._count("connection_held", priority_class.name)
-        self.held[conn] = Held(since=self.now, peek_at=self.now)
+        self.held[conn] = Held(since=self.now, peek_at=self.now + peek_after_s)
         conn.hold()
 
     def withdraws_keep_alive(self) -> bool:
@@ -359,6 +415,9 @@ class OverloadManager:
         """Close held connections whose client has gone: a connection that is not read never sees its client's
         FIN, and would count against the connection limits for nothing. Forget overdue ones that have closed."""
         self.overdue &= self.server.connections
+        for conn in [conn for conn in self.in_turn if conn not in self.server.held]:
+            del self.in_turn[conn]
+        self.owes_turn &= self.server.connections
         for conn in list(self.held):
             if conn not in self.server.held:
                 del self.held[conn]

@@ -472,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
             self.resume_after_upstream()
         self.counters.in_flight -= 1
         self.last_seen = self.server.now
+        if "overload" in self.paused_for:
+            self.server.held_answered(self)
         if self.close_after_response:
             if not self.rejected:
                 self._close()
@@ -601,6 +603,7 @@ class GatewayServer:
         self.max_connections = limits.max_connections
         self.outbox: Outbox | None = None  # writes held to the end of the loop's turn (set by the app)
         self.connection_gate: Callable[[int], str | None] = lambda count: None
+        self.held_answered: Callable[[ClientConnection], None] = lambda connection: None  # (set by the overload manager)
         self.listener: socket.socket | None = None
         self._opening: set[asyncio.Task] = set()  # accepted sockets whose transports are being made
         self.loop: asyncio.AbstractEventLoop | None = None
