@@ -316,8 +316,9 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_
         tmp_path: Path) -> None:
     """Overloaded, with no higher class seen: nothing is refused, but the lowest class is read on only
     `lowest_class_read` (2) connections at a time, in turns: a request served holds its connection and, once
-    answered, reads again the one held longest, so every client is answered and none waits for `hold_max_s`. When a critical request
-    comes, the lowest class is refused at once, though the refresh found no pressure (the bound keeps it low)."""
+    answered, reads again the one held longest, so every client is answered and none waits for `hold_max_s`.
+    When a critical request comes, the lowest class is refused at once, though the refresh found no pressure (the
+    bound keeps it low)."""
     async def scenario(spec_file: Path):
         server, overload, port = await gateway_without_shards(spec_file)
         overload._set_level(2)  # (the real refreshes leave it there: it is left only after `cool_down_s`)

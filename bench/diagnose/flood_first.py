@@ -17,9 +17,11 @@ request is read, and also refusing their queued requests, made no difference bey
 loop's turns. Reading the lowest class on at most `overload.lowest_class_read` (32) connections while nothing is
 protected did: the slowest 3-15 ms (bench/results/flood-start-2026-12-01-session11.txt for what it took besides),
 and suite run 15 met both floods with it (bench/results/overload-2026-12-01-run15-readbound.md). Its refusal cell
-read 503 req/s, which the suite's cell order caused with or without it (bench/diagnose/refused_cell.py). Not
-shipped all the same: in run 16 its holds (up to `hold_max_s`) left 19 flood requests unanswered past wrk's 2 s
-(bench/results/overload-2026-12-01-run16-readbound.md).
+read 503 req/s, which the suite's cell order caused with or without it (bench/diagnose/refused_cell.py). But in
+run 16 its holds (up to `hold_max_s`) left 19 flood requests unanswered past wrk's 2 s
+(bench/results/overload-2026-12-01-run16-readbound.md). Session 12 made the connections beyond the bound take turns
+(one answered is held, the one held longest read in its place): 2 of 1000 over twice the P99 alone, the slowest
+1.5-7 ms, and no hold longer than a turn while nothing is protected.
 """
 
 from __future__ import annotations

@@ -177,6 +177,8 @@ class GatewayApp:
                 rejection = self._keep_rejection(key, Rejection(429, str(over), refusal_headers(over), "rate",
                                                                 close=False))
             return rejection
+        if overload is not None and overload.level:
+            overload.admitted(conn, priority_class)
         return admitted
 
     def _keep_rejection(self, key: tuple, rejection: Rejection) -> Rejection:

@@ -283,15 +283,19 @@ class OverloadManager:
                 return False
             self.hold_quota -= not overdue
             return True
-        if self.level and level == self.levels[0] and conn.top_level <= level and not self.withdraws_keep_alive():
-            self._take_turns(conn, priority_class)
         return False
 
-    def _take_turns(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
-        """Nothing to protect, at a level: this lowest-class request is served and its connection held for its
-        turn; once it is answered, the connection that waited longest is read again in its place (not at once: the
-        connection's request is still in flight, and reading another now would let twice the bound in at a time,
-        enough to keep the loop saturated). None while more are read than `lowest_class_read`."""
+    def admitted(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
+        """At a level, a request admitted (not refused here, nor for its tenant's rate; refusals are cheap and
+        taking turns would double their cost): if it is of the lowest class, with nothing to protect, and its
+        connection carried nothing else, the request is served and its connection held for its turn; once it is
+        answered, the connection that waited longest is read again in its place (not at once: the connection's
+        request is still in flight, and reading another now would let twice the bound in at a time, enough to keep
+        the loop saturated). None while more are read than `lowest_class_read`."""
+        level = priority_class.level
+        if (level != self.levels[0] or conn.top_level > level or self._protects(level)
+                or self.withdraws_keep_alive()):
+            return
         if self.unprotected_holds:
             self.unprotected_holds -= 1
         elif self.in_turn:

@@ -603,7 +603,8 @@ class GatewayServer:
         self.max_connections = limits.max_connections
         self.outbox: Outbox | None = None  # writes held to the end of the loop's turn (set by the app)
         self.connection_gate: Callable[[int], str | None] = lambda count: None
-        self.held_answered: Callable[[ClientConnection], None] = lambda connection: None  # (set by the overload manager)
+        # a held connection was answered (the overload manager's, for connections held for their turn)
+        self.held_answered: Callable[[ClientConnection], None] = lambda connection: None
         self.listener: socket.socket | None = None
         self._opening: set[asyncio.Task] = set()  # accepted sockets whose transports are being made
         self.loop: asyncio.AbstractEventLoop | None = None
