@@ -358,6 +358,11 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_
         for _, writer in clients:
             writer.write(request)
         after = [await answered(reader, 0.5) for reader, _ in clients]
+        # While critical is protected, a connection answered after its turn frees no other
+        waiting = next(iter(overload.in_turn))
+        overload.owes_turn.add(waiting)
+        overload._turn_done(waiting)
+        held_while_protected = len(server.held)
         # The levels are left: the connections held for their turn are read again at the next probe
         overload._set_level(0)
         overload._probe()
@@ -368,11 +373,12 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_
         for _, writer in clients:
             writer.close()
         await server.stop()
-        return second, held_after_second, held, actions, critical, after, turned
+        return second, held_after_second, held, actions, critical, after, held_while_protected, turned
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(SPEC.replace("max_rss_mb: 1, hold_max_s: 60", "lowest_class_read: 2, hold_max_s: 60"))
-    second, held_after_second, held, actions, critical, after, turned = asyncio.run(scenario(spec_file))
+    second, held_after_second, held, actions, critical, after, held_while_protected, turned = asyncio.run(
+        scenario(spec_file))
     assert all(answer.startswith(b"HTTP/1.1 503") for answer in second)  # all served (no shard here), none refused
     assert held_after_second == 2 and held == 2  # two read at a time, all along
     # the second round's first two requests hold their connections (2 read too many); every later one (2 + 12)
@@ -381,6 +387,7 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_
     assert critical.startswith(b"HTTP/1.1 503")  # admitted (no shard here)
     answers = [answer for answer in after if answer is not None]
     assert len(answers) == 2 and all(answer.startswith(b"HTTP/1.1 429") for answer in answers)
+    assert held_while_protected == 4  # the two refused, the two waiting their turn
     assert len(turned) == 2 and all(answer.startswith(b"HTTP/1.1 503") for answer in turned)  # admitted now
 
 

@@ -32,13 +32,16 @@ pressure stayed `hysteresis` below for `cool_down_s`:
   connections past `connection_budget` are refused at accept.
 A class is refused only while a higher class has been seen in the last `protect_window_s`: with nothing
 to protect, shedding would only lose work. But at a level, with nothing to protect, the lowest class is read on
-at most `lowest_class_read` connections, in turns: each of its requests is served, its connection then held, and
-the connection held longest in this turn is read again (so each waits about as long as all of them being read
+at most `lowest_class_read` connections, in turns: beyond them, a connection whose admitted request is answered is
+held, and the connection held longest is read in its place (so each waits about as long as all of them being read
 would make it wait, not `hold_max_s`: holds that long left a flood's requests unanswered past their 2 s deadline).
 Every turn of the loop read every ready connection of a flood (256: tens of milliseconds on shared cores), and a
 critical request that came waited two or three such turns before the gateway even read it
-(bench/diagnose/flood_first.py). Once the levels are left, the connections waiting their turn are read again,
-`lowest_class_read` a probe. The highest class is never refused here and its connections are
+(bench/diagnose/flood_first.py). The turns stop while a higher class is protected (the lowest class is refused
+then), and once the levels are left the connections waiting their turn are read again, `lowest_class_read` a
+probe. A higher class that comes to a level after none for `protect_window_s` makes the classes below it refused
+at once, until the next refresh, whatever the pressure (the bound keeps the pressure low). The highest class is
+never refused here and its connections are
 always read. A held connection is not read but is looked at: the request its client sends next is peeked
 (left in the socket) and classified, and a connection whose next request is of a class not refused now is read
 again at once, so a client that sends all classes down one connection pool never parks a critical request
@@ -267,9 +270,7 @@ class OverloadManager:
         request of a connection read again because it was held past `hold_max_s` is refused while its class is,
         whatever the quota: it gets its answer, not a way past the hold."""
         level = priority_class.level
-        window = self.config.protect_window_s
-        if self.level and level > self.levels[0] and not any(
-                seen_level >= level and self.now - seen <= window for seen_level, seen in self.last_seen.items()):
+        if self.level and level > self.levels[0] and not self._seen_from(level):
             # Protection begins: the classes below are refused until the next refresh, whatever the pressure (kept
             # under the thresholds by `lowest_class_read`, it would leave the connections still read to the flood).
             self.hold_quota = UNLIMITED
@@ -305,10 +306,14 @@ class OverloadManager:
         self._hold(conn, priority_class, peek_after_s=TURN_PEEK_S)
         self.in_turn[conn] = None
 
-    def _protects(self, level: int) -> bool:
-        """Whether a class above this level was seen in the last `protect_window_s`: refusing it protects that."""
+    def _seen_from(self, level: int) -> bool:
+        """Whether a class at or above this level was seen in the last `protect_window_s`."""
         window = self.config.protect_window_s
-        return any(seen_level > level and self.now - seen <= window for seen_level, seen in self.last_seen.items())
+        return any(seen_level >= level and self.now - seen <= window for seen_level, seen in self.last_seen.items())
+
+    def _protects(self, level: int) -> bool:
+        """Whether refusing a class of this level protects anything: a class above it was seen recently."""
+        return self._seen_from(level + 1)
 
     def _turn_done(self, conn: ClientConnection) -> None:
         """A held connection was answered: if it was held for its turn in place of another, that one is read, unless
@@ -319,8 +324,8 @@ class OverloadManager:
             if not self._protects(self.levels[0]):
                 self._read_in_turn(1)
 
-    def _read_in_turn(self, count: int) -> int:
-        """Read again up to `count` connections held for their turn, oldest first; how many."""
+    def _read_in_turn(self, count: int) -> None:
+        """Read again up to `count` connections held for their turn, oldest first."""
         read = 0
         while self.in_turn and read < count:
             conn = next(iter(self.in_turn))
@@ -331,7 +336,6 @@ class OverloadManager:
                 self.server.release(conn)
                 self._count("connection_released", "-")
                 read += 1
-        return read
 
     def refused(self, conn: ClientConnection, priority_class: PriorityClass) -> None:
         """After refusing a request: a connection that carried only refused classes is held (not read), or,
