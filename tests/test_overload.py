@@ -360,7 +360,7 @@ def test_with_nothing_to_protect_the_lowest_class_is_read_in_turns_on_a_bounded_
         after = [await answered(reader, 0.5) for reader, _ in clients]
         # While critical is protected, a connection answered after its turn frees no other
         waiting = next(iter(overload.in_turn))
-        overload.owes_turn.add(waiting)
+        overload.held[waiting].owes_turn = True
         overload._turn_done(waiting)
         held_while_protected = len(server.held)
         # The levels are left: the connections held for their turn are read again at the next probe

@@ -207,8 +207,9 @@ class Exchange:
         self.target = target
         if self.trace is not None:
             self.trace.mark("dispatched", in_flight=target.outstanding, room=gateway.router.room(target))
-        now = self.sent_at = gateway.clock()  # (`_send` sets it again once the request leaves: a connection may
-        # be opened first, and a failure to open it is timed from here, for the router's ejection)
+        # `sent_at` from here: a failure to open a connection is timed from the dispatch, for the router's ejection
+        # (`_send` sets it again once the request leaves)
+        now = self.sent_at = gateway.clock()
         if self.attempt == 0:
             gateway.metrics.queue_wait[self.ticket.band].observe(now - self.arrived)
         remaining = self.ticket.deadline - now

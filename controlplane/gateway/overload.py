@@ -78,8 +78,9 @@ TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
 HELD_CHECK_S = 1.0  # how often held connections are checked for gone clients
 PEEK_MAX_WAIT_S = 1.0  # a held connection whose client sends nothing is peeked at ever more rarely, up to this
 UNLIMITED = 1 << 30
-# A connection held for its turn is read again within tens of milliseconds: peeking each (thousands a second, tens
-# of microseconds each) stalled the loop's probes for ~10 ms; one still held after this is peeked as any held one
+# A connection held for its turn is read again within tens of milliseconds: peeking each at once would be thousands
+# of peeks a second, hundreds in one probe (an estimate: not measured on its own); one still held after this is
+# peeked as any held one
 TURN_PEEK_S = 0.1
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -104,6 +105,7 @@ class Held:
     peek_at: float  # when to look at the socket next
     peek_wait_s: float = LAG_PROBE_S
     waiting_level: int | None = None  # class level of the request waiting unread, once peeked
+    owes_turn: bool = False  # held for its turn while its request is in flight: once answered, frees another
 
 
 def thread_times() -> tuple[float, float]:
@@ -138,7 +140,6 @@ class OverloadManager:
         self.hold_quota = 0  # refusals left until the next refresh (the "read less" controller)
         self.unprotected_holds = 0  # lowest-class connections over `lowest_class_read` to hold, until the next refresh
         self.in_turn: dict[ClientConnection, None] = {}  # held for their turn by that bound, oldest first
-        self.owes_turn: set[ClientConnection] = set()  # held for their turn while answered: each frees one
         self.last_seen: dict[int, float] = {}  # class level -> when a request of it last arrived
         self.now = clock()
         self.actions: dict[tuple[str, str], int] = {}  # (action, class) -> count, for /metrics
@@ -248,9 +249,9 @@ class OverloadManager:
     def _excess_lowest(self) -> int:
         """Connections of the lowest class read now (or answering a request) beyond `lowest_class_read`."""
         lowest = self.levels[0]
-        read = sum(1 for c in self.server.connections
-                   if c.top_level == lowest and (not c.paused_for or c in self.owes_turn))
-        return read - self.config.lowest_class_read
+        read = sum(1 for c in self.server.connections if c.top_level == lowest and not c.paused_for)
+        answering = sum(1 for held in self.held.values() if held.owes_turn)
+        return read + answering - self.config.lowest_class_read
 
     def refused_below_at(self, level: int) -> int:
         """Classes below this level are refused at an overload level: none at 0, the lowest at 1, all but the
@@ -277,11 +278,9 @@ class OverloadManager:
         self.last_seen[level] = self.now
         overdue = conn in self.overdue
         self.overdue.discard(conn)
-        if level >= self.refused_below:
+        if level >= self.refused_below or (self.hold_quota == 0 and not overdue):
             return False
         if self._protects(level):
-            if self.hold_quota == 0 and not overdue:
-                return False
             self.hold_quota -= not overdue
             return True
         return False
@@ -299,11 +298,12 @@ class OverloadManager:
             return
         if self.unprotected_holds:
             self.unprotected_holds -= 1
+            owes_turn = False
         elif self.in_turn:
-            self.owes_turn.add(conn)
+            owes_turn = True
         else:
             return  # no more read than the bound: nothing to take turns with
-        self._hold(conn, priority_class, peek_after_s=TURN_PEEK_S)
+        self._hold(conn, priority_class, peek_after_s=TURN_PEEK_S).owes_turn = owes_turn
         self.in_turn[conn] = None
 
     def _seen_from(self, level: int) -> bool:
@@ -319,8 +319,9 @@ class OverloadManager:
         """A held connection was answered: if it was held for its turn in place of another, that one is read, unless
         a higher class is protected now (then the turns stop: the lowest class is refused, and the connections
         waiting their turn are read again as any held one, after `hold_max_s`)."""
-        if conn in self.owes_turn:
-            self.owes_turn.discard(conn)
+        held = self.held.get(conn)
+        if held is not None and held.owes_turn:
+            held.owes_turn = False
             if not self._protects(self.levels[0]):
                 self._read_in_turn(1)
 
@@ -330,9 +331,8 @@ class OverloadManager:
         while self.in_turn and read < count:
             conn = next(iter(self.in_turn))
             del self.in_turn[conn]
-            self.owes_turn.discard(conn)  # read again before it was answered: it frees no other
             if conn in self.server.held:
-                self.held.pop(conn, None)
+                self.held.pop(conn, None)  # (read again before it was answered, it frees no other)
                 self.server.release(conn)
                 self._count("connection_released", "-")
                 read += 1
@@ -344,16 +344,16 @@ class OverloadManager:
         if conn.top_level >= self.refused_below:
             return
         self.in_turn.pop(conn, None)
-        self.owes_turn.discard(conn)
         if self.withdraws_keep_alive():
             self._count("keepalive_withdrawn", priority_class.name)
         else:
             self._hold(conn, priority_class)
 
-    def _hold(self, conn: ClientConnection, priority_class: PriorityClass, peek_after_s: float = 0.0) -> None:
+    def _hold(self, conn: ClientConnection, priority_class: PriorityClass, peek_after_s: float = 0.0) -> Held:
         self._count("connection_held", priority_class.name)
-        self.held[conn] = Held(since=self.now, peek_at=self.now + peek_after_s)
+        held = self.held[conn] = Held(since=self.now, peek_at=self.now + peek_after_s)
         conn.hold()
+        return held
 
     def withdraws_keep_alive(self) -> bool:
         """Closing costs the client a new connection and the gateway an accept: worth it only when open
@@ -425,7 +425,6 @@ class OverloadManager:
         self.overdue &= self.server.connections
         for conn in [conn for conn in self.in_turn if conn not in self.server.held]:
             del self.in_turn[conn]
-        self.owes_turn &= self.server.connections
         for conn in list(self.held):
             if conn not in self.server.held:
                 del self.held[conn]
