@@ -8,10 +8,13 @@ SITE=/tmp/cpctl-site
 TOOLS=/tmp/cpctl-tools
 mkdir -p "$OUT" "$SITE" "$TOOLS/path"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "$CARRY"/wheels/*.whl
-tar -xJf "$CARRY/triton.tar.xz" -C "$SITE"  # pytriton/tritonserver + nvidia_pytriton.libs, as in a venv
-tar -xJf "$CARRY/tools.tar.xz" -C "$TOOLS"
+if [ ! -e "$SITE/.unpacked" ]; then  # once a machine: a second script of the same call finds it done
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$CARRY"/wheels/*.whl
+    tar -xJf "$CARRY/triton.tar.xz" -C "$SITE"  # pytriton/tritonserver + nvidia_pytriton.libs, as in a venv
+    tar -xJf "$CARRY/tools.tar.xz" -C "$TOOLS"
+    touch "$SITE/.unpacked"
+fi
 for tool in nginx wrk; do  # Debian builds: their own libraries (LD_LIBRARY_PATH for them alone)
     printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib exec %s/bin/%s "$@"\n' "$TOOLS" "$TOOLS" "$tool" > "$TOOLS/path/$tool"
     chmod +x "$TOOLS/path/$tool"
@@ -44,12 +47,13 @@ print("numpy", numpy.__version__, "pydantic", pydantic.VERSION, "uvloop", uvloop
 # With MYPYC_WHEELS set (a folder of cp312 wheels of the `compiled` extra and what it needs, carried along:
 # bench/device/README.md), the gateway's request path is compiled with mypyc as `make` does here; without it the
 # .py sources run there (about twice the CPU a request).
-if [ -n "${MYPYC_WHEELS:-}" ]; then
+if [ -n "${MYPYC_WHEELS:-}" ] && [ ! -e /tmp/mypyc-site/.compiled ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/mypyc-site \
         "$MYPYC_WHEELS"/*.whl
     (cd "$REPO" && PYTHONPATH="/tmp/mypyc-site:$PYTHONPATH" python3 scripts/compile-gateway) \
-        && echo "gateway: compiled with mypyc" | tee -a "$OUT/device-env.txt"
+        && touch /tmp/mypyc-site/.compiled
 fi
+if [ -e /tmp/mypyc-site/.compiled ]; then echo "gateway: compiled with mypyc" | tee -a "$OUT/device-env.txt"; fi
 
 
 # record_gpu_env PYTHON_LINE: the versions a GPU benchmark depends on (PYTHON_LINE prints them) and the GPU.
