@@ -141,3 +141,50 @@ def test_scaling_spec_is_valid_and_targets_say_what_was_not_run(tmp_path: Path) 
     targets = scaling.scaling_targets(result)
     assert [t["met"] for t in targets] == [False, False] and all(t["value"] is None for t in targets)
     assert "not run" in targets[0]["name"]
+
+
+def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_through_it(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import linearity
+        import scaling
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import urllib.request
+
+    from controlplane.bench import procstat
+    from controlplane.procs import free_port
+
+    layout = linearity.core_layout(1, load_cores=1)
+    assert len(layout["proxy"]) == 1 and layout["load"] and layout["standin"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(layout["proxy"]) & set(layout["load"])  # the proxy's core is its own
+
+    repository = scaling.model_repository(tmp_path / "models", instances=1)
+    answers = linearity.record_triton(tmp_path / "record", repository)  # a real tritonserver's answers
+    assert json.loads(answers["metadata"])["name"] == "work"
+    assert json.loads(answers["infer"])["outputs"][0]["name"] == "y"
+    with pytest.raises(RuntimeError, match="would misread"):
+        linearity.start_standin(tmp_path / "bad", {**answers, "infer": "{'x': 1}"}, [free_port()], 1)
+
+    ports = [free_port(), free_port()]
+    standin = linearity.start_standin(tmp_path / "standin", answers, ports, 1)
+    try:
+        gateway, url = linearity.start_gateway(tmp_path / "gateway", repository, 1, ports)
+        try:
+            assert len(procstat.children(gateway.pid)) == 1  # one worker, whose CPU the benchmark counts
+            body = json.dumps(linearity.work_body({"work_ms": 0})).encode()
+            request = urllib.request.Request(url + "/v2/models/work/infer", data=body, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {linearity.API_KEY}"})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200 and json.loads(answer.read()) == json.loads(answers["infer"])
+            wrong = urllib.request.Request(url + "/v2/models/work/infer", data=b'{"inputs": [{"name": "nope"}]}',
+                                           headers={"Authorization": f"Bearer {linearity.API_KEY}"})
+            with pytest.raises(urllib.error.HTTPError) as refused:  # the gateway still checks against the model
+                urllib.request.urlopen(wrong, timeout=10)
+            assert refused.value.code == 400
+        finally:
+            gateway.stop(grace_s=10)
+    finally:
+        standin.stop(grace_s=2)
+    assert gateway.poll() is not None and standin.poll() is not None

@@ -251,9 +251,27 @@ def start_nginx(workdir: Path, port: int, upstreams: list[str], workers: int = 1
                 ) -> ManagedProcess:
     """nginx as a user would put it in front of Triton: round robin, upstream keepalive, `workers` workers. With
     `refusal_port`, it also answers every request there with `return 429`: the floor of a refusal's cost."""
+    servers = "\n".join(f"    server {url.removeprefix('http://')};" for url in upstreams)
+    return run_nginx(workdir, workers, f"""
+  upstream shards {{
+{servers}
+    keepalive 512;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://shards;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}{NGINX_REFUSAL.format(port=refusal_port) if refusal_port else ""}""", port)
+
+
+def run_nginx(workdir: Path, workers: int, http_blocks: str, probe_port: int) -> ManagedProcess:
+    """nginx with `workers` workers serving `http_blocks` (upstreams and servers of its http block), files under
+    `workdir`; returns once GET /v2/health/ready on `probe_port` answers."""
     if shutil.which("nginx") is None:
         raise RuntimeError("nginx is needed: apt-get install nginx-light (make test installs it as root)")
-    servers = "\n".join(f"    server {url.removeprefix('http://')};" for url in upstreams)
     conf = workdir / "nginx.conf"
     conf.write_text(f"""worker_processes {workers};
 pid {workdir}/nginx.pid;
@@ -266,19 +284,7 @@ http {{
   fastcgi_temp_path {workdir}/nginx-fastcgi;
   uwsgi_temp_path {workdir}/nginx-uwsgi;
   scgi_temp_path {workdir}/nginx-scgi;
-  client_max_body_size 8m;
-  upstream shards {{
-{servers}
-    keepalive 512;
-  }}
-  server {{
-    listen 127.0.0.1:{port} backlog=4096;
-    location / {{
-      proxy_pass http://shards;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}{NGINX_REFUSAL.format(port=refusal_port) if refusal_port else ""}
+  client_max_body_size 8m;{http_blocks}
 }}
 """)
     process = ManagedProcess(["nginx", "-e", str(workdir / "nginx-error.log"), "-c", str(conf), "-p", str(workdir),
@@ -287,7 +293,7 @@ http {{
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).close()
+            urllib.request.urlopen(f"http://127.0.0.1:{probe_port}/v2/health/ready", timeout=1).close()
             return process
         except OSError:
             if process.poll() is not None:
