@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -35,11 +34,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.scaling import Stack, model_repository, peak, spec_text  # noqa: E402
-from controlplane.bench import procstat  # noqa: E402
-from controlplane.bench.suite import API_KEY, machine, run_nginx, start_nginx, target, work_body  # noqa: E402
+from bench.scaling import Stack, model_repository, peak, save, spec_text  # noqa: E402
+from controlplane.bench.suite import API_KEY, machine, run_nginx, start_nginx, target, wait_serving, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
-from controlplane.procs import ManagedProcess, free_port, group_members  # noqa: E402
+from controlplane.procs import ManagedProcess, children, free_port, group_members  # noqa: E402
 
 EFFICIENCY_GOAL = 0.8
 WORK_MS = 0  # the cheapest model: the proxy's own cost is all there is to measure
@@ -126,17 +124,8 @@ def start_gateway(workdir: Path, repository: Path, workers: int, ports: list[int
                               "--endpoints", str(workdir / "endpoints.json"), "--port", str(port)],
                              log_path=workdir / "gateway.log", cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/v2/health/ready", timeout=1).close()
-            return process, url
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-    process.stop()
-    raise RuntimeError(f"cpctl gateway did not start: {process.log_tail(1500)}")
+    wait_serving(process, url, 60, "cpctl gateway")
+    return process, url
 
 
 def measure(workers: int, args: argparse.Namespace, layout: dict[str, list[int]], repository: Path,
@@ -152,7 +141,7 @@ def measure(workers: int, args: argparse.Namespace, layout: dict[str, list[int]]
     try:
         urls = {"gateway": [gateway_url], "nginx": [f"http://127.0.0.1:{nginx_port}"]}
         # the supervising `cpctl gateway` and its workers (each worker leads a process group of its own)
-        pids = {"gateway": [gateway.pid, *procstat.children(gateway.pid)], "nginx": group_members(nginx.pgid)}
+        pids = {"gateway": [gateway.pid, *children(gateway.pid)], "nginx": group_members(nginx.pgid)}
         threads = len(layout["load"])
         for setup in urls:  # warm-up: connections, the gateway's signature cache and concurrency limits
             peak(urls[setup], lua, 1, args.connections, threads, [])
@@ -264,13 +253,7 @@ def main(argv: list[str]) -> int:
             os.sched_setaffinity(0, everything)
     results["efficiency"] = {s: efficiency(results["workers"], s) for s in ("gateway", "nginx")}
     results["targets"] = linearity_targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"linearity-{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
-    for t in results["targets"]:
-        log(f"  {'yes' if t['met'] else 'NO ':3s} {t['name']}: {t['value']} ({t['target']})")
-    log(f"wrote {stem}.json and .md")
+    save(results, args.out / f"linearity-{results['date']}", markdown(results), log)
     return 0
 
 

@@ -279,14 +279,18 @@ def main(argv: list[str]) -> int:
             log(f"  W={workers} took {time.monotonic() - started:.0f} s")
     results["efficiency"] = efficiency(results)
     results["targets"] = scaling_targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scaling-{results['date']}"
+    save(results, args.out / f"scaling-{results['date']}", markdown(results), log)
+    return 0
+
+
+def save(results: dict, stem: Path, text: str, log) -> None:
+    """Write `stem`.json (the results) and `stem`.md (`text`), and log the targets."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
+    stem.with_suffix(".md").write_text(text)
     for t in results["targets"]:
         log(f"  {'yes' if t['met'] else 'NO ':3s} {t['name']}: {t['value']} ({t['target']})")
     log(f"wrote {stem}.json and .md")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -96,7 +96,17 @@ class ManagedProcess:
 
 def group_members(pgid: int) -> list[int]:
     """PIDs of the live processes in a process group (read from /proc)."""
-    members = []
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the live processes whose parent is `pid` (read from /proc)."""
+    return [child for child, fields in _live_processes() if int(fields[1]) == pid]
+
+
+def _live_processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, its /proc stat fields after the command: state, ppid, pgrp, ...) of each process that has not exited
+    (a zombie, state 'Z', has)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -104,10 +114,8 @@ def group_members(pgid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # fields after the command: state, ppid, pgrp, ...; a zombie ('Z') has already exited
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        if fields[0] != "Z":
+            yield int(entry.name), fields
 
 
 def free_port() -> int:

@@ -152,8 +152,7 @@ def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_
         sys.path.remove(str(ROOT / "bench"))
     import urllib.request
 
-    from controlplane.bench import procstat
-    from controlplane.procs import free_port
+    from controlplane.procs import children, free_port
 
     layout = linearity.core_layout(1, load_cores=1)
     assert len(layout["proxy"]) == 1 and layout["load"] and layout["standin"]
@@ -172,7 +171,7 @@ def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_
     try:
         gateway, url = linearity.start_gateway(tmp_path / "gateway", repository, 1, ports)
         try:
-            assert len(procstat.children(gateway.pid)) == 1  # one worker, whose CPU the benchmark counts
+            assert len(children(gateway.pid)) == 1  # one worker, whose CPU the benchmark counts
             body = json.dumps(linearity.work_body({"work_ms": 0})).encode()
             request = urllib.request.Request(url + "/v2/models/work/infer", data=body, headers={
                 "Content-Type": "application/json", "Authorization": f"Bearer {linearity.API_KEY}"})

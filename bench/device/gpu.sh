@@ -4,10 +4,8 @@
 # Usage: [STUB_NUMPY_WHEEL=numpy-1.26...cp312...whl] bench/device/gpu.sh CARRY OUT [bench/gpu.py options]
 #   CARRY: the carried folder (.devicecarry: wheels, triton.tar.xz, tools.tar.xz); OUT: $OUT of the device run.
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: gpu.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: gpu.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 
 # numpy 2 here: with STUB_NUMPY_WHEEL (a numpy 1.26 cp312 wheel) the Python-backend stubs get an environment with
 # it first (stub_env.sh, CPCTL_STUB_PYTHON), so that BYTES inputs (JPEG) work; cpctl and the benchmark keep numpy 2.

@@ -4,9 +4,7 @@
 # issue 11), writing large-body.{json,log} and large-body.logs.tar.gz into OUT.
 # Usage: bench/device/large_body.sh CARRY OUT [large_body.py options]
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: large_body.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: large_body.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 cd "$REPO"
 python3 bench/diagnose/large_body.py --out "$OUT/large-body.json" "$@" 2>&1 | tee "$OUT/large-body.log"

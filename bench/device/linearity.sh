@@ -3,10 +3,8 @@
 # checkout (gateway workers 1 -> W in front of stand-in shards, on cores of their own), writing into OUT.
 # Usage: [MYPYC_WHEELS=DIR] bench/device/linearity.sh CARRY OUT [bench/linearity.py options]
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: linearity.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: linearity.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 cat /sys/devices/system/cpu/cpu*/topology/thread_siblings_list 2>/dev/null | sort -u | tr '\n' ' ' \
     | sed 's/^/cpu siblings: /' >> "$OUT/device-env.txt"; echo >> "$OUT/device-env.txt"
 cd "$REPO"

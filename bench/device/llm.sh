@@ -5,10 +5,8 @@
 # Usage: bench/device/llm.sh CARRY OUT [bench/llm.py options]
 #   CARRY: the carried folder (.devicecarry: wheels, triton.tar.xz, tools.tar.xz); OUT: $OUT of the device run.
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: llm.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: llm.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 
 record_gpu_env 'import torch, transformers, safetensors; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "safetensors", safetensors.__version__)'
 cd "$REPO"

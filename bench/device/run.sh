@@ -4,10 +4,8 @@
 # Usage: bench/device/run.sh CARRY OUT [bench/scaling.py options, e.g. --workers 1,2,4,8]
 #   CARRY: the carried folder (.devicecarry); OUT: $OUT of the device run.
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: run.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: run.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 
 cd "$REPO"
 set -o pipefail

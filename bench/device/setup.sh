@@ -1,8 +1,12 @@
 #!/bin/bash
-# Sourced by run.sh and gpu.sh on the GPU machine (no network; python3.12 with numpy 2, torch, uvloop, typer,
-# rich, pyyaml): installs the carried wheels into /tmp/cpctl-site (PYTHONPATH), unpacks tritonserver there in the
-# wheel's layout, nginx and wrk behind wrappers, finds libpython3.12 for the Python backend stub, and writes
-# device-env.txt into OUT. Needs CARRY and OUT set (absolute paths); sets REPO, SITE, TOOLS, PATH, PYTHONPATH.
+# Sourced by the scripts beside it on the GPU machine (no network; python3.12 with numpy 2, torch, uvloop, typer,
+# rich, pyyaml), as `source setup.sh CARRY OUT ...` (the script's own arguments; it then shifts 2): CARRY is the
+# carried folder (.devicecarry: wheels, triton.tar.xz, tools.tar.xz), OUT the device run's $OUT. Installs the
+# carried wheels into /tmp/cpctl-site (PYTHONPATH), unpacks tritonserver there in the wheel's layout, nginx and wrk
+# behind wrappers, finds libpython3.12 for the Python backend stub, and writes device-env.txt into OUT. Sets CARRY
+# and OUT (absolute paths), REPO, SITE, TOOLS, PATH, PYTHONPATH.
+CARRY=$(realpath "${1:?usage: $(basename "$0") CARRY OUT [options]}")
+OUT=$(realpath -m "${2:?usage: $(basename "$0") CARRY OUT [options]}")
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SITE=/tmp/cpctl-site
 TOOLS=/tmp/cpctl-tools

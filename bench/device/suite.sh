@@ -5,10 +5,8 @@
 # gateway, so the same scenarios show what is left when the cores are not shared.
 # Usage: [MYPYC_WHEELS=DIR] bench/device/suite.sh CARRY OUT [suite options, e.g. --only flood,cpu]
 set -euo pipefail
-CARRY=$(realpath "${1:?usage: suite.sh CARRY OUT [options]}")
-OUT=$(realpath -m "${2:?usage: suite.sh CARRY OUT [options]}")
+source "$(dirname "$0")/setup.sh" "$@"  # CARRY OUT: sets CARRY, OUT and what it unpacks
 shift 2
-source "$(dirname "$0")/setup.sh"
 cd "$REPO"
 set -o pipefail
 python3 -m controlplane.cli bench suite --results-dir "$OUT" "$@" 2>&1 | tee "$OUT/suite.log"

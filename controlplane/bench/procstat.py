@@ -67,21 +67,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": fields.get("VmRSS", 0.0), "peak_rss_mb": fields.get("VmHWM", 0.0)}
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def gateway_pids(state: dict) -> list[int]:
     """The processes serving the gateway, from a stack's state.json: its `workers` (a list of PIDs, or of
     objects with a `pid`); the stack's own `pid` when it lists none (it then serves itself). The supervising

@@ -290,17 +290,23 @@ http {{
     process = ManagedProcess(["nginx", "-e", str(workdir / "nginx-error.log"), "-c", str(conf), "-p", str(workdir),
                               "-g", "daemon off;"],
                              log_path=workdir / "nginx.log")
-    deadline = time.monotonic() + 10
+    wait_serving(process, f"http://127.0.0.1:{probe_port}", 10, "nginx")
+    return process
+
+
+def wait_serving(process: ManagedProcess, url: str, timeout_s: float, what: str) -> None:
+    """Return once GET `url`/v2/health/ready answers 200; stop `process` and raise if it exits or times out first."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{probe_port}/v2/health/ready", timeout=1).close()
-            return process
+            urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1).close()
+            return
         except OSError:
             if process.poll() is not None:
                 break
             time.sleep(0.05)
     process.stop()
-    raise RuntimeError(f"nginx did not start: {process.log_tail()}")
+    raise RuntimeError(f"{what} did not start: {process.log_tail(1500)}")
 
 
 def wrk_peak(urls: list[str], work: dict, seconds: int, connections: int, workdir: Path, threads: int = 1) -> dict:
