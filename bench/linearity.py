@@ -1,7 +1,7 @@
 """Gateway workers 1 -> W when nothing behind them is the bottleneck (issue 10: 1 -> 8 workers >= 0.8x linear).
 
-On the 16-core GPU machine, Triton on CPU serves ~36k req/s of `work` in all (bench/scaling.py): less than two
-compiled gateway workers take. There, 1 -> 8 workers measures Triton, not the gateway. Here the shards are a
+On the 16-core GPU machine, Triton on CPU serves ~36k req/s of `work` in all (bench/scaling.py): what two or three
+compiled gateway workers pass. There, 1 -> 8 workers measures Triton, not the gateway. Here the shards are a
 stand-in that costs next to nothing: nginx answering each route the gateway calls with what a real tritonserver
 answered for `work`, recorded at the start (model metadata, model config, one infer response; 200 to
 GET /v2/health/ready). The stand-in does no inference: it measures the proxy, and the README says so.
@@ -134,11 +134,12 @@ def measure(workers: int, args: argparse.Namespace, layout: dict[str, list[int]]
     proxy_cpus = layout["proxy"][:workers]
     os.sched_setaffinity(0, proxy_cpus)  # what starts now inherits the proxy's cores
     gateway, gateway_url = start_gateway(workdir / "gateway", repository, workers, ports)
-    nginx_port = free_port()
-    (workdir / "nginx").mkdir(parents=True, exist_ok=True)
-    nginx = start_nginx(workdir / "nginx", nginx_port, [f"http://127.0.0.1:{p}" for p in ports], workers=workers)
-    os.sched_setaffinity(0, layout["load"])  # wrk runs on the load cores
+    nginx = None
     try:
+        nginx_port = free_port()
+        (workdir / "nginx").mkdir(parents=True, exist_ok=True)
+        nginx = start_nginx(workdir / "nginx", nginx_port, [f"http://127.0.0.1:{p}" for p in ports], workers=workers)
+        os.sched_setaffinity(0, layout["load"])  # wrk runs on the load cores
         urls = {"gateway": [gateway_url], "nginx": [f"http://127.0.0.1:{nginx_port}"]}
         # the supervising `cpctl gateway` and its workers (each worker leads a process group of its own)
         pids = {"gateway": [gateway.pid, *children(gateway.pid)], "nginx": group_members(nginx.pgid)}
@@ -154,14 +155,15 @@ def measure(workers: int, args: argparse.Namespace, layout: dict[str, list[int]]
                    "non_2xx": sum(r["non_2xx"] for r in v), "runs": v} for s, v in runs.items()}
         row["proxy_cpus"] = proxy_cpus
         row["gateway_workers"] = len(pids["gateway"]) - 1
-        log(f"  W={workers} on cpus {proxy_cpus}: gateway ({row['gateway_workers']} worker processes) "
+        log(f"  W={workers} on cpus {proxy_cpus}: gateway ({row['gateway_workers']} workers) "
             f"{row['gateway']['ok_rps']:.0f} req/s "
             f"({row['gateway']['cpu_us_per_request']:.1f} us CPU a request), nginx {row['nginx']['ok_rps']:.0f} "
             f"({row['nginx']['cpu_us_per_request']:.1f} us); non-2xx gateway {row['gateway']['non_2xx']}, "
             f"nginx {row['nginx']['non_2xx']}")
         return row
     finally:
-        nginx.stop(grace_s=2)
+        if nginx is not None:
+            nginx.stop(grace_s=2)
         gateway.stop(grace_s=10)
 
 
