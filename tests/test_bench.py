@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -150,8 +152,6 @@ def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_
         import scaling
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    import urllib.request
-
     from controlplane.procs import children, free_port
 
     layout = linearity.core_layout(1, load_cores=1)
@@ -171,7 +171,8 @@ def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_
     try:
         gateway, url = linearity.start_gateway(tmp_path / "gateway", repository, 1, ports)
         try:
-            assert len(children(gateway.pid)) == 1  # one worker, whose CPU the benchmark counts
+            workers = children(gateway.pid)
+            assert len(workers) == 1  # one worker, whose CPU the benchmark counts
             body = json.dumps(linearity.work_body({"work_ms": 0})).encode()
             request = urllib.request.Request(url + "/v2/models/work/infer", data=body, headers={
                 "Content-Type": "application/json", "Authorization": f"Bearer {linearity.API_KEY}"})
@@ -187,3 +188,4 @@ def test_linearity_stand_in_answers_what_triton_answered_and_the_gateway_serves_
     finally:
         standin.stop(grace_s=2)
     assert gateway.poll() is not None and standin.poll() is not None
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # the workers stopped with it
