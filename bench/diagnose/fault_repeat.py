@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from controlplane.bench import client, suite  # noqa: E402
 
-RATE = 800.0  # the suite's capacity of direct, req/s
+RATE = suite.MIX_CAPACITY  # the mix at 1x
 unanswered: Counter[str] = Counter()  # why the load generator got no answer (its status "0"), this run
 
 

@@ -34,17 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controlplane.bench.loadgen import percentile  # noqa: E402
+from controlplane.bench.loadgen import p99  # noqa: E402
 from controlplane.bench.suite import API_KEY, Setups, critical_run, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
 
 REPS = 10
 FIRST_S = 0.1  # the start of critical traffic looked at
 QUIET_S = 6.0  # longer than the bench stack's protect_window_s (5 s): nothing to protect when the flood starts
-
-
-def p99(latencies: list[float]) -> float:
-    return percentile(sorted(latencies), 99)
 
 
 def main(reps: int) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controlplane.bench.loadgen import percentile  # noqa: E402
+from controlplane.bench.loadgen import p99  # noqa: E402
 from controlplane.bench.suite import API_KEY, FLOOD_LEAD_S, Setups, critical_run, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
 
@@ -57,10 +57,6 @@ def sample(url: str, stop: threading.Event, rows: list[dict]) -> None:
         row = {name: float(re.search(pattern, text, re.M).group(1)) for name, pattern in SAMPLED.items()}
         row["admitted"] = sum(float(v) for v in re.findall(ADMITTED, text, re.M))
         rows.append({"t": round(time.monotonic() - started, 2), **row})
-
-
-def p99(latencies: list[float]) -> float:
-    return percentile(sorted(latencies), 99)
 
 
 def main(work_ms: int, like_suite: bool) -> None:

@@ -51,6 +51,7 @@ from controlplane.bench import procstat
 from controlplane.bench.loadgen import Flow, summarize
 from controlplane.bench.suite import (
     API_KEY,
+    MIX_CAPACITY,
     REFUSED_KEY,
     Setups,
     critical_run,
@@ -71,7 +72,7 @@ ROUNDS = 2  # rounds of each setup by default (`--rounds`)
 PEAK_S, HALF_S, FLOOD_S = 4, 5.0, 5.0
 SAMPLE_S = 0.25  # how often a gateway's shard gauges are read during a window
 PARTS = ("peak", "half", "refusal", "flood", "mix")
-MIX_MULTIPLES, MIX_CAPACITY = (0.5, 3.0), 800.0  # multiples of direct's capacity in the suite, req/s
+MIX_MULTIPLES = (0.5, 3.0)  # multiples of direct's capacity in the suite (MIX_CAPACITY)
 
 
 def busy_cpu_seconds() -> float:
@@ -240,7 +241,7 @@ def proxy_pids(setups: Setups, setup: str, variants: list[Variant]) -> list[int]
     variant = next((v for v in variants if v.name == setup), None)
     if variant is not None:
         return variant.pids()
-    return {"gateway": setups.gateway_pids(), "nginx": setups.nginx_pids()}.get(setup, [])
+    return setups.proxy_pids(setup)
 
 
 def window(setups: Setups, setup: str, variants: list[Variant]) -> Window:

@@ -39,16 +39,12 @@ FLOW = [Flow(name="standard", weight=1, api_key=API_KEY, deadline_ms=1000, send_
              body=work_body({"work_ms": 5}))]
 
 
-def proxy_pids(setups: Setups, setup: str) -> list[int]:
-    return {"gateway": setups.gateway_pids, "nginx": setups.nginx_pids}.get(setup, list)()
-
-
 def timing(setups: Setups) -> dict:
     runs: dict = {f"{setup} {rate:g}": [] for rate in RATES for setup in SETUPS}
     for _ in range(ROUNDS):
         for rate in RATES:
             for setup in SETUPS:
-                pids = proxy_pids(setups, setup)
+                pids = setups.proxy_pids(setup)
                 cpu0, kernel0, (wait0, slices0) = (procstat.total_cpu_seconds(pids),
                                                    procstat.kernel_cpu_seconds(pids), procstat.run_queue(pids))
                 got = open_loop(setups.urls[setup], rate, WINDOW_S, FLOW)["all"]
@@ -68,7 +64,7 @@ def syscalls(setups: Setups, workdir: Path) -> dict:
     for setup in ("gateway", "nginx"):
         report = workdir / f"strace-{setup}.txt"
         args = ["strace", "-c", "-f", "-o", str(report)]
-        for pid in proxy_pids(setups, setup):
+        for pid in setups.proxy_pids(setup):
             args += ["-p", str(pid)]
         tracer = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

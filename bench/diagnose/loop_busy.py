@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from controlplane.bench.loadgen import Flow  # noqa: E402
-from controlplane.bench.suite import API_KEY, Setups, critical_run, mix_flows, open_loop, work_body  # noqa: E402
+from controlplane.bench.suite import API_KEY, MIX_CAPACITY, Setups, critical_run, mix_flows, open_loop, work_body  # noqa: E402
 from controlplane.bench.wrk import script as wrk_script  # noqa: E402
 
 SLICE_S = 0.25
@@ -66,7 +66,8 @@ def main() -> None:
                          body=work_body({"work_ms": 5}))]
             scenarios = [("idle", lambda: time.sleep(2)),
                          ("half load 3500 req/s (5 ms)", lambda: open_loop(url, 3500, 4, half)),
-                         *((f"mix {m}x", lambda m=m: open_loop(url, 800 * m, 4, mix_flows(True))) for m in (1, 2, 3))]
+                         *((f"mix {m}x", lambda m=m: open_loop(url, MIX_CAPACITY * m, 4, mix_flows(True)))
+                           for m in (1, 2, 3))]
             for name, run in scenarios:
                 print(f"{name}: {slices(pid, run)}", flush=True)
             headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}",

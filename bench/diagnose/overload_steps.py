@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from controlplane.bench import suite  # noqa: E402
 
-CAPACITY = 800.0  # direct's capacity in the suite, req/s
 STEP_S = 6.0  # as the suite
 
 
@@ -34,10 +33,10 @@ def main() -> None:
         setups = suite.Setups(Path(tmp))
         try:
             setups.wait_all_ready()
-            suite.open_loop(setups.urls["gateway"], CAPACITY / 2, 2, suite.mix_flows(True))  # warm-up
+            suite.open_loop(setups.urls["gateway"], suite.MIX_CAPACITY / 2, 2, suite.mix_flows(True))  # warm-up
             for multiple in multiples:
                 for setup in setups_run:
-                    s = suite.open_loop(setups.urls[setup], CAPACITY * multiple, STEP_S,
+                    s = suite.open_loop(setups.urls[setup], suite.MIX_CAPACITY * multiple, STEP_S,
                                         suite.mix_flows(setup == "gateway"))
                     classes = "  ".join(f"{c} P99 {f['ok_p99_ms']:.0f} ms, {f['goodput_rps']:.0f}/s, shed {f['shed']}"
                                         for c, f in s["flows"].items())

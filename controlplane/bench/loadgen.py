@@ -99,6 +99,11 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[rank]
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile of `values`, in any order."""
+    return percentile(sorted(values), 99)
+
+
 def summarize(samples: list[Sample], duration_s: float) -> dict:
     ok = sorted(s.latency_s for s in samples if 200 <= s.status < 300)
     shed = sorted(s.latency_s for s in samples if s.status == 429)

@@ -54,6 +54,7 @@ SPEC = "bench/overload.yaml"  # a project file (controlplane/resources.py): its 
 API_KEY = "cp-bench-key"
 REFUSED_KEY = "cp-bench-refused-key"  # the `refused` tenant: 1 req/s, burst 1
 GPU_LIKE = {"work_ms": 10, "per_item_ms": 4}
+MIX_CAPACITY = 800.0  # req/s: direct's capacity of the mix as the suite measures it here (for the diagnostics)
 SLO_MS = 250.0  # the critical class's deadline
 MIX = (("critical", 0.1, 250), ("standard", 0.3, 1000), ("sheddable", 0.6, 2000))
 SETUPS = ("direct", "nginx", "gateway")
@@ -204,6 +205,10 @@ class Setups:
 
     def nginx_pids(self) -> list[int]:
         return group_members(self.nginx.pgid)
+
+    def proxy_pids(self, setup: str) -> list[int]:
+        """The processes of a setup's proxy: the gateway's or nginx's; none for Triton direct."""
+        return {"gateway": self.gateway_pids, "nginx": self.nginx_pids}.get(setup, list)()
 
     def gateway_memory_mb(self) -> dict:
         """RSS now and at peak of the largest gateway process, and of each."""
