@@ -20,8 +20,9 @@ and suite run 15 met both floods with it (bench/results/overload-2026-12-01-run1
 read 503 req/s, which the suite's cell order caused with or without it (bench/diagnose/refused_cell.py). But in
 run 16 its holds (up to `hold_max_s`) left 19 flood requests unanswered past wrk's 2 s
 (bench/results/overload-2026-12-01-run16-readbound.md). Session 12 made the connections beyond the bound take turns
-(one answered is held, the one held longest read in its place): 2 of 1000 over twice the P99 alone, the slowest
-1.5-7 ms, and no hold longer than a turn while nothing is protected.
+(one answered is held, the one held longest read in its place): 1-4 of 1000 over twice the P99 alone with the
+shipped code, the slowest of each repetition's first 100 ms 1.5-19.5 ms (bench/results/flood-first-2026-12-01.txt),
+and no hold longer than a turn while nothing is protected.
 """
 
 from __future__ import annotations
